@@ -1,0 +1,176 @@
+"""The ``mimprobe`` command line (Typer). Commands only parse options and call the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import MimprobeError
+
+app = typer.Typer(
+    name="mimprobe",
+    help="Profile every block of a vision transformer, place refinement heads from the profile, refine, compare.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEBUG_HELP = "Show the full traceback on errors."
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
+    """Run a command body: mimprobe errors become one line and their exit code (2 for bad input), anything
+    else exit 1 with one line; ``--debug`` shows tracebacks."""
+    try:
+        return action()
+    except typer.Exit:
+        raise
+    except MimprobeError as error:
+        if debug:
+            traceback.print_exc()
+        _fail(str(error), error.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume", 130)
+    except Exception as error:  # unexpected: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(error).strip().splitlines() or [""])[0]
+        _fail(f"{type(error).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+
+def _parse_poolings(text: str) -> tuple[str, ...]:
+    from .errors import BadInputError
+    from .features import POOLINGS
+
+    if text.strip() == "all":
+        return POOLINGS
+    poolings = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [p for p in poolings if p not in POOLINGS]
+    if unknown or not poolings:
+        raise BadInputError(f"unknown pooling {unknown[0] if unknown else text!r}: use {', '.join(POOLINGS)}, "
+                            "a comma list of them, or all")
+    return poolings
+
+
+@app.command(epilog="""
+**Examples**
+
+* `mimprobe extract vit_tiny_patch16_224 digits --img-size 32 --out features`
+* `mimprobe extract vit_base_patch16_224 ./imagenet-subset --checkpoint mae_pretrain_vit_base.pth --pool cls,mean --out features`
+* `mimprobe extract vit_small_patch16_224 data.npz --blocks last:4 --store-dtype float32 --json --out features`
+
+Run the same command again to resume an interrupted extraction or to reuse a finished one.
+""")
+def extract(
+    model: str = typer.Argument(..., help="timm model name, e.g. vit_base_patch16_224 (add a tag such as .mae "
+                                          "with --pretrained)."),
+    data: str = typer.Argument(..., help="Image folder (root/<class>/* or root/train + root/val|test), a .npz "
+                                         "(x_train, y_train, x_test, y_test), or a built-in: digits, synthetic."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder that holds feature stores (one sub-folder per key)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file: timm, MAE, "
+                                              "data2vec 2.0, MIM-Refiner, plain state dict (.pth/.pt/.bin/.safetensors)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
+    blocks: str = typer.Option("all", "--blocks", "-b", help="all, last:N, or a 0-based list such as 0,5,11 or 4-11 "
+                                                            "(negative indices count from the end)."),
+    pool: str = typer.Option("cls", "--pool", "-p", help="cls, mean (patch tokens only), cls+mean, a comma list, or all."),
+    norm: str = typer.Option("raw", "--norm", help="raw block outputs, or final: the model's last norm applied."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes for decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images "
+                                           "(resized whole, no crop), e.g. 32 for CIFAR."),
+    store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip undecodable images (recorded in "
+                                         "the manifest) instead of stopping."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Extract every block's features in one forward pass into a resumable feature store."""
+    from .blocks import parse_block_spec
+    from .features import extract as run_extract
+
+    def body() -> None:
+        result = run_extract(
+            model, data, out=out, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
+            blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm, batch_size=batch_size,
+            workers=workers, device=device, precision=precision, img_size=img_size, store_dtype=store_dtype,
+            skip_bad_images=skip_bad_images, progress=not no_progress and not json_output,
+            log=lambda message: typer.echo(message, err=True))
+        summary = result.summary()
+        if json_output:
+            typer.echo(json.dumps(summary, indent=1))
+        else:
+            rate = f", {summary['images_per_second']} img/s" if summary["images_per_second"] else ""
+            splits = ", ".join(f"{name} {n:,}" for name, n in summary["splits"].items())
+            typer.echo(f"store: {summary['store']}\n  {len(summary['blocks'])} blocks x "
+                       f"{', '.join(summary['poolings'])} ({summary['dtype']}); splits: {splits}; "
+                       f"{summary['images_processed']:,} images extracted in {summary['seconds']:.1f} s{rate}")
+
+    _guarded(debug, body)
+
+
+@app.command(epilog="""
+**Examples**
+
+* `mimprobe info vit_base_patch16_224`
+* `mimprobe info vit_large_patch16_224 --checkpoint mae_pretrain_vit_large.pth --json`
+""")
+def info(
+    model: str = typer.Argument(..., help="timm model name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file to load strictly."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size override."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Print a model's blocks, width, prefix tokens, patch size and data config."""
+    from .data import resolve_eval_data_config
+    from .models import describe_model, load_model
+
+    def body() -> None:
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size)
+        report = {"model": loaded.name, "weights": loaded.weights, "checkpoint": loaded.checkpoint,
+                  "checkpoint_format": loaded.checkpoint_format, "checkpoint_sha256": loaded.checkpoint_sha256,
+                  **describe_model(loaded.model),
+                  "data_config": resolve_eval_data_config(loaded.model, img_size=img_size),
+                  "notes": list(loaded.notes)}
+        if json_output:
+            typer.echo(json.dumps(report, indent=1))
+            return
+        width = max(len(key) for key in report)
+        for key, value in report.items():
+            if value is not None and value != []:
+                typer.echo(f"{key:<{width}}  {value}")
+
+    _guarded(debug, body)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        from . import __version__
+
+        typer.echo(f"mimprobe {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

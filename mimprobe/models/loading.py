@@ -1,0 +1,220 @@
+"""Create a timm model from a name, pretrained weights or a checkpoint file, always loading strictly."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+
+from ..errors import BadInputError, CheckpointError, DownloadError
+from .checkpoint_io import read_checkpoint, sha256_file
+from .postnorm import PostNormBlock
+from .remap import convert_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with the identity of its weights.
+
+    Attributes:
+        model: The timm model (eval mode, on the CPU).
+        name: timm name, with the pretrained tag if one was given (``vit_base_patch16_224.mae``).
+        weights: ``random`` (seeded init), ``pretrained`` or ``checkpoint``.
+        checkpoint: Path of the checkpoint file, if any.
+        checkpoint_sha256: Its sha256.
+        checkpoint_format: Detected format (see `mimprobe.models.remap`).
+        model_kwargs: Architecture arguments passed to ``timm.create_model`` (JSON-serialisable).
+        init_seed: Seed of the random initialisation (only meaningful for ``weights == "random"``).
+        notes: Remap notes for the user.
+    """
+
+    model: nn.Module
+    name: str
+    weights: str
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    checkpoint_format: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    notes: tuple[str, ...] = ()
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the weights (goes into the FeatureStore key)."""
+        ident = {"name": self.name, "weights": self.weights, "model_kwargs": self.model_kwargs}
+        if self.weights == "checkpoint":
+            ident["checkpoint_sha256"] = self.checkpoint_sha256
+        if self.weights == "random":
+            ident["init_seed"] = self.init_seed
+        return ident
+
+
+def _check_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    arch = name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; list names with timm.list_models('vit_*')"
+    raise BadInputError(f"unknown model name {name!r}: not a timm model{hint}")
+
+
+def _resolve_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(model_kwargs)
+    if kwargs.pop("post_norm_blocks", False):
+        kwargs["block_fn"] = PostNormBlock
+    return kwargs
+
+
+def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_file: str | None) -> nn.Module:
+    extra: dict[str, Any] = {}
+    if pretrained_file is not None:
+        extra["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
+    except TypeError as error:
+        raise BadInputError(f"model {name} does not accept {sorted(kwargs)}: {error}") from None
+    except RuntimeError as error:
+        if pretrained and "pretrained" in str(error).lower() and "exist" in str(error).lower():
+            raise BadInputError(f"{name} has no pretrained weights in timm: drop --pretrained or pick a tagged "
+                                f"name such as vit_base_patch16_224.mae") from None
+        if pretrained:
+            raise DownloadError(_download_message(name, error)) from None
+        raise
+    except Exception as error:
+        if pretrained:
+            raise DownloadError(_download_message(name, error)) from None
+        raise
+
+
+def _download_message(name: str, error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"could not fetch pretrained weights for {name} ({type(error).__name__}: {first}); "
+            "without network access, download the file elsewhere and pass it with --checkpoint FILE")
+
+
+def _check_blocks(model: nn.Module, name: str) -> None:
+    if not isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential)):
+        raise BadInputError(f"model {name} has no transformer blocks (model.blocks): "
+                            "mimprobe profiles vision transformers (vit_*, deit_*, beit*, eva*, ...)")
+
+
+def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
+               img_size: int | None = None, init_seed: int = 0,
+               pretrained_file: str | os.PathLike | None = None) -> LoadedModel:
+    """Build a timm model and load its weights strictly.
+
+    Args:
+        name: timm model name, optionally with a pretrained tag.
+        checkpoint: A checkpoint file (.pth/.pt/.bin/.safetensors) in any format `convert_checkpoint` reads.
+        pretrained: Download timm's pretrained weights (through timm and the Hugging Face hub).
+        img_size: Input size to build the model for (position embeddings are resampled by timm's filter).
+        init_seed: Seed of the random initialisation when no weights are loaded, so that random-weight runs
+            (benchmarks, resumed extractions) are reproducible.
+        pretrained_file: A local file to use instead of downloading (timm's ``pretrained_cfg_overlay``).
+
+    Raises:
+        BadInputError: Unknown name, unreadable checkpoint, or a checkpoint of another architecture (the
+            message lists missing, unexpected and mis-shaped keys).
+        DownloadError: ``pretrained`` and the weights cannot be fetched.
+    """
+    _check_name(name)
+    if checkpoint is not None and (pretrained or pretrained_file is not None):
+        raise BadInputError("use either --pretrained or --checkpoint, not both")
+    size_kwargs = {"img_size": int(img_size)} if img_size is not None else {}
+    if checkpoint is None:
+        pretrained = pretrained or pretrained_file is not None
+        model_kwargs = {"num_classes": 0}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = _create(name, pretrained=pretrained, kwargs={**model_kwargs, **size_kwargs},
+                            pretrained_file=pretrained_file)
+        _check_blocks(model, name)
+        return LoadedModel(model=model.eval(), name=name, weights="pretrained" if pretrained else "random",
+                           model_kwargs=model_kwargs, init_seed=init_seed)
+
+    path = Path(checkpoint)
+    raw = read_checkpoint(path)
+    converted = convert_checkpoint(raw)
+    del raw
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = _create(name, pretrained=False, kwargs={**_resolve_kwargs(converted.model_kwargs), **size_kwargs},
+                        pretrained_file=None)
+    _check_blocks(model, name)
+    state_dict = _filter_for_model(converted.state_dict, model)
+    load_strict(model, state_dict, source=f"{path} ({converted.format} format)", model_name=name)
+    return LoadedModel(model=model.eval(), name=name, weights="checkpoint", checkpoint=str(path),
+                       checkpoint_sha256=sha256_file(path), checkpoint_format=converted.format,
+                       model_kwargs=converted.model_kwargs, init_seed=init_seed, notes=converted.notes)
+
+
+def _filter_for_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Apply the model family's timm ``checkpoint_filter_fn`` (DINOv2 / BEiT conversions, resampling of position
+    and patch embeddings to the model's input size). Shape problems it cannot fix surface in the strict load."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except Exception as error:  # a foreign layout can make a filter fail before the strict check explains it
+        raise CheckpointError(f"the checkpoint does not fit {type(model).__name__}: "
+                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def _listing(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str, model_name: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error that lists missing, unexpected and mis-shaped keys.
+
+    Raises:
+        CheckpointError: Any key or shape mismatch.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mis_shaped = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}"
+                  for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_listing(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")
+        if mis_shaped:
+            parts.append(f"{len(mis_shaped)} shape mismatches, checkpoint vs model ({_listing(mis_shaped, 3)})")
+        raise CheckpointError(f"checkpoint {source} does not fit {model_name}: {'; '.join(parts)}. "
+                              "Is it a checkpoint of another architecture? Pass the matching timm model name")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """Structure of a ViT-like timm model: blocks, width, prefix tokens, patch size, norms."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch_size = getattr(patch_embed, "patch_size", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
+    has_class_token = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+    norm = getattr(model, "norm", None)
+    return {
+        "class": type(model).__name__,
+        "num_blocks": len(model.blocks),
+        "embed_dim": int(getattr(model, "embed_dim", getattr(model, "num_features", 0))),
+        "num_prefix_tokens": num_prefix,
+        "has_class_token": has_class_token,
+        "num_reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "patch_size": list(patch_size) if patch_size is not None else None,
+        "grid_size": list(grid) if grid is not None else None,
+        "final_norm": type(norm).__name__ if norm is not None else None,
+        "global_pool": getattr(model, "global_pool", None),
+        "num_params": int(sum(p.numel() for p in model.parameters())),
+        "has_forward_intermediates": hasattr(model, "forward_intermediates"),
+    }

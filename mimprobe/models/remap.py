@@ -1,0 +1,237 @@
+"""Checkpoint formats: detection by key signature and pure dict-to-dict remaps to timm ``VisionTransformer`` names.
+
+The key layouts are those of the official releases (see DESIGN.md and checkpoint-formats.md):
+
+* MAE (facebookresearch/mae): timm names already; full pre-training files add ``mask_token`` and ``decoder_*``.
+* data2vec 2.0 (fairseq): ``modality_encoders.IMAGE.*`` embeddings, post-norm ``blocks.*``, no final norm.
+* MIM-Refiner (ml-jku/MIM-Refiner): ``cls_tokens.tokens``, 4-D ``pos_embed.embed``, ``embed_norm`` for
+  refined data2vec 2.0 models.
+* timm / DINO / DINOv2 / plain state dicts, under ``model`` / ``state_dict`` / ``teacher`` wrappers and DDP
+  ``module.`` or ``torch.compile`` ``_orig_mod.`` prefixes.
+
+Formats are checked from the most specific signature to the least: timm's own ``checkpoint_filter_fn`` treats any
+``mask_token`` as DINOv2 and would send full MAE files to its DINOv2 converter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+# Tried in this order when a level of the checkpoint holds no tensors. DINO/iBOT keep the teacher (the model
+# they evaluate); I-JEPA keeps target_encoder (as MIM-Refiner does).
+WRAPPER_KEYS = ("teacher", "target_encoder", "state_dict", "model", "module", "encoder")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+D2V_PREFIX = "modality_encoders.IMAGE."
+POST_NORM_KWARGS = {"pre_norm": True, "final_norm": False, "post_norm_blocks": True}
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ConvertedCheckpoint:
+    """A checkpoint turned into timm names.
+
+    Attributes:
+        state_dict: Tensors under timm ``VisionTransformer`` names.
+        format: Detected format (``timm``, ``mae``, ``data2vec2``, ``mim-refiner``, ``dinov2``, ``beit``).
+        model_kwargs: Architecture arguments the format needs (JSON-serialisable; ``post_norm_blocks`` means
+            ``block_fn=PostNormBlock``), including ``num_classes`` from the head (0 without one).
+        notes: What was unwrapped or dropped, for the user.
+    """
+
+    state_dict: StateDict
+    format: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def unwrap_checkpoint(checkpoint: Any) -> tuple[StateDict, list[str]]:
+    """Find the state dict inside a loaded checkpoint.
+
+    Descends through wrapper keys (``teacher``, ``target_encoder``, ``state_dict``, ``model``, ``module``,
+    ``encoder``) until a level holds tensors; non-tensor entries at that level (fairseq's ``_ema`` copy,
+    counters) are dropped and noted.
+
+    Returns:
+        The flat state dict and the notes.
+
+    Raises:
+        CheckpointError: No level with tensors was found.
+    """
+    notes: list[str] = []
+    level = checkpoint
+    while True:
+        if not isinstance(level, Mapping):
+            raise CheckpointError(f"checkpoint holds a {type(level).__name__}, not a dict of tensors: "
+                                  "save the model's state_dict()")
+        if any(isinstance(value, torch.Tensor) for value in level.values()):
+            break
+        wrapper = next((key for key in WRAPPER_KEYS if isinstance(level.get(key), Mapping)), None)
+        if wrapper is None:
+            keys = ", ".join(list(map(str, level.keys()))[:8])
+            raise CheckpointError(f"no state dict found in the checkpoint (top-level keys: {keys}); expected "
+                                  f"tensors or one of the wrappers {', '.join(WRAPPER_KEYS)}")
+        notes.append(f"unwrapped '{wrapper}'")
+        level = level[wrapper]
+    dropped = [str(key) for key, value in level.items() if not isinstance(value, torch.Tensor)]
+    if dropped:
+        notes.append(f"dropped non-tensor entries: {', '.join(dropped[:5])}")
+    return {str(key): value for key, value in level.items() if isinstance(value, torch.Tensor)}, notes
+
+
+def strip_prefixes(state_dict: StateDict) -> StateDict:
+    """Remove DDP ``module.`` and ``torch.compile`` ``_orig_mod.`` prefixes (repeatedly, at the start of keys),
+    and keep only the ``backbone.`` part of DINO/iBOT teacher or student dicts (their ``head.*`` is the DINO
+    projection head, not a classifier)."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    if any(key.startswith("backbone.") for key in out):
+        out = {key[len("backbone."):]: value for key, value in out.items() if key.startswith("backbone.")}
+    return out
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the format of a flat state dict from its key signature (most specific first)."""
+    keys = state_dict.keys()
+    if any(key.startswith(D2V_PREFIX) or key.startswith("model." + D2V_PREFIX) for key in keys):
+        return "data2vec2"
+    if "cls_tokens.tokens" in keys and state_dict.get("pos_embed.embed", torch.empty(0)).ndim == 4:
+        return "mim-refiner"
+    if "blocks.0.attn.q_bias" in keys or any(".gamma_1" in key for key in keys):
+        return "beit"
+    if "decoder_embed.weight" in keys and "decoder_pred.weight" in keys:
+        return "mae"
+    mask_token = state_dict.get("mask_token")
+    if (mask_token is not None and mask_token.ndim == 2) or "register_tokens" in keys:
+        return "dinov2"
+    return "timm"
+
+
+def remap_mae(state_dict: StateDict) -> StateDict:
+    """Official MAE full pre-training checkpoint → timm: keep the encoder, drop ``mask_token`` and ``decoder_*``.
+
+    The encoder already uses timm names; ``pos_embed`` (1, 1+N, D) keeps its all-zero CLS row.
+    """
+    return {key: value for key, value in state_dict.items()
+            if key != "mask_token" and not key.startswith("decoder_")}
+
+
+def _fold_patch_bias(pos: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(1, N, D) patch positions → (1, 1+N, D) timm ``pos_embed`` with a zero CLS row, the patch-embedding bias
+    added to every patch position (exact: the bias and the positions are both added to every patch token, and
+    the CLS token has no position). Needed because timm builds a bias-free patch embedding when ``pre_norm``."""
+    if bias is not None:
+        pos = pos + bias.view(1, 1, -1)
+    return torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+
+
+def remap_data2vec2(state_dict: StateDict) -> StateDict:
+    """data2vec 2.0 image checkpoint (fairseq) → timm names for the post-norm recipe.
+
+    ``extra_tokens`` → ``cls_token``; ``local_encoder.proj`` → ``patch_embed.proj`` (bias folded into
+    ``pos_embed``); ``fixed_positional_encoder.positions`` (1, N, D), no CLS slot → ``pos_embed`` with a zero CLS
+    row; ``context_encoder.norm`` → ``norm_pre``; prenet ``context_encoder.blocks.{j}`` → ``blocks.{j}`` and main
+    ``blocks.{i}`` → ``blocks.{i+P}``. The decoder and the ``_ema`` teacher copy are dropped. Fine-tuned files
+    (everything under ``model.``, plus ``fc_norm``/``head``) are handled the same way.
+    """
+    if any(key.startswith("model." + D2V_PREFIX) for key in state_dict):
+        state_dict = {(key[len("model."):] if key.startswith("model.") else key): value
+                      for key, value in state_dict.items()}
+    prenet = re.compile(re.escape(D2V_PREFIX) + r"context_encoder\.blocks\.(\d+)\.(.+)")
+    main = re.compile(r"blocks\.(\d+)\.(.+)")
+    num_prenet = len({int(m.group(1)) for key in state_dict if (m := prenet.fullmatch(key))})
+    renames = {
+        D2V_PREFIX + "extra_tokens": "cls_token",
+        D2V_PREFIX + "local_encoder.proj.weight": "patch_embed.proj.weight",
+        D2V_PREFIX + "context_encoder.norm.weight": "norm_pre.weight",
+        D2V_PREFIX + "context_encoder.norm.bias": "norm_pre.bias",
+    }
+    position_keys = (D2V_PREFIX + "fixed_positional_encoder.positions", D2V_PREFIX + "positional_encoder.pos_embed")
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key.startswith(D2V_PREFIX + "decoder.") or key.startswith("_ema") or key in position_keys \
+                or key == D2V_PREFIX + "local_encoder.proj.bias":
+            continue
+        if key in renames:
+            out[renames[key]] = value
+        elif m := prenet.fullmatch(key):
+            out[f"blocks.{m.group(1)}.{m.group(2)}"] = value
+        elif m := main.fullmatch(key):
+            out[f"blocks.{int(m.group(1)) + num_prenet}.{m.group(2)}"] = value
+        else:
+            out[key] = value  # unknown keys stay, so the strict load names them
+    positions = next((state_dict[key] for key in position_keys if key in state_dict), None)
+    if positions is not None:
+        out["pos_embed"] = _fold_patch_bias(positions, state_dict.get(D2V_PREFIX + "local_encoder.proj.bias"))
+    return out
+
+
+def remap_mim_refiner(state_dict: StateDict) -> StateDict:
+    """MIM-Refiner checkpoint → timm names.
+
+    ``cls_tokens.tokens`` → ``cls_token``; ``pos_embed.embed`` (1, H, W, D), added before CLS is prepended →
+    ``pos_embed`` (1, 1+HW, D) with a zero CLS row. Refined data2vec 2.0 models (``embed_norm``, post-norm, no
+    final norm) map ``embed_norm`` → ``norm_pre`` and fold the patch bias into ``pos_embed``.
+    """
+    post_norm = "embed_norm.weight" in state_dict
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key == "cls_tokens.tokens":
+            out["cls_token"] = value
+        elif key.startswith("embed_norm."):
+            out["norm_pre." + key[len("embed_norm."):]] = value
+        elif key == "pos_embed.embed" or (post_norm and key == "patch_embed.proj.bias"):
+            continue
+        else:
+            out[key] = value
+    grid = state_dict["pos_embed.embed"]
+    positions = grid.reshape(1, grid.shape[1] * grid.shape[2], grid.shape[3])  # (1, H*W, D)
+    bias = state_dict.get("patch_embed.proj.bias") if post_norm else None
+    out["pos_embed"] = _fold_patch_bias(positions, bias)
+    return out
+
+
+def _head_kwargs(state_dict: StateDict) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_classes": int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 0}
+    if "fc_norm.weight" in state_dict and "norm.weight" not in state_dict:
+        kwargs["global_pool"] = "avg"  # fine-tuned MAE / data2vec: average pooling with fc_norm
+    return kwargs
+
+
+def convert_checkpoint(checkpoint: Any) -> ConvertedCheckpoint:
+    """Unwrap, detect and remap a loaded checkpoint to timm names (pure: the input is not modified)."""
+    state_dict, notes = unwrap_checkpoint(checkpoint)
+    state_dict = strip_prefixes(state_dict)
+    fmt = detect_format(state_dict)
+    model_kwargs: dict[str, Any] = {}
+    if fmt == "data2vec2":
+        state_dict = remap_data2vec2(state_dict)
+        model_kwargs.update(POST_NORM_KWARGS)
+        notes.append("data2vec 2.0 layout: post-norm blocks, no final norm, patch bias folded into pos_embed")
+    elif fmt == "mim-refiner":
+        post_norm = "embed_norm.weight" in state_dict
+        state_dict = remap_mim_refiner(state_dict)
+        if post_norm:
+            model_kwargs.update(POST_NORM_KWARGS)
+            notes.append("MIM-Refiner (refined data2vec 2.0): post-norm blocks, no final norm")
+    elif fmt == "mae":
+        dropped = [key for key in state_dict if key == "mask_token" or key.startswith("decoder_")]
+        state_dict = remap_mae(state_dict)
+        notes.append(f"MAE pre-training checkpoint: kept the encoder, dropped {len(dropped)} decoder/mask keys")
+    model_kwargs.update(_head_kwargs(state_dict))
+    return ConvertedCheckpoint(state_dict=state_dict, format=fmt, model_kwargs=model_kwargs, notes=tuple(notes))
