@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +73,44 @@ def _resolve_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable():
+    """Use the hub's offline mode (local cache only) when it cannot be reached, so a machine without network fails
+    at once with one message instead of minutes of retries, and cached weights still load."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_file: str | None) -> nn.Module:
     extra: dict[str, Any] = {}
     if pretrained_file is not None:
         extra["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    downloads = pretrained and pretrained_file is None
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
+        with _offline_unless_hub_reachable() if downloads else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
     except TypeError as error:
         raise BadInputError(f"model {name} does not accept {sorted(kwargs)}: {error}") from None
     except RuntimeError as error:

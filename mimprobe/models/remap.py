@@ -234,4 +234,8 @@ def convert_checkpoint(checkpoint: Any) -> ConvertedCheckpoint:
         state_dict = remap_mae(state_dict)
         notes.append(f"MAE pre-training checkpoint: kept the encoder, dropped {len(dropped)} decoder/mask keys")
     model_kwargs.update(_head_kwargs(state_dict))
+    if "fc_norm.weight" in state_dict and model_kwargs.get("final_norm") is False:
+        # fine-tuned post-norm files pool, then fc_norm; timm builds fc_norm only with final_norm=True (with avg
+        # pooling its pre-pool `norm` is then an Identity, so the encoder still ends without a norm)
+        del model_kwargs["final_norm"]
     return ConvertedCheckpoint(state_dict=state_dict, format=fmt, model_kwargs=model_kwargs, notes=tuple(notes))

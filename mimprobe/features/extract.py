@@ -1,0 +1,322 @@
+"""`extract`: every chosen block of a model over a data source, in one forward pass per batch, into a
+resumable FeatureStore."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .._device import autocast, resolve_device, resolve_precision
+from .._versions import software_versions
+from ..blocks import BlockSpec, resolve_blocks
+from ..data import DataSource, SplitDataset, build_eval_transform, load_data, resolve_eval_data_config
+from ..errors import BadImageError, BadInputError, MimprobeError
+from ..models import LoadedModel, describe_model, load_model
+from .blockwise import BlockOutputs
+from .pooling import POOLINGS, pool_tokens
+from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, FeatureStore, RowWriter, create_npy,
+                    feature_filename, write_json_atomic)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Options of one extraction. Everything here that changes the numbers goes into the store key."""
+
+    blocks: BlockSpec = None          # None: all blocks; int n: last n; list: indices (negative from the end)
+    poolings: tuple[str, ...] = ("cls",)
+    norm: str = "raw"                 # raw block outputs (MIM-Refiner) or "final": the model's last norm applied
+    batch_size: int = 64              # on resume, the store's own batch size is used (same batches, same bytes)
+    workers: int = 0                  # DataLoader worker processes
+    device: str = "auto"
+    precision: str = "auto"           # bf16 autocast on GPU, fp32 on CPU
+    img_size: int | None = None       # square input size override (crop_pct becomes 1.0)
+    store_dtype: str = "float16"
+    skip_bad_images: bool = False     # record and skip undecodable images instead of stopping
+
+
+@dataclass
+class ExtractResult:
+    """What `extract` did."""
+
+    store: FeatureStore
+    reused: bool                      # an existing complete store with the same key was reused
+    resumed: bool                     # an interrupted store was continued
+    images: int = 0                   # images run through the model in this call
+    seconds: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        manifest = self.store.manifest
+        return {
+            "store": str(self.store.path), "key": manifest["key"], "reused": self.reused, "resumed": self.resumed,
+            "complete": manifest["complete"], "model": manifest["model"]["name"],
+            "dataset": manifest["dataset"]["name"], "splits": manifest["dataset"]["splits"],
+            "blocks": manifest["blocks"], "poolings": manifest["poolings"], "feature_dims": manifest["feature_dims"],
+            "dtype": manifest["dtype"], "bad_images": len(manifest["bad_images"]), "images_processed": self.images,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images / self.seconds, 2) if self.seconds > 0 and self.images else None,
+        }
+
+
+BatchCallback = Callable[[str, int, int], None]  # (split, rows done, rows in split)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "data"
+
+
+def _validate(config: ExtractConfig) -> None:
+    unknown = [p for p in config.poolings if p not in POOLINGS]
+    if unknown or not config.poolings:
+        raise BadInputError(f"unknown pooling {unknown[0] if unknown else '(none)'}: use {', '.join(POOLINGS)}")
+    if config.norm not in ("raw", "final"):
+        raise BadInputError(f"unknown norm mode {config.norm!r}: use raw or final")
+    if config.store_dtype not in STORE_DTYPES:
+        raise BadInputError(f"unknown store dtype {config.store_dtype!r}: use {' or '.join(STORE_DTYPES)}")
+    if config.batch_size < 1:
+        raise BadInputError(f"--batch-size must be at least 1 (got {config.batch_size})")
+    if config.workers < 0:
+        raise BadInputError(f"--workers must be 0 or more (got {config.workers})")
+    if config.img_size is not None and config.img_size < 1:
+        raise BadInputError(f"--img-size must be positive (got {config.img_size})")
+
+
+def _prepare_out(out: Path) -> None:
+    if (out / MANIFEST).exists():
+        raise BadInputError(f"--out {out} is itself a feature store: give the folder that holds stores "
+                            f"(e.g. {out.parent})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mimprobe-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
+            from None
+
+
+def store_key(key_fields: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that changes the stored numbers."""
+    return hashlib.sha256(json.dumps(key_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path, checkpoint: str | None = None,
+            pretrained: bool = False, config: ExtractConfig | None = None, progress: bool = True,
+            on_batch: BatchCallback | None = None, log: Callable[[str], None] | None = None,
+            **options: Any) -> ExtractResult:
+    """Extract every chosen block's pooled features into a FeatureStore under ``out``.
+
+    The store lives in ``out/<model>__<data>__<key[:12]>``. A complete store with the same key is reused; an
+    incomplete one is resumed from its last recorded row (with its own batch size, so the bytes match an
+    uninterrupted run); different settings give a different key and a new store.
+
+    Args:
+        model: A timm model name (loaded with ``checkpoint`` / ``pretrained``) or a `LoadedModel`.
+        data: A data spec for `load_data` or a `DataSource`.
+        out: Folder that holds feature stores.
+        checkpoint: Checkpoint file for the model.
+        pretrained: Use timm's pretrained weights.
+        config: Extraction options; keyword ``options`` override its fields (``blocks=4``, ``poolings=...``).
+        progress: Show a progress bar (images per second) on stderr.
+        on_batch: Called after every batch is durably recorded, with (split, rows done, rows in split).
+        log: Receives one-line status messages (default: print to stderr when ``progress``).
+
+    Raises:
+        BadInputError: Bad paths, names, options or images (the message says what to fix).
+    """
+    config = ExtractConfig(**{**asdict(config or ExtractConfig()), **options})
+    if isinstance(config.poolings, str):
+        config = ExtractConfig(**{**asdict(config), "poolings": (config.poolings,)})
+    config = ExtractConfig(**{**asdict(config), "poolings": tuple(dict.fromkeys(config.poolings))})
+    _validate(config)
+    messages: list[str] = []
+
+    def say(message: str) -> None:
+        messages.append(message)
+        if log is not None:
+            log(message)
+        elif progress:
+            from rich.console import Console
+            Console(stderr=True).print(message, markup=False, highlight=False)
+
+    out = Path(out)
+    _prepare_out(out)
+    source = data if isinstance(data, DataSource) else load_data(data)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size)
+    structure = describe_model(loaded.model)
+    blocks = resolve_blocks(config.blocks, structure["num_blocks"])
+    if not structure["has_class_token"] and any(p in ("cls", "cls+mean") for p in config.poolings):
+        raise BadInputError(f"model {loaded.name} has no CLS token: use --pool mean")
+    data_config = resolve_eval_data_config(loaded.model, img_size=config.img_size)
+
+    key_fields = {
+        "format_version": FORMAT_VERSION, "model": loaded.identity(), "dataset": source.fingerprint,
+        "transform": data_config, "blocks": blocks, "poolings": list(config.poolings), "norm": config.norm,
+        "dtype": config.store_dtype, "precision": precision,
+    }
+    key = store_key(key_fields)
+    data_name = Path(source.name).name if source.kind == "imagefolder" else (
+        Path(source.name).stem if source.kind == "npz" else source.kind)
+    store_dir = out / f"{_slug(loaded.name)}__{_slug(data_name)}__{key[:12]}"
+    width = structure["embed_dim"]
+    feature_dims = {p: (2 * width if p == "cls+mean" else width) for p in config.poolings}
+
+    manifest_path = store_dir / MANIFEST
+    resumed = False
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") != key:
+            raise MimprobeError(f"{store_dir} holds a store with another key (hash prefix collision); "
+                                "move it away and run again")
+        if manifest["complete"]:
+            say(f"reusing feature store {store_dir} (same key {key[:12]}: same model, data, transform, "
+                f"blocks, pooling, norm and dtype)")
+            return ExtractResult(FeatureStore(store_dir, manifest), reused=True, resumed=False, messages=messages)
+        resumed = True
+        done = ", ".join(f"{s} {manifest['progress'][s]}/{n}" for s, n in manifest["dataset"]["splits"].items())
+        say(f"resuming feature store {store_dir}: {done}")
+        if manifest["batch_size"] != config.batch_size:
+            say(f"note: using the store's batch size {manifest['batch_size']} (not {config.batch_size}) so that "
+                "the resumed rows match an uninterrupted run")
+    else:
+        if store_dir.exists():  # killed before its manifest was written: nothing in it is recorded
+            shutil.rmtree(store_dir)
+        manifest = _new_store(store_dir, key=key, key_fields=key_fields, loaded=loaded, structure=structure,
+                              source=source, data_config=data_config, blocks=blocks, config=config,
+                              precision=precision, feature_dims=feature_dims)
+        say(f"new feature store {store_dir} (key {key[:12]}); {source.summary()}")
+
+    images, seconds = _run(manifest, store_dir, source=source, loaded=loaded, structure=structure,
+                           data_config=data_config, device=device, precision=precision, config=config,
+                           progress=progress, on_batch=on_batch)
+    manifest["complete"] = True
+    write_json_atomic(manifest_path, manifest)
+    if manifest["bad_images"]:
+        say(f"skipped {len(manifest['bad_images'])} unreadable images (listed in {manifest_path})")
+    return ExtractResult(FeatureStore(store_dir, manifest), reused=False, resumed=resumed, images=images,
+                         seconds=seconds, messages=messages)
+
+
+def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded: LoadedModel,
+               structure: dict[str, Any], source: DataSource, data_config: dict[str, Any], blocks: list[int],
+               config: ExtractConfig, precision: str, feature_dims: dict[str, int]) -> dict[str, Any]:
+    """Create labels and zero-filled feature files, then the manifest (last: its presence means ready)."""
+    store_dir.mkdir(parents=True)
+    for split_name, split in source.splits.items():
+        (store_dir / split_name).mkdir()
+        np.save(store_dir / split_name / "labels.npy", split.labels.astype(np.int64))
+        for block in blocks:
+            for pooling in config.poolings:
+                create_npy(store_dir / split_name / feature_filename(block, pooling),
+                           (len(split), feature_dims[pooling]), config.store_dtype)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "key_fields": key_fields,
+        "model": {**loaded.identity(), "checkpoint": loaded.checkpoint, "checkpoint_format": loaded.checkpoint_format,
+                  "structure": structure},
+        "dataset": {"name": source.name, "kind": source.kind, "fingerprint": source.fingerprint,
+                    "classes": list(source.classes), "details": source.details,
+                    "splits": {name: len(split) for name, split in source.splits.items()}},
+        "transform": data_config,
+        "blocks": blocks,
+        "poolings": list(config.poolings),
+        "norm": config.norm,
+        "dtype": config.store_dtype,
+        "precision": precision,
+        "feature_dims": feature_dims,
+        "files": {"labels": "{split}/labels.npy", "features": "{split}/block{block:02d}_{pooling}.npy",
+                  "pooling_in_filename": {p: p.replace("+", "_") for p in config.poolings}},
+        "batch_size": config.batch_size,
+        "progress": {name: 0 for name in source.splits},
+        "bad_images": [],
+        "complete": False,
+        "versions": software_versions(),
+    }
+    write_json_atomic(store_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.1f} img/s" if speed else "-- img/s")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loaded: LoadedModel,
+         structure: dict[str, Any], data_config: dict[str, Any], device: torch.device, precision: str,
+         config: ExtractConfig, progress: bool, on_batch: BatchCallback | None) -> tuple[int, float]:
+    model = loaded.model.to(device).eval()
+    transform = build_eval_transform(data_config)
+    outputs = BlockOutputs(model, manifest["blocks"], norm=manifest["norm"])
+    dtype = np.dtype(manifest["dtype"])
+    batch_size = manifest["batch_size"]
+    images_done, started = 0, time.perf_counter()
+    with _progress_bar(progress) as bar, torch.inference_mode():
+        for split_name, split in source.splits.items():
+            total, done = len(split), manifest["progress"][split_name]
+            task = bar.add_task(f"extract {split_name}", total=total, completed=done)
+            if done >= total:
+                continue
+            dataset = SplitDataset(split, transform, tuple(data_config["input_size"]))
+            loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size, shuffle=False,
+                                num_workers=config.workers, pin_memory=device.type == "cuda")
+            writers = {(block, pooling): RowWriter(store_dir / split_name / feature_filename(block, pooling),
+                                                   manifest["feature_dims"][pooling] * dtype.itemsize)
+                       for block in manifest["blocks"] for pooling in manifest["poolings"]}
+            label_writer = RowWriter(store_dir / split_name / "labels.npy", 8)
+            try:
+                for images, indices, errors in loader:
+                    start = int(indices[0])
+                    bad_rows = [row for row, error in enumerate(errors) if error]
+                    for row in bad_rows:
+                        path = split.describe(start + row)
+                        if not config.skip_bad_images:
+                            raise BadImageError(f"cannot decode image {path} ({errors[row]}): fix or remove it, or "
+                                                "pass --skip-bad-images to skip it")
+                    with autocast(device, precision):
+                        tokens = outputs(images.to(device, non_blocking=True))
+                    for block, block_tokens in tokens.items():
+                        block_tokens = block_tokens.float()
+                        for pooling in manifest["poolings"]:
+                            pooled = pool_tokens(block_tokens, pooling, num_prefix_tokens=structure["num_prefix_tokens"],
+                                                 has_class_token=structure["has_class_token"])
+                            pooled = pooled.cpu().numpy().astype(dtype)
+                            pooled[bad_rows] = 0
+                            writers[(block, pooling)].write(start, pooled)
+                    for row in bad_rows:
+                        label_writer.write(start + row, np.array([-1], dtype=np.int64))
+                        manifest["bad_images"].append({"split": split_name, "index": start + row,
+                                                       "image": split.describe(start + row), "error": errors[row]})
+                    manifest["progress"][split_name] = start + len(indices)
+                    write_json_atomic(store_dir / MANIFEST, manifest)
+                    images_done += len(indices)
+                    bar.update(task, completed=start + len(indices))
+                    if on_batch is not None:
+                        on_batch(split_name, start + len(indices), total)
+            finally:
+                for writer in [*writers.values(), label_writer]:
+                    writer.close()
+    return images_done, time.perf_counter() - started

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimprobe.data import SplitDataset, load_data
+from mimprobe.data.dataset import array_to_input, load_rgb
+from mimprobe.errors import BadInputError
+from tests.conftest import make_image_folder
+
+
+def test_image_folder_flat_layout_is_one_sorted_train_split(image_folder):
+    source = load_data(image_folder)
+    assert source.kind == "imagefolder"
+    assert source.classes == ("cat", "dog", "eel")
+    assert list(source.splits) == ["train"]
+    split = source.splits["train"]
+    assert len(split) == 12
+    assert split.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 3
+    assert list(split.paths) == sorted(split.paths)
+    assert load_data(image_folder).fingerprint == source.fingerprint
+
+
+def test_image_folder_train_test_layout_shares_class_indices(tmp_path):
+    make_image_folder(tmp_path / "d" / "train", {"a": 2, "b": 2, "c": 2})
+    make_image_folder(tmp_path / "d" / "test", {"b": 1, "c": 2})
+    source = load_data(tmp_path / "d")
+    assert list(source.splits) == ["train", "test"]
+    assert source.splits["test"].labels.tolist() == [1, 2, 2]
+    assert "train" in source.summary() and "test 3" in source.summary()
+
+
+def test_fingerprint_changes_with_content_size_and_labels(image_folder):
+    before = load_data(image_folder).fingerprint
+    (image_folder / "cat" / "000.png").rename(image_folder / "dog" / "999.png")  # same bytes, other label
+    assert load_data(image_folder).fingerprint != before
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_and_rgba_become_rgb(tmp_path, mode):
+    folder = make_image_folder(tmp_path / mode, {"x": 1, "y": 1}, mode=mode)
+    image = load_rgb(load_data(folder).splits["train"].paths[0])
+    assert image.mode == "RGB"
+    if mode == "L":
+        pixels = np.asarray(image)
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_array_inputs_become_rgb():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    assert np.asarray(array_to_input(gray)).shape == (8, 8, 3)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    assert array_to_input(rgba).mode == "RGB"
+    chw = np.random.default_rng(0).random((1, 8, 8), dtype=np.float32)
+    tensor = array_to_input(chw)
+    assert tensor.shape == (3, 8, 8) and torch.equal(tensor[0], tensor[2])
+
+
+def test_digits_split_is_fixed_and_stratified():
+    source = load_data("digits")
+    train, test = source.splits["train"], source.splits["test"]
+    assert (len(train), len(test)) == (1347, 450)
+    assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+    per_class = np.bincount(np.concatenate([train.labels, test.labels]))
+    assert np.abs(np.bincount(test.labels) - per_class * 450 / 1797).max() <= 1  # stratified
+    assert load_data("digits").fingerprint == source.fingerprint
+
+
+def test_synthetic_is_seeded_and_configurable():
+    a, b = load_data("synthetic"), load_data("synthetic")
+    assert a.fingerprint == b.fingerprint
+    assert np.array_equal(a.splits["train"].images, b.splits["train"].images)
+    other = load_data("synthetic:seed=1")
+    assert other.fingerprint != a.fingerprint
+    small = load_data("synthetic:classes=3,train=4,test=2,size=16")
+    assert small.splits["train"].images.shape == (12, 16, 16, 3) and len(small.classes) == 3
+
+
+def test_npz_uint8_and_float_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    hwc = tmp_path / "hwc.npz"
+    np.savez(hwc, x_train=rng.integers(0, 255, (6, 10, 10, 3), dtype=np.uint8), y_train=np.array([5, 7] * 3),
+             x_test=rng.integers(0, 255, (2, 10, 10, 3), dtype=np.uint8), y_test=np.array([7, 5]))
+    source = load_data(hwc)
+    assert source.classes == ("5", "7") and source.splits["test"].labels.tolist() == [1, 0]
+    chw = tmp_path / "chw.npz"
+    np.savez(chw, x_train=rng.random((4, 3, 10, 10)), y_train=np.array([0, 1, 0, 1]),
+             x_test=rng.random((2, 3, 10, 10)), y_test=np.array([0, 1]))
+    assert load_data(chw).splits["train"].images.dtype == np.float32
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.zeros((2, 4, 4, 3), np.uint8), "y_train": np.array([0, 1])}, "lacks x_test, y_test"),
+    ({"x_train": np.zeros((2, 4, 4, 3), np.uint8), "y_train": np.array([0, 0]),
+      "x_test": np.zeros((1, 4, 4, 3), np.uint8), "y_test": np.array([0])}, "single class"),
+    ({"x_train": np.zeros((2, 4, 4, 3), np.int32), "y_train": np.array([0, 1]),
+      "x_test": np.zeros((1, 4, 4, 3), np.int32), "y_test": np.array([0])}, "dtype int32"),
+])
+def test_bad_npz(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(BadInputError, match=message):
+        load_data(path)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(BadInputError, match="not found"):
+        load_data(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no images found"):
+        load_data(tmp_path / "empty")
+    make_image_folder(tmp_path / "one", {"only": 3})
+    with pytest.raises(BadInputError, match=r"only one class \(only\)"):
+        load_data(tmp_path / "one")
+    with pytest.raises(BadInputError, match="invalid synthetic option"):
+        load_data("synthetic:bogus=1")
+
+
+def test_split_dataset_reports_a_corrupt_file_instead_of_raising(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    bad = folder / "a" / "001.png"
+    bad.write_bytes(b"not a png at all")
+    source = load_data(folder)
+    dataset = SplitDataset(source.splits["train"], transform=lambda image: torch.zeros(3, 4, 4), input_size=(3, 4, 4))
+    image, index, error = dataset[1]
+    assert index == 1 and error and image.shape == (3, 4, 4)
+    assert dataset[0][2] == ""
+
+
+def test_eval_transform_follows_the_model_data_config():
+    import timm
+
+    from mimprobe.data import build_eval_transform, resolve_eval_data_config
+
+    model = timm.create_model("test_vit", num_classes=0)
+    config = resolve_eval_data_config(model)
+    assert config["input_size"] == [3, 160, 160] and config["crop_pct"] == 0.95 and config["mean"] == [0.5] * 3
+    image = Image.fromarray(np.full((40, 60, 3), 255, np.uint8))
+    tensor = build_eval_transform(config)(image)
+    assert tensor.shape == (3, 160, 160)
+    assert torch.allclose(tensor, torch.ones_like(tensor))  # (1 - 0.5) / 0.5
+    small = resolve_eval_data_config(model, img_size=32)
+    assert small["input_size"] == [3, 32, 32] and small["crop_pct"] == 1.0
+    assert build_eval_transform(small)(image).shape == (3, 32, 32)
