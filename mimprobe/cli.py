@@ -76,7 +76,7 @@ Run the same command again to resume an interrupted extraction or to reuse a fin
 def extract(
     model: str = typer.Argument(..., help="timm model name, e.g. vit_base_patch16_224 (add a tag such as .mae "
                                           "with --pretrained)."),
-    data: str = typer.Argument(..., help="Image folder (root/<class>/* or root/train + root/val|test), a .npz "
+    data: str = typer.Argument(..., help="Image folder (root/CLASS/*, or root/train plus root/val or root/test), a .npz "
                                          "(x_train, y_train, x_test, y_test), or a built-in: digits, synthetic."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder that holds feature stores (one sub-folder per key)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file: timm, MAE, "

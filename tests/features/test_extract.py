@@ -241,3 +241,9 @@ def test_real_cifar_images(cifar_subset, tmp_path):
     np.testing.assert_allclose(store.features("test", 2, "mean"), reference[0].mean(1).numpy(), atol=1e-5)
     features = np.stack([store.features("train", b, "cls") for b in store.blocks])
     assert np.isfinite(features).all() and features.std(axis=1).min() > 0
+
+
+def test_worker_processes_give_the_same_bytes(tmp_path):
+    one = extract("test_vit", SMALL, out=tmp_path / "w0", img_size=32, batch_size=4, progress=False).store
+    two = extract("test_vit", SMALL, out=tmp_path / "w2", img_size=32, batch_size=4, workers=2, progress=False).store
+    assert _tree_bytes(one.path) == _tree_bytes(two.path)
