@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import pickle
-import zipfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,16 @@ def read_checkpoint(path: str | Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        names = _unsafe_globals(path)
+        names = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if not names and "Unsupported global" not in str(error):
+            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or damaged "
+                                  f"({type(error).__name__}); check the file or download it again") from None
         needs = f"it needs {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}" if names else _one_line(error)
         raise CheckpointError(
             f"refusing to load {path}: unpickling it could run code ({needs}); nothing from it was executed. "
             "If you trust it, re-save only its tensors (torch.save(state_dict) or safetensors) and pass that file"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # RuntimeError, EOFError, BadZipFile, KeyError, ... from a damaged or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)} (is the file complete?)") from None
 
 

@@ -113,7 +113,18 @@ def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_f
             return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
     except TypeError as error:
         raise BadInputError(f"model {name} does not accept {sorted(kwargs)}: {error}") from None
+    except FileNotFoundError as error:
+        if pretrained_file is not None:
+            raise BadInputError(f"pretrained file {pretrained_file} not found") from None
+        if pretrained:
+            raise DownloadError(_download_message(name, error)) from None
+        raise
     except RuntimeError as error:
+        if pretrained and "loading state_dict" in str(error):
+            source = pretrained_file if pretrained_file is not None else "timm's pretrained file"
+            problems = "; ".join(line.strip()[:240] for line in str(error).strip().splitlines()[1:])
+            raise CheckpointError(f"{source} does not fit {name}: {problems} "
+                                  "Use --checkpoint for files of another layout") from None
         if pretrained and "pretrained" in str(error).lower() and "exist" in str(error).lower():
             raise BadInputError(f"{name} has no pretrained weights in timm: drop --pretrained or pick a tagged "
                                 f"name such as vit_base_patch16_224.mae") from None
@@ -164,10 +175,15 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
     if checkpoint is None:
         pretrained = pretrained or pretrained_file is not None
         model_kwargs = {"num_classes": 0}
+        # timm loads pretrained weights non-strictly when the head size differs from the file's (num_classes=0),
+        # which would leave any missing weight at its random init: build with the pretrained head, load strictly,
+        # then drop the head
+        create_kwargs = size_kwargs if pretrained else {**model_kwargs, **size_kwargs}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = _create(name, pretrained=pretrained, kwargs={**model_kwargs, **size_kwargs},
-                            pretrained_file=pretrained_file)
+            model = _create(name, pretrained=pretrained, kwargs=create_kwargs, pretrained_file=pretrained_file)
+        if pretrained:
+            model.reset_classifier(0)
         _check_blocks(model, name)
         return LoadedModel(model=model.eval(), name=name, weights="pretrained" if pretrained else "random",
                            model_kwargs=model_kwargs, init_seed=init_seed)

@@ -217,6 +217,9 @@ def convert_checkpoint(checkpoint: Any) -> ConvertedCheckpoint:
     """Unwrap, detect and remap a loaded checkpoint to timm names (pure: the input is not modified)."""
     state_dict, notes = unwrap_checkpoint(checkpoint)
     state_dict = strip_prefixes(state_dict)
+    if "masked_embed" in state_dict:  # iBOT's mask embedding is used only in pre-training
+        state_dict = {key: value for key, value in state_dict.items() if key != "masked_embed"}
+        notes.append("dropped iBOT masked_embed")
     fmt = detect_format(state_dict)
     model_kwargs: dict[str, Any] = {}
     if fmt == "data2vec2":
