@@ -106,6 +106,17 @@ def _prepare_out(out: Path) -> None:
             from None
 
 
+def _check_input_size(loaded: LoadedModel, data_config: dict[str, Any]) -> None:
+    """A model built for a fixed input size must get images of that size (checked before any store is made)."""
+    patch_embed = getattr(loaded.model, "patch_embed", None)
+    built_for = getattr(patch_embed, "img_size", None)
+    fixed = not getattr(loaded.model, "dynamic_img_size", False)  # position embeddings fit one grid only
+    size = tuple(data_config["input_size"][1:])
+    if built_for is not None and fixed and tuple(built_for) != size:
+        raise BadInputError(f"model {loaded.name} was built for {tuple(built_for)} px input but the transform gives "
+                            f"{size}: load it with img_size={size[0]} or pass the same --img-size")
+
+
 def store_key(key_fields: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that changes the stored numbers."""
     return hashlib.sha256(json.dumps(key_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -129,7 +140,8 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         pretrained: Use timm's pretrained weights.
         config: Extraction options; keyword ``options`` override its fields (``blocks=4``, ``poolings=...``).
         progress: Show a progress bar (images per second) on stderr.
-        on_batch: Called after every batch is durably recorded, with (split, rows done, rows in split).
+        on_batch: Called after every batch is recorded in the manifest (a kill after this loses nothing; no fsync,
+            so a power loss may), with (split, rows done, rows in split).
         log: Receives one-line status messages (default: print to stderr when ``progress``).
 
     Raises:
@@ -162,6 +174,7 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     if not structure["has_class_token"] and any(p in ("cls", "cls+mean") for p in config.poolings):
         raise BadInputError(f"model {loaded.name} has no CLS token: use --pool mean")
     data_config = resolve_eval_data_config(loaded.model, img_size=config.img_size)
+    _check_input_size(loaded, data_config)
 
     key_fields = {
         "format_version": FORMAT_VERSION, "model": loaded.identity(), "dataset": source.fingerprint,

@@ -247,3 +247,10 @@ def test_worker_processes_give_the_same_bytes(tmp_path):
     one = extract("test_vit", SMALL, out=tmp_path / "w0", img_size=32, batch_size=4, progress=False).store
     two = extract("test_vit", SMALL, out=tmp_path / "w2", img_size=32, batch_size=4, workers=2, progress=False).store
     assert _tree_bytes(one.path) == _tree_bytes(two.path)
+
+
+def test_a_loaded_model_of_another_input_size_is_refused_before_any_store(tmp_path):
+    loaded = load_model("vit_tiny_patch16_224")  # fixed 224 px grid (test_vit has dynamic_img_size)
+    with pytest.raises(BadInputError, match=r"built for \(224, 224\) px input .* \(32, 32\)"):
+        extract(loaded, SMALL, out=tmp_path, img_size=32, progress=False)
+    assert list(tmp_path.iterdir()) == []
