@@ -62,6 +62,7 @@ class DataSource:
     splits: dict[str, Split]
     fingerprint: str
     details: dict = field(default_factory=dict)
+    labelled: bool = True  # False for a folder of images without class folders (labels are -1)
 
     def summary(self) -> str:
         parts = [f"{name} {len(split):,}" for name, split in self.splits.items()]
@@ -72,7 +73,8 @@ def load_data(spec: str | os.PathLike) -> DataSource:
     """Open a data source.
 
     Args:
-        spec: An ImageFolder directory (``root/<class>/*`` becomes the single split ``train``;
+        spec: An ImageFolder directory (``root/<class>/*`` becomes the single split ``train``; ``root/*`` without
+            class folders is one unlabelled split ``train``, labels -1;
             ``root/train`` plus ``root/val`` and/or ``root/test`` become those splits), a ``.npz`` file with
             ``x_train, y_train, x_test, y_test``, ``digits``, or ``synthetic`` (optionally
             ``synthetic:classes=10,train=50,test=20,size=32,seed=0``).
@@ -138,6 +140,10 @@ def _image_folder(root: Path) -> DataSource:
     else:
         split_dirs, layout = {"train": root}, "root/<class>/*"
     train_paths, train_labels, classes = _scan_split(split_dirs["train"], None)
+    if not classes and layout == "root/<class>/*":
+        unlabelled = [path for path in _image_files(root) if os.path.dirname(path) == str(root)]
+        if unlabelled:
+            return _unlabelled_folder(root, unlabelled)
     if not train_paths:
         raise BadInputError(
             f"no images found in {split_dirs['train']}: expected {split_dirs['train']}/<class>/*.jpg "
@@ -165,6 +171,17 @@ def _image_folder(root: Path) -> DataSource:
     digest.update(json.dumps(classes).encode())
     return DataSource(name=str(root), kind="imagefolder", classes=tuple(classes), splits=splits,
                       fingerprint=digest.hexdigest(), details={"root": str(root.resolve()), "layout": layout})
+
+
+def _unlabelled_folder(root: Path, paths: list[str]) -> DataSource:
+    """root/*.jpg without class folders: one split of unlabelled images (label-free metrics only)."""
+    digest = hashlib.sha256(b"unlabelled\n")
+    for path in paths:
+        digest.update(f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\n".encode())
+    split = Split("train", np.full(len(paths), -1, dtype=np.int64), paths=tuple(paths))
+    return DataSource(name=str(root), kind="imagefolder", classes=(), splits={"train": split},
+                      fingerprint=digest.hexdigest(), details={"root": str(root.resolve()), "layout": "root/*"},
+                      labelled=False)
 
 
 # --- arrays ---------------------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded:
         "model": {**loaded.identity(), "checkpoint": loaded.checkpoint, "checkpoint_format": loaded.checkpoint_format,
                   "structure": structure},
         "dataset": {"name": source.name, "kind": source.kind, "fingerprint": source.fingerprint,
-                    "classes": list(source.classes), "details": source.details,
+                    "classes": list(source.classes), "labelled": source.labelled, "details": source.details,
                     "splits": {name: len(split) for name, split in source.splits.items()}},
         "transform": data_config,
         "blocks": blocks,

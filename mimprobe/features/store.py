@@ -3,7 +3,7 @@
 Layout::
 
     manifest.json                     format version, content key, model/data identity, progress, completion
-    {split}/labels.npy                (n,) int64; -1 marks an image skipped with --skip-bad-images
+    {split}/labels.npy                (n,) int64; -1 for unlabelled data and images skipped as unreadable
     {split}/block{BB}_{pooling}.npy   (n, dim) float16 or float32; pooling "cls+mean" is written "cls_mean"
 
 Rows are written in place at their dataset index (``os.pwrite`` into pre-sized ``.npy`` files), so memory is
@@ -140,15 +140,22 @@ class FeatureStore:
                                 "command to resume it")
 
     def valid_mask(self, split: str) -> np.ndarray:
-        """(n,) bool: False for rows of images skipped as unreadable."""
-        return np.load(self.path / split / "labels.npy") >= 0
+        """(n,) bool: False for rows of images skipped as unreadable (listed in the manifest's bad_images)."""
+        mask = np.ones(self.num_rows(split), dtype=bool)
+        mask[[entry["index"] for entry in self.manifest["bad_images"] if entry["split"] == split]] = False
+        return mask
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the data had class labels (an unlabelled image folder stores -1 everywhere)."""
+        return bool(self.manifest["dataset"].get("labelled", True))
 
     def labels(self, split: str, *, valid_only: bool = True, allow_partial: bool = False) -> np.ndarray:
-        """(n,) int64 class indices (skipped images removed unless ``valid_only=False``, where they are -1)."""
+        """(n,) int64 class indices; -1 for unlabelled data and for skipped images (which ``valid_only`` removes)."""
         self._check_split(split)
         self._check_ready(allow_partial)
         labels = np.load(self.path / split / "labels.npy")
-        return labels[labels >= 0] if valid_only and (labels < 0).any() else labels
+        return labels[self.valid_mask(split)] if valid_only and self.manifest["bad_images"] else labels
 
     def features(self, split: str, block: int, pooling: str = "cls", *, valid_only: bool = True,
                  allow_partial: bool = False) -> np.ndarray:

@@ -142,3 +142,13 @@ def test_eval_transform_follows_the_model_data_config():
     small = resolve_eval_data_config(model, img_size=32)
     assert small["input_size"] == [3, 32, 32] and small["crop_pct"] == 1.0
     assert build_eval_transform(small)(image).shape == (3, 32, 32)
+
+
+def test_folder_of_images_without_classes_is_unlabelled(tmp_path):
+    folder = make_image_folder(tmp_path / "flat", {"tmp": 3})
+    for path in (folder / "tmp").iterdir():
+        path.rename(folder / path.name)
+    (folder / "tmp").rmdir()
+    source = load_data(folder)
+    assert not source.labelled and source.classes == ()
+    assert source.splits["train"].labels.tolist() == [-1, -1, -1]
