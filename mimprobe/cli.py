@@ -126,6 +126,68 @@ def extract(
 @app.command(epilog="""
 **Examples**
 
+* `mimprobe profile vit_tiny_patch16_224 digits --img-size 32 --out profiles/digits`
+* `mimprobe profile vit_base_patch16_224 ./cifar10 --checkpoint mae.pth --pool cls,mean --metrics knn,linear --out p`
+* `mimprobe profile features/vit_tiny_patch16_224__digits__eed481c4aa1f --out p --preset dino --json`
+
+TARGET is a timm model name (then DATA is required and the features are extracted, or reused, under
+--features) or a feature store folder from `mimprobe extract`.
+""")
+def profile(
+    target: str = typer.Argument(..., help="timm model name, or a feature store folder."),
+    data: Optional[str] = typer.Argument(None, help="Data (image folder, .npz, digits, synthetic); with a store, "
+                                                   "checked against the store's dataset."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for profile.csv/.parquet/.json/.png."),
+    metrics: str = typer.Option("all", "--metrics", "-m", help="Comma list of knn, linear, lowshot, cluster, rank, "
+                                                               "or all (those the data allows)."),
+    preset: str = typer.Option("mim-refiner", "--preset", help="k-NN protocol: mim-refiner, dino or dinov2."),
+    probe: str = typer.Option("batched", "--probe", help="Linear probes: batched (all blocks at once) or sklearn."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Folder of feature stores [default: OUT/features]."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file for the model."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
+    blocks: str = typer.Option("all", "--blocks", "-b", help="all, last:N, or a 0-based list."),
+    pool: str = typer.Option("cls,mean", "--pool", "-p", help="Poolings to extract and measure."),
+    norm: str = typer.Option("raw", "--norm", help="raw or final."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (extraction and linear probes)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images."),
+    store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="FAISS threads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation split, k-means and probes."),
+    json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Measure every block with k-NN, linear probes, low-shot, clustering and effective rank; find the best blocks."""
+    from .blocks import parse_block_spec
+    from .metrics.profile import ProfileConfig, iter_best_lines, parse_metrics, run_profile
+
+    def body() -> None:
+        config = ProfileConfig(metrics=parse_metrics(metrics), preset=preset, probe=probe, seed=seed,
+                               threads=threads, device=device)
+        extract_options = dict(blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm,
+                               batch_size=batch_size, workers=workers, device=device, img_size=img_size,
+                               store_dtype=store_dtype)
+        result = run_profile(target, data, out=out, config=config, features_dir=features, extract_options=extract_options,
+                             checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
+                             progress=not no_progress and not json_output,
+                             log=lambda message: typer.echo(message, err=True))
+        if json_output:
+            typer.echo(json.dumps(result.summary(), indent=1))
+            return
+        typer.echo("best blocks (0-based):")
+        for line in iter_best_lines(result.best):
+            typer.echo(f"  {line}")
+        typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} to {out} "
+                   f"({len(result.table):,} rows, {result.seconds:.1f} s)")
+
+    _guarded(debug, body)
+
+
+@app.command(epilog="""
+**Examples**
+
 * `mimprobe info vit_base_patch16_224`
 * `mimprobe info vit_large_patch16_224 --checkpoint mae_pretrain_vit_large.pth --json`
 """)

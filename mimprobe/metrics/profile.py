@@ -1,0 +1,367 @@
+"""`profile`: every metric for every block and pooling of a FeatureStore, as one long table, plus the best blocks.
+
+Reads only the FeatureStore (metrics never need the model). Splits:
+
+* ``train`` is the bank / training set. The evaluation split is ``test`` (or ``val``) when the data has one.
+* A validation split is carved from train (seeded, stratified): k-NN is also measured fit→val (``split="val"``),
+  the signal head placement uses, so that it is never chosen on test.
+* Data with a train split only: k-NN runs leave-one-out on train (``train-loo``); linear, low-shot and
+  clustering use a seeded, stratified 20 % hold-out of train (``train-holdout``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._device import resolve_device
+from .._versions import software_versions
+from ..errors import BadInputError
+from ..features.store import FeatureStore
+from ._rows import MetricRow, carve_validation
+
+METRICS = ("knn", "linear", "lowshot", "cluster", "rank")
+LABEL_FREE = ("rank",)
+PRESETS = ("mim-refiner", "dino", "dinov2")
+PRIMARY_K = {"mim-refiner": 10, "dino": 20, "dinov2": 20}
+COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
+HOLDOUT_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Options of one profile."""
+
+    metrics: tuple[str, ...] | None = None   # None: every metric the data allows (label-free only without labels)
+    preset: str = "mim-refiner"              # k-NN protocol (k, temperature, standardisation), recorded per row
+    probe: str = "batched"                   # "batched": all blocks x grid at once; "sklearn": reference path
+    poolings: tuple[str, ...] | None = None  # None: every pooling in the store
+    val_fraction: float = 0.1                # of train, for k-NN on val and the probes' selection
+    seed: int = 0
+    threads: int | None = None               # FAISS / BLAS threads (None: library default)
+    device: str = "auto"                     # for the batched linear probe
+    rank_samples: int = 20000                # rows used for the effective rank (seeded subsample)
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A curve worth plotting and ranking: one metric on one split with fixed parameters."""
+
+    title: str
+    metric: str
+    split: str
+    params: dict[str, Any] = field(default_factory=dict)
+    higher_is_better: bool = True
+
+
+@dataclass
+class SplitPlan:
+    train: str
+    eval_split: str                           # name written in the table
+    train_index: np.ndarray                   # rows of train used as the bank / training set
+    eval_source: str                          # store split the evaluation rows come from
+    eval_index: np.ndarray
+    fit_index: np.ndarray                     # train rows for the fit → val k-NN
+    val_index: np.ndarray
+    knn_loo: bool                             # k-NN on train with leave-one-out instead of an eval split
+
+
+def plan_splits(store: FeatureStore, *, val_fraction: float, seed: int) -> SplitPlan:
+    """Decide which rows train, validate and evaluate (see the module docstring)."""
+    if "train" not in store.splits:
+        raise BadInputError(f"store {store.path} has no train split (it has {', '.join(store.splits)})")
+    labels = store.labels("train")
+    eval_split = next((name for name in ("test", "val") if name in store.splits), None)
+    labelled = store.labelled and (labels >= 0).any()
+    fit, val = carve_validation(labels, fraction=val_fraction, seed=seed) if labelled else (np.arange(len(labels)),) * 2
+    if eval_split is not None:
+        return SplitPlan("train", eval_split, np.arange(len(labels)), eval_split,
+                         np.arange(len(store.labels(eval_split))), fit, val, knn_loo=False)
+    train_index, holdout = (carve_validation(labels, fraction=HOLDOUT_FRACTION, seed=seed) if labelled
+                            else (np.arange(len(labels)),) * 2)
+    fit, val = np.intersect1d(fit, train_index), np.intersect1d(val, train_index)
+    return SplitPlan("train", "train-holdout", train_index, "train", holdout, fit, val, knn_loo=True)
+
+
+def headlines(preset: str, table: pd.DataFrame) -> list[Headline]:
+    """The curves of the plot and the best-block table, those present in ``table``."""
+    eval_splits = [s for s in ("test", "val", "train-holdout") if s in set(table["split"])]
+    eval_split = eval_splits[0] if eval_splits else "train"
+    knn_eval = "train-loo" if "train-loo" in set(table["split"]) else eval_split
+    k = PRIMARY_K[preset]
+    candidates = [
+        Headline(f"k-NN top-1 ({preset}, k={k}), {knn_eval}", "knn_top1", knn_eval, {"preset": preset, "k": k}),
+        Headline(f"k-NN top-1 ({preset}, k={k}), val (placement)", "knn_top1", "val", {"preset": preset, "k": k}),
+        Headline(f"linear probe top-1, {eval_split}", "linear_top1", eval_split),
+        Headline(f"1-shot top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"shots": 1}),
+        Headline(f"5-shot top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"shots": 5}),
+        Headline(f"1% labels top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"percent": 1}),
+        Headline(f"k-means ACC, {eval_split}", "cluster_acc", eval_split),
+        Headline(f"k-means NMI, {eval_split}", "cluster_nmi", eval_split),
+        Headline("effective rank (RankMe), train", "rankme", "train"),
+    ]
+    return [h for h in candidates if not _select(table, h).empty]
+
+
+def _select(table: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+    rows = table[(table["metric"] == headline.metric) & (table["split"] == headline.split)]
+    if headline.params and not rows.empty:
+        params = rows["params"].map(json.loads)
+        keep = params.map(lambda p: all(p.get(key) == value for key, value in headline.params.items()))
+        rows = rows[keep]
+    return rows
+
+
+def best_blocks(table: pd.DataFrame, preset: str) -> pd.DataFrame:
+    """Per headline and pooling: the best block, its value, and the last block's value."""
+    records = []
+    for headline in headlines(preset, table):
+        rows = _select(table, headline)
+        for pooling, group in rows.groupby("pooling", sort=False):
+            curve = group.groupby("block")["value"].mean()
+            best = curve.idxmax() if headline.higher_is_better else curve.idxmin()
+            records.append({"metric": headline.title, "pooling": pooling, "best_block": int(best),
+                            "best_value": float(curve[best]), "last_block": int(curve.index.max()),
+                            "last_value": float(curve[curve.index.max()])})
+    return pd.DataFrame.from_records(records, columns=["metric", "pooling", "best_block", "best_value", "last_block",
+                                                        "last_value"])
+
+
+def _check_finite(features: np.ndarray, *, split: str, block: int, pooling: str) -> None:
+    for start in range(0, len(features), 65536):
+        if not np.isfinite(features[start:start + 65536]).all():
+            raise BadInputError(
+                f"block {block} ({pooling}) of split {split} has NaN or Inf features: re-extract with "
+                "--store-dtype float32 (float16 overflows above 65504) or --precision fp32")
+
+
+def _resolve_metrics(config: ProfileConfig, store: FeatureStore, labels: np.ndarray) -> tuple[str, ...]:
+    labelled = store.labelled and (labels >= 0).any()
+    requested = config.metrics
+    if requested is not None:
+        unknown = [m for m in requested if m not in METRICS]
+        if unknown:
+            raise BadInputError(f"unknown metric {unknown[0]!r}: use a comma list of {', '.join(METRICS)}")
+        if not labelled:
+            supervised = [m for m in requested if m not in LABEL_FREE]
+            if supervised and len(supervised) == len(requested):
+                raise BadInputError(f"the data has no labels, which {', '.join(supervised)} need: use "
+                                    f"--metrics {','.join(LABEL_FREE)} or give class folders")
+            return tuple(m for m in requested if m in LABEL_FREE)
+        metrics = tuple(requested)
+    else:
+        metrics = METRICS if labelled else LABEL_FREE
+    if labelled and any(m not in LABEL_FREE for m in metrics) and len(np.unique(labels[labels >= 0])) < 2:
+        raise BadInputError("the train split holds a single class: supervised metrics need at least 2; "
+                            "use --metrics rank")
+    return metrics
+
+
+def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, progress: bool = True,
+                  log: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Measure every block and pooling of a complete store; return the long table (DESIGN.md columns)."""
+    from . import cluster, knn, linear, lowshot, rank
+
+    config = config or ProfileConfig()
+    if config.preset not in PRESETS:
+        raise BadInputError(f"unknown preset {config.preset!r}: use {', '.join(PRESETS)}")
+    if config.probe not in ("batched", "sklearn"):
+        raise BadInputError(f"unknown probe {config.probe!r}: use batched or sklearn")
+    if not store.complete:
+        raise BadInputError(f"feature store {store.path} is incomplete: rerun `mimprobe extract` to finish it")
+    poolings = list(config.poolings or store.poolings)
+    missing = [p for p in poolings if p not in store.poolings]
+    if missing:
+        raise BadInputError(f"pooling {missing[0]} is not in store {store.path}: it has {', '.join(store.poolings)}")
+    train_labels_all = store.labels("train")
+    metrics = _resolve_metrics(config, store, train_labels_all)
+    if log and config.metrics is None and metrics == LABEL_FREE:
+        log("the data has no labels: running the label-free metrics only (rank)")
+    plan = plan_splits(store, val_fraction=config.val_fraction, seed=config.seed)
+    eval_labels_all = store.labels(plan.eval_source)
+    classes = store.classes
+    rows: list[tuple[int, str, MetricRow]] = []
+    blocks = store.blocks
+    steps = {m: len(blocks) * len(poolings) for m in metrics}
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress) as bar:
+        tasks = {m: bar.add_task(m, total=steps[m]) for m in metrics}
+        for pooling in poolings:
+            train_blocks: dict[int, np.ndarray] = {}
+            eval_blocks: dict[int, np.ndarray] = {}
+            for block in blocks:
+                train = np.asarray(store.features("train", block, pooling), dtype=np.float32)
+                _check_finite(train, split="train", block=block, pooling=pooling)
+                evaluation = (train if plan.eval_source == "train"
+                              else np.asarray(store.features(plan.eval_source, block, pooling), dtype=np.float32))
+                if plan.eval_source != "train":
+                    _check_finite(evaluation, split=plan.eval_source, block=block, pooling=pooling)
+                name = f"block {block} ({pooling})"
+                x_train, y_train = train[plan.train_index], train_labels_all[plan.train_index]
+                x_eval, y_eval = evaluation[plan.eval_index], eval_labels_all[plan.eval_index]
+                if "knn" in metrics:
+                    common = dict(preset=config.preset, class_names=classes, threads=config.threads, name=name)
+                    if plan.knn_loo:
+                        found = knn.evaluate_knn(train, train_labels_all, train, train_labels_all, split="train-loo",
+                                                 exclude_self=True, **common)
+                    else:
+                        found = knn.evaluate_knn(x_train, y_train, x_eval, y_eval, split=plan.eval_split, **common)
+                    found += knn.evaluate_knn(train[plan.fit_index], train_labels_all[plan.fit_index],
+                                              train[plan.val_index], train_labels_all[plan.val_index], split="val",
+                                              **common)
+                    rows += [(block, pooling, row) for row in found]
+                    bar.advance(tasks["knn"])
+                if "lowshot" in metrics:
+                    largest = int(np.bincount(y_train[y_train >= 0]).max())
+                    shots = tuple(n for n in lowshot.DEFAULT_SHOTS if n <= largest)  # tiny data: fewer settings
+                    found = lowshot.evaluate_lowshot(x_train, y_train, x_eval, y_eval, shots=shots,
+                                                     split=plan.eval_split, name=name)
+                    rows += [(block, pooling, row) for row in found]
+                    bar.advance(tasks["lowshot"])
+                if "cluster" in metrics:
+                    found = cluster.evaluate_clustering(x_eval, y_eval, split=plan.eval_split, seed=config.seed,
+                                                        name=name)
+                    rows += [(block, pooling, row) for row in found]
+                    bar.advance(tasks["cluster"])
+                if "rank" in metrics:
+                    found = rank.evaluate_rank(train, split="train", max_samples=config.rank_samples,
+                                               seed=config.seed, name=name)
+                    rows += [(block, pooling, row) for row in found]
+                    bar.advance(tasks["rank"])
+                if "linear" in metrics:
+                    train_blocks[block], eval_blocks[block] = x_train, x_eval
+            if "linear" in metrics:
+                evaluate = linear.evaluate_linear if config.probe == "batched" else linear.evaluate_linear_sklearn
+                kwargs = {"device": resolve_device(config.device)} if config.probe == "batched" else {}
+                found_by_block = evaluate(train_blocks, y_train, eval_blocks, y_eval, split=plan.eval_split,
+                                          seed=config.seed, val_fraction=config.val_fraction, **kwargs)
+                for block, found in found_by_block.items():
+                    rows += [(block, pooling, row) for row in found]
+                bar.advance(tasks["linear"], len(blocks))
+    manifest = store.manifest
+    identity = {"model": manifest["model"]["name"],
+                "checkpoint": manifest["model"].get("checkpoint") or manifest["model"]["weights"],
+                "dataset": manifest["dataset"]["name"]}
+    records = [{**identity, "split": row.split, "block": block, "pooling": pooling, "metric": row.metric,
+                "params": row.params_json(), "value": float(row.value), "seed": row.seed}
+               for block, pooling, row in rows]
+    table = pd.DataFrame.from_records(records, columns=COLUMNS)
+    table["seed"] = table["seed"].astype("Int64")
+    return table
+
+
+@dataclass
+class ProfileResult:
+    table: pd.DataFrame
+    best: pd.DataFrame
+    out: Path
+    store: FeatureStore
+    files: dict[str, str]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": str(self.out), "store": str(self.store.path), "store_key": self.store.key,
+                "rows": len(self.table), "files": self.files, "seconds": round(self.seconds, 2),
+                "best_blocks": self.best.to_dict(orient="records")}
+
+
+def open_or_extract(target: str | Path, data: str | None, *, features_dir: Path, checkpoint: str | None = None,
+                    pretrained: bool = False, extract_options: dict[str, Any] | None = None, progress: bool = True,
+                    log: Callable[[str], None] | None = None) -> FeatureStore:
+    """A store directory (checked against ``data`` when given), or extract/reuse one for a model name."""
+    target_path = Path(str(target))
+    if (target_path / "manifest.json").is_file():
+        store = FeatureStore.open(target_path)
+        if data is not None:
+            from ..data import load_data
+
+            expected = load_data(data).fingerprint
+            if expected != store.manifest["dataset"]["fingerprint"]:
+                raise BadInputError(f"store {target_path} was extracted from {store.manifest['dataset']['name']}, "
+                                    f"not from {data}: profile the matching store, or drop DATA to use this one")
+        return store
+    if target_path.exists() and target_path.is_dir():
+        raise BadInputError(f"{target_path} is a folder but not a feature store (no manifest.json): give a store "
+                            "from `mimprobe extract`, or a timm model name and DATA")
+    if data is None:
+        raise BadInputError(f"{target} is not a feature store: give a timm model name and DATA, or a store folder")
+    from ..features import extract
+
+    result = extract(str(target), data, out=features_dir, checkpoint=checkpoint, pretrained=pretrained,
+                     progress=progress, log=log, **(extract_options or {}))
+    return result.store
+
+
+def run_profile(target: str | Path, data: str | None = None, *, out: str | Path, config: ProfileConfig | None = None,
+                features_dir: str | Path | None = None, checkpoint: str | None = None, pretrained: bool = False,
+                extract_options: dict[str, Any] | None = None, progress: bool = True,
+                log: Callable[[str], None] | None = None) -> ProfileResult:
+    """Extract (or reuse) a FeatureStore, measure every block, and write profile.{csv,parquet,json,png} to ``out``.
+
+    Args:
+        target: A timm model name (with ``data``) or a FeatureStore directory.
+        data: Data spec (required with a model name; with a store, checked against the store's fingerprint).
+        out: Output folder of the profile files.
+        config: Metric options.
+        features_dir: Where stores are kept (default ``out/features``).
+        extract_options: `ExtractConfig` fields (blocks, poolings, img_size, ...).
+    """
+    from .plot import plot_profile
+
+    config = config or ProfileConfig()
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
+            from None
+    started = time.perf_counter()
+    store = open_or_extract(target, data, features_dir=Path(features_dir) if features_dir else out / "features",
+                            checkpoint=checkpoint, pretrained=pretrained, extract_options=extract_options,
+                            progress=progress, log=log)
+    table = profile_store(store, config, progress=progress, log=log)
+    best = best_blocks(table, config.preset)
+    files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),
+             "json": str(out / "profile.json"), "png": str(out / "profile.png")}
+    table.to_csv(files["csv"], index=False)
+    table.to_parquet(files["parquet"], index=False)
+    plot_profile(table, headlines(config.preset, table), best, title=_title(store), path=Path(files["png"]))
+    seconds = time.perf_counter() - started
+    payload = {
+        "config": asdict(config), "store": str(store.path), "store_key": store.key,
+        "model": store.manifest["model"], "dataset": {k: v for k, v in store.manifest["dataset"].items()
+                                                      if k != "classes"},
+        "classes": store.classes, "blocks": store.blocks, "poolings": list(config.poolings or store.poolings),
+        "columns": COLUMNS, "best_blocks": best.to_dict(orient="records"), "versions": software_versions(),
+        "seconds": round(seconds, 2),
+    }
+    Path(files["json"]).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return ProfileResult(table=table, best=best, out=out, store=store, files=files, seconds=seconds)
+
+
+def _title(store: FeatureStore) -> str:
+    model = store.manifest["model"]
+    weights = Path(model["checkpoint"]).name if model.get("checkpoint") else model["weights"]
+    return f"{model['name']} ({weights}) on {Path(store.manifest['dataset']['name']).name}"
+
+
+def parse_metrics(text: str | None) -> tuple[str, ...] | None:
+    if text is None or text.strip() in ("", "all"):
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def iter_best_lines(best: pd.DataFrame) -> Iterable[str]:
+    for record in best.to_dict(orient="records"):
+        yield (f"{record['metric']:<48} {record['pooling']:<9} block {record['best_block']:>2}  "
+               f"{record['best_value']:.4g}  (last block {record['last_block']}: {record['last_value']:.4g})")
