@@ -1,0 +1,559 @@
+"""Weighted k-NN classification of a block's features: exact cosine search with FAISS.
+
+The protocol of DINO (arXiv:2104.14294, ``eval_knn.py``) and its descendants: features are L2-normalised, the
+train split is the bank, every query takes the labels of its k most similar train rows (cosine similarity =
+inner product of normalised rows), and each neighbour votes for its class with a weight:
+
+- ``"exp"``: exp(sim / T), DINO's ``distances.div_(T).exp_()`` (also MIM-Refiner's ``eval_knn_torchhub.py``);
+- ``"softmax"``: softmax(sim / T) over the k neighbours, DINOv2's ``KnnModule`` (arXiv:2304.07193). It divides
+  every vote of a query by the same constant, so its ranking of the classes (hence top-1 and top-5) equals
+  ``"exp"``'s; only the scores differ (they sum to 1);
+- ``"uniform"``: one vote per neighbour (scikit-learn's ``weights="uniform"``), for reference tests; T is unused.
+
+The search is exact: ``faiss.knn`` with ``METRIC_INNER_PRODUCT``, the brute-force BLAS kernel behind
+``IndexFlatIP.search``, called on the float32 bank directly instead of copying it into an index. The top
+``max(ks)`` neighbours are found once and sliced for every k, and every temperature reuses the same search.
+Queries go in chunks of ``chunk_size`` rows; with a ``memory_budget`` the bank (when its float32 copy does not
+fit in half the budget) is searched shard by shard with a merged top-k, so float16 memory maps of any size are
+classified in bounded memory. Read pages of a read-only memory map are handed back to the OS after each chunk.
+
+Leave-one-out (``exclude_self=True``, train and query the same rows): each query searches one neighbour more
+and drops itself by index (not by similarity, so duplicates of a query still count as its neighbours).
+
+Presets (`PRESETS`), recorded in every row's params:
+
+- ``mim-refiner``: k=10, T=0.07, exp weights; features standardised with the train split's mean and std
+  (``std`` unbiased, + 1e-6, as ``eval_knn_torchhub.py`` of MIM-Refiner, arXiv:2402.10093) before L2;
+- ``dino``: k=20, T=0.07, exp weights;
+- ``dinov2``: k in 10/20/100/200, T=0.07, softmax weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ..errors import BadInputError
+from ._rows import MetricRow
+
+WEIGHTINGS = ("exp", "softmax", "uniform")
+DEFAULT_CHUNK_SIZE = 8192       # query rows per search: a multiple of faiss' 4096-row BLAS tile
+STD_EPS = 1e-6                  # added to the train std, as MIM-Refiner's eval_knn_torchhub.py
+MIN_TEMPERATURE = 0.0015        # exp(1 / T) overflows float64 below 1/709
+TOP = 5                         # ranked classes kept per query (top-5 accuracy)
+_RESULT_BYTES = 4 + 8           # one neighbour: float32 similarity + int64 index
+_LIBRARY_BYTES = 8 * 2 ** 20    # BLAS packing buffers, OpenMP stacks: 2-7 MiB measured on first faiss.knn calls
+_FAISS_TILE_COLUMNS = 1024      # faiss' BLAS similarity tile: 4096 queries x 1024 bank rows (blas_*_bs)
+
+
+def _check_protocol(ks: Sequence[int], temperatures: Sequence[float], weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise BadInputError(f"unknown k-NN weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    if not ks or any(int(k) != k or k < 1 for k in ks):
+        raise BadInputError(f"k must be positive integers, got {tuple(ks)}")
+    # exp(sim / T) with sim <= 1 stays finite in float64 down to T = 1/709
+    if not temperatures or any(not np.isfinite(t) or t < MIN_TEMPERATURE for t in temperatures):
+        raise BadInputError(f"temperatures must be at least {MIN_TEMPERATURE}, got {tuple(temperatures)}")
+
+
+@dataclass(frozen=True)
+class KnnPreset:
+    """One k-NN protocol: which ks and temperatures, how neighbours vote, whether features are standardised."""
+
+    name: str
+    ks: tuple[int, ...]
+    temperatures: tuple[float, ...] = (0.07,)
+    weighting: str = "exp"
+    standardize: bool = False   # (x - train mean) / (train std + 1e-6) before L2, MIM-Refiner's protocol
+
+    def __post_init__(self) -> None:
+        _check_protocol(self.ks, self.temperatures, self.weighting)
+
+    def params(self, k: int, temperature: float) -> dict[str, Any]:
+        """What a MetricRow records about the protocol."""
+        return {"preset": self.name, "k": int(k), "T": float(temperature), "weighting": self.weighting,
+                "standardize": self.standardize}
+
+
+PRESETS: dict[str, KnnPreset] = {
+    "mim-refiner": KnnPreset("mim-refiner", ks=(10,), temperatures=(0.07,), weighting="exp", standardize=True),
+    "dino": KnnPreset("dino", ks=(20,), temperatures=(0.07,), weighting="exp"),
+    "dinov2": KnnPreset("dinov2", ks=(10, 20, 100, 200), temperatures=(0.07,), weighting="softmax"),
+}
+
+
+def get_preset(preset: str | KnnPreset) -> KnnPreset:
+    """A preset by name (or the preset itself).
+
+    Raises:
+        BadInputError: Unknown name.
+    """
+    if isinstance(preset, KnnPreset):
+        return preset
+    if preset not in PRESETS:
+        raise BadInputError(f"unknown k-NN preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+@dataclass(frozen=True)
+class KnnPredictions:
+    """What `knn_predict` returns, keyed by (k, T).
+
+    ``ranked[(k, T)]``: (n_query, min(5, num_classes)) int64 classes by decreasing vote, ties to the lower class
+    index (as ``np.argmax`` and scikit-learn). ``scores[(k, T)]``: (n_query, num_classes) float64 votes, only with
+    ``keep_scores=True`` (they are large for many classes).
+    """
+
+    ranked: dict[tuple[int, float], np.ndarray]
+    scores: dict[tuple[int, float], np.ndarray] | None
+    num_classes: int
+    weighting: str
+
+    def predictions(self, k: int, temperature: float) -> np.ndarray:
+        """(n_query,) top-1 classes."""
+        return self.ranked[(k, temperature)][:, 0]
+
+
+def chunk_rows_for_budget(budget_bytes: int, *, dim: int, max_k: int, num_classes: int = 0,
+                          source_itemsize: int = 0, bank_rows: int = 0, merge: bool = False) -> int:
+    """Query rows per chunk such that the chunk's float32 copy and its (rows, max_k) results fit in the budget.
+
+    Per query row, always: the float32 copy (``dim * 4`` bytes) and ``max_k`` float32 similarities with int64
+    indices. Optionally also: ``num_classes``, the class votes, their ranking and the weights (24 bytes per class
+    and per neighbour); ``source_itemsize``, the source rows mapped while they are converted; ``bank_rows``, faiss'
+    similarity tile (4 bytes for each of up to 1024 bank rows); ``merge``, the temporaries of merging a shard's
+    neighbours into the running ones (60 bytes per neighbour).
+
+    Raises:
+        BadInputError: Not even one row fits.
+    """
+    per_row = dim * (4 + source_itemsize) + max_k * _RESULT_BYTES + min(bank_rows, _FAISS_TILE_COLUMNS) * 4
+    if num_classes:
+        per_row += 24 * (num_classes + max_k)
+    if merge:
+        per_row += 60 * max_k
+    rows = int(budget_bytes) // per_row
+    if rows < 1:
+        raise BadInputError(f"memory budget {int(budget_bytes)} bytes holds no query row of {per_row} bytes: "
+                            "raise the budget")
+    return rows
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a search is cut: ``chunk_rows`` query rows at a time against bank shards of ``shard_rows`` rows."""
+
+    chunk_rows: int
+    shard_rows: int
+
+    def sharded(self, n_train: int) -> bool:
+        return self.shard_rows < n_train
+
+
+def plan_search(n_train: int, n_query: int, dim: int, max_k: int, *, num_classes: int = 0,
+                source_itemsize: int = 4, chunk_size: int | None = None, shard_size: int | None = None,
+                memory_budget: int | None = None) -> SearchPlan:
+    """Chunk and shard sizes for a search.
+
+    Without a budget: ``chunk_size`` (default 8192) query rows, the whole bank in one float32 array (or
+    ``shard_size`` rows per shard). With ``memory_budget`` bytes: 8 MiB (at most a quarter) is set aside for the
+    libraries' own buffers; the bank is held whole when its float32 copy fits in half of the rest, the remainder
+    going to query chunks; otherwise the (n_query, max_k) merged results are set aside and what is left is split
+    evenly between a bank shard and a query chunk (see `chunk_rows_for_budget` for what a chunk row counts).
+    Explicit ``chunk_size`` / ``shard_size`` are upper bounds. Python's own objects and the inputs already in
+    memory (labels, arrays that are not memory maps) are outside the budget.
+    """
+    for label, value in (("chunk_size", chunk_size), ("shard_size", shard_size), ("memory_budget", memory_budget)):
+        if value is not None and int(value) < 1:
+            raise BadInputError(f"{label} must be a positive number, got {value}")
+    if memory_budget is None:
+        return SearchPlan(chunk_rows=int(chunk_size or DEFAULT_CHUNK_SIZE), shard_rows=int(shard_size or n_train))
+    budget = int(memory_budget) - min(_LIBRARY_BYTES, int(memory_budget) // 4)
+    bank_bytes = n_train * dim * 4
+    sharded = bank_bytes > budget // 2 or (shard_size is not None and shard_size < n_train)
+    if not sharded:
+        shard_rows, query_budget = n_train, budget - bank_bytes
+    else:
+        available = budget - n_query * max_k * _RESULT_BYTES
+        shard_rows, query_budget = max(available // 2, 0) // (dim * 4), available // 2
+        if shard_rows < 1:
+            raise BadInputError(f"memory budget {budget} bytes is too small for the merged results of "
+                                f"{n_query} queries x {max_k} neighbours: raise the budget")
+        if shard_size is not None:
+            shard_rows = min(shard_rows, int(shard_size))
+    chunk_rows = chunk_rows_for_budget(query_budget, dim=dim, max_k=max_k, num_classes=num_classes,
+                                       source_itemsize=source_itemsize, bank_rows=min(shard_rows, n_train),
+                                       merge=sharded)
+    if chunk_size is not None:
+        chunk_rows = min(chunk_rows, int(chunk_size))
+    return SearchPlan(chunk_rows=chunk_rows, shard_rows=max(1, min(shard_rows, n_train)))
+
+
+# --- compute -------------------------------------------------------------------------------------------------
+
+def standardization_stats(train: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          name: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (unbiased, + 1e-6) of the train rows, in chunks; each (dim,) float32.
+
+    Chunk statistics are merged with Chan et al.'s pairwise update in float64, so no float64 copy of the
+    features is made.
+    """
+    n_rows, dim = _check_matrix(train, "train", name)
+    if n_rows < 2:
+        raise BadInputError(f"{name}: standardising needs at least 2 train rows, got {n_rows}")
+    count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
+    rows = max(1, chunk_size // 2)  # the chunk and its deviations are both alive
+    buffer = np.empty((min(rows, n_rows), dim), np.float32)
+    for start in range(0, n_rows, rows):
+        chunk = _read_rows(train, start, min(start + rows, n_rows), buffer, "train", name)
+        chunk_mean = chunk.mean(axis=0, dtype=np.float64)
+        deviation = chunk - chunk_mean.astype(np.float32)
+        np.square(deviation, out=deviation)
+        chunk_m2 = deviation.sum(axis=0, dtype=np.float64)
+        chunk_count = len(chunk)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / total)
+        m2 += chunk_m2 + delta ** 2 * (count * chunk_count / total)
+        count = total
+    std = np.sqrt(m2 / (count - 1)) + STD_EPS
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def knn_neighbors(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool = False,
+                  standardize: bool = False, chunk_size: int | None = None, shard_size: int | None = None,
+                  memory_budget: int | None = None, threads: int | None = None,
+                  name: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """The k most cosine-similar train rows of every query row.
+
+    Args:
+        train: (n_train, dim) bank; any float dtype, memory maps welcome.
+        query: (n_query, dim) queries (the same rows as ``train`` with ``exclude_self``).
+        k: Neighbours per query.
+        exclude_self: Leave-one-out: query i never retrieves train row i.
+        standardize: Standardise both with the train split's mean and std before L2 (MIM-Refiner).
+        chunk_size, shard_size, memory_budget: See `plan_search`.
+        threads: FAISS (OpenMP) threads; None keeps FAISS' default.
+        name: What the features are ("block 5 (cls)"), for error messages.
+
+    Returns:
+        (n_query, k) float32 similarities, decreasing, and (n_query, k) int64 train row indices.
+    """
+    n_train, n_query, dim = _check_pair(train, query, exclude_self, name)
+    _check_k(k, n_train, exclude_self)
+    plan = plan_search(n_train, n_query, dim, k + exclude_self, source_itemsize=_itemsize(train, query),
+                       chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+    stats = standardization_stats(train, chunk_size=plan.chunk_rows, name=name) if standardize else None
+    similarities = np.empty((n_query, k), np.float32)
+    indices = np.empty((n_query, k), np.int64)
+    with faiss_threads(threads):
+        for start, sims, idx in _search(train, query, k, exclude_self=exclude_self, stats=stats, plan=plan,
+                                        name=name):
+            similarities[start:start + len(sims)], indices[start:start + len(idx)] = sims, idx
+    return similarities, indices
+
+
+def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, *, ks: Sequence[int],
+                temperatures: Sequence[float] = (0.07,), weighting: str = "exp", num_classes: int | None = None,
+                standardize: bool = False, exclude_self: bool = False, chunk_size: int | None = None,
+                shard_size: int | None = None, memory_budget: int | None = None, threads: int | None = None,
+                keep_scores: bool = False, name: str = "features") -> KnnPredictions:
+    """Weighted k-NN class ranking of every query row for every (k, T), from one search of max(ks) neighbours.
+
+    Args:
+        train: (n_train, dim) bank; float16/float32/float64 arrays or memory maps (converted chunk by chunk).
+        train_labels: (n_train,) integer classes in [0, num_classes).
+        query: (n_query, dim) rows to classify.
+        ks: Numbers of neighbours; one search of max(ks), sliced.
+        temperatures: T of the exp / softmax weights.
+        weighting: "exp" (DINO), "softmax" (DINOv2) or "uniform".
+        num_classes: Number of classes; None: max(train_labels) + 1.
+        standardize: Standardise with the train split's statistics before L2 (MIM-Refiner).
+        exclude_self: Leave-one-out (train and query are the same rows).
+        chunk_size, shard_size, memory_budget: See `plan_search`.
+        threads: FAISS threads; None keeps FAISS' default.
+        keep_scores: Also return the (n_query, num_classes) votes per (k, T).
+        name: What the features are, for error messages.
+    """
+    ks, temperatures = tuple(int(k) for k in ks), tuple(float(t) for t in temperatures)
+    _check_protocol(ks, temperatures, weighting)
+    n_train, n_query, dim = _check_pair(train, query, exclude_self, name)
+    labels = _check_labels(train_labels, n_train, num_classes, "train", name)
+    num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
+    max_k = max(ks)
+    _check_k(max_k, n_train, exclude_self)
+    plan = plan_search(n_train, n_query, dim, max_k + exclude_self, num_classes=num_classes,
+                       source_itemsize=_itemsize(train, query), chunk_size=chunk_size, shard_size=shard_size,
+                       memory_budget=memory_budget)
+    stats = standardization_stats(train, chunk_size=plan.chunk_rows, name=name) if standardize else None
+    top = min(TOP, num_classes)
+    keys = [(k, t) for k in ks for t in temperatures]
+    ranked = {key: np.empty((n_query, top), np.int64) for key in keys}
+    scores = {key: np.empty((n_query, num_classes)) for key in keys} if keep_scores else None
+    with faiss_threads(threads):
+        for start, sims, idx in _search(train, query, max_k, exclude_self=exclude_self, stats=stats, plan=plan,
+                                        name=name):
+            stop = start + len(sims)
+            neighbor_labels = labels[idx]  # (rows, max_k)
+            for k in ks:
+                for temperature in temperatures:
+                    votes = class_votes(sims[:, :k], neighbor_labels[:, :k], num_classes, weighting=weighting,
+                                        temperature=temperature)
+                    ranked[(k, temperature)][start:stop] = rank_classes(votes, top)
+                    if scores is not None:
+                        scores[(k, temperature)][start:stop] = votes
+    return KnnPredictions(ranked=ranked, scores=scores, num_classes=num_classes, weighting=weighting)
+
+
+def class_votes(similarities: np.ndarray, neighbor_labels: np.ndarray, num_classes: int, *, weighting: str,
+                temperature: float) -> np.ndarray:
+    """(rows, num_classes) float64 votes from (rows, k) neighbour similarities and labels."""
+    sims = similarities.astype(np.float64)
+    if weighting == "exp":
+        weights = np.exp(sims / temperature)
+    elif weighting == "softmax":
+        weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
+        weights /= weights.sum(axis=1, keepdims=True)
+    else:
+        weights = np.ones_like(sims)
+    rows = len(sims)
+    flat = (np.arange(rows)[:, None] * num_classes + neighbor_labels).ravel()
+    return np.bincount(flat, weights=weights.ravel(), minlength=rows * num_classes).reshape(rows, num_classes)
+
+
+def rank_classes(votes: np.ndarray, top: int) -> np.ndarray:
+    """(rows, top) classes by decreasing vote; equal votes go to the lower class index."""
+    return np.argsort(-votes, axis=1, kind="stable")[:, :top]
+
+
+def evaluate_knn(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray, *,
+                 preset: str | KnnPreset = "mim-refiner", split: str, class_names: Sequence[str],
+                 exclude_self: bool = False, chunk_size: int | None = None, shard_size: int | None = None,
+                 memory_budget: int | None = None, threads: int | None = None,
+                 name: str = "features") -> list[MetricRow]:
+    """k-NN accuracy rows of one block's features: top-1, top-5 and per-class top-1, for every (k, T) of a preset.
+
+    Values are fractions in [0, 1]. Top-5 counts a query correct when its class is among the 5 best-voted
+    classes (always, with 5 classes or fewer). Per-class rows (``knn_class_top1``, params with ``"class"``) are
+    written for the classes present among the queries.
+
+    Args:
+        train, train_labels: The bank: (n_train, dim) features and (n_train,) classes.
+        query, query_labels: (n_query, dim) rows to classify and their (n_query,) classes.
+        preset: A `PRESETS` name or a `KnnPreset`.
+        split: The name the rows carry ("test", "val", "train-loo").
+        class_names: One name per class index.
+        exclude_self, chunk_size, shard_size, memory_budget, threads, name: As in `knn_predict`.
+    """
+    preset = get_preset(preset)
+    num_classes = len(class_names)
+    if num_classes < 1:
+        raise BadInputError(f"{name}: class_names is empty")
+    y_query = _check_labels(query_labels, len(query), num_classes, "query", name)
+    predicted = knn_predict(train, train_labels, query, ks=preset.ks, temperatures=preset.temperatures,
+                            weighting=preset.weighting, num_classes=num_classes, standardize=preset.standardize,
+                            exclude_self=exclude_self, chunk_size=chunk_size, shard_size=shard_size,
+                            memory_budget=memory_budget, threads=threads, name=name)
+    present = np.flatnonzero(np.bincount(y_query, minlength=num_classes))
+    rows: list[MetricRow] = []
+    for (k, temperature), ranked in predicted.ranked.items():
+        params = preset.params(k, temperature)
+        hits = ranked == y_query[:, None]  # (n_query, top): at most one True per row
+        top1 = hits[:, 0]
+        rows.append(MetricRow(split=split, metric="knn_top1", value=float(top1.mean()), params=params))
+        rows.append(MetricRow(split=split, metric="knn_top5", value=float(hits.any(axis=1).mean()), params=params))
+        correct = np.bincount(y_query, weights=top1, minlength=num_classes)
+        total = np.bincount(y_query, minlength=num_classes)
+        for c in present:
+            rows.append(MetricRow(split=split, metric="knn_class_top1", value=float(correct[c] / total[c]),
+                                  params={**params, "class": str(class_names[c])}))
+    return rows
+
+
+@contextlib.contextmanager
+def faiss_threads(threads: int | None) -> Iterator[None]:
+    """FAISS' OpenMP thread count inside the block (restored after); None leaves it alone."""
+    if threads is None:
+        yield
+        return
+    if int(threads) < 1:
+        raise BadInputError(f"threads must be a positive number, got {threads}")
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+# --- search internals ----------------------------------------------------------------------------------------
+
+def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
+            stats: tuple[np.ndarray, np.ndarray] | None, plan: SearchPlan,
+            name: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (first query row, (rows, k) similarities, (rows, k) train indices) chunk by chunk, in order."""
+    n_train, n_query = len(train), len(query)
+    search_k = k + int(exclude_self)
+    if not plan.sharded(n_train):
+        bank = _prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name)
+        same_rows = query is train  # leave-one-out on one array: its normalised rows are the bank's
+        buffer = None if same_rows else np.empty((min(plan.chunk_rows, n_query), bank.shape[1]), np.float32)
+        for start in range(0, n_query, plan.chunk_rows):
+            stop = min(start + plan.chunk_rows, n_query)
+            chunk = bank[start:stop] if same_rows else _prepare(query, start, stop, buffer, stats, plan.chunk_rows,
+                                                                "query", name)
+            sims, idx = faiss.knn(chunk, bank, search_k, metric=faiss.METRIC_INNER_PRODUCT)
+            yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+        return
+    # The bank does not fit: every shard is searched by every query chunk, the top search_k merged.
+    best_sims = np.full((n_query, search_k), -np.inf, np.float32)
+    best_idx = np.full((n_query, search_k), -1, np.int64)
+    shard_buffer = np.empty((plan.shard_rows, train.shape[1]), np.float32)
+    query_buffer = np.empty((min(plan.chunk_rows, n_query), train.shape[1]), np.float32)
+    for shard_start in range(0, n_train, plan.shard_rows):
+        shard_stop = min(shard_start + plan.shard_rows, n_train)
+        shard = _prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows, "train", name)
+        shard_k = min(search_k, len(shard))
+        for start in range(0, n_query, plan.chunk_rows):
+            stop = min(start + plan.chunk_rows, n_query)
+            chunk = _prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query", name)
+            sims, idx = faiss.knn(chunk, shard, shard_k, metric=faiss.METRIC_INNER_PRODUCT)
+            _merge_into(best_sims[start:stop], best_idx[start:stop], sims, idx + shard_start)
+    del shard_buffer, query_buffer
+    for start in range(0, n_query, plan.chunk_rows):
+        stop = min(start + plan.chunk_rows, n_query)
+        sims, idx = best_sims[start:stop], best_idx[start:stop]
+        yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+
+
+def _itemsize(*arrays: np.ndarray) -> int:
+    return max(int(x.dtype.itemsize) for x in arrays)
+
+
+def _merge_into(best_sims: np.ndarray, best_idx: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> None:
+    """Keep the best ``best_sims.shape[1]`` of the running and new neighbours (in place; earlier shards win ties)."""
+    all_sims = np.concatenate([best_sims, sims], axis=1)
+    all_idx = np.concatenate([best_idx, idx], axis=1)
+    order = np.argsort(-all_sims, axis=1, kind="stable")[:, :best_sims.shape[1]]
+    best_sims[...] = np.take_along_axis(all_sims, order, axis=1)
+    best_idx[...] = np.take_along_axis(all_idx, order, axis=1)
+
+
+def _drop_self(sims: np.ndarray, idx: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own index from its k + 1 neighbours (the last one if exact ties pushed self out)."""
+    rows, search_k = idx.shape
+    is_self = idx == np.arange(first_row, first_row + rows)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = ~is_self
+    return sims[keep].reshape(rows, search_k - 1), idx[keep].reshape(rows, search_k - 1)
+
+
+def _prepare(x: np.ndarray, start: int, stop: int, out: np.ndarray | None,
+             stats: tuple[np.ndarray, np.ndarray] | None, step: int, role: str, name: str) -> np.ndarray:
+    """Rows [start, stop) of ``x`` as float32, standardised if ``stats``, L2-normalised, ``step`` rows at a time.
+
+    Written into ``out[:stop - start]`` (allocated if None), so a float16 memory map is never copied whole.
+    """
+    if out is None:
+        out = np.empty((stop - start, x.shape[1]), np.float32)
+    out = out[:stop - start]
+    for first in range(start, stop, step):
+        last = min(first + step, stop)
+        part = _read_rows(x, first, last, out[first - start:last - start], role, name)
+        if stats is not None:
+            part -= stats[0]
+            part /= stats[1]
+        faiss.normalize_L2(part)  # zero rows stay zero: similarity 0 to everything
+    return out
+
+
+def _read_rows(x: np.ndarray, start: int, stop: int, out: np.ndarray, role: str, name: str) -> np.ndarray:
+    """Copy rows [start, stop) into the float32 ``out`` (first rows), checking they are finite."""
+    out = out[:stop - start]
+    block = x[start:stop]
+    np.copyto(out, block, casting="unsafe")
+    _release_pages(block)
+    row_sums = out.sum(axis=1, dtype=np.float64)  # NaN or Inf anywhere in a row makes its float64 sum non-finite
+    if not np.isfinite(row_sums).all():
+        bad = start + int(np.flatnonzero(~np.isfinite(row_sums))[0])
+        raise BadInputError(f"{name}: the {role} features contain NaN or Inf (first in row {bad}): extract them "
+                            "again (a diverged model or a damaged store) or leave this block out")
+    return out
+
+
+_PAGE = mmap.PAGESIZE
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _MADVISE = _LIBC.madvise
+    _MADVISE.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError, TypeError):  # not a POSIX libc: pages stay mapped, as numpy would leave them
+    _MADVISE = None
+
+
+def _release_pages(block: np.ndarray) -> None:
+    """Drop a read-only memory map's pages of ``block`` from this process' resident set (MADV_DONTNEED).
+
+    A memory map's pages count in the process' RSS once read; without this, reading a whole bank would raise RSS by
+    its size even though the data is kept only chunk by chunk. Only read-only ("r") maps are touched: their pages
+    come back from the file (page cache) if read again, so nothing can be lost.
+    """
+    if (_MADVISE is None or not isinstance(block, np.memmap) or getattr(block, "mode", None) != "r"
+            or not block.flags.c_contiguous or block.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED")):
+        return
+    begin = block.ctypes.data // _PAGE * _PAGE
+    end = block.ctypes.data + block.nbytes  # partial last page is kept: the next chunk reads it
+    length = (end - begin) // _PAGE * _PAGE
+    if length > 0:
+        _MADVISE(begin, length, mmap.MADV_DONTNEED)
+
+
+# --- validation ----------------------------------------------------------------------------------------------
+
+def _check_matrix(x: np.ndarray, role: str, name: str) -> tuple[int, int]:
+    if getattr(x, "ndim", None) != 2:
+        raise BadInputError(f"{name}: the {role} features must be a 2-D (rows, dim) array, "
+                            f"got shape {getattr(x, 'shape', None)}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise BadInputError(f"{name}: the {role} features must be real numbers, got dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise BadInputError(f"{name}: the {role} features are empty (shape {x.shape})")
+    return int(x.shape[0]), int(x.shape[1])
+
+
+def _check_pair(train: np.ndarray, query: np.ndarray, exclude_self: bool, name: str) -> tuple[int, int, int]:
+    n_train, dim = _check_matrix(train, "train", name)
+    n_query, query_dim = _check_matrix(query, "query", name)
+    if query_dim != dim:
+        raise BadInputError(f"{name}: train features have {dim} dimensions but query features {query_dim}")
+    if exclude_self and n_query != n_train:
+        raise BadInputError(f"{name}: leave-one-out (exclude_self) needs the query to be the train rows, "
+                            f"got {n_query} query rows for {n_train} train rows")
+    return n_train, n_query, dim
+
+
+def _check_k(k: int, n_train: int, exclude_self: bool) -> None:
+    available = n_train - int(exclude_self)
+    if k > available:
+        left_out = ", one left out per query" if exclude_self else ""
+        raise BadInputError(f"k={k} is larger than the train split (n={available}{left_out}): "
+                            "use a smaller k or more data")
+
+
+def _check_labels(labels: np.ndarray, n_rows: int, num_classes: int | None, role: str, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n_rows,):
+        raise BadInputError(f"{name}: {role} labels have shape {labels.shape}, expected ({n_rows},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise BadInputError(f"{name}: {role} labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
+        raise BadInputError(f"{name}: {role} labels must lie in [0, {num_classes if num_classes else 'classes'}), "
+                            f"got {labels.min()}..{labels.max()}")
+    return labels

@@ -1,0 +1,127 @@
+"""`mimprobe profile`: the long table, its files, the best blocks, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mimprobe import extract
+from mimprobe.cli import app
+from mimprobe.metrics.profile import COLUMNS, ProfileConfig, best_blocks, run_profile
+from tests.conftest import make_image_folder
+
+runner = CliRunner()
+DATA = "synthetic:classes=4,train=30,test=10,size=16"
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores")
+    return extract("test_vit", DATA, out=out, img_size=32, poolings=("cls", "mean"), progress=False).store.path
+
+
+def test_profile_files_have_the_documented_columns(store_dir, tmp_path):
+    result = run_profile(store_dir, out=tmp_path, config=ProfileConfig(), progress=False)
+    for name in ("profile.csv", "profile.parquet", "profile.json", "profile.png"):
+        assert (tmp_path / name).is_file()
+    csv = pd.read_csv(tmp_path / "profile.csv")
+    parquet = pd.read_parquet(tmp_path / "profile.parquet")
+    assert list(csv.columns) == COLUMNS == list(parquet.columns)
+    assert len(csv) == len(parquet) == len(result.table)
+    assert set(csv["block"]) == set(range(6)) and set(csv["pooling"]) == {"cls", "mean"}
+    metrics = set(csv["metric"])
+    for metric in ("knn_top1", "knn_top5", "linear_top1", "lowshot_top1_mean", "cluster_acc", "cluster_nmi",
+                   "rankme"):
+        assert metric in metrics
+    assert {"test", "val", "train"} <= set(csv["split"])
+    knn = csv[(csv["metric"] == "knn_top1") & (csv["split"] == "test")]
+    assert all(json.loads(p)["preset"] == "mim-refiner" for p in knn["params"])
+    payload = json.loads((tmp_path / "profile.json").read_text())
+    assert payload["store_key"] == json.loads((store_dir / "manifest.json").read_text())["key"]
+    assert payload["columns"] == COLUMNS and "torch" in payload["versions"]
+
+
+def test_best_blocks_are_the_argmax_of_each_curve(store_dir, tmp_path):
+    result = run_profile(store_dir, out=tmp_path, config=ProfileConfig(metrics=("knn", "rank")), progress=False)
+    table = result.table
+    for record in result.best.to_dict(orient="records"):
+        if record["metric"].startswith("k-NN") and "val" not in record["metric"]:
+            rows = table[(table["metric"] == "knn_top1") & (table["split"] == "test") &
+                         (table["pooling"] == record["pooling"]) & table["params"].str.contains('"k":10')]
+            curve = rows.set_index("block")["value"]
+            assert record["best_value"] == pytest.approx(curve.max())
+            assert curve[record["best_block"]] == pytest.approx(curve.max())
+    assert set(best_blocks(table, "mim-refiner")["pooling"]) == {"cls", "mean"}
+
+
+def test_profile_cli_on_a_model_and_data(tmp_path):
+    result = runner.invoke(app, ["profile", "test_vit", DATA, "--out", str(tmp_path), "--img-size", "32",
+                                 "--metrics", "knn,rank", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "best blocks" in result.stdout and "k-NN top-1" in result.stdout
+    assert (tmp_path / "features").is_dir() and (tmp_path / "profile.png").is_file()
+    again = runner.invoke(app, ["profile", "test_vit", DATA, "--out", str(tmp_path), "--img-size", "32",
+                                "--metrics", "rank", "--json"])
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["rows"] == 12 and "reusing feature store" in again.stderr
+
+
+def _bad(args):
+    result = runner.invoke(app, ["profile", *args, "--no-progress"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_k_larger_than_the_train_split(tmp_path):
+    store = extract("test_vit", "synthetic:classes=2,train=3,test=2,size=16", out=tmp_path, img_size=32,
+                    progress=False).store
+    assert re.search(r"k=10 is larger than the train split", _bad([str(store.path), "--out", str(tmp_path / "p"),
+                                                                   "--metrics", "knn"]))
+
+
+def test_single_class_and_missing_labels(store_dir, tmp_path):
+    import shutil
+
+    single = tmp_path / "single"
+    shutil.copytree(store_dir, single)
+    np.save(single / "train" / "labels.npy", np.zeros(120, dtype=np.int64))
+    assert "single class" in _bad([str(single), "--out", str(tmp_path / "p1")])
+    folder = make_image_folder(tmp_path / "flat", {"x": 6})
+    for path in (folder / "x").iterdir():
+        path.rename(folder / path.name)
+    (folder / "x").rmdir()
+    unlabelled = extract("test_vit", folder, out=tmp_path / "s", img_size=32, progress=False).store
+    assert "no labels" in _bad([str(unlabelled.path), "--out", str(tmp_path / "p2"), "--metrics", "knn"])
+    ok = runner.invoke(app, ["profile", str(unlabelled.path), "--out", str(tmp_path / "p3"), "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    assert set(pd.read_csv(tmp_path / "p3" / "profile.csv")["metric"]) == {"rankme"}
+
+
+def test_nan_features_are_named_by_block(store_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(store_dir, broken)
+    features = np.load(broken / "train" / "block03_mean.npy", mmap_mode="r+")
+    features[5, 2] = np.nan
+    features.flush()
+    del features
+    line = _bad([str(broken), "--out", str(tmp_path / "p")])
+    assert "block 3 (mean) of split train has NaN or Inf" in line
+
+
+def test_store_from_another_dataset(store_dir, tmp_path):
+    assert "was extracted from synthetic, not from digits" in _bad([str(store_dir), "digits", "--out", str(tmp_path)])
+
+
+def test_unknown_metric_and_preset(store_dir, tmp_path):
+    assert "unknown metric 'knm'" in _bad([str(store_dir), "--out", str(tmp_path), "--metrics", "knm"])
+    assert "unknown preset" in _bad([str(store_dir), "--out", str(tmp_path), "--preset", "byol"])
