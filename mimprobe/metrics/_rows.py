@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from ..errors import BadInputError
+
 
 @dataclass(frozen=True)
 class MetricRow:
@@ -39,3 +41,19 @@ def carve_validation(labels: np.ndarray, *, fraction: float = 0.1, seed: int = 0
     n_val = max(int(round(fraction * len(labels))), len(np.unique(labels)) if stratify is not None else 1)
     fit, val = train_test_split(indices, test_size=n_val, stratify=stratify, random_state=seed)
     return np.sort(fit), np.sort(val)
+
+
+def finite_float32(features: np.ndarray, *, name: str) -> np.ndarray:
+    """A C-contiguous float32 array (FAISS needs it) of a 2-D array or memory map, checked for NaN/Inf.
+
+    Raises:
+        BadInputError: Not a non-empty 2-D array, or NaN/Inf values (named by ``name``, e.g. "block 5 (cls)").
+    """
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise BadInputError(f"{name}: expected a non-empty (n_samples, dim) array, got shape {x.shape}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise BadInputError(f"{name}: {x.size - int(finite.sum())} NaN/Inf values in the features; re-extract "
+                            f"the store (with --store-dtype float32 if float16 overflowed)")
+    return x

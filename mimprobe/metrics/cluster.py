@@ -21,7 +21,7 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import normalize
 
 from ..errors import BadInputError
-from ._rows import MetricRow
+from ._rows import MetricRow, finite_float32
 
 KMEANS_NITER = 30           # Lloyd iterations per restart (faiss' default is 25)
 SILHOUETTE_SAMPLE = 5_000   # silhouette is O(n^2): score a seeded sample of rows
@@ -61,7 +61,7 @@ def kmeans_assign(features: np.ndarray, n_clusters: int, *, restarts: int = 3, s
             are more; None trains on every row.
         name: What the features are ("block 5 cls"), for error messages.
     """
-    x = normalize(_finite_float32(features, name=name))
+    x = normalize(finite_float32(features, name=name))
     return _kmeans_normalised(x, n_clusters, restarts=restarts, seed=seed, niter=niter,
                               max_points_per_centroid=max_points_per_centroid, name=name)
 
@@ -93,7 +93,7 @@ def evaluate_clustering(features: np.ndarray, labels: np.ndarray, *, n_clusters:
     if labels.size and labels.min() < 0:
         raise BadInputError(f"{name}: clustering scores need class labels, but {split} has unlabelled rows (-1)")
     k = int(n_clusters) if n_clusters is not None else int(np.unique(labels).size)
-    x = normalize(_finite_float32(features, name=name))
+    x = normalize(finite_float32(features, name=name))
     assignments = _kmeans_normalised(x, k, restarts=restarts, seed=seed, niter=niter,
                                      max_points_per_centroid=max_points_per_centroid, name=name)
 
@@ -127,15 +127,3 @@ def _kmeans_normalised(x: np.ndarray, n_clusters: int, *, restarts: int, seed: i
     kmeans.train(x)
     _, assignments = kmeans.index.search(x, 1)  # spherical: an inner-product index over unit centroids
     return assignments[:, 0].astype(np.int64)
-
-
-def _finite_float32(features: np.ndarray, *, name: str) -> np.ndarray:
-    """A C-contiguous float32 copy (FAISS needs it) of a 2-D array or memory map, checked for NaN/Inf."""
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise BadInputError(f"{name}: expected a non-empty (n_samples, dim) array, got shape {x.shape}")
-    finite = np.isfinite(x)
-    if not finite.all():
-        raise BadInputError(f"{name}: {x.size - int(finite.sum())} NaN/Inf values in the features; re-extract "
-                            f"the store (with --store-dtype float32 if float16 overflowed)")
-    return x

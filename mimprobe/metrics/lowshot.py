@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
 
 from ..errors import BadInputError
-from ._rows import MetricRow
+from ._rows import MetricRow, finite_float32
 
 # MSN's L2 weight (its logistic_eval.py): cyanure minimises (1/n) sum loss + lambd/2 ||w||^2 with lambd = 2.5e-4 / n,
 # i.e. sum loss + 2.5e-4/2 ||w||^2, which is scikit-learn's C * sum loss + 1/2 ||w||^2 at C = 1 / 2.5e-4.
@@ -86,11 +86,11 @@ def lowshot_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarr
         max_iter: lbfgs iteration cap.
         name: What the features are ("block 5 cls"), for error messages.
     """
-    fit_x = _finite_float32(train[indices], name=f"{name} train")
+    fit_x = finite_float32(train[indices], name=f"{name} train")
     fit_y = np.asarray(train_labels)[indices]
     if np.unique(fit_y).size < 2:
         raise BadInputError(f"{name}: low-shot needs at least 2 classes in train (got {np.unique(fit_y).size})")
-    test_x = _finite_float32(test, name=f"{name} test")
+    test_x = finite_float32(test, name=f"{name} test")
     mean = fit_x.mean(axis=0, dtype=np.float64).astype(np.float32)
     classifier = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
     classifier.fit(normalize(fit_x - mean), fit_y)
@@ -127,7 +127,7 @@ def evaluate_lowshot(train: np.ndarray, train_labels: np.ndarray, test: np.ndarr
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
         raise BadInputError(f"{name}: train and test features must be 2-D with one width, "
                             f"got {train.shape} and {test.shape}")
-    test_x = _finite_float32(test, name=f"{name} test")
+    test_x = finite_float32(test, name=f"{name} test")
     class_sizes = np.bincount(train_labels)
     class_sizes = class_sizes[class_sizes > 0]
 
@@ -187,15 +187,3 @@ def _checked_labels(labels: np.ndarray, n_rows: int, *, name: str) -> np.ndarray
     if labels.min() < 0:
         raise BadInputError(f"{name}: low-shot needs class labels, but some rows are unlabelled (-1)")
     return labels
-
-
-def _finite_float32(features: np.ndarray, *, name: str) -> np.ndarray:
-    """A float32 array of a 2-D array or memory map (float16 stores are widened), checked for NaN/Inf."""
-    x = np.asarray(features, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise BadInputError(f"{name}: expected a non-empty (n_samples, dim) array, got shape {x.shape}")
-    finite = np.isfinite(x)
-    if not finite.all():
-        raise BadInputError(f"{name}: {x.size - int(finite.sum())} NaN/Inf values in the features; re-extract "
-                            f"the store (with --store-dtype float32 if float16 overflowed)")
-    return x
