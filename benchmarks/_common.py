@@ -5,6 +5,10 @@ Nothing here is part of the ``mimprobe`` package; the benchmarks import it as a 
 
 from __future__ import annotations
 
+import sys
+
+import json
+
 import datetime as _dt
 import os
 import platform
@@ -194,3 +198,18 @@ def write_section(name: str, body: str, report: Path = DEFAULT_REPORT) -> None:
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, report)
+
+
+def log(message: str) -> None:
+    """A timestamped progress line on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def publish(section: str, body: str, raw: dict, *, report: Path, no_report: bool, total_seconds: float) -> None:
+    """Print the raw results on stderr, then print the section (``--no-report``) or write it into the report."""
+    print(json.dumps(raw, indent=1, default=str), file=sys.stderr)
+    if no_report:
+        print(body)
+    else:
+        write_section(section, body, report)
+        log(f"wrote section '{section}' of {report} ({total_seconds:.0f} s in all)")

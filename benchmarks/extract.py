@@ -29,7 +29,6 @@ import json
 import os
 import resource
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DEFAULT_CIFAR_TAR, DEFAULT_REPORT, CpuMonitor, cifar_subsets,  # noqa: E402
-                     default_cache_dir, machine_info, machine_line, per_class_counts, write_section)
+                     default_cache_dir, log, machine_info, machine_line, per_class_counts, publish)
 
 SECTION = "extract"
 SPEED_GOAL = 1.10
@@ -74,10 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # internal: the memory child
     parser.add_argument("--memory-child", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- 1 + 2: speed ---------------------------------------------------------------------------------------------
@@ -395,12 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     total_seconds = time.perf_counter() - started
     body = render(args, info, speed, memory, total_seconds, command)
     raw = {"speed": speed, "memory": memory, "machine": info, "seconds": total_seconds}
-    print(json.dumps(raw, indent=1, default=str), file=sys.stderr)
-    if args.no_report:
-        print(body)
-    else:
-        write_section(SECTION, body, args.report)
-        log(f"wrote section '{SECTION}' of {args.report} ({total_seconds:.0f} s in all)")
+    publish(SECTION, body, raw, report=args.report, no_report=args.no_report, total_seconds=total_seconds)
     return 0
 
 

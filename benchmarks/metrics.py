@@ -44,7 +44,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_REPORT, CpuMonitor, machine_info, machine_line, write_section  # noqa: E402
+from _common import DEFAULT_REPORT, CpuMonitor, log, machine_info, machine_line, publish  # noqa: E402
 
 SECTION = "metrics"
 TORCH_SPEEDUP_GOAL = 1.5
@@ -92,10 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                                             1_000)
         args.no_report = True
     return args
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def random_features(n_rows: int, width: int, classes: int, seed: int):
@@ -472,12 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     total_seconds = time.perf_counter() - started
     body = render(args, info, speed, memory, probe, total_seconds, command)
     raw = {"speed": speed, "memory": memory, "machine": info, "seconds": total_seconds}
-    print(json.dumps(raw, indent=1, default=str), file=sys.stderr)
-    if args.no_report:
-        print(body)
-    else:
-        write_section(SECTION, body, args.report)
-        log(f"wrote section '{SECTION}' of {args.report} ({total_seconds:.0f} s in all)")
+    publish(SECTION, body, raw, report=args.report, no_report=args.no_report, total_seconds=total_seconds)
     return 0
 
 

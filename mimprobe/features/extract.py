@@ -8,8 +8,8 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +147,9 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     Raises:
         BadInputError: Bad paths, names, options or images (the message says what to fix).
     """
-    config = ExtractConfig(**{**asdict(config or ExtractConfig()), **options})
-    if isinstance(config.poolings, str):
-        config = ExtractConfig(**{**asdict(config), "poolings": (config.poolings,)})
-    config = ExtractConfig(**{**asdict(config), "poolings": tuple(dict.fromkeys(config.poolings))})
+    config = replace(config or ExtractConfig(), **options)
+    poolings = (config.poolings,) if isinstance(config.poolings, str) else config.poolings
+    config = replace(config, poolings=tuple(dict.fromkeys(poolings)))  # unique, in the order given
     _validate(config)
     messages: list[str] = []
 
