@@ -221,6 +221,13 @@ def info(
     _guarded(debug, body)
 
 
+# ---- command: place ----
+
+# ---- command: refine ----
+
+# ---- command: pretrain-mae ----
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     if version:
