@@ -32,6 +32,12 @@ _EXPORTS = {
     "LoadedModel": "models",
     "describe_model": "models",
     "load_model": "models",
+    "MaeConfig": "pretrain",
+    "pretrain_mae": "pretrain",
+    "Placement": "placement",
+    "load_placement": "placement",
+    "place": "placement",
+    "run_place": "placement",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -223,9 +223,153 @@ def info(
 
 # ---- command: place ----
 
+
+def _parse_freeze(text: str | None) -> int | float | None:
+    """``6`` → 6 blocks (an int); ``0.25`` → a fraction of the depth (a float, checked by `place`)."""
+    from .errors import BadInputError
+
+    if text is None:
+        return None
+    try:
+        return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        raise BadInputError(f"invalid --freeze {text!r}: give a number of blocks (6) or a fraction (0.25)") from None
+
+
+@app.command(epilog="""
+**Examples**
+
+* `mimprobe place profiles/digits`  (peak rule on k-NN top-1 of the val split; writes profiles/digits/placement.json)
+* `mimprobe place profiles/mae-large --max-heads 8 --freeze 0.25 --out placement.json`
+* `mimprobe place profiles/digits --metric linear --plateau 0.01 --json`
+* `mimprobe place profiles/digits --blocks 8,9,10,11`  (explicit blocks; --blocks last:4 is rule last-n)
+
+The peak rule (MIM-Refiner, arXiv 2402.10093) puts heads from the first block of the peak plateau to the last
+block; it reads only the validation split of the profile, never test. Blocks are 0-based.
+""")
+def place(
+    profile: Path = typer.Argument(..., help="Profile folder written by `mimprobe profile` (profile.parquet/.csv "
+                                             "and profile.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Placement file, or a folder for placement.json "
+                                                                 "[default: PROFILE/placement.json]."),
+    rule: Optional[str] = typer.Option(None, "--rule", help="peak, last-n or explicit [default: peak; explicit "
+                                                           "with --blocks, last-n with --n]."),
+    metric: str = typer.Option("knn", "--metric", "-m", help="Curve of the peak rule: knn (k-NN top-1 on val) or "
+                                                             "linear (linear-probe top-1 on val)."),
+    pooling: str = typer.Option("cls", "--pooling", "-p", help="Pooling of the curve: cls, mean or cls+mean."),
+    max_heads: Optional[int] = typer.Option(None, "--max-heads", help="Peak rule: at most N heads, spaced evenly "
+                                                                      "to the last block (which always gets one)."),
+    plateau: float = typer.Option(0.005, "--plateau", help="Peak rule: blocks within this accuracy fraction of the "
+                                                           "peak belong to its plateau (0.005 = half a point)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Rule last-n: heads on the last N blocks."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", "-b", help="Explicit 0-based blocks such as 8,9,10,11 "
+                                                                      "or 8-11 (negative from the end), or last:N."),
+    freeze: Optional[str] = typer.Option(None, "--freeze", help="Freeze the first N blocks (6) or a fraction of "
+                                                                "them (0.25); all before the first head."),
+    json_output: bool = typer.Option(False, "--json", help="Print placement.json's content on stdout."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Choose the blocks that get refinement heads from a profile; write placement.json."""
+    from .blocks import parse_block_spec
+    from .errors import BadInputError
+    from .placement import placement_path, run_place
+
+    def body() -> None:
+        chosen_rule, count, indices = rule, n, None
+        if blocks is not None:
+            spec = parse_block_spec(blocks)
+            if spec is None:
+                raise BadInputError("--blocks all is not a placement: list the blocks (8,9,10,11 or 8-11), or use "
+                                    "last:N")
+            if isinstance(spec, int):  # last:N is rule last-n
+                if n is not None:
+                    raise BadInputError("give either --blocks last:N or --n, not both")
+                chosen_rule, count = chosen_rule or "last-n", spec
+            else:
+                chosen_rule, indices = chosen_rule or "explicit", spec
+        elif n is not None:
+            chosen_rule = chosen_rule or "last-n"
+        result = run_place(profile, out=out, rule=chosen_rule or "peak", metric=metric, pooling=pooling,
+                           max_heads=max_heads, plateau=plateau, n=count, blocks=indices, freeze=_parse_freeze(freeze))
+        target = placement_path(profile, out)
+        if json_output:
+            typer.echo(target.read_text().rstrip("\n"))
+            return
+        typer.echo(f"heads on blocks {', '.join(map(str, result.head_blocks))} (0-based, {len(result.head_blocks)} "
+                   f"of {result.num_blocks})" + (f"; first {result.freeze_blocks} blocks frozen"
+                                                 if result.freeze_blocks else ""))
+        typer.echo(f"  {result.reason}")
+        for note in result.notes:
+            typer.echo(f"  note: {note}")
+        typer.echo(f"wrote {target}")
+
+    _guarded(debug, body)
+
 # ---- command: refine ----
 
 # ---- command: pretrain-mae ----
+
+@app.command("pretrain-mae", epilog="""
+**Examples**
+
+* `mimprobe pretrain-mae vit_tiny_patch16_224 digits --img-size 64 --epochs 10 --out runs/mae-digits`
+* `mimprobe pretrain-mae vit_small_patch16_224 ./my-images --img-size 96 --epochs 100 --batch-size 128 --out runs/mae`
+* `mimprobe pretrain-mae vit_small_patch16_224 ./my-images --img-size 96 --epochs 100 --batch-size 128 --out runs/mae --resume`
+* `mimprobe profile vit_tiny_patch16_224 digits --img-size 64 --checkpoint runs/mae-digits/mae.pth --out runs/profile`
+
+Trains on the train split only (labels are not used; a folder of unlabelled images works). OUT gets
+config.json, log.csv (step, epoch, loss, lr, images_per_second), checkpoint-last.pth (every epoch; --resume
+continues from it exactly) and mae.pth, an official-layout MAE checkpoint for --checkpoint.
+""")
+def pretrain_mae(
+    model: str = typer.Argument(..., help="timm ViT name, e.g. vit_tiny_patch16_224 (random init, or --checkpoint)."),
+    data: str = typer.Argument(..., help="Image folder (labelled or not), a .npz, or a built-in: digits, synthetic."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the run's files (mae.pth, log.csv, ...)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Continue from this file's encoder "
+                                              "(any format mimprobe reads), and its decoder if it is a full MAE file."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size (a multiple of the patch "
+                                           "size) [default: the model's]."),
+    epochs: int = typer.Option(10, "--epochs", help="Passes over the train split."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per step (at least 2)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 1.5e-4 x batch / 256]."),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warmup before the cosine decay."),
+    mask_ratio: float = typer.Option(0.75, "--mask-ratio", help="Fraction of patches hidden from the encoder."),
+    decoder_dim: int = typer.Option(128, "--decoder-dim", help="Decoder width (official MAE: 512)."),
+    decoder_depth: int = typer.Option(2, "--decoder-depth", help="Decoder blocks (official MAE: 8)."),
+    decoder_heads: int = typer.Option(4, "--decoder-heads", help="Decoder attention heads (official MAE: 16)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, augmentation and masks."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in OUT."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Pre-train a ViT as a masked autoencoder (MAE) and export an official-layout MAE checkpoint to profile."""
+    from .pretrain import MaeConfig, run_pretrain_mae
+
+    def body() -> None:
+        config = MaeConfig(img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+                           mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                           decoder_heads=decoder_heads, seed=seed, device=device, workers=workers, threads=threads)
+        result = run_pretrain_mae(model, data, out=out, config=config,
+                                  checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
+                                  overwrite=overwrite, progress=not no_progress and not json_output,
+                                  log=lambda message: typer.echo(message, err=True))
+        summary = result.summary()
+        if json_output:
+            typer.echo(json.dumps(summary, indent=1))
+            return
+        losses = result.epoch_losses
+        trend = f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+        timing = f" in {result.seconds:.1f} s" if result.epochs_this_call else ""
+        typer.echo(f"mae.pth: {result.export} ({result.epochs} epochs, {result.steps} steps{trend}){timing}\n"
+                   f"profile it: {result.profile_command()}")
+
+    _guarded(debug, body)
+
 
 
 @app.callback()

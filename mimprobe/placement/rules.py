@@ -1,0 +1,192 @@
+"""`place`: the head blocks of a refinement from a profile table (rules peak, last-n, explicit), and freezing."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import BadInputError
+from .curve import LABELS, ValidationCurve, validation_curve
+from .record import RULES, Placement, PlacementInputs
+
+# Half an accuracy point. Blocks closer to the peak than this are indistinguishable on a validation split of a few
+# thousand images: the binomial standard error of an accuracy near 80 % on 5,000 images is
+# sqrt(0.8 * 0.2 / 5000) = 0.0057, so a smaller tolerance would let noise decide where the plateau starts.
+DEFAULT_PLATEAU = 0.005
+_TIE = 1e-9  # float slack when comparing accuracies with peak - plateau (e.g. 0.875 vs 0.88 - 0.005)
+
+
+def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", metric: str = "knn",
+          pooling: str = "cls", max_heads: int | None = None, plateau: float = DEFAULT_PLATEAU,
+          freeze: int | float | None = None, blocks: Sequence[int] | None = None, n: int | None = None,
+          preset: str | None = None, k: int | None = None, source: str | None = None) -> Placement:
+    """Choose the head blocks (and frozen blocks) of a refinement from a profile table.
+
+    Args:
+        table: The profile's long table (``profile.parquet`` / ``.csv``). Required by rule ``peak``; with the other
+            rules it may be None, else its validation curve is recorded for the report.
+        num_blocks: Depth of the model (block indices are 0..num_blocks-1).
+        rule: ``peak``, ``last-n`` or ``explicit`` (see the module docstring).
+        metric: ``knn`` (k-NN top-1 on val) or ``linear`` (linear probe top-1 on val).
+        pooling: Pooling of the curve (the heads read the CLS token; ``cls`` is MIM-Refiner's signal).
+        max_heads: Rule ``peak``: at most this many heads, spaced evenly from the plateau start to the last block.
+        plateau: Rule ``peak``: blocks within this accuracy fraction of the peak count as the peak (0.005 = half a
+            point; see `DEFAULT_PLATEAU` for why).
+        freeze: Number of first blocks to freeze (int), or a fraction of the depth in (0, 1).
+        blocks: Rule ``explicit``: block indices, negative from the end.
+        n: Rule ``last-n``: how many last blocks.
+        preset, k: The k-NN protocol when the profile holds several.
+        source: Where the table came from (recorded).
+
+    Raises:
+        BadInputError: An unknown rule, options that do not belong to the rule, a missing metric or validation
+            split, out-of-range blocks, heads, counts or freeze.
+    """
+    if rule not in RULES:
+        raise BadInputError(f"unknown placement rule {rule!r}: use {', '.join(RULES)}")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+        raise BadInputError(f"num_blocks must be a positive number of blocks, got {num_blocks!r}")
+    num_blocks = int(num_blocks)
+    for option, value, owner in (("max_heads", max_heads, "peak"), ("n", n, "last-n"), ("blocks", blocks, "explicit")):
+        if value is not None and rule != owner:
+            raise BadInputError(f"--{option.replace('_', '-')} belongs to rule {owner}, not {rule}: drop it, or use "
+                                f"--rule {owner}")
+    if max_heads is not None and (isinstance(max_heads, bool) or int(max_heads) != max_heads or max_heads < 1):
+        raise BadInputError(f"--max-heads must be a whole number of at least 1, got {max_heads!r}")
+    if isinstance(plateau, bool) or not math.isfinite(float(plateau)) or not 0 <= plateau < 1:
+        raise BadInputError(f"--plateau {plateau!r} must be an accuracy fraction in [0, 1), e.g. 0.005 for half a "
+                            "point")
+    if rule == "last-n" and n is None:
+        raise BadInputError("rule last-n needs --n: the number of last blocks that get heads")
+    if rule == "explicit" and blocks is None:
+        raise BadInputError("rule explicit needs --blocks, e.g. --blocks 8,9,10,11")
+
+    curve: ValidationCurve | None = None
+    notes: list[str] = []
+    if rule == "peak":
+        if table is None:
+            raise BadInputError("rule peak needs a profile table; give one, or use --rule last-n or --blocks")
+        curve = validation_curve(table, metric=metric, pooling=pooling, preset=preset, k=k)
+    elif table is not None:
+        try:
+            curve = validation_curve(table, metric=metric, pooling=pooling, preset=preset, k=k)
+        except BadInputError as error:  # the rule does not need the curve; say why it is not recorded
+            notes.append(f"no validation curve recorded: {error}")
+    notes += list(curve.notes) if curve else []
+
+    peak_block = peak_value = plateau_start = None
+    if curve is not None:
+        peak_block, peak_value, plateau_start = _peak_and_plateau(curve.values, plateau)
+        if curve.values[-1][0] >= num_blocks:
+            raise BadInputError(f"the profile has block {curve.values[-1][0]} but the model has {num_blocks} blocks: "
+                                "give the profile of this model")
+        first_profiled = curve.values[0][0]
+        if rule == "peak" and plateau_start == first_profiled and first_profiled > 0:
+            notes.append(f"the profile starts at block {first_profiled}: the plateau may begin earlier; profile "
+                         "all blocks to know")
+
+    if rule == "peak":
+        heads = _spaced(plateau_start, num_blocks - 1, max_heads)
+        label, where = LABELS[metric], _split_phrase(curve.split)
+        how = _heads_phrase(heads, plateau_start, num_blocks - 1)
+        reason = (f"{label} on {where} ({pooling}) peaks at block {peak_block} ({peak_value:.3f}); the plateau "
+                  f"within {plateau * 100:g} points starts at block {plateau_start}, so {how}")
+    else:
+        heads = _requested_blocks(rule, n=n, blocks=blocks, num_blocks=num_blocks)
+        reason = (f"rule last-n: heads on the last {len(heads)} blocks ({_span(heads)})" if rule == "last-n" else
+                  f"rule explicit: heads on the blocks given ({', '.join(map(str, heads))})")
+
+    freeze_blocks = _freeze_count(freeze, num_blocks)
+    if freeze_blocks > heads[0]:
+        raise BadInputError(f"freeze {freeze} keeps blocks 0-{freeze_blocks - 1} frozen but block {heads[0]} has a "
+                            f"head: freeze at most {heads[0]} blocks")
+    if freeze_blocks:
+        share = f", {freeze * 100:g} % of {num_blocks} rounded" if isinstance(freeze, (float, np.floating)) else ""
+        reason += f"; the first {freeze_blocks} blocks (0-{freeze_blocks - 1}{share}) stay frozen"
+    models = sorted(set(table["model"].dropna().astype(str))) if table is not None and "model" in table else []
+    inputs = PlacementInputs(
+        metric=metric, pooling=pooling, plateau=float(plateau), metric_name=curve.metric_name if curve else None,
+        split=curve.split if curve else None,
+        params_json=json.dumps(curve.params if curve else {}, sort_keys=True, separators=(",", ":")),
+        curve=curve.values if curve else (), max_heads=None if max_heads is None else int(max_heads),
+        n=None if n is None else int(n), blocks=None if blocks is None else tuple(int(b) for b in blocks),
+        freeze=None if freeze is None else (float(freeze) if isinstance(freeze, (float, np.floating)) else int(freeze)))
+    return Placement(rule=rule, num_blocks=num_blocks, head_blocks=heads, freeze_blocks=freeze_blocks,
+                     reason=reason + ".", inputs=inputs, peak_block=peak_block, peak_value=peak_value,
+                     plateau_start=plateau_start, notes=tuple(notes), model=models[0] if len(models) == 1 else None,
+                     source=source)
+
+
+def _requested_blocks(rule: str, *, n: int | None, blocks: Sequence[int] | None, num_blocks: int) -> tuple[int, ...]:
+    """Rules last-n and explicit, through the one definition of "which blocks"."""
+    from ..blocks import resolve_blocks  # imports timm (hence torch): only the rules that need it pay for it
+
+    if rule == "last-n":
+        if isinstance(n, bool) or int(n) != n:
+            raise BadInputError(f"--n must be a whole number of blocks, got {n!r}")
+        return tuple(resolve_blocks(int(n), num_blocks))
+    if isinstance(blocks, (str, bytes)) or any(isinstance(b, bool) or int(b) != b for b in blocks):
+        raise BadInputError(f"--blocks must be whole block numbers, got {blocks!r}")
+    return tuple(resolve_blocks([int(b) for b in blocks], num_blocks))
+
+
+def _peak_and_plateau(values: tuple[tuple[int, float], ...], plateau: float) -> tuple[int, float, int]:
+    """The first block of maximal value, its value, and the first block of the contiguous run of blocks at or
+    above ``peak - plateau`` that contains the peak (walking backwards over the profiled blocks)."""
+    blocks = [block for block, _ in values]
+    scores = np.array([value for _, value in values])
+    peak = int(np.argmax(scores))  # the first maximum on ties
+    start = peak
+    while start > 0 and scores[start - 1] >= scores[peak] - plateau - _TIE:
+        start -= 1
+    return blocks[peak], float(scores[peak]), blocks[start]
+
+
+def _spaced(start: int, last: int, max_heads: int | None) -> tuple[int, ...]:
+    """Blocks start..last, or ``max_heads`` of them evenly spaced with both ends kept (rounded half up)."""
+    count = last - start + 1
+    if max_heads is None or max_heads >= count:
+        return tuple(range(start, last + 1))
+    if max_heads == 1:
+        return (last,)
+    # spacing (count - 1) / (max_heads - 1) >= 1, so rounding never merges two heads; unique() is a safeguard
+    spaced = np.floor(np.linspace(start, last, int(max_heads)) + 0.5).astype(int)
+    return tuple(int(b) for b in np.unique(spaced))
+
+
+def _span(blocks: tuple[int, ...]) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+
+
+def _split_phrase(split: str) -> str:
+    if split == "train-loo":
+        return "the train split, leave-one-out (the profile has no validation split)"
+    return "the validation split"
+
+
+def _heads_phrase(heads: tuple[int, ...], start: int, last: int) -> str:
+    if len(heads) == 1:
+        return f"one head goes on the last block, {last}"
+    if len(heads) == last - start + 1:
+        return f"heads go on every block from {start} to {last} ({len(heads)} heads)"
+    return f"{len(heads)} heads are spaced evenly over blocks {start}-{last}, the last block included"
+
+
+def _freeze_count(freeze: int | float | None, num_blocks: int) -> int:
+    if freeze is None:
+        return 0
+    if isinstance(freeze, bool) or not isinstance(freeze, (int, float, np.integer, np.floating)):
+        raise BadInputError(f"--freeze must be a number of blocks or a fraction in (0, 1), got {freeze!r}")
+    if isinstance(freeze, (float, np.floating)):
+        if not 0 < freeze < 1:
+            raise BadInputError(f"--freeze {freeze:g} is out of range: give a fraction in (0, 1) such as 0.25, or a "
+                                f"whole number of blocks 0..{num_blocks - 1}")
+        return int(math.floor(freeze * num_blocks + 0.5))
+    if not 0 <= freeze < num_blocks:
+        raise BadInputError(f"--freeze {freeze} is out of range: the model has {num_blocks} blocks; freeze "
+                            f"0..{num_blocks - 1} of them, or give a fraction such as 0.25")
+    return int(freeze)

@@ -1,0 +1,125 @@
+"""I/O of placement: read a profile folder, write placement.json, read it back."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .._versions import software_versions
+from ..errors import BadInputError
+from .record import Placement
+from .rules import place
+
+PLACEMENT_FILE = "placement.json"
+
+
+def read_profile(profile: str | Path) -> tuple[pd.DataFrame, dict[str, Any], Path]:
+    """A profile folder's table (parquet, else csv) and its profile.json (``{}`` when absent).
+
+    Raises:
+        BadInputError: No such folder, or no profile table in it.
+    """
+    folder = Path(profile)
+    if folder.is_file() and folder.name in ("profile.parquet", "profile.csv", "profile.json"):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInputError(f"profile folder {folder} not found: give the --out folder of `mimprobe profile`")
+    parquet, csv = folder / "profile.parquet", folder / "profile.csv"
+    if parquet.is_file():
+        table = pd.read_parquet(parquet)
+    elif csv.is_file():
+        table = pd.read_csv(csv, dtype={"params": str})
+    else:
+        raise BadInputError(f"{folder} holds no profile.parquet or profile.csv: run `mimprobe profile ... --out "
+                            f"{folder}` first")
+    meta_path = folder / "profile.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise BadInputError(f"{meta_path} is not valid JSON ({error.msg}): re-run `mimprobe profile`") from None
+    return table, meta, folder
+
+
+def model_depth(meta: dict[str, Any], table: pd.DataFrame) -> tuple[int, str]:
+    """The model's number of blocks and where it came from: profile.json's model structure, the feature store's
+    manifest, or (for a bare table) the largest profiled block + 1."""
+    structure = (meta.get("model") or {}).get("structure") or {}
+    if structure.get("num_blocks"):
+        return int(structure["num_blocks"]), "profile.json"
+    store = meta.get("store")
+    if store and (Path(store) / "manifest.json").is_file():
+        manifest = json.loads((Path(store) / "manifest.json").read_text())
+        depth = ((manifest.get("model") or {}).get("structure") or {}).get("num_blocks")
+        if depth:
+            return int(depth), "the feature store's manifest"
+    if table.empty:
+        raise BadInputError("the profile table is empty: re-run `mimprobe profile`")
+    return int(table["block"].max()) + 1, "the largest profiled block + 1"
+
+
+def run_place(profile: str | Path, *, out: str | Path | None = None, **options: Any) -> Placement:
+    """Read a profile folder, place heads with `place`, write placement.json, and return the placement.
+
+    Args:
+        profile: The --out folder of ``mimprobe profile`` (profile.parquet or .csv, and profile.json).
+        out: The placement file, or a folder to write placement.json into (default: the profile folder).
+        **options: `place`'s keyword options (rule, metric, pooling, max_heads, plateau, freeze, blocks, n, preset,
+            k). The k-NN preset defaults to the profile's.
+
+    Raises:
+        BadInputError: A missing profile, bad options, or an unwritable output.
+    """
+    table, meta, folder = read_profile(profile)
+    num_blocks, depth_source = model_depth(meta, table)
+    options.setdefault("preset", (meta.get("config") or {}).get("preset"))
+    placement = place(table, num_blocks=num_blocks, source=str(folder.resolve()), **options)
+    if depth_source != "profile.json":
+        placement = _with_note(placement, f"the model depth ({num_blocks} blocks) comes from {depth_source}")
+    target = placement_path(folder, out)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")  # write then rename: a kill never leaves half a file
+        tmp.write_text(json.dumps({**placement.to_dict(), "versions": software_versions()}, indent=1) + "\n")
+        os.replace(tmp, target)
+    except OSError as error:
+        raise BadInputError(f"cannot write {target}: {error.strerror or error}; choose a writable --out") from None
+    return placement
+
+
+def placement_path(profile: str | Path, out: str | Path | None = None) -> Path:
+    """Where `run_place` writes: ``out`` (a folder gets placement.json inside), else PROFILE/placement.json."""
+    profile = Path(profile)
+    if profile.is_file():  # profile.parquet given instead of its folder
+        profile = profile.parent
+    target = profile / PLACEMENT_FILE if out is None else Path(out)
+    return target / PLACEMENT_FILE if target.is_dir() else target
+
+
+def _with_note(placement: Placement, note: str) -> Placement:
+    return replace(placement, notes=(*placement.notes, note))
+
+
+def load_placement(path: str | Path) -> Placement:
+    """Read placement.json (a file, or a folder holding one) back, validated.
+
+    Raises:
+        BadInputError: A missing file, invalid JSON, or content that is not a placement.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLACEMENT_FILE
+    if not path.is_file():
+        raise BadInputError(f"placement file {path} not found: write one with `mimprobe place PROFILE`")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{path} is not valid JSON ({error}): write it again with `mimprobe place`") from None
+    try:
+        return Placement.from_dict(payload)
+    except BadInputError as error:
+        raise BadInputError(f"{path}: {error}") from None
