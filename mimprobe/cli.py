@@ -306,6 +306,84 @@ def place(
     _guarded(debug, body)
 
 # ---- command: refine ----
+@app.command(epilog="""
+**Examples**
+
+* `mimprobe refine vit_tiny_patch16_224 digits --img-size 32 --auto --epochs-heads 1 --epochs 2 --batch-size 64 --queue-size 1024 --head-dims 256,64,256 --out runs/refine-digits`
+* `mimprobe refine vit_large_patch16_224 ./imagenet --checkpoint mae_pretrain_vit_large.pth --placement placement.json --epochs 20 --batch-size 1024 --out runs/mae-l`
+* `torchrun --nproc_per_node 8 -m mimprobe.cli refine vit_large_patch16_224 ./imagenet --checkpoint mae.pth --placement placement.json --out runs/mae-l`
+
+Every epoch (and on SIGTERM) a checkpoint is written; rerun with `--resume` to continue exactly. The result,
+OUT/refined.safetensors, is a plain timm state dict of the EMA encoder: `mimprobe profile MODEL DATA --checkpoint
+OUT/refined.safetensors` measures it.
+""")
+def refine(
+    model: str = typer.Argument(..., help="timm model name."),
+    data: str = typer.Argument(..., help="Training images (image folder, .npz, digits, synthetic); the train split."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (checkpoints, logs, refined.safetensors)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Starting weights (MAE, data2vec "
+                                                                              "2.0, timm, ...)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's pretrained weights."),
+    placement: Optional[Path] = typer.Option(None, "--placement", help="placement.json from `mimprobe place`."),
+    auto: bool = typer.Option(False, "--auto", help="Profile the blocks with k-NN, then place the heads."),
+    max_heads: Optional[int] = typer.Option(None, "--max-heads", help="--auto: at most N heads."),
+    freeze: Optional[str] = typer.Option(None, "--freeze", help="Freeze the first N blocks (6) or a fraction (0.25)."),
+    epochs_heads: int = typer.Option(1, "--epochs-heads", help="Stage 1 epochs: heads only, encoder frozen."),
+    epochs: int = typer.Option(5, "--epochs", help="Stage 2 epochs: encoder and heads."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Global batch (all processes)."),
+    accumulate: int = typer.Option(1, "--accumulate", help="Micro-batches per step when a batch does not fit."),
+    lr: float = typer.Option(1e-4, "--lr", help="Base learning rate per 256 images."),
+    temperature: float = typer.Option(0.2, "--temperature", help="NNA temperature (0.2 ViT-L, 0.3 H, 0.35 2B)."),
+    queue_size: int = typer.Option(65536, "--queue-size", help="Neighbour queue length per head."),
+    topk: int = typer.Option(20, "--topk", help="Stage 2: pick the neighbour uniformly from the top k."),
+    local_crops: int = typer.Option(0, "--local-crops", help="Extra local crops as predicted views."),
+    head_dims: str = typer.Option("2048,256,4096", "--head-dims", help="Projector hidden, projection and "
+                                                                       "predictor hidden widths."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA of the encoder (with warmup)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images."),
+    monitor: int = typer.Option(0, "--monitor", help="k-NN monitor on N labelled images every epoch (0: off)."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), fp32, bf16 or fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of data order, augmentations, heads and neighbour picks."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an OUT that holds another run."),
+    json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Refine with Nearest-Neighbour-Alignment heads (MIM-Refiner) on the placed blocks; export a timm checkpoint."""
+    from .errors import BadInputError
+    from .refine import RefineConfig, run_refine
+
+    def body() -> None:
+        try:
+            hidden, proj, predictor = (int(part) for part in head_dims.split(","))
+        except ValueError:
+            raise BadInputError(f"invalid --head-dims {head_dims!r}: give three widths, e.g. 2048,256,4096") from None
+        config = RefineConfig(epochs_heads=epochs_heads, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
+                              lr=lr, temperature=temperature, queue_size=queue_size, topk=topk,
+                              local_crops=local_crops, head_hidden_dim=hidden, head_proj_dim=proj,
+                              head_predictor_dim=predictor, ema_decay=ema_decay, img_size=img_size,
+                              precision=precision, seed=seed, num_workers=workers, monitor_images=monitor)
+        freeze_value = _parse_freeze(freeze)
+        place_options = {key: value for key, value in (("max_heads", max_heads), ("freeze", freeze_value))
+                         if value is not None}
+        result = run_refine(model, data, out=out, config=config, checkpoint=str(checkpoint) if checkpoint else None,
+                            pretrained=pretrained, placement=placement, auto=auto, place_options=place_options,
+                            freeze=freeze_value, device=device, threads=threads, resume=resume,
+                            overwrite=overwrite, progress=not no_progress and not json_output,
+                            log=None if not json_output else (lambda message: typer.echo(message, err=True)))
+        if json_output:
+            typer.echo(json.dumps(result.summary(), indent=1))
+        elif result.stopped_early:
+            typer.echo(f"stopped after step {result.steps}: rerun the same command with --resume to continue")
+        else:
+            typer.echo(f"refined in {result.seconds:.1f} s ({result.steps} steps); wrote {result.export}")
+
+    _guarded(debug, body)
+
 
 # ---- command: pretrain-mae ----
 

@@ -1,0 +1,131 @@
+"""Training views for NNA refinement: two BYOL-style global views and optional DINO-style local crops.
+
+Augmentations follow BYOL (Grill et al. 2020, arXiv 2006.07733, Table 6), as MIM-Refiner (arXiv 2402.10093) does:
+random resized crop, horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2, Gaussian
+blur (p=1.0 for the first view, 0.1 for the second), solarisation (p=0 / 0.2). Local crops follow DINO
+(Caron et al. 2021, arXiv 2104.14294): smaller crops of a smaller part of the image, blur p=0.5.
+
+Every sample's randomness is a pure function of ``(seed, epoch, index)``: the same image gets the same views
+whatever the process count, worker count or an interruption, which is what makes a resumed run identical to an
+uninterrupted one and a 2-process run equal to one process with the doubled batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from ..data.dataset import array_to_input, load_rgb
+from ..data.sources import Split
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Sizes and strengths of the views.
+
+    Attributes:
+        img_size: Side of the global views in pixels (the model's input size).
+        local_crops: Number of local crops (0: global views only, MIM-Refiner's default).
+        local_size: Side of the local crops; ``None``: 96/224 of ``img_size`` rounded to the patch size.
+        global_scale: Area range of the global crops (BYOL: 0.08–1).
+        local_scale: Area range of the local crops (DINO: 0.05–0.4).
+        mean, std: Normalisation of the model's data config.
+    """
+
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    local_crops: int = 0
+    local_size: int | None = None
+    global_scale: tuple[float, float] = (0.08, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+def blur_kernel(size: int) -> int:
+    """An odd Gaussian kernel of about 10 % of the image side (BYOL: 23 px at 224 px), at least 3."""
+    kernel = max(3, int(round(size * 0.1)))
+    return kernel if kernel % 2 == 1 else kernel + 1
+
+
+def byol_view(size: int, *, scale: Sequence[float], blur_p: float, solarize_p: float,
+              mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """One BYOL augmentation pipeline: image (PIL or uint8/float tensor) → normalised float32 (3, size, size)."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.ToDtype(torch.uint8, scale=True),
+        v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+class MultiViewTransform:
+    """image → list of views: 2 global (img_size) then ``local_crops`` local ones (local_size)."""
+
+    def __init__(self, config: ViewConfig, *, patch_size: int = 16):
+        local_size = config.local_size or max(patch_size, round(config.img_size * 96 / 224 / patch_size) * patch_size)
+        self.config = config
+        self.local_size = local_size
+        common = {"mean": config.mean, "std": config.std}
+        self.global_views = [
+            byol_view(config.img_size, scale=config.global_scale, blur_p=1.0, solarize_p=0.0, **common),
+            byol_view(config.img_size, scale=config.global_scale, blur_p=0.1, solarize_p=0.2, **common),
+        ]
+        self.local_view = byol_view(local_size, scale=config.local_scale, blur_p=0.5, solarize_p=0.0, **common)
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        views = [transform(image) for transform in self.global_views]
+        views += [self.local_view(image) for _ in range(self.config.local_crops)]
+        return views
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentations, a pure function of (seed, epoch, index)."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """Items ``(views, index)``: the list of augmented views of one image and its row index in the split.
+
+    Call `set_epoch` before building each epoch's loader: the views of sample ``index`` in epoch ``epoch`` are
+    drawn from torch's generator seeded with ``sample_seed(seed, epoch, index)`` (the global state is restored).
+    """
+
+    def __init__(self, split: Split, transform: MultiViewTransform, *, seed: int):
+        self.split = split
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+        if self.split.paths is not None:
+            image = load_rgb(self.split.paths[index])
+        else:
+            image = array_to_input(self.split.images[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            views = self.transform(image)
+        return views, index
+
+
+def collate_views(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Batch items into ``[view_0 (B, 3, H, W), view_1, ...]`` and indices (B,) int64."""
+    num_views = len(items[0][0])
+    views = [torch.stack([item[0][v] for item in items]) for v in range(num_views)]
+    return views, torch.tensor([item[1] for item in items], dtype=torch.int64)

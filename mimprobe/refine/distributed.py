@@ -1,0 +1,131 @@
+"""Process-group helpers for refinement under ``torchrun`` (NCCL on GPU, gloo on CPU).
+
+The same command runs with one process or many: `init_distributed` reads torchrun's environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and returns a `DistContext`; without it everything degrades to
+single-process no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size``, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group torchrun set up (backend NCCL for CUDA, gloo for CPU), or run alone.
+
+    Args:
+        device: The resolved device; for CUDA each process takes ``cuda:LOCAL_RANK``.
+    """
+    if not launched_by_torchrun():
+        return DistContext(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's rows from every process in rank order (no gradient; for queue entries)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on any (e.g. one of them received SIGTERM)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a (detached) scalar over processes, for logging."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+class CrossProcessBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batch of every process, on any device.
+
+    ``torch.nn.SyncBatchNorm`` accepts only GPU inputs, so CPU (gloo) runs use this: the per-feature sum and sum
+    of squares are all-reduced with autograd (``torch.distributed.nn.functional.all_reduce``), which gives the
+    same normalisation and gradients as one BatchNorm over the concatenated batch. Alone, it is a BatchNorm1d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, features)
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        x32 = x.float()
+        count = torch.tensor([float(x.shape[0])], device=x.device)
+        dist.all_reduce(count)
+        stats = all_reduce(torch.cat([x32.sum(0), (x32 * x32).sum(0)]))  # (2 * features,) summed over processes
+        mean, mean_square = (stats / count).chunk(2)
+        var = (mean_square - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 0.1
+                unbiased = var * (count / (count - 1).clamp_min(1.0))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+                self.num_batches_tracked += 1
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """For several processes: torch's SyncBatchNorm on CUDA, `CrossProcessBatchNorm1d` elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            replacement = CrossProcessBatchNorm1d(child.num_features, eps=child.eps, momentum=child.momentum,
+                                                  affine=child.affine,
+                                                  track_running_stats=child.track_running_stats)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement.to(next(child.buffers(), torch.empty(0)).device))
+        else:
+            convert_batchnorm(child, device)
+    return module

@@ -1,0 +1,698 @@
+"""The NNA refinement trainer (MIM-Refiner, arXiv 2402.10093): `run_refine` reads inputs, trains, writes artefacts.
+
+Stage 1 trains the heads on a frozen encoder (nearest neighbour = top-1); stage 2 trains everything but the frozen
+first blocks with layer-wise lr decay, an EMA of the encoder, and neighbours drawn uniformly from the top-k.
+The same function runs alone or under ``torchrun`` (one process per device; only rank 0 writes files).
+
+Exactness: the data order is a function of (seed, epoch), each sample's augmentations of (seed, epoch, index),
+the neighbour picks of (seed, step, rank, head), and the learning rate of the step; so a run stopped at any step
+(SIGTERM or an epoch's checkpoint) and resumed ends with the same weights as an uninterrupted one (CPU, fixed
+thread count).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._device import autocast, resolve_device, resolve_precision
+from .._versions import software_versions
+from ..errors import BadInputError
+from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
+from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
+from .config import RefineConfig, StagePlan, lr_factor
+from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
+                          mean_over_processes)
+from .heads import HeadConfig
+from .loss import multi_view_nna_loss
+from .network import RefineNetwork, block_cls_tokens
+from .queue import NNQueue
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.csv"
+MONITOR_FILE = "monitor.csv"
+RUN_FILES = (CONFIG_FILE, LOG_FILE, MONITOR_FILE, CHECKPOINT, EXPORT, EXPORT_INFO, "placement.json")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RefineResult:
+    """What a refinement produced."""
+
+    out: Path
+    export: Path | None
+    steps: int
+    epochs_done: int
+    seconds: float
+    last_loss: float | None
+    head_blocks: tuple[int, ...]
+    stopped_early: bool = False
+    monitor: list[dict[str, Any]] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": str(self.out), "export": str(self.export) if self.export else None, "steps": self.steps,
+                "epochs_done": self.epochs_done, "seconds": round(self.seconds, 2), "last_loss": self.last_loss,
+                "head_blocks": list(self.head_blocks), "stopped_early": self.stopped_early,
+                "monitor": self.monitor or []}
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+
+def _prepare_out(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (resume or overwrite):
+        raise BadInputError(f"--out {out} holds another refinement run ({', '.join(existing)}): pass --resume to "
+                            "continue it, --overwrite to start again, or choose another --out")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            for name in existing:
+                (out / name).unlink()
+
+
+def resolve_placement(*, placement: Any, auto: bool, model: str, data: str, out: Path, checkpoint: str | None,
+                      img_size: int | None, pretrained: bool, place_options: dict[str, Any], ctx: DistContext,
+                      log: Callable[[str], None]):
+    """A `Placement` from a file, an object, or (``auto``) a k-NN profile of the model followed by the peak rule."""
+    from ..placement import Placement, load_placement, run_place
+
+    if placement is not None and auto:
+        raise BadInputError("use either --placement FILE or --auto, not both")
+    if isinstance(placement, Placement):
+        return placement
+    if placement is not None:
+        return load_placement(placement)
+    if not auto:
+        raise BadInputError("no placement: pass --placement FILE (from `mimprobe place PROFILE`) or --auto "
+                            "(profile the model, then place the heads)")
+    target = out / "placement.json"
+    if ctx.is_main and not target.exists():
+        from ..metrics.profile import ProfileConfig, run_profile
+
+        log("--auto: profiling every block with k-NN (cls tokens) to place the heads")
+        run_profile(model, data, out=out / "profile", checkpoint=checkpoint, pretrained=pretrained,
+                    config=ProfileConfig(metrics=("knn",), poolings=("cls",)),
+                    extract_options={"img_size": img_size, "poolings": ("cls",)}, log=log)
+        run_place(out / "profile", out=target, **place_options)
+    _barrier(ctx)
+    return load_placement(target)
+
+
+def _barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        torch.distributed.barrier()
+
+
+def _check_placement(placement, num_blocks: int, model: str) -> None:
+    bad = [b for b in placement.head_blocks if not 0 <= b < num_blocks]
+    if bad:
+        raise BadInputError(f"the placement puts a head on block {bad[0]}, but {model} has {num_blocks} blocks "
+                            f"(0-{num_blocks - 1}): place again for this model")
+    if placement.num_blocks != num_blocks:
+        raise BadInputError(f"the placement was made for a model with {placement.num_blocks} blocks, {model} has "
+                            f"{num_blocks}: place again from this model's profile")
+
+
+def _check_sizes(config: RefineConfig, n_train: int, ctx: DistContext) -> int:
+    """Per-process micro-batch size, after checking the batch against the data and the process count."""
+    if config.queue_size > n_train:
+        raise BadInputError(f"--queue-size {config.queue_size} is larger than the training set ({n_train} images): "
+                            f"use at most {n_train}")
+    if config.batch_size > n_train:
+        raise BadInputError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} images)")
+    if config.batch_size % (ctx.world_size * config.accumulate):
+        raise BadInputError(f"--batch-size {config.batch_size} must divide by processes x --accumulate "
+                            f"({ctx.world_size} x {config.accumulate})")
+    micro = config.batch_size // (ctx.world_size * config.accumulate)
+    if micro < 2:
+        raise BadInputError(f"each micro-batch would hold {micro} image(s): the NNA loss needs at least 2 per "
+                            "process, raise --batch-size or lower --accumulate")
+    return micro
+
+
+def layer_lr_scale(name: str, *, depth: int, layer_decay: float) -> float:
+    """BEiT's layer-wise lr decay (arXiv 2106.08254; MIM-Refiner uses 0.65): block i (0-based) trains at
+    ``layer_decay ** (depth - i)``, the embeddings (patch, CLS, position tokens) one step lower at
+    ``layer_decay ** (depth + 1)``, the final norm at 1.
+
+    Not timm's ``param_groups_layer_decay``: for a model built without a classifier (``num_classes=0``) timm's
+    group matcher puts the final norm into the last block's layer, so the last block would train at the full rate
+    (scale 1) and every block one step faster than the rule above.
+    """
+    if name.startswith("blocks."):
+        return layer_decay ** (depth - int(name.split(".")[1]))
+    if name.startswith(("norm.", "fc_norm.", "head.")):
+        return 1.0
+    return layer_decay ** (depth + 1)
+
+
+def _param_groups(network: RefineNetwork, config: RefineConfig, stage: int) -> list[dict[str, Any]]:
+    """Stage 1: the heads only. Stage 2: the encoder by layer (`layer_lr_scale`; weight decay 0.05 except 1-d
+    parameters and the model's ``no_weight_decay`` tokens) plus the heads (weight decay 1e-5 except 1-d, lr scale
+    1). Parameters with ``requires_grad`` False (frozen blocks) are left out."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+
+    def add(param: torch.nn.Parameter, scale: float, decay: float) -> None:
+        if param.requires_grad or stage == 1:
+            groups.setdefault((scale, decay), []).append(param)
+
+    for param in network.heads.parameters():
+        add(param, 1.0, 0.0 if param.ndim <= 1 else config.head_weight_decay)
+    if stage == 2:
+        encoder = network.encoder
+        skip = set(encoder.no_weight_decay()) if hasattr(encoder, "no_weight_decay") else set()
+        depth = len(encoder.blocks)
+        for name, param in encoder.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = 0.0 if param.ndim <= 1 or name in skip else config.weight_decay
+            add(param, layer_lr_scale(name, depth=depth, layer_decay=config.layer_decay), decay)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in sorted(groups.items(), key=lambda item: item[0])]
+
+
+def set_trainable(network: RefineNetwork, *, stage: int, freeze_blocks: int) -> None:
+    """Stage 1: encoder frozen. Stage 2: all but the embeddings and the first ``freeze_blocks`` blocks."""
+    encoder = network.encoder
+    network.encoder_frozen = stage == 1
+    for param in encoder.parameters():
+        param.requires_grad_(stage == 2)
+    if stage == 2 and freeze_blocks > 0:
+        for name, param in encoder.named_parameters():
+            frozen_embedding = not name.startswith(("blocks.", "norm.", "fc_norm."))
+            if frozen_embedding or (name.startswith("blocks.") and int(name.split(".")[1]) < freeze_blocks):
+                param.requires_grad_(False)
+    encoder.train(stage == 2)
+
+
+def _step_generator(seed: int, step: int, rank: int, block: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([seed, step, rank, block, 7]).generate_state(1)[0]))
+    return generator
+
+
+# ----------------------------------------------------------------------------------------------------- the loop
+
+@contextmanager
+def _sigterm_flag() -> Iterator[dict[str, bool]]:
+    """Record SIGTERM instead of dying, so the loop can checkpoint and stop after the current step."""
+    flag = {"stop": False}
+
+    def handler(_signum, _frame):
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: no handler
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+class _CsvLog:
+    """Append rows to a CSV (rank 0 only), writing the header once."""
+
+    def __init__(self, path: Path, columns: list[str], enabled: bool):
+        self.path, self.columns, self.enabled = path, columns, enabled
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        with self.path.open(newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+        self.path.unlink()
+        for row in rows:
+            self.write(row)
+
+
+def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig | None = None,
+               checkpoint: str | None = None, pretrained: bool = False, placement: Any = None, auto: bool = False,
+               place_options: dict[str, Any] | None = None, freeze: int | float | None = None,
+               device: str = "auto", threads: int | None = None,
+               resume: bool = False, overwrite: bool = False, progress: bool = True,
+               stop_after_steps: int | None = None, log: Callable[[str], None] | None = None) -> RefineResult:
+    """Refine a ViT with NNA heads on the placement's blocks and export the EMA encoder as a timm state dict.
+
+    Args:
+        model: timm model name.
+        data: Data spec (`mimprobe.data.load_data`); its ``train`` split is trained on, labels unused (except by
+            the optional k-NN monitor).
+        out: Run folder: config.json, placement.json, log.csv, monitor.csv, checkpoint-last.pth,
+            refined.safetensors and refined.json.
+        config: Training options (`RefineConfig`); ``head_blocks``/``freeze_blocks`` come from the placement.
+        checkpoint, pretrained: The starting weights (`mimprobe.models.load_model`).
+        placement: A placement.json path or a `Placement`; or ``auto=True`` to profile and place first.
+        place_options: `mimprobe.placement.place` options for ``auto`` (max_heads, freeze, ...).
+        freeze: First blocks to freeze (a count, or a fraction of the depth), overriding the placement's.
+        device: auto, cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK).
+        threads: torch CPU threads.
+        resume: Continue from ``out/checkpoint-last.pth`` with the same options.
+        overwrite: Start again in an ``out`` that holds another run.
+        stop_after_steps: Stop (with a checkpoint) after this many optimiser steps in total, as SIGTERM does.
+        log: Receives one-line messages (default: stderr on rank 0 when ``progress``).
+
+    Raises:
+        BadInputError: Bad options, a placement that does not fit the model, a queue larger than the data, an
+            unreadable checkpoint, an ``out`` that holds another run.
+    """
+    import sys
+
+    from ..data import load_data
+    from ..data.transforms import resolve_eval_data_config
+    from ..models import load_model
+
+    config = config or RefineConfig()
+    out = Path(out)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    ctx = init_distributed(resolve_device(device))
+    say = log or ((lambda message: print(message, file=sys.stderr, flush=True)) if progress and ctx.is_main
+                  else (lambda message: None))
+    _prepare_out(out, resume=resume, overwrite=overwrite, is_main=ctx.is_main)
+    _barrier(ctx)
+    started = time.perf_counter()
+
+    placement = resolve_placement(placement=placement, auto=auto, model=model, data=data, out=out,
+                                  checkpoint=checkpoint, img_size=config.img_size, pretrained=pretrained,
+                                  place_options=dict(place_options or {}), ctx=ctx, log=say)
+    loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
+                        init_seed=config.seed)
+    encoder = loaded.model
+    num_blocks = len(encoder.blocks)
+    _check_placement(placement, num_blocks, model)
+    if freeze is not None:
+        from ..placement.rules import _freeze_count
+
+        freeze = _freeze_count(freeze, num_blocks)
+    else:
+        freeze = config.freeze_blocks or placement.freeze_blocks
+    if freeze >= min(placement.head_blocks) + 1 and freeze > 0:
+        raise BadInputError(f"--freeze {freeze} freezes block {freeze - 1}, which carries a head: freeze fewer "
+                            "blocks than the first head block")
+    from dataclasses import replace
+
+    config = replace(config, head_blocks=tuple(placement.head_blocks), freeze_blocks=freeze)
+
+    source = load_data(data)
+    if "train" not in source.splits:
+        raise BadInputError(f"{data} has no train split to refine on")
+    train_split = source.splits["train"]
+    micro = _check_sizes(config, len(train_split), ctx)
+    precision = resolve_precision(config.precision, ctx.device)
+
+    data_config = resolve_eval_data_config(encoder, img_size=config.img_size)
+    img_size = int(data_config["input_size"][-1])
+    patch = encoder.patch_embed.patch_size
+    patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    if config.local_crops and not getattr(encoder, "dynamic_img_size", False):
+        encoder = _with_dynamic_size(loaded, config.img_size)
+    views = MultiViewTransform(ViewConfig(img_size=img_size, mean=tuple(data_config["mean"]),
+                                          std=tuple(data_config["std"]), local_crops=config.local_crops,
+                                          local_size=config.local_size,
+                                          global_scale=(config.global_scale_min, 1.0)), patch_size=patch_size)
+    dataset = MultiViewDataset(train_split, views, seed=config.seed)
+
+    head_config = HeadConfig(config.head_hidden_dim, config.head_proj_dim, config.head_predictor_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the same heads in every process and every run of the same options
+        network = RefineNetwork(encoder, list(config.head_blocks), head_config)
+    if ctx.distributed:
+        convert_batchnorm(network.heads, ctx.device)
+    network.to(ctx.device)
+    queues = nn.ModuleDict({str(b): NNQueue(config.queue_size, config.head_proj_dim)
+                            for b in config.head_blocks}).to(ctx.device)
+
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(len(dataset)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    per_process = micro * config.accumulate
+    steps_per_epoch = len(sampler) // per_process
+    if steps_per_epoch < 1:
+        raise BadInputError(f"--batch-size {config.batch_size} leaves no full batch per epoch for "
+                            f"{len(dataset)} images on {ctx.world_size} process(es): lower it")
+    plan = StagePlan(steps_per_epoch=steps_per_epoch, epochs_heads=config.epochs_heads, epochs=config.epochs)
+
+    identity = {"model": loaded.identity(), "data": {"spec": str(data), "fingerprint": source.fingerprint,
+                                                     "train_images": len(train_split)},
+                "world_size": ctx.world_size}
+    resolved = {"format_version": FORMAT_VERSION, "config": config.to_dict(), **identity,
+                "placement": placement.to_dict(), "precision": precision, "device": str(ctx.device),
+                "img_size": img_size, "steps_per_epoch": steps_per_epoch, "total_steps": plan.total_steps,
+                "versions": software_versions()}
+
+    state = None
+    if resume:
+        state = load_training_state(out / CHECKPOINT)
+        _check_resume(state, resolved)
+    elif ctx.is_main:
+        (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+        (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n") \
+            if not (out / "placement.json").exists() else None
+
+    step_columns = ["step", "stage", "epoch", "loss", *[f"loss_block{b}" for b in config.head_blocks], "lr",
+                    "images_per_second", "seconds"]
+    step_log = _CsvLog(out / LOG_FILE, step_columns, ctx.is_main)
+    monitor_log = _CsvLog(out / MONITOR_FILE, ["step", "epoch", "stage", "encoder", "block", "knn_top1"],
+                          ctx.is_main)
+
+    trainer = _Trainer(network=network, queues=queues, config=config, plan=plan, ctx=ctx, precision=precision,
+                       dataset=dataset, sampler=sampler, micro=micro)
+    if state is not None:
+        trainer.load_state(state)
+        step_log.truncate_after(trainer.step)
+        monitor_log.truncate_after(trainer.step)
+        say(f"resuming at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+    say(f"refining {model} on {source.summary()}: heads on blocks {list(config.head_blocks)} "
+        f"({placement.rule} rule), {config.freeze_blocks} frozen blocks, {plan.total_steps} steps "
+        f"({config.epochs_heads} heads-only + {config.epochs} full epochs of {steps_per_epoch}), "
+        f"{ctx.world_size} process(es) on {ctx.device}, {precision}")
+
+    monitor = _Monitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
+    checkpoint_state = lambda: trainer.state_dict(resolved)  # noqa: E731
+    stopped = False
+    last_loss = None
+    monitor_rows: list[dict[str, Any]] = []
+    with _sigterm_flag() as flag, _progress(progress and ctx.is_main) as bar:
+        task = bar.add_task("refine", total=plan.total_steps, completed=trainer.step, loss="--", lr="--", ips="--")
+        while trainer.epoch < plan.epochs_heads + plan.epochs:
+            for record in trainer.run_epoch():
+                last_loss = record["loss"]
+                step_log.write(record)
+                bar.update(task, completed=trainer.step, description=f"stage {record['stage']} ep {record['epoch']}",
+                           loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                           ips=f"{record['images_per_second']:,.0f}")
+                wants_stop = flag["stop"] or (stop_after_steps is not None and trainer.step >= stop_after_steps)
+                if any_process(wants_stop, ctx.device):
+                    stopped = True
+                    break
+            if not stopped:
+                trainer.end_epoch()
+            if ctx.is_main:
+                save_training_state(out / CHECKPOINT, checkpoint_state())
+            if stopped:
+                say(f"stopped at step {trainer.step}; checkpoint saved to {out / CHECKPOINT}: rerun with --resume")
+                break
+            if monitor is not None:
+                rows = monitor.run(trainer, epoch=trainer.epoch - 1)
+                monitor_rows += rows
+                for row in rows:
+                    monitor_log.write(row)
+                say("k-NN monitor, epoch {}: {}".format(
+                    trainer.epoch - 1, ", ".join(f"block {r['block']} {r['knn_top1']:.4f}" for r in rows)))
+    _barrier(ctx)
+
+    export = None
+    if not stopped and ctx.is_main:
+        info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
+                "base_weights": loaded.identity(), "encoder": "ema" if trainer.ema is not None else "encoder",
+                "head_blocks": list(config.head_blocks), "steps": trainer.step,
+                "load_with": {"mimprobe": f"mimprobe extract {loaded.name} DATA --img-size {img_size} "
+                                          f"--checkpoint {out / EXPORT}",
+                              "timm": f"timm.create_model('{loaded.name}', pretrained=True, num_classes=0, "
+                                      f"img_size={img_size}, pretrained_cfg_overlay=dict(file='{out / EXPORT}'))"},
+                "versions": software_versions()}
+        export = export_encoder(trainer.export_state_dict(), out, info)
+        say(f"wrote {export} ({'EMA ' if trainer.ema is not None else ''}encoder, timm names)")
+    return RefineResult(out=out, export=export, steps=trainer.step, epochs_done=trainer.epoch,
+                        seconds=time.perf_counter() - started, last_loss=last_loss,
+                        head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows)
+
+
+def _with_dynamic_size(loaded, img_size: int | None) -> nn.Module:
+    """The same weights in a model that accepts local crops of another size (timm ``dynamic_img_size``)."""
+    import timm
+
+    from ..models.loading import _resolve_kwargs
+
+    kwargs = {**_resolve_kwargs(loaded.model_kwargs), "dynamic_img_size": True}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = timm.create_model(loaded.name.split(".")[0], pretrained=False, **{"num_classes": 0, **kwargs})
+    model.load_state_dict(loaded.model.state_dict(), strict=True)
+    return model
+
+
+def _check_resume(state: dict[str, Any], resolved: dict[str, Any]) -> None:
+    if state.get("format_version") != FORMAT_VERSION:
+        raise BadInputError("the checkpoint was written by another mimprobe version: start a new --out")
+    saved = state["resolved"]
+    for section in ("config", "model", "data", "world_size", "precision"):
+        if saved.get(section) != resolved.get(section):
+            if section == "config":
+                differ = sorted(k for k in resolved["config"] if saved["config"].get(k) != resolved["config"][k])
+                detail = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {resolved['config'][k]!r}" for k in differ)
+            else:
+                detail = f"{saved.get(section)!r} -> {resolved.get(section)!r}"
+            raise BadInputError(f"--resume with other {section} than the checkpoint ({detail}): rerun with the "
+                                "original options, or start a new --out")
+
+
+class _Trainer:
+    """The mutable training state and one epoch's loop."""
+
+    def __init__(self, *, network: RefineNetwork, queues: nn.ModuleDict, config: RefineConfig, plan: StagePlan,
+                 ctx: DistContext, precision: str, dataset: MultiViewDataset, sampler, micro: int):
+        self.network, self.queues, self.config, self.plan, self.ctx = network, queues, config, plan, ctx
+        self.precision, self.dataset, self.sampler, self.micro = precision, dataset, sampler, micro
+        self.step = 0              # optimiser steps done
+        self.epoch = 0             # epoch in progress (or the next one)
+        self.batch_in_epoch = 0    # optimiser steps done in this epoch
+        self.stage = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.model: nn.Module = network
+        self.ema = None
+        self._pending_optimizer_state = None
+
+    # -- stages
+    def _enter_stage(self, stage: int) -> None:
+        if stage == self.stage:
+            return
+        set_trainable(self.network, stage=stage, freeze_blocks=self.config.freeze_blocks)
+        self.network.heads.train()
+        groups = _param_groups(self.network, self.config, stage)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
+        if self.ctx.distributed:
+            import gc
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the previous stage's wrapper must go first: its reducer's gradient hooks are removed with it
+            self.model = self.network
+            gc.collect()
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.network, device_ids=ids, broadcast_buffers=False)
+        if stage == 2 and self.ema is None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.network.encoder, decay=self.config.ema_decay, use_warmup=True)
+        self.stage = stage
+
+    def _lr(self, step: int) -> float:
+        """Learning rate (scale 1) of optimiser step ``step``, counted from the start of its stage."""
+        heads_steps = self.plan.heads_steps
+        stage_step, stage_total = (step, heads_steps) if step < heads_steps else \
+            (step - heads_steps, self.plan.total_steps - heads_steps)
+        scale = self.config.batch_size / 256
+        peak, floor = self.config.lr * scale, self.config.min_lr * scale
+        factor = lr_factor(stage_step, total_steps=stage_total,
+                           warmup_steps=int(round(self.config.warmup_fraction * stage_total)),
+                           min_ratio=floor / peak if peak > 0 else 0.0)
+        return peak * factor
+
+    # -- one epoch
+    def run_epoch(self) -> Iterator[dict[str, Any]]:
+        stage = self.plan.stage(self.epoch)
+        self._enter_stage(stage)
+        if self._pending_optimizer_state is not None:
+            self.optimizer.load_state_dict(self._pending_optimizer_state)
+            self._pending_optimizer_state = None
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch)
+        per_step = self.micro * self.config.accumulate
+        order = list(iter(self.sampler))[: self.plan.steps_per_epoch * per_step]
+        remaining = order[self.batch_in_epoch * per_step:]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.micro, sampler=remaining,
+                                             num_workers=self.config.num_workers, collate_fn=collate_views,
+                                             drop_last=True, pin_memory=self.ctx.device.type == "cuda")
+        batches = iter(loader)
+        while self.batch_in_epoch < self.plan.steps_per_epoch:
+            started = time.perf_counter()
+            record = self._train_step([next(batches) for _ in range(self.config.accumulate)], stage)
+            seconds = time.perf_counter() - started
+            record.update(images_per_second=self.config.batch_size / seconds, seconds=round(seconds, 4))
+            yield record
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def _train_step(self, micro_batches: list, stage: int) -> dict[str, Any]:
+        lr = self._lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        topk = 1 if stage == 1 else self.config.topk
+        totals = {block: 0.0 for block in self.config.head_blocks}
+        for views, indices in micro_batches:
+            views = [v.to(self.ctx.device, non_blocking=True) for v in views]
+            indices = indices.to(self.ctx.device)
+            with autocast(self.ctx.device, self.precision):
+                outputs = self.model(views)
+            loss = torch.zeros((), device=self.ctx.device)
+            for block in self.config.head_blocks:
+                projections, predictions = outputs[block]
+                queue = self.queues[str(block)]
+                generator = _step_generator(self.config.seed, self.step, self.ctx.rank, block, self.ctx.device)
+                neighbours = [queue.find_neighbours(projections[a].detach().float(), indices, topk=topk,
+                                                    generator=generator) for a in range(2)]
+                head_loss = multi_view_nna_loss(projections[:2], neighbours, predictions,
+                                                temperature=self.config.temperature, num_global=2,
+                                                gather=self.ctx.distributed)
+                loss = loss + head_loss  # summed over heads (DESIGN.md)
+                totals[block] += float(mean_over_processes(head_loss.detach())) / len(micro_batches)
+                queue.update(gather_no_grad(projections[0].detach().float()), gather_no_grad(indices))
+            (loss / len(micro_batches)).backward()
+        if self.config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.clip_grad)
+        self.optimizer.step()
+        if stage == 2 and self.ema is not None:
+            self.ema.update(self.network.encoder, step=self.step - self.plan.heads_steps)
+        self.step += 1
+        self.batch_in_epoch += 1
+        record = {"step": self.step, "stage": stage, "epoch": self.epoch, "loss": sum(totals.values()), "lr": lr}
+        record.update({f"loss_block{b}": value for b, value in totals.items()})
+        return record
+
+    # -- state
+    def state_dict(self, resolved: dict[str, Any]) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "resolved": resolved, "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "stage": self.stage,
+                "encoder": self.network.encoder.state_dict(), "heads": self.network.heads.state_dict(),
+                "queues": self.queues.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": {"torch": torch.get_rng_state()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.network.encoder.load_state_dict(state["encoder"])
+        self.network.heads.load_state_dict(state["heads"])
+        self.queues.load_state_dict(state["queues"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if state["ema"] is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.network.encoder, decay=self.config.ema_decay, use_warmup=True)
+            self.ema.load_state_dict(state["ema"])
+        if state["stage"]:
+            # rebuild the saved stage's optimiser now if the epoch to run is still in it; else the next stage
+            # starts fresh (its optimiser is new by design)
+            if self.epoch < self.plan.epochs_heads + self.plan.epochs and self.plan.stage(self.epoch) == state["stage"]:
+                self._pending_optimizer_state = state["optimizer"]
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA encoder after stage 2 (the evaluated and exported model in MIM-Refiner), else the encoder."""
+        module = self.ema.module if self.ema is not None else self.network.encoder
+        return module.state_dict()
+
+
+class _Monitor:
+    """k-NN top-1 of every head block on a small labelled subset, once per epoch (rank 0 computes, all wait)."""
+
+    def __init__(self, source, data_config: dict[str, Any], config: RefineConfig, ctx: DistContext):
+        from sklearn.model_selection import train_test_split
+
+        from ..data.dataset import SplitDataset
+        from ..data.transforms import build_eval_transform
+
+        self.ctx, self.config = ctx, config
+        train = source.splits["train"]
+        rng = np.random.default_rng(config.seed)
+        take = rng.permutation(len(train))[: config.monitor_images]
+        eval_name = next((name for name in ("test", "val") if name in source.splits), None)
+        transform = build_eval_transform(data_config)
+        size = tuple(data_config["input_size"])
+        if eval_name is None:
+            bank, query = train_test_split(take, test_size=0.2, random_state=config.seed,
+                                           stratify=train.labels[take])
+            self.sets = [(SplitDataset(train, transform, size), bank, train.labels[bank]),
+                         (SplitDataset(train, transform, size), query, train.labels[query])]
+        else:
+            evaluation = source.splits[eval_name]
+            query = rng.permutation(len(evaluation))[: max(1, config.monitor_images // 4)]
+            self.sets = [(SplitDataset(train, transform, size), take, train.labels[take]),
+                         (SplitDataset(evaluation, transform, size), query, evaluation.labels[query])]
+        self.class_names = list(source.classes)
+
+    @torch.no_grad()
+    def _features(self, encoder: nn.Module, dataset, rows: np.ndarray) -> dict[int, np.ndarray]:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=128,
+                                             num_workers=self.config.num_workers)
+        parts: dict[int, list[np.ndarray]] = {b: [] for b in self.config.head_blocks}
+        for images, _index, _error in loader:
+            with autocast(self.ctx.device, resolve_precision(self.config.precision, self.ctx.device)):
+                tokens = block_cls_tokens(encoder, images.to(self.ctx.device), list(self.config.head_blocks))
+            for block, value in tokens.items():
+                parts[block].append(value.float().cpu().numpy())
+        return {block: np.concatenate(chunks) for block, chunks in parts.items()}
+
+    def run(self, trainer: _Trainer, *, epoch: int) -> list[dict[str, Any]]:
+        from ..metrics.knn import evaluate_knn
+
+        rows: list[dict[str, Any]] = []
+        if self.ctx.is_main:
+            use_ema = trainer.ema is not None
+            encoder = trainer.ema.module if use_ema else trainer.network.encoder
+            was_training = encoder.training
+            encoder.eval()
+            (bank_set, bank_rows, bank_labels), (query_set, query_rows, query_labels) = self.sets
+            bank = self._features(encoder, bank_set, bank_rows)
+            query = self._features(encoder, query_set, query_rows)
+            encoder.train(was_training)
+            k = min(10, len(bank_rows))
+            from ..metrics.knn import KnnPreset
+
+            preset = KnnPreset(name="mim-refiner", ks=(k,), temperatures=(0.07,), standardize=True,
+                               weighting="exp")
+            for block in self.config.head_blocks:
+                found = evaluate_knn(bank[block], bank_labels, query[block], query_labels, preset=preset,
+                                     split="monitor", class_names=self.class_names)
+                top1 = next(row.value for row in found if row.metric == "knn_top1")
+                rows.append({"step": trainer.step, "epoch": epoch, "stage": trainer.plan.stage(epoch),
+                             "encoder": "ema" if use_ema else "encoder", "block": block, "knn_top1": top1})
+        _barrier(self.ctx)
+        return rows

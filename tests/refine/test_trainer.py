@@ -1,0 +1,247 @@
+"""The NNA trainer end to end on a tiny ViT: learning rates, stages, exact resume, export, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mimprobe.cli import app
+from mimprobe.models import load_model
+from mimprobe.placement import place
+from mimprobe.refine import RefineConfig, run_refine
+from mimprobe.refine.checkpoint import CHECKPOINT, EXPORT
+from mimprobe.refine.heads import HeadConfig
+from mimprobe.refine.network import RefineNetwork
+from mimprobe.refine.trainer import _param_groups
+
+MODEL = "test_vit"          # timm's 6-block, 64-wide test model
+DATA = "synthetic:classes=4,train=12,test=4,size=32"   # 48 train images
+TINY = RefineConfig(epochs_heads=1, epochs=1, batch_size=16, queue_size=32, topk=4, head_hidden_dim=32,
+                    head_proj_dim=16, head_predictor_dim=32, img_size=32, lr=1e-3, warmup_fraction=0.2)
+PLACEMENT = place(None, num_blocks=6, rule="last-n", n=2)
+
+
+def refine(out: Path, config: RefineConfig = TINY, **options):
+    return run_refine(MODEL, DATA, out=out, config=config, placement=options.pop("placement", PLACEMENT),
+                      progress=False, threads=1, **options)
+
+
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / EXPORT))
+
+
+def test_layer_decay_learning_rates_follow_depth():
+    encoder = timm.create_model(MODEL, img_size=32, num_classes=0)
+    network = RefineNetwork(encoder, [4, 5], HeadConfig(32, 16, 32))
+    config = RefineConfig(layer_decay=0.65)
+    depth = len(encoder.blocks)
+    scale_of = {}
+    for group in _param_groups(network, config, stage=2):
+        for param in group["params"]:
+            scale_of[id(param)] = (group["lr_scale"], group["weight_decay"])
+    for name, param in encoder.named_parameters():
+        scale, decay = scale_of[id(param)]
+        if name.startswith("blocks."):
+            block = int(name.split(".")[1])
+            assert scale == pytest.approx(0.65 ** (depth - block)), name
+        elif name.startswith("norm."):
+            assert scale == pytest.approx(1.0)
+        else:  # cls_token, pos_embed, patch_embed: one step below block 0
+            assert scale == pytest.approx(0.65 ** (depth + 1)), name
+        assert decay == (0.0 if param.ndim <= 1 or name in ("cls_token", "pos_embed") else 0.05), name
+    for name, param in network.heads.named_parameters():
+        assert scale_of[id(param)] == (1.0, 0.0 if param.ndim <= 1 else 1e-5), name
+    # stage 1 optimises the heads alone
+    stage1 = {id(p) for g in _param_groups(network, config, stage=1) for p in g["params"]}
+    assert stage1 == {id(p) for p in network.heads.parameters()}
+
+
+def test_heads_only_stage_keeps_the_encoder_bit_identical(tmp_path):
+    result = refine(tmp_path / "run", replace(TINY, epochs=0))
+    before = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
+    after = exported(tmp_path / "run")
+    assert set(after) == set(before)
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert result.steps == 3 and state["step"] == 3
+    heads = state["heads"]
+    fresh = RefineNetwork(timm.create_model(MODEL, img_size=32, num_classes=0), [4, 5], HeadConfig(32, 16, 32))
+    changed = [k for k, v in fresh.heads.state_dict().items() if k.endswith("weight") and not torch.equal(heads[k], v)]
+    assert changed, "stage 1 must train the heads"
+
+
+def test_stage_two_changes_the_encoder_and_logs_every_step(tmp_path):
+    result = refine(tmp_path / "run", replace(TINY, monitor_images=24))
+    before = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
+    after = exported(tmp_path / "run")
+    assert any(not torch.equal(after[k], before[k]) for k in ("blocks.5.mlp.fc1.weight", "blocks.4.attn.qkv.weight"))
+    with open(tmp_path / "run" / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert [int(r["stage"]) for r in rows] == [1, 1, 1, 2, 2, 2]
+    assert all(math.isfinite(float(r["loss"])) and float(r["images_per_second"]) > 0 for r in rows)
+    loss = float(rows[0]["loss"])
+    assert loss == pytest.approx(float(rows[0]["loss_block4"]) + float(rows[0]["loss_block5"]), rel=1e-6)
+    # 2 heads, each near log(batch) for untrained heads: far from 0 and from the 16-way chance upper range
+    assert 2 * 0.5 * math.log(16) < loss < 2 * 2 * math.log(16)
+    assert [r["block"] for r in result.monitor] == [4, 5, 4, 5]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in result.monitor)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["head_blocks"] == [4, 5] and config["total_steps"] == 6
+
+
+def test_frozen_blocks_stay_identical_in_stage_two(tmp_path):
+    refine(tmp_path / "run", replace(TINY, epochs_heads=0, epochs=1), freeze=3)
+    before = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
+    after = exported(tmp_path / "run")
+    for key in before:
+        frozen = key.startswith(("cls_token", "pos_embed", "patch_embed")) or \
+            (key.startswith("blocks.") and int(key.split(".")[1]) < 3)
+        assert torch.equal(after[key], before[key]) == frozen, key
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # at the end of the heads-only epoch, and inside stage 2
+def test_resume_ends_with_identical_weights(tmp_path, stop_at):
+    config = replace(TINY, epochs=2)
+    refine(tmp_path / "straight", config)
+    first = refine(tmp_path / "split", config, stop_after_steps=stop_at)
+    assert first.stopped_early and first.export is None and first.steps == stop_at
+    second = refine(tmp_path / "split", config, resume=True)
+    assert second.steps == 9
+    a, b = exported(tmp_path / "straight"), exported(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(tmp_path / "split" / "log.csv", newline="") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 10))
+
+
+def test_export_loads_strictly_into_timm_and_mimprobe(tmp_path):
+    refine(tmp_path / "run")
+    path = tmp_path / "run" / EXPORT
+    state = load_file(str(path))
+    model = timm.create_model(MODEL, img_size=32, num_classes=0)
+    model.load_state_dict(state, strict=True)
+    overlay = timm.create_model(MODEL, pretrained=True, num_classes=0, img_size=32,
+                                pretrained_cfg_overlay=dict(file=str(path)))
+    loaded = load_model(MODEL, checkpoint=path, img_size=32)
+    for key, value in state.items():
+        assert torch.equal(overlay.state_dict()[key], value), key
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    info = json.loads((tmp_path / "run" / "refined.json").read_text())
+    assert info["encoder"] == "ema" and info["head_blocks"] == [4, 5]
+
+
+def test_gradient_accumulation_runs_micro_batches(tmp_path):
+    result = refine(tmp_path / "run", replace(TINY, accumulate=2, epochs=0))
+    assert result.steps == 3
+
+
+def _write_placement(path: Path, blocks: list[int], num_blocks: int) -> Path:
+    placement = place(None, num_blocks=num_blocks, rule="explicit", blocks=blocks)
+    path.write_text(json.dumps(placement.to_dict()))
+    return path
+
+
+COMMON = [MODEL, DATA, "--img-size", "32", "--head-dims", "32,16,32", "--no-progress", "--threads", "1",
+          "--epochs-heads", "1", "--epochs", "0"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--queue-size", "1000", "--batch-size", "16"], "larger than the training set"),
+    (["--queue-size", "16", "--batch-size", "1"], "at least 2"),
+    (["--queue-size", "16", "--batch-size", "16", "--checkpoint", "MISSING"], "checkpoint"),
+    (["--queue-size", "16", "--batch-size", "16", "--placement", "BIG"], "block 20"),
+    (["--queue-size", "16", "--batch-size", "16", "--placement", "SMALL", "--auto"], "not both"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, extra, message):
+    big = _write_placement(tmp_path / "big.json", [20, 23], 24)
+    small = _write_placement(tmp_path / "small.json", [5], 6)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"not a checkpoint")
+    extra = [{"MISSING": str(damaged), "BIG": str(big), "SMALL": str(small)}.get(x, x) for x in extra]
+    if "--placement" not in extra:
+        extra += ["--placement", str(small)]
+    result = CliRunner().invoke(app, ["refine", *COMMON, *extra, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+
+def test_out_with_another_run_is_refused_then_overwritten(tmp_path):
+    small = _write_placement(tmp_path / "small.json", [5], 6)
+    args = ["refine", *COMMON, "--queue-size", "16", "--batch-size", "16", "--placement", str(small),
+            "--out", str(tmp_path / "run")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output and "--overwrite" in again.output
+    assert (tmp_path / "run" / EXPORT).is_file()  # nothing lost
+    assert CliRunner().invoke(app, [*args, "--overwrite", "--json"]).exit_code == 0
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mimprobe.cli", *args]
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
+    small = _write_placement(tmp_path / "small.json", [5], 6)
+    out = tmp_path / "run"
+    args = ["refine", MODEL, "synthetic:classes=4,train=40,test=4,size=32", "--img-size", "32", "--head-dims",
+            "32,16,32", "--no-progress", "--threads", "1", "--epochs-heads", "1", "--epochs", "1", "--queue-size",
+            "32", "--batch-size", "8", "--placement", str(small), "--out", str(out)]
+    process = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = out / "log.csv"
+        if log.exists() and len(log.read_text().splitlines()) >= 4:  # header + 3 steps
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "--resume" in output and (out / CHECKPOINT).is_file() and not (out / EXPORT).exists()
+    stopped_at = torch.load(out / CHECKPOINT, weights_only=True)["step"]
+    assert 3 <= stopped_at < 40
+    finished = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert (out / EXPORT).is_file()
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 40
+
+
+def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    small = _write_placement(tmp_path / "small.json", [4, 5], 6)
+    common = ["refine", MODEL, DATA, "--img-size", "32", "--head-dims", "32,16,32", "--no-progress",
+              "--threads", "1", "--epochs-heads", "1", "--epochs", "0", "--queue-size", "32", "--batch-size", "16",
+              "--placement", str(small), "--device", "cpu"]
+    single = subprocess.run(_cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "mimprobe.cli", *common, "--out", str(tmp_path / "two")]
+    double = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    def first_step(run: str) -> dict[str, float]:
+        with open(tmp_path / run / "log.csv", newline="") as handle:
+            row = next(csv.DictReader(handle))
+        return {key: float(value) for key, value in row.items()}
+
+    one, two = first_step("one"), first_step("two")
+    for key in ("loss", "loss_block4", "loss_block5", "lr"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    resolved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert resolved["world_size"] == 2
