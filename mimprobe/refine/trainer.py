@@ -504,7 +504,8 @@ class _Trainer:
         set_trainable(self.network, stage=stage, freeze_blocks=self.config.freeze_blocks)
         self.network.heads.train()
         groups = _param_groups(self.network, self.config, stage)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas,
+                                           fused=self.ctx.device.type in ("cpu", "cuda"))  # one kernel per step
         if self.ctx.distributed:
             import gc
 
