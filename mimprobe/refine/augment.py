@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -88,10 +87,20 @@ class MultiViewTransform:
         return views
 
 
+def _splitmix64(value: int) -> int:
+    """One step of SplitMix64 (Steele et al. 2014): a fast, well-mixed 64-bit hash."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+_MASK64 = (1 << 64) - 1
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentations, a pure function of (seed, epoch, index)."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
-    return int(state >> np.uint64(1))
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ epoch) ^ index) >> 1
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
@@ -119,7 +128,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
         else:
             image = array_to_input(self.split.images[index])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            # the CPU generator only: torch.manual_seed also queues a CUDA seeding that records a stack trace
+            # per call (several ms) when CUDA is not initialised
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
             views = self.transform(image)
         return views, index
 
