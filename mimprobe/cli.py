@@ -418,7 +418,8 @@ def pretrain_mae(
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, augmentation and masks."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often the fastest for "
+                                          "small models on a busy machine)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in OUT."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
