@@ -41,6 +41,10 @@ _EXPORTS = {
     "load_placement": "placement",
     "place": "placement",
     "run_place": "placement",
+    "CompareConfig": "report",
+    "CompareResult": "report",
+    "compare": "report",
+    "run_compare": "report",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -385,6 +385,57 @@ def refine(
     _guarded(debug, body)
 
 
+# ---- command: compare ----
+@app.command(epilog="""
+**Examples**
+
+* `mimprobe compare profiles/before profiles/after --out reports/digits`
+* `mimprobe compare base nna-4heads nna-8heads --labels mae,4-heads,8-heads --out reports/heads --overwrite`
+* `mimprobe compare before after --placement runs/mae-l/placement.json --cka-rows 5000 --json --out report`
+
+Each input is a `mimprobe profile` folder; with more than two, every one is compared with the first. OUT gets
+report.html (self-contained: it opens offline), report.md, the figures as PNG and SVG, compare.csv/.parquet,
+best.csv, class_gains.csv, cka_*.csv and compare.json. The placement is read from the refine run folder of the
+after profile's checkpoint (RUN/placement.json) unless --placement is given. Blocks are 0-based.
+""")
+def compare(
+    profiles: list[Path] = typer.Argument(..., help="Profile folders BEFORE AFTER [MORE...] from `mimprobe profile "
+                                                    "--out`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma list of names, one per profile [default: the "
+                                                                "folder names]."),
+    placement: Optional[Path] = typer.Option(None, "--placement", help="placement.json of the refinement [default: "
+                                             "beside the after profile's checkpoint]."),
+    resamples: int = typer.Option(1000, "--resamples", help="Paired bootstrap resamples per interval."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and of the CKA subset."),
+    cka_rows: int = typer.Option(2000, "--cka-rows", help="Evaluation images used for CKA (seeded subset)."),
+    cka_pooling: str = typer.Option("cls", "--cka-pooling", help="Pooling compared by CKA (cls, mean, cls+mean)."),
+    no_cka: bool = typer.Option(False, "--no-cka", help="Skip the CKA heatmap (it reads the feature stores)."),
+    allow_different_data: bool = typer.Option(False, "--allow-different-data", help="Compare profiles of different "
+                                              "datasets (no intervals, no CKA)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds other files."),
+    json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Before/after report: block curves, per-block deltas with bootstrap intervals, best blocks, CKA, per-class gains."""
+    from .report import CompareConfig, run_compare
+
+    def body() -> None:
+        config = CompareConfig(resamples=resamples, seed=seed, cka_rows=cka_rows, cka_pooling=cka_pooling,
+                               cka=not no_cka, allow_different_data=allow_different_data)
+        names = [part.strip() for part in labels.split(",")] if labels is not None else None
+        result = run_compare(profiles, out=out, labels=names, placement=placement, config=config,
+                             overwrite=overwrite, log=None if json_output else (lambda m: typer.echo(m, err=True)))
+        if json_output:
+            typer.echo(json.dumps(result.summary(), indent=1))
+            return
+        for line in result.summary_lines():
+            typer.echo(line)
+        typer.echo(f"wrote {result.files['html']} and {len(result.files) - 1} more files ({result.seconds:.1f} s)")
+
+    _guarded(debug, body)
+
+
 # ---- command: pretrain-mae ----
 
 @app.command("pretrain-mae", epilog="""

@@ -352,6 +352,21 @@ def evaluate_knn(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
         class_names: One name per class index.
         exclude_self, chunk_size, shard_size, memory_budget, threads, name: As in `knn_predict`.
     """
+    return evaluate_knn_with_hits(train, train_labels, query, query_labels, preset=preset, split=split,
+                                  class_names=class_names, exclude_self=exclude_self, chunk_size=chunk_size,
+                                  shard_size=shard_size, memory_budget=memory_budget, threads=threads, name=name)[0]
+
+
+def evaluate_knn_with_hits(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray,
+                           *, preset: str | KnnPreset = "mim-refiner", split: str, class_names: Sequence[str],
+                           exclude_self: bool = False, chunk_size: int | None = None, shard_size: int | None = None,
+                           memory_budget: int | None = None, threads: int | None = None, name: str = "features"
+                           ) -> tuple[list[MetricRow], dict[tuple[int, float], np.ndarray]]:
+    """`evaluate_knn`'s rows and, per (k, T), the (n_query,) bool top-1 correctness of every query.
+
+    The correctness vectors are what the ``knn_top1`` rows average (``hits[(k, T)].mean()`` is the row's value);
+    they feed paired bootstrap intervals of before/after differences (`mimprobe.report`).
+    """
     preset = get_preset(preset)
     num_classes = len(class_names)
     if num_classes < 1:
@@ -363,10 +378,12 @@ def evaluate_knn(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
                             memory_budget=memory_budget, threads=threads, name=name)
     present = np.flatnonzero(np.bincount(y_query, minlength=num_classes))
     rows: list[MetricRow] = []
+    top1_hits: dict[tuple[int, float], np.ndarray] = {}
     for (k, temperature), ranked in predicted.ranked.items():
         params = preset.params(k, temperature)
         hits = ranked == y_query[:, None]  # (n_query, top): at most one True per row
         top1 = hits[:, 0]
+        top1_hits[(k, temperature)] = top1
         rows.append(MetricRow(split=split, metric="knn_top1", value=float(top1.mean()), params=params))
         rows.append(MetricRow(split=split, metric="knn_top5", value=float(hits.any(axis=1).mean()), params=params))
         correct = np.bincount(y_query, weights=top1, minlength=num_classes)
@@ -374,7 +391,7 @@ def evaluate_knn(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
         for c in present:
             rows.append(MetricRow(split=split, metric="knn_class_top1", value=float(correct[c] / total[c]),
                                   params={**params, "class": str(class_names[c])}))
-    return rows
+    return rows, top1_hits
 
 
 @contextlib.contextmanager

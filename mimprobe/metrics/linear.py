@@ -270,6 +270,26 @@ class BlockwiseLinearProbes:
         """(num_blocks, num_grid) accuracy, a fraction in [0, 1]."""
         return self.evaluate(features, labels)[0]
 
+    def correct(self, features: ArrayLike, labels: ArrayLike, *, chunk_size: int = 8192) -> np.ndarray:
+        """(num_blocks, num_grid, n) bool: whether each head classifies each sample correctly.
+
+        The per-sample counterpart of `evaluate`'s accuracy (its mean over the last axis), with the same rules:
+        labels never seen in training and diverged heads count as errors.
+        """
+        y_np = np.asarray(labels)
+        n = np.shape(features)[1] if np.ndim(features) == 3 else -1
+        if y_np.shape != (n,):
+            raise BadInputError(f"labels must be ({n},) to match the features, got shape {y_np.shape}")
+        device = self.coef_.device
+        position = np.searchsorted(self.classes_, y_np).clip(max=len(self.classes_) - 1)
+        known = torch.as_tensor(self.classes_[position] == y_np, device=device)
+        y = torch.as_tensor(position, device=device)
+        hits = [(logits.argmax(dim=2) == y[start:start + logits.shape[-1]]) & known[start:start + logits.shape[-1]]
+                for start, logits in zip(range(0, n, chunk_size), self._logit_chunks(features, chunk_size))]
+        correct = torch.cat(hits, dim=-1).cpu().numpy() if hits else np.zeros((*self.coef_.shape[:2], 0), bool)
+        correct[self.diverged_.cpu().numpy()] = False
+        return correct
+
 
 def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: ArrayLike, *,
                lrs: Sequence[float] = LinearProbeConfig.lrs,
@@ -333,6 +353,18 @@ def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLi
         BadInputError: Mismatched blocks or lengths, non-finite features (the block is named), fewer than 2
             classes in train.
     """
+    return evaluate_linear_with_hits(train_blocks, train_labels, test_blocks, test_labels, split=split,
+                                     config=config, seed=seed, val_fraction=val_fraction, refit=refit,
+                                     device=device)[0]
+
+
+def evaluate_linear_with_hits(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
+                              test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *, split: str = "test",
+                              config: LinearProbeConfig = LinearProbeConfig(), seed: int = 0,
+                              val_fraction: float = 0.1, refit: bool = True, device: str | torch.device = "cpu"
+                              ) -> tuple[dict[int, list[MetricRow]], dict[int, np.ndarray]]:
+    """`evaluate_linear`'s rows and, per block, the (n_test,) bool correctness of the reported head on every
+    test sample (its mean is the ``linear_top1`` value), for paired bootstrap intervals (`mimprobe.report`)."""
     device = torch.device(device)
     blocks = _check_inputs(train_blocks, train_labels, test_blocks, test_labels)
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
@@ -344,6 +376,7 @@ def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLi
               "epochs": config.epochs, "min_steps": config.min_steps, "batch_size": config.batch_size,
               "momentum": config.momentum, "val_fraction": val_fraction, "refit": refit}
     rows: dict[int, list[MetricRow]] = {}
+    hits: dict[int, np.ndarray] = {}
     for group in _block_groups(train_blocks, blocks, config.blocks_per_pass):
         test_x = _stack(test_blocks, group, np.arange(len(test_labels)), split, device)  # checked early, used last
         fit_x = _stack(train_blocks, group, fit_idx, "train", device)
@@ -365,14 +398,17 @@ def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLi
                                           ).fit(train_x, train_labels)
             del train_x
             test_accuracy = final.score(test_x, test_labels)[:, 0]
+            test_hits = final.correct(test_x, test_labels)[:, 0]
         else:
             test_accuracy = probes.score(test_x, test_labels)[np.arange(len(group)), chosen]
+            test_hits = probes.correct(test_x, test_labels)[np.arange(len(group)), chosen]
         for i, block in enumerate(group):
             lr, wd = grid[chosen[i]]
             params = {**common, "lr": lr, "weight_decay": wd}
             rows[block] = [MetricRow(split, "linear_top1", float(test_accuracy[i]), params, seed),
                            MetricRow("val", "linear_val_top1", float(val_accuracy[i, chosen[i]]), params, seed)]
-    return {block: rows[block] for block in blocks}
+            hits[block] = test_hits[i]
+    return {block: rows[block] for block in blocks}, {block: hits[block] for block in blocks}
 
 
 def select_grid_point(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
@@ -393,6 +429,18 @@ def evaluate_linear_sklearn(train_blocks: Mapping[int, ArrayLike], train_labels:
     increasing order, each warm-started from the previous solution, as ``LogisticRegressionCV`` does along its
     regularisation path: every fit still runs lbfgs to its tolerance, so the solutions are the same.
     """
+    return evaluate_linear_sklearn_with_hits(train_blocks, train_labels, test_blocks, test_labels, split=split,
+                                             c_values=c_values, seed=seed, val_fraction=val_fraction, refit=refit,
+                                             max_iter=max_iter)[0]
+
+
+def evaluate_linear_sklearn_with_hits(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
+                                      test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *,
+                                      split: str = "test", c_values: Sequence[float] = DEFAULT_C_VALUES,
+                                      seed: int = 0, val_fraction: float = 0.1, refit: bool = True,
+                                      max_iter: int = 1000) -> tuple[dict[int, list[MetricRow]], dict[int, np.ndarray]]:
+    """`evaluate_linear_sklearn`'s rows and, per block, the (n_test,) bool test correctness (see
+    `evaluate_linear_with_hits`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -406,6 +454,7 @@ def evaluate_linear_sklearn(train_blocks: Mapping[int, ArrayLike], train_labels:
     common = {"probe": "sklearn-lbfgs", "grid_c": c_values, "max_iter": max_iter, "val_fraction": val_fraction,
               "refit": refit}
     rows: dict[int, list[MetricRow]] = {}
+    hits: dict[int, np.ndarray] = {}
     for block in blocks:
         train_x = _finite_float32(train_blocks[block], block, "train")
         test_x = _finite_float32(test_blocks[block], block, split)  # checked early, used last
@@ -424,7 +473,8 @@ def evaluate_linear_sklearn(train_blocks: Mapping[int, ArrayLike], train_labels:
         params = {**common, "C": c_values[best]}
         rows[block] = [MetricRow(split, "linear_top1", float(final.score(test_x, test_labels)), params, seed),
                        MetricRow("val", "linear_val_top1", float(val_scores[best]), params, seed)]
-    return rows
+        hits[block] = final.predict(test_x) == test_labels
+    return rows, hits
 
 
 def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,

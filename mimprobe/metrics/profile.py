@@ -7,6 +7,10 @@ Reads only the FeatureStore (metrics never need the model). Splits:
   the signal head placement uses, so that it is never chosen on test.
 * Data with a train split only: k-NN runs leave-one-out on train (``train-loo``); linear, low-shot and
   clustering use a seeded, stratified 20 % hold-out of train (``train-holdout``).
+
+Besides the table, `run_profile` writes ``predictions.npz`` (`SamplePredictions`): the per-sample top-1
+correctness behind every ``knn_top1`` and ``linear_top1`` row, so that before/after differences can be given
+paired bootstrap intervals over the same evaluation images (`mimprobe.report`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ PRESETS = ("mim-refiner", "dino", "dinov2")
 PRIMARY_K = {"mim-refiner": 10, "dino": 20, "dinov2": 20}
 COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
 HOLDOUT_FRACTION = 0.2
+PREDICTIONS_FILE = "predictions.npz"
+PREDICTIONS_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,78 @@ class Headline:
     split: str
     params: dict[str, Any] = field(default_factory=dict)
     higher_is_better: bool = True
+
+
+@dataclass
+class SamplePredictions:
+    """Per-sample top-1 correctness of accuracy rows of the table, grouped by the table's split.
+
+    For a split (``"test"``, ``"val"``, ``"train-loo"``, ...): ``sources[split]`` is the store split its rows come
+    from, ``rows[split]`` the (n,) int64 indices of those rows in it (valid rows, as `FeatureStore.features`
+    returns them), and ``hits[split][(metric, block, pooling, params)]`` one (n,) bool vector per table row, whose
+    mean is that row's ``value`` (``params`` is the row's canonical JSON).
+
+    Saved as ``predictions.npz``: ``format_version``, and per split ``source__SPLIT`` (str), ``rows__SPLIT``
+    (n,) int64, ``keys__SPLIT`` (m,) str (JSON ``[metric, block, pooling, params]``), ``hits__SPLIT`` (m, n) bool.
+    """
+
+    sources: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    hits: dict[str, dict[tuple[str, int, str, str], np.ndarray]] = field(default_factory=dict)
+
+    def add(self, *, split: str, source: str, rows: np.ndarray, metric: str, block: int, pooling: str,
+            params: str, hits: np.ndarray) -> None:
+        """Record one table row's (n,) correctness over the evaluation ``rows`` of store split ``source``."""
+        rows, hits = np.asarray(rows, dtype=np.int64), np.asarray(hits, dtype=bool)
+        if hits.shape != rows.shape:
+            raise ValueError(f"{metric} block {block}: {hits.shape} hits for {rows.shape} rows")
+        if split in self.rows and (self.sources[split] != source or not np.array_equal(self.rows[split], rows)):
+            raise ValueError(f"split {split!r} was recorded with other evaluation rows")
+        self.sources[split], self.rows[split] = source, rows
+        self.hits.setdefault(split, {})[(metric, int(block), pooling, params)] = hits
+
+    def get(self, *, metric: str, split: str, block: int, pooling: str, params: str) -> np.ndarray | None:
+        """The (n,) correctness of one table row, or None when it was not recorded."""
+        return self.hits.get(split, {}).get((metric, int(block), pooling, params))
+
+    def save(self, path: str | Path) -> None:
+        arrays: dict[str, np.ndarray] = {"format_version": np.array(PREDICTIONS_FORMAT)}
+        for split, entries in self.hits.items():
+            keys = list(entries)
+            arrays[f"source__{split}"] = np.array(self.sources[split])
+            arrays[f"rows__{split}"] = self.rows[split]
+            arrays[f"keys__{split}"] = np.array([json.dumps(list(key)) for key in keys], dtype=str)
+            arrays[f"hits__{split}"] = (np.stack([entries[key] for key in keys]) if keys
+                                        else np.zeros((0, len(self.rows[split])), bool))
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SamplePredictions":
+        """Read ``predictions.npz`` back.
+
+        Raises:
+            BadInputError: Not a predictions file of this format.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError) as error:
+            raise BadInputError(f"{path} is not a readable predictions file ({error}): re-run `mimprobe profile`") \
+                from None
+        if int(arrays.get("format_version", -1)) != PREDICTIONS_FORMAT:
+            raise BadInputError(f"{path}: predictions format {arrays.get('format_version')} is not "
+                                f"{PREDICTIONS_FORMAT}; re-run `mimprobe profile` with this version")
+        loaded = cls()
+        for name in arrays:
+            if not name.startswith("keys__"):
+                continue
+            split = name[len("keys__"):]
+            loaded.sources[split] = str(arrays[f"source__{split}"])
+            loaded.rows[split] = arrays[f"rows__{split}"].astype(np.int64)
+            keys = [tuple(json.loads(str(key))) for key in arrays[name]]
+            loaded.hits[split] = {(str(m), int(b), str(p), str(q)): hits
+                                  for (m, b, p, q), hits in zip(keys, arrays[f"hits__{split}"])}
+        return loaded
 
 
 @dataclass
@@ -165,8 +243,14 @@ def _resolve_metrics(config: ProfileConfig, store: FeatureStore, labels: np.ndar
 
 
 def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Measure every block and pooling of a complete store; return the long table (DESIGN.md columns)."""
+                  log: Callable[[str], None] | None = None,
+                  predictions: SamplePredictions | None = None) -> pd.DataFrame:
+    """Measure every block and pooling of a complete store; return the long table (DESIGN.md columns).
+
+    Args:
+        predictions: When given, receives the per-sample correctness of every ``knn_top1`` and ``linear_top1``
+            row (see `SamplePredictions`).
+    """
     from . import cluster, knn, linear, lowshot, rank
 
     config = config or ProfileConfig()
@@ -212,13 +296,21 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                 if "knn" in metrics:
                     common = dict(preset=config.preset, class_names=classes, threads=config.threads, name=name)
                     if plan.knn_loo:
-                        found = knn.evaluate_knn(train, train_labels_all, train, train_labels_all, split="train-loo",
-                                                 exclude_self=True, **common)
+                        found, hits = knn.evaluate_knn_with_hits(train, train_labels_all, train, train_labels_all,
+                                                                 split="train-loo", exclude_self=True, **common)
+                        _record_knn(predictions, found, hits, source="train", rows=np.arange(len(train)),
+                                    block=block, pooling=pooling)
                     else:
-                        found = knn.evaluate_knn(x_train, y_train, x_eval, y_eval, split=plan.eval_split, **common)
-                    found += knn.evaluate_knn(train[plan.fit_index], train_labels_all[plan.fit_index],
-                                              train[plan.val_index], train_labels_all[plan.val_index], split="val",
-                                              **common)
+                        found, hits = knn.evaluate_knn_with_hits(x_train, y_train, x_eval, y_eval,
+                                                                 split=plan.eval_split, **common)
+                        _record_knn(predictions, found, hits, source=plan.eval_source, rows=plan.eval_index,
+                                    block=block, pooling=pooling)
+                    val_found, val_hits = knn.evaluate_knn_with_hits(
+                        train[plan.fit_index], train_labels_all[plan.fit_index], train[plan.val_index],
+                        train_labels_all[plan.val_index], split="val", **common)
+                    _record_knn(predictions, val_found, val_hits, source="train", rows=plan.val_index, block=block,
+                                pooling=pooling)
+                    found += val_found
                     rows += [(block, pooling, row) for row in found]
                     bar.advance(tasks["knn"])
                 if "lowshot" in metrics:
@@ -241,12 +333,19 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                 if "linear" in metrics:
                     train_blocks[block], eval_blocks[block] = x_train, x_eval
             if "linear" in metrics:
-                evaluate = linear.evaluate_linear if config.probe == "batched" else linear.evaluate_linear_sklearn
+                evaluate = (linear.evaluate_linear_with_hits if config.probe == "batched"
+                            else linear.evaluate_linear_sklearn_with_hits)
                 kwargs = {"device": resolve_device(config.device)} if config.probe == "batched" else {}
-                found_by_block = evaluate(train_blocks, y_train, eval_blocks, y_eval, split=plan.eval_split,
-                                          seed=config.seed, val_fraction=config.val_fraction, **kwargs)
+                found_by_block, hits_by_block = evaluate(train_blocks, y_train, eval_blocks, y_eval,
+                                                         split=plan.eval_split, seed=config.seed,
+                                                         val_fraction=config.val_fraction, **kwargs)
                 for block, found in found_by_block.items():
                     rows += [(block, pooling, row) for row in found]
+                    if predictions is not None:
+                        test_row = next(row for row in found if row.metric == "linear_top1")
+                        predictions.add(split=plan.eval_split, source=plan.eval_source, rows=plan.eval_index,
+                                        metric="linear_top1", block=block, pooling=pooling,
+                                        params=test_row.params_json(), hits=hits_by_block[block])
                 bar.advance(tasks["linear"], len(blocks))
     manifest = store.manifest
     identity = {"model": manifest["model"]["name"],
@@ -260,6 +359,18 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     return table
 
 
+def _record_knn(predictions: SamplePredictions | None, found: list[MetricRow],
+                hits: dict[tuple[int, float], np.ndarray], *, source: str, rows: np.ndarray, block: int,
+                pooling: str) -> None:
+    """File the top-1 correctness of each ``knn_top1`` row of ``found`` under the row's split and params."""
+    if predictions is None:
+        return
+    for row in found:
+        if row.metric == "knn_top1":
+            predictions.add(split=row.split, source=source, rows=rows, metric=row.metric, block=block,
+                            pooling=pooling, params=row.params_json(), hits=hits[(row.params["k"], row.params["T"])])
+
+
 @dataclass
 class ProfileResult:
     table: pd.DataFrame
@@ -268,6 +379,7 @@ class ProfileResult:
     store: FeatureStore
     files: dict[str, str]
     seconds: float
+    predictions: SamplePredictions | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.out), "store": str(self.store.path), "store_key": self.store.key,
@@ -306,7 +418,8 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
                 features_dir: str | Path | None = None, checkpoint: str | None = None, pretrained: bool = False,
                 extract_options: dict[str, Any] | None = None, progress: bool = True,
                 log: Callable[[str], None] | None = None) -> ProfileResult:
-    """Extract (or reuse) a FeatureStore, measure every block, and write profile.{csv,parquet,json,png} to ``out``.
+    """Extract (or reuse) a FeatureStore, measure every block, and write profile.{csv,parquet,json,png} and
+    predictions.npz (`SamplePredictions`) to ``out``.
 
     Args:
         target: A timm model name (with ``data``) or a FeatureStore directory.
@@ -329,12 +442,15 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
     store = open_or_extract(target, data, features_dir=Path(features_dir) if features_dir else out / "features",
                             checkpoint=checkpoint, pretrained=pretrained, extract_options=extract_options,
                             progress=progress, log=log)
-    table = profile_store(store, config, progress=progress, log=log)
+    predictions = SamplePredictions()
+    table = profile_store(store, config, progress=progress, log=log, predictions=predictions)
     best = best_blocks(table, config.preset)
     files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),
-             "json": str(out / "profile.json"), "png": str(out / "profile.png")}
+             "json": str(out / "profile.json"), "png": str(out / "profile.png"),
+             "predictions": str(out / PREDICTIONS_FILE)}
     table.to_csv(files["csv"], index=False)
     table.to_parquet(files["parquet"], index=False)
+    predictions.save(files["predictions"])
     plot_profile(table, headlines(config.preset, table), best, title=_title(store), path=Path(files["png"]))
     seconds = time.perf_counter() - started
     payload = {
@@ -346,7 +462,8 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
         "seconds": round(seconds, 2),
     }
     Path(files["json"]).write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    return ProfileResult(table=table, best=best, out=out, store=store, files=files, seconds=seconds)
+    return ProfileResult(table=table, best=best, out=out, store=store, files=files, seconds=seconds,
+                         predictions=predictions)
 
 
 def _title(store: FeatureStore) -> str:

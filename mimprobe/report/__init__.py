@@ -1,0 +1,23 @@
+"""Before/after reports: compare a refined model's profile with the original's, block by block.
+
+DESIGN.md, "Reports": ``compare`` writes one self-contained HTML file (plots embedded), a Markdown twin, PNG/SVG
+plots and the merged table: block curves before/after for every metric and pooling with the placement and the
+peak marked, per-block deltas with paired bootstrap intervals, the best block before and after, a block-by-block
+linear CKA heatmap (Kornblith et al. 2019, arXiv 1905.00414) and per-class gains.
+
+Modules: `inputs` (profile folders, their stores, predictions and placement), `curves` (which series to compare,
+titles, number formats), `samples` (per-sample correctness: predictions.npz or recomputed k-NN), `bootstrap`
+(paired percentile bootstrap), `cka` (linear CKA, exact in minibatches), `comparison` (`compare`: the numbers of one
+pair), `plots`, `document` / `content` / `html_report` / `markdown_report` (the report), `run` (`run_compare`:
+files in, folder out). The CLI command is ``mimprobe compare`` in `mimprobe.cli`.
+"""
+
+from .bootstrap import PairedInterval, paired_bootstrap
+from .cka import StoreCka, cka_matrix, linear_cka, store_cka
+from .comparison import CompareConfig, PairComparison, compare
+from .inputs import ProfileInput, find_placement, load_profile
+from .run import CompareResult, run_compare
+
+__all__ = ["CompareConfig", "CompareResult", "PairComparison", "PairedInterval", "ProfileInput", "StoreCka",
+           "cka_matrix", "compare", "find_placement", "linear_cka", "load_profile", "paired_bootstrap", "run_compare",
+           "store_cka"]

@@ -1,0 +1,339 @@
+"""The report's content: sections, tables and figures built from the comparisons (shared by HTML and Markdown).
+
+Numbers: accuracies as percentages with 1 decimal, differences with a sign in percentage points, other scores
+with 3 decimals (effective rank 1). Blocks are 0-based, as timm's ``blocks.{i}`` (block 11 is the last of 12).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..metrics.knn import PRESETS as KNN_PRESETS
+from .comparison import CompareConfig, PairComparison
+from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
+from .document import Bullets, Document, Image, Paragraph, Section, Table
+from .inputs import ProfileInput
+from .plots import SideCurve, plot_cka, plot_class_gains, plot_curves, plot_deltas
+
+CLASS_ROWS = 20   # per-class table: all classes up to this many, else the 10 largest gains and 10 largest losses
+
+
+def build_document(profiles: list[ProfileInput], pairs: list[PairComparison], *, config: CompareConfig,
+                   out: Path) -> tuple[Document, list[Path]]:
+    """The report document and the figure files it wrote into ``out`` (PNG and SVG)."""
+    figures: list[Path] = []
+    reference = profiles[0]
+    others = ", ".join(p.label for p in profiles[1:])
+    title = f"mimprobe compare: {reference.label} vs {others}"
+    intro: list[Paragraph | Bullets] = [Bullets(tuple(summary_lines(pairs, config)), kind="summary")]
+    for pair in pairs:
+        intro += [Paragraph(note, kind="note") for note in pair.notes]
+    sections = [_curves_section(profiles, pairs, out, figures)]
+    for index, pair in enumerate(pairs):
+        suffix = f": {pair.after.label} vs {pair.before.label}" if len(pairs) > 1 else ""
+        sections.append(_best_section(index, pair, suffix, config))
+        if pair.same_depth:
+            sections.append(_delta_section(index, pair, suffix, config, out, figures))
+        sections.append(_cka_section(index, pair, suffix, out, figures))
+        sections.append(_class_section(index, pair, suffix, out, figures))
+        sections.append(_placement_section(index, pair, suffix))
+    sections.append(_config_section(profiles))
+    sections.append(_method_section(pairs, config))
+    return Document(title=title, intro=tuple(intro), sections=tuple(sections)), figures
+
+
+# --- summary -------------------------------------------------------------------------------------------------
+
+def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[str]:
+    """The plain-language summary at the top of the report (and of the CLI's output)."""
+    lines = []
+    for pair in pairs:
+        prefix = f"{pair.after.label} vs {pair.before.label}: " if len(pairs) > 1 else ""
+        key = pair.headline
+        if key is None:
+            continue
+        best = pair.best[(pair.best["key"] == key) & (pair.best["pooling"] == pair.class_pooling)]
+        if best.empty:
+            best = pair.best[pair.best["key"] == key]
+        row = best.iloc[0]
+        interval = _interval_text(row["low"], row["high"], key, config)
+        lines.append(
+            f"{prefix}best block for {key.title} ({row['pooling']}): {pair.before.label} block {row['before_block']} "
+            f"at {format_value(row['before_value'], key)}{unit(key)}, {pair.after.label} block {row['after_block']} at "
+            f"{format_value(row['after_value'], key)}{unit(key)}: {format_delta(row['delta'], key)}"
+            f"{' points' if key.is_percent else ''}{interval}.")
+        if pair.same_depth and not pair.deltas.empty:
+            rows = pair.deltas[(pair.deltas["key"] == key) & (pair.deltas["pooling"] == row["pooling"])]
+            if not rows.empty:
+                sign = 1 if key.higher_is_better else -1
+                gains = rows["delta"] * sign
+                top, worst = rows.loc[gains.idxmax()], rows.loc[gains.idxmin()]
+                points = " points" if key.is_percent else ""
+                if gains.max() > 0:
+                    text = (f"{prefix}biggest gain at block {int(top['block'])}: {format_delta(top['delta'], key)}"
+                            f"{points} ({format_value(top['before'], key)} → {format_value(top['after'], key)}"
+                            f"{unit(key)})")
+                else:
+                    text = f"{prefix}no block improved on {key.title} ({row['pooling']})"
+                if gains.min() < 0:
+                    text += (f"; largest drop at block {int(worst['block'])}: {format_delta(worst['delta'], key)}"
+                             f"{points}")
+                lines.append(text + ".")
+        if pair.placement is not None:
+            placement = pair.placement
+            lines.append(f"{prefix}refinement heads were on blocks {_blocks(placement.head_blocks)} (of "
+                         f"{placement.num_blocks}; rule {placement.rule}"
+                         + (f", first {placement.freeze_blocks} blocks frozen" if placement.freeze_blocks else "")
+                         + f"): {placement.reason}")
+        else:
+            lines.append(f"{prefix}{pair.placement_source}.")
+        if pair.relative_depth:
+            lines.append(f"{prefix}the models have different depths ({pair.before.num_blocks} and "
+                         f"{pair.after.num_blocks} blocks): curves are compared by relative depth.")
+    lines.append("Blocks are numbered from 0, as timm's blocks.{i}: block 0 is the first transformer block, "
+                 "block L-1 the last of L.")
+    return lines
+
+
+def _interval_text(low: float, high: float, key: CurveKey, config: CompareConfig) -> str:
+    if not np.isfinite(low) or not np.isfinite(high):
+        return " (no interval)"
+    return f" ({round(config.level * 100)} % CI {format_delta(low, key)} to {format_delta(high, key)})"
+
+
+def _blocks(blocks) -> str:
+    return ", ".join(str(int(b)) for b in blocks)
+
+
+# --- sections ------------------------------------------------------------------------------------------------
+
+def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], out: Path,
+                    figures: list[Path]) -> Section:
+    relative = any(pair.relative_depth for pair in pairs)
+    keys = [key for key in pairs[0].keys if all(key in pair.keys for pair in pairs)]
+    poolings = [p for p in pairs[0].poolings if all(p in pair.poolings for pair in pairs)]
+    placements = {pair.after.label: pair.placement for pair in pairs}
+    tables = {profile.label: curve_rows(profile.table) for profile in profiles}
+    parts: list[Paragraph | Table | Image] = [Paragraph(
+        "Every metric and pooling, block by block, all profiles on one axis; a star marks each curve's best block, "
+        "dotted lines the blocks that carried refinement heads." + (
+            " The x axis is the relative depth (block + 1) / depth, since the models have different depths."
+            if relative else " Blocks are 0-based."))]
+    for key in keys:
+        sides = [SideCurve(profile.label, {p: curve(tables[profile.label], key, p) for p in poolings},
+                           profile.num_blocks, placements.get(profile.label)) for profile in profiles]
+        png, svg = plot_curves(key, poolings, sides, relative=relative, stem=out / f"curve_{key.slug}",
+                               higher_is_better=key.higher_is_better)
+        figures += [png, svg]
+        parts.append(Image(png, key.title + (" (higher is better)" if key.higher_is_better else
+                                             " (lower is better)"), svg))
+    return Section("Block curves", "curves", tuple(parts))
+
+
+def _best_section(index: int, pair: PairComparison, suffix: str, config: CompareConfig) -> Section:
+    records = []
+    for row in pair.best.to_dict(orient="records"):
+        key: CurveKey = row["key"]
+        records.append({
+            "metric": key.title, "pooling": row["pooling"],
+            f"{pair.before.label} block": str(row["before_block"]),
+            f"{pair.before.label} value": format_value(row["before_value"], key) + unit(key),
+            f"{pair.after.label} block": str(row["after_block"]),
+            f"{pair.after.label} value": format_value(row["after_value"], key) + unit(key),
+            "difference": format_delta(row["delta"], key),
+            f"{round(config.level * 100)} % CI": _ci(row["low"], row["high"], key)})
+    text = ("The best block of each curve on each side (0-based) and its value; the difference is best against "
+            "best, with a paired bootstrap interval where per-sample results exist (accuracy differences in "
+            "percentage points).")
+    if pair.relative_depth:
+        text += " The models have different depths, so this is the main block-level comparison."
+    return Section(f"Best blocks{suffix}", f"best-blocks-{index}", (
+        Paragraph(text), Table(pd.DataFrame.from_records(records), f"best-{index}", text_columns=("pooling",))))
+
+
+def _delta_section(index: int, pair: PairComparison, suffix: str, config: CompareConfig, out: Path,
+                   figures: list[Path]) -> Section:
+    parts: list[Paragraph | Table | Image] = [Paragraph(
+        f"Per block (0-based): {pair.before.label}, {pair.after.label} and the difference (after minus before; "
+        f"accuracies in %, differences in points), with {round(config.level * 100)} % paired bootstrap intervals "
+        f"over the same evaluation images ({config.resamples:,} resamples, seed {config.seed}) for k-NN and "
+        "linear-probe accuracies.")]
+    subsections = []
+    for key in pair.keys:
+        rows = pair.deltas[pair.deltas["key"] == key]
+        if rows.empty:
+            continue
+        body: list[Paragraph | Table | Image] = []
+        if rows["low"].notna().any():
+            png, svg = plot_deltas(key, rows, label=f"{pair.after.label} − {pair.before.label}",
+                                   stem=out / f"delta_{index}_{key.slug}", level=config.level)
+            figures += [png, svg]
+            body.append(Image(png, f"{key.title}: per-block differences with their intervals", svg))
+            source = pair.interval_sources.get(key.title)
+            if source:
+                body.append(Paragraph(f"Per-sample results: {source}."))
+        body.append(Table(_wide_deltas(rows, key, pair, config), f"deltas-{index}-{key.slug}"))
+        subsections.append(Section(key.title, f"differences-{index}-{key.slug}", tuple(body)))
+    return Section(f"Per-block differences{suffix}", f"differences-{index}", tuple(parts), tuple(subsections))
+
+
+def _wide_deltas(rows: pd.DataFrame, key: CurveKey, pair: PairComparison, config: CompareConfig) -> pd.DataFrame:
+    blocks = sorted(set(rows["block"]))
+    frame = pd.DataFrame({"block": [str(b) for b in blocks]})
+    has_interval = rows["low"].notna().any()
+    suffix = " (%)" if key.is_percent else ""
+    for pooling in dict.fromkeys(rows["pooling"]):
+        part = rows[rows["pooling"] == pooling].set_index("block").reindex(blocks)
+        frame[f"{pooling} {pair.before.label}{suffix}"] = [format_value(v, key) for v in part["before"]]
+        frame[f"{pooling} {pair.after.label}{suffix}"] = [format_value(v, key) for v in part["after"]]
+        frame[f"{pooling} difference"] = [format_delta(v, key) for v in part["delta"]]
+        if has_interval:
+            frame[f"{pooling} {round(config.level * 100)} % CI"] = [_ci(lo, hi, key) for lo, hi in
+                                                                  zip(part["low"], part["high"])]
+    return frame
+
+
+def _ci(low: float, high: float, key: CurveKey) -> str:
+    if not np.isfinite(low) or not np.isfinite(high):
+        return "–"
+    return f"[{format_delta(low, key)}, {format_delta(high, key)}]"
+
+
+def _cka_section(index: int, pair: PairComparison, suffix: str, out: Path, figures: list[Path]) -> Section:
+    if pair.cka is None:
+        return Section(f"Similarity of blocks (CKA){suffix}", f"cka-{index}",
+                       (Paragraph(pair.cka_note or "CKA was not computed.", kind="note"),))
+    png, svg = plot_cka(pair.cka, label_x=pair.before.label, label_y=pair.after.label, stem=out / f"cka_{index}")
+    figures += [png, svg]
+    parts: list[Paragraph | Table | Image] = [
+        Paragraph(f"Block-by-block {pair.cka_note}: 1 means the two blocks represent the images identically up to "
+                  "rotation and scale. Rows: blocks of " f"{pair.before.label}; columns: blocks of {pair.after.label}."),
+        Image(png, f"linear CKA, {pair.before.label} (rows) vs {pair.after.label} (columns)", svg)]
+    if pair.same_depth:
+        blocks = [b for b in pair.cka.blocks_x if b in pair.cka.blocks_y]
+        values = [pair.cka.values[pair.cka.blocks_x.index(b), pair.cka.blocks_y.index(b)] for b in blocks]
+        parts.append(Table(pd.DataFrame({"block": [str(b) for b in blocks],
+                                         "CKA (same block)": [f"{v:.3f}" for v in values]}), f"cka-diagonal-{index}",
+                           caption="CKA of each block with the same block of the other model"))
+    return Section(f"Similarity of blocks (CKA){suffix}", f"cka-{index}", tuple(parts))
+
+
+def _class_section(index: int, pair: PairComparison, suffix: str, out: Path, figures: list[Path]) -> Section:
+    title = f"Per-class gains{suffix}"
+    gains = pair.class_gains
+    if gains.empty or pair.headline is None:
+        return Section(title, f"classes-{index}", (Paragraph("No per-class k-NN rows (knn_class_top1) in both "
+                                                             "profiles.", kind="note"),))
+    block_before, block_after = int(gains["before_block"].iloc[0]), int(gains["after_block"].iloc[0])
+    text = (f"k-NN top-1 per class ({pair.class_pooling} pooling, {pair.headline.split} split) at each side's best "
+            f"block: {pair.before.label} block {block_before}, {pair.after.label} block {block_after}; gain in "
+            "points.")
+    ordered = gains.sort_values("gain", ascending=False)
+    if len(ordered) > CLASS_ROWS:
+        text += f" {len(ordered)} classes: the 10 largest gains and the 10 largest losses are listed (all in " \
+                "class_gains.csv)."
+        ordered = pd.concat([ordered.head(CLASS_ROWS // 2), ordered.tail(CLASS_ROWS // 2)])
+    png, svg = plot_class_gains(gains, title=f"{pair.after.label} − {pair.before.label}, per class",
+                                stem=out / f"classes_{index}")
+    figures += [png, svg]
+    key = pair.headline
+    table = pd.DataFrame({
+        "class": [str(c) for c in ordered["class"]],
+        f"{pair.before.label} (%)": [format_value(v, key) for v in ordered["before"]],
+        f"{pair.after.label} (%)": [format_value(v, key) for v in ordered["after"]],
+        "gain (points)": [format_delta(v, key) for v in ordered["gain"]]})
+    return Section(title, f"classes-{index}", (Paragraph(text), Table(table, f"class-gains-{index}"),
+                                               Image(png, "per-class gain in k-NN top-1 (points)", svg)))
+
+
+def _placement_section(index: int, pair: PairComparison, suffix: str) -> Section:
+    placement = pair.placement
+    if placement is None:
+        return Section(f"Placement{suffix}", f"placement-{index}", (Paragraph(pair.placement_source, kind="note"),))
+    items = [f"head blocks (0-based): {_blocks(placement.head_blocks)} of {placement.num_blocks}",
+             f"rule: {placement.rule}; {placement.reason}",
+             f"frozen blocks: {placement.freeze_blocks and f'0 to {placement.freeze_blocks - 1}' or 'none'}",
+             f"read from: {pair.placement_source}"]
+    if placement.peak_block is not None:
+        items.append(f"peak of the placement's validation curve: block {placement.peak_block}"
+                     + (f" ({100 * placement.peak_value:.1f} %)" if placement.peak_value is not None else "")
+                     + (f", plateau from block {placement.plateau_start}" if placement.plateau_start is not None
+                        else ""))
+    items += [f"note: {note}" for note in placement.notes]
+    return Section(f"Placement{suffix}", f"placement-{index}", (Bullets(tuple(items)),))
+
+
+def _config_section(profiles: list[ProfileInput]) -> Section:
+    rows: dict[str, list[str]] = {}
+
+    def put(name: str, values: list[object]) -> None:
+        rows[name] = ["–" if v is None or v == "" else str(v) for v in values]
+
+    metas = [p.meta for p in profiles]
+    models = [m.get("model") or {} for m in metas]
+    datasets = [m.get("dataset") or {} for m in metas]
+    configs = [m.get("config") or {} for m in metas]
+    put("profile folder", [str(p.folder) for p in profiles])
+    put("model", [p.model_name for p in profiles])
+    put("weights", [m.get("weights") for m in models])
+    put("checkpoint", [m.get("checkpoint") for m in models])
+    put("checkpoint format", [m.get("checkpoint_format") for m in models])
+    put("checkpoint sha256", [m.get("checkpoint_sha256") for m in models])
+    put("blocks (depth)", [p.num_blocks for p in profiles])
+    put("embedding width", [(m.get("structure") or {}).get("embed_dim") for m in models])
+    put("dataset", [d.get("name") for d in datasets])
+    put("dataset fingerprint", [d.get("fingerprint") for d in datasets])
+    put("splits", [", ".join(f"{k} {v:,}" for k, v in (d.get("splits") or {}).items()) for d in datasets])
+    put("classes", [len(m.get("classes") or []) for m in metas])
+    put("feature store", [m.get("store") for m in metas])
+    put("store key", [m.get("store_key") for m in metas])
+    put("poolings", [", ".join(m.get("poolings") or []) for m in metas])
+    put("k-NN preset", [c.get("preset") for c in configs])
+    put("k-NN protocol", [_knn_protocol(c.get("preset")) for c in configs])
+    put("linear probe", [c.get("probe") for c in configs])
+    put("metrics", [", ".join(c.get("metrics") or ["all"]) for c in configs])
+    put("seed", [c.get("seed") for c in configs])
+    put("validation fraction", [c.get("val_fraction") for c in configs])
+    put("predictions.npz", ["yes" if p.predictions is not None else "no" for p in profiles])
+    frame = pd.DataFrame([[name, *values] for name, values in rows.items()],
+                         columns=["setting", *[p.label for p in profiles]])
+    packages = sorted({name for m in metas for name in (m.get("versions") or {})})
+    versions = pd.DataFrame([[name, *[str((m.get("versions") or {}).get(name) or "–") for m in metas]]
+                             for name in packages], columns=["package", *[p.label for p in profiles]])
+    full = [(p.label, json.dumps(p.meta.get("config") or {}, sort_keys=True)) for p in profiles]
+    return Section("Configuration and software", "settings", (
+        Paragraph("From each profile's profile.json: the model and weights, the data, the feature store and the "
+                  "evaluation protocol, then the software versions."),
+        Table(frame, "configuration", text_columns=tuple(p.label for p in profiles)),
+        Table(versions, "versions", text_columns=tuple(p.label for p in profiles)),
+        Bullets(tuple(f"{label} profile config: {text}" for label, text in full))))
+
+
+def _knn_protocol(preset: str | None) -> str:
+    if preset not in KNN_PRESETS:
+        return "–"
+    p = KNN_PRESETS[preset]
+    return (f"k={'/'.join(map(str, p.ks))}, T={'/'.join(map(str, p.temperatures))}, {p.weighting} weights"
+            + (", standardised with train mean/std" if p.standardize else "") + ", cosine (L2-normalised)")
+
+
+def _method_section(pairs: list[PairComparison], config: CompareConfig) -> Section:
+    sources = sorted({source for pair in pairs for source in pair.interval_sources.values()})
+    items = [
+        "Blocks are 0-based and match timm's blocks.{i} parameter names.",
+        f"Intervals: paired percentile bootstrap over the evaluation images ({config.resamples:,} resamples, "
+        f"seed {config.seed}, {round(config.level * 100)} % level): the same images are resampled for both models, "
+        "so the interval is that of the paired difference. Only k-NN and linear-probe accuracies have per-sample "
+        "results; other metrics' differences have no interval.",
+        "Per-sample results came from: " + (", ".join(sources) if sources else "none (no intervals)") + ".",
+        "CKA: linear centred kernel alignment (Kornblith et al. 2019, arXiv 1905.00414), computed exactly in "
+        "minibatches of Gram-matrix rows on a seeded subset of the evaluation split.",
+        "Models of different depths are compared by relative depth (block + 1) / depth.",
+        "Files: compare.csv / compare.parquet (the profiles' tables with label and side columns, plus delta rows "
+        "with their intervals), class_gains.csv, cka_*.csv, the figures as PNG and SVG, report.md and this page.",
+    ]
+    return Section("Method and files", "method", (Bullets(tuple(items)),))

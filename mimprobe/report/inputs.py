@@ -1,0 +1,118 @@
+"""Reading what a comparison needs: profile folders, their feature stores, predictions and placements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import BadInputError
+from ..features.store import FeatureStore
+from ..metrics.profile import PREDICTIONS_FILE, SamplePredictions
+from ..placement import PLACEMENT_FILE, Placement, load_placement
+from ..placement.run import model_depth, read_profile
+
+
+@dataclass(frozen=True)
+class ProfileInput:
+    """One profile folder, read: the long table, profile.json, and what lies next to it.
+
+    ``predictions`` is None for profiles written before ``predictions.npz`` existed; ``store`` is None when the
+    feature store named in profile.json is gone (then CKA and recomputed k-NN correctness are unavailable).
+    """
+
+    label: str
+    folder: Path
+    table: pd.DataFrame
+    meta: dict[str, Any]
+    num_blocks: int
+    predictions: SamplePredictions | None
+    store: FeatureStore | None
+
+    @property
+    def preset(self) -> str:
+        return str((self.meta.get("config") or {}).get("preset") or "mim-refiner")
+
+    @property
+    def fingerprint(self) -> str | None:
+        return (self.meta.get("dataset") or {}).get("fingerprint")
+
+    @property
+    def dataset_name(self) -> str:
+        return str((self.meta.get("dataset") or {}).get("name") or _first(self.table, "dataset"))
+
+    @property
+    def model_name(self) -> str:
+        return str((self.meta.get("model") or {}).get("name") or _first(self.table, "model"))
+
+    @property
+    def checkpoint(self) -> str | None:
+        return (self.meta.get("model") or {}).get("checkpoint")
+
+    @property
+    def weights(self) -> str:
+        """The checkpoint file name, or the weights tag (``random``, ``pretrained``) without one."""
+        model = self.meta.get("model") or {}
+        if model.get("checkpoint"):
+            return Path(str(model["checkpoint"])).name
+        return str(model.get("weights") or _first(self.table, "checkpoint"))
+
+
+def load_profile(path: str | Path, *, label: str | None = None) -> ProfileInput:
+    """Read a ``mimprobe profile`` folder.
+
+    Raises:
+        BadInputError: The folder is missing or holds no profile table.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise BadInputError(f"profile folder {folder} not found: make one with `mimprobe profile MODEL DATA --out "
+                            f"{folder}`")
+    table, meta, folder = read_profile(folder)
+    num_blocks, _ = model_depth(meta, table)
+    predictions_path = folder / PREDICTIONS_FILE
+    predictions = SamplePredictions.load(predictions_path) if predictions_path.is_file() else None
+    return ProfileInput(label=label or folder.resolve().name, folder=folder, table=table, meta=meta,
+                        num_blocks=num_blocks, predictions=predictions, store=_open_store(meta, folder))
+
+
+def _open_store(meta: dict[str, Any], folder: Path) -> FeatureStore | None:
+    """The store profile.json names: as written, else beside the profile (``FOLDER/features/NAME``, where
+    `mimprobe profile` puts it by default), so a moved or copied profile folder still finds it."""
+    named = meta.get("store")
+    if not named:
+        return None
+    for candidate in (Path(named), folder / Path(named), folder / "features" / Path(named).name):
+        if (candidate / "manifest.json").is_file():
+            try:
+                store = FeatureStore.open(candidate)
+            except BadInputError:
+                return None
+            if store.key == meta.get("store_key", store.key) and store.complete:
+                return store
+    return None
+
+
+def find_placement(after: ProfileInput, explicit: str | Path | None = None) -> tuple[Placement | None, str]:
+    """The placement of the refined model, and where it came from (or why none was found).
+
+    ``explicit`` (``--placement``) wins; otherwise the refine run folder's placement.json, found as the folder of
+    the checkpoint the after profile was made from (``mimprobe refine --out RUN`` writes RUN/refined.safetensors
+    and RUN/placement.json).
+    """
+    if explicit is not None:
+        return load_placement(explicit), f"--placement {explicit}"
+    checkpoint = after.checkpoint
+    if not checkpoint:
+        return None, "no placement: the profile has no checkpoint whose run folder could hold one (give --placement)"
+    candidate = Path(checkpoint).parent / PLACEMENT_FILE
+    if not candidate.is_file():
+        return None, f"no placement: {candidate} does not exist (give --placement)"
+    return load_placement(candidate), str(candidate)
+
+
+def _first(table: pd.DataFrame, column: str) -> str:
+    return str(table[column].iloc[0]) if column in table and len(table) else "?"
+

@@ -1,0 +1,90 @@
+"""report.html in a real browser (headless Chromium): every image decodes, no script or resource error, and the
+page fits a phone-wide window (tables scroll inside their own box). Screenshots are kept as test artefacts:
+under the test's tmp folder, and copied to $MIMPROBE_ARTIFACTS when that is set.
+
+Skipped when no Chromium binary is installed (Debian: ``apt-get install -y chromium``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mimprobe.report import CompareConfig, run_compare
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+BROWSER = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+
+pytestmark = pytest.mark.skipif(BROWSER is None, reason=f"no browser binary ({', '.join(BROWSERS)}) on PATH: "
+                                                        "install one (Debian: apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def page(profiles, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("browser")
+    run_compare([profiles.before, profiles.after], out=out / "report", config=CompareConfig(resamples=100))
+    return out / "report" / "report.html"
+
+
+def _chromium(page: Path, tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+    command = [BROWSER, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--hide-scrollbars",
+               "--disable-extensions", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+               "--virtual-time-budget=5000", *options, page.resolve().as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+def _body(dom: str) -> dict[str, str]:
+    match = re.search(r"<body\b([^>]*)>", dom)
+    assert match, f"no <body> in the dumped DOM: {dom[:300]!r}"
+    return dict(re.findall(r'(data-[\w-]+)="([^"]*)"', match.group(1)))
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_image_loads_without_errors_and_the_page_fits(page, tmp_path, width):
+    result = _chromium(page, tmp_path, f"--window-size={width},900", "--enable-logging=stderr", "--v=0",
+                       "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    attributes = _body(result.stdout)
+    images = page.read_text().count("<img ")
+    assert images >= 10 and attributes["data-images-ok"] == f"{images}/{images}"
+    assert attributes["data-errors"] == "0"
+    assert attributes["data-overflow"] == "false", f"the page is wider than a {width} px window"
+    console = [line for line in result.stderr.splitlines() if "Uncaught" in line or "Failed to load resource" in line]
+    assert not console, console
+
+
+def test_screenshots(page, tmp_path):
+    artefacts = os.environ.get("MIMPROBE_ARTIFACTS")
+    for name, size in (("wide", (1280, 2400)), ("phone", (390, 2000))):
+        shot = tmp_path / f"report-{name}.png"
+        result = _chromium(page, tmp_path, f"--window-size={size[0]},{size[1]}", f"--screenshot={shot}")
+        assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+        header = shot.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == size
+        assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+        if artefacts:
+            Path(artefacts).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(artefacts) / shot.name)
+    if artefacts:
+        shutil.copy(page, Path(artefacts) / "report.html")
+
+
+def test_the_checks_catch_a_broken_page(page, tmp_path):
+    """Negative control: a corrupt image, a script error and an over-wide block are all reported."""
+    html = page.read_text()
+    html = html.replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1)
+    html = html.replace("<main class=\"wrap\">", "<main class=\"wrap\"><div style=\"width:3000px\">wide</div>"
+                                                 "<script>undefinedFunction();</script>", 1)
+    broken = tmp_path / "broken.html"
+    broken.write_text(html)
+    attributes = _body(_chromium(broken, tmp_path, "--window-size=390,900", "--dump-dom").stdout)
+    images = html.count("<img ")
+    assert attributes["data-images-ok"] == f"{images - 1}/{images}"
+    assert attributes["data-errors"] == "2"  # the script's ReferenceError and the image's decode error
+    assert attributes["data-overflow"] == "true"

@@ -1,0 +1,71 @@
+"""`run_compare`'s inputs: profiles without predictions.npz (k-NN recomputed from the store), the out-folder
+guard, and bad input (missing folders, different data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from mimprobe.errors import BadInputError
+from mimprobe.report import CompareConfig, compare, load_profile, run_compare
+from mimprobe.report.curves import CurveKey, curve_params
+
+CONFIG = CompareConfig(resamples=400)
+
+
+def test_recomputed_knn_correctness_gives_the_same_intervals(profiles, tmp_path):
+    """A profile without predictions.npz: k-NN correctness is recomputed from the store, the same vectors."""
+    copies = []
+    for name, folder in (("base", profiles.before), ("refined", profiles.after)):
+        target = tmp_path / name
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("features"))
+        (target / "predictions.npz").unlink()
+        copies.append(target)
+    config = CompareConfig(resamples=400, cka=False)
+    pair = compare(load_profile(copies[0]), load_profile(copies[1]), config=config)
+    saved = compare(load_profile(profiles.before), load_profile(profiles.after), config=config)
+    key = CurveKey("knn_top1", "test", curve_params("knn_top1", '{"k":10,"preset":"mim-refiner","standardize":true,'
+                                                                '"T":0.07,"weighting":"exp"}'))
+    assert pair.interval_sources[key.title] == "recomputed from the feature store"
+    mine = pair.deltas[pair.deltas["key"] == key].reset_index(drop=True)
+    theirs = saved.deltas[saved.deltas["key"] == key].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine[["block", "delta", "low", "high"]], theirs[["block", "delta", "low", "high"]])
+    linear_rows = pair.deltas[[k.metric == "linear_top1" for k in pair.deltas["key"]]]
+    assert linear_rows["low"].isna().all()  # probes are not retrained: no interval, and the report says so
+    assert any("no per-sample results for linear probe top-1" in note for note in pair.notes)
+
+
+def test_rerun_and_out_folder_guard(profiles, tmp_path):
+    config = CompareConfig(resamples=50, cka=False)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(BadInputError, match="holds other files"):
+        run_compare([profiles.before, profiles.deeper], out=out, config=config)
+    run_compare([profiles.before, profiles.deeper], out=out, overwrite=True, config=config)
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "report.html").is_file()
+    run_compare([profiles.before, profiles.deeper], out=out, config=config)  # the same comparison again: fine
+    with pytest.raises(BadInputError, match="holds another comparison"):
+        run_compare([profiles.before, profiles.after], out=out, config=config)
+    with pytest.raises(BadInputError, match="holds other files"):
+        run_compare([profiles.before, profiles.after], out=profiles.run, config=config)
+
+
+def test_bad_inputs(profiles, tmp_path):
+    with pytest.raises(BadInputError, match=r"profile folder .*nowhere not found: make one with `mimprobe profile"):
+        run_compare([profiles.before, tmp_path / "nowhere"], out=tmp_path / "a")
+    with pytest.raises(BadInputError, match="at least two"):
+        run_compare([profiles.before], out=tmp_path / "b")
+    other = tmp_path / "other-data"
+    shutil.copytree(profiles.after, other, ignore=shutil.ignore_patterns("features"))
+    meta = json.loads((other / "profile.json").read_text())
+    meta["dataset"] = {**meta["dataset"], "name": "cifar10", "fingerprint": "0" * 64}
+    (other / "profile.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="different data.*--allow-different-data"):
+        run_compare([profiles.before, other], out=tmp_path / "c")
+    pair = compare(load_profile(profiles.before), load_profile(other),
+                   config=CompareConfig(resamples=50, allow_different_data=True))
+    assert pair.cka is None and "different data" in pair.cka_note and pair.deltas["low"].isna().all()
