@@ -45,6 +45,8 @@ _EXPORTS = {
     "CompareResult": "report",
     "compare": "report",
     "run_compare": "report",
+    "run_demo": "pipeline",
+    "run_pipeline": "pipeline",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

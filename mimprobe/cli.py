@@ -385,6 +385,78 @@ def refine(
     _guarded(debug, body)
 
 
+# ---- command: run ----
+
+@app.command("run", epilog="""
+**Examples**
+
+* `mimprobe run analyses/demo.toml`
+* `mimprobe run analyses/cifar10-cpu.toml --json`
+* `mimprobe run analyses/mae-large-gpu.toml --out runs/mae-large-again --overwrite`
+
+The steps, each in its own folder under the spec's `out`: pretrain (only with a `[pretrain]` section),
+profile-before, placement, refine, profile-after, compare. The spec's keys mirror the options of those
+commands (see the files in analyses/); the resolved spec, every default filled in, is written to
+OUT/spec.resolved.toml. Run the same command again after an interruption: finished steps are skipped and the
+interrupted one resumes. An OUT that holds another spec's run is refused unless `--overwrite`.
+""")
+def run_command(
+    spec: Path = typer.Argument(..., help="TOML spec of the analysis (see analyses/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: the spec's out]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again from nothing in a run folder that holds "
+                                                              "a run (the pipeline's own files there are deleted)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the steps, the report's path and the headline "
+                                                           "numbers as JSON on stdout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Run the whole pipeline from a TOML spec: pretrain, profile, place, refine, profile again, compare."""
+    from .pipeline import run_pipeline
+
+    def body() -> None:
+        result = run_pipeline(spec, out=out, overwrite=overwrite, progress=not no_progress and not json_output,
+                              log=(lambda message: typer.echo(message, err=True)) if json_output or no_progress
+                              else None)
+        if json_output:
+            typer.echo(json.dumps(result.summary(), indent=1))
+
+    _guarded(debug, body)
+
+# ---- command: demo ----
+
+@app.command("demo", epilog="""
+**Examples**
+
+* `mimprobe demo`  (writes mimprobe-demo/ in the current folder: about 5 minutes on a 2-core CPU)
+* `mimprobe demo --out /tmp/demo --json`
+* `mimprobe demo --fast --out /tmp/smoke`  (a seconds-long run on synthetic images that checks the installation)
+
+A ViT-Tiny is pre-trained as a masked autoencoder on scikit-learn's 8x8 handwritten digits (shipped with
+scikit-learn: no download), profiled block by block, given NNA refinement heads from its k-NN peak to the last
+block, refined, profiled again, and the two profiles are compared in OUT/compare/report.html. It is
+`mimprobe run` on analyses/demo.toml; rerun it to resume, or after it finished to see every step skipped.
+""")
+def demo(
+    out: Path = typer.Option(Path("mimprobe-demo"), "--out", "-o", help="Run folder."),
+    fast: bool = typer.Option(False, "--fast", help="A seconds-long smoke run on synthetic images (its numbers "
+                                                    "mean nothing)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again from nothing in OUT."),
+    json_output: bool = typer.Option(False, "--json", help="Print the steps, the report's path and the headline "
+                                                           "numbers as JSON on stdout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """The whole pipeline on built-in data, offline, on a CPU, in minutes: MAE, profile, place, refine, compare."""
+    from .pipeline import run_demo
+
+    def body() -> None:
+        result = run_demo(out=out, fast=fast, overwrite=overwrite, progress=not no_progress and not json_output,
+                          log=(lambda message: typer.echo(message, err=True)) if json_output or no_progress else None)
+        if json_output:
+            typer.echo(json.dumps(result.summary(), indent=1))
+
+    _guarded(debug, body)
+
 # ---- command: compare ----
 @app.command(epilog="""
 **Examples**

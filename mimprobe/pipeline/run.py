@@ -1,0 +1,420 @@
+"""`run_pipeline`: every step of an analysis from one spec, each in its own folder under the run folder.
+
+    RUN/spec.resolved.toml   the spec with every default filled in (a spec itself: `mimprobe run` reads it)
+    RUN/pipeline.json        per step: status, seconds, when it finished (the steps that produced the files)
+    RUN/README.md            what was run, the spec's notes (what the run does and does not show), the headline
+    RUN/pretrain/            `run_pretrain_mae` (only with [pretrain]): mae.pth
+    RUN/profile-before/      `run_profile` of the starting weights: profile.json (+ csv, parquet, png, features/)
+    RUN/placement/           `run_place` on profile-before: placement.json
+    RUN/refine/              `run_refine` with that placement: refined.safetensors (+ refined.json, log.csv, ...)
+    RUN/profile-after/       `run_profile` of refined.safetensors, with the same options
+    RUN/compare/             `run_compare` of the two profiles: report.html, compare.json (+ Markdown, plots)
+
+Re-running: a step whose completion marker exists (`Step.markers`, files written last and atomically by the step)
+is skipped with a message; the first incomplete step continues where it stopped (pre-training and refinement
+resume from their last checkpoint, extraction from its last recorded row); once a step has run, the steps after
+it run again, since their inputs may have changed. A run folder that holds another spec's run (or other files)
+is refused unless ``overwrite``, which starts again from nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .._versions import software_versions
+from ..errors import BadInputError, MimprobeError
+from .spec import Spec, dump_spec, load_spec
+
+RESOLVED_FILE = "spec.resolved.toml"
+STATUS_FILE = "pipeline.json"
+README_FILE = "README.md"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: its folder under the run folder and the files that mark it complete."""
+
+    name: str
+    folder: str
+    markers: tuple[str, ...]
+    title: str
+
+
+STEPS = (
+    Step("pretrain", "pretrain", ("mae.pth",), "MAE pre-training"),
+    Step("profile-before", "profile-before", ("profile.json",), "profile every block of the starting weights"),
+    Step("place", "placement", ("placement.json",), "place the refinement heads"),
+    Step("refine", "refine", ("refined.safetensors", "refined.json"), "NNA refinement"),
+    Step("profile-after", "profile-after", ("profile.json",), "profile every block of the refined weights"),
+    Step("compare", "compare", ("report.html", "compare.json"), "compare before and after"),
+)
+_BY_NAME = {step.name: step for step in STEPS}
+OWN_ENTRIES = (*(step.folder for step in STEPS), RESOLVED_FILE, STATUS_FILE, README_FILE)
+
+
+@dataclass
+class StepRecord:
+    """What one step did in this call: ``ran``, ``resumed`` (continued an interrupted run) or ``skipped``."""
+
+    name: str
+    folder: Path
+    status: str
+    seconds: float = 0.0
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "folder": str(self.folder), "status": self.status,
+                "seconds": round(self.seconds, 2), "detail": self.detail}
+
+
+@dataclass
+class PipelineResult:
+    """What `run_pipeline` did, where the report is, and the headline numbers before and after."""
+
+    out: Path
+    spec: Spec
+    steps: list[StepRecord]
+    report: Path | None
+    headline: list[dict[str, Any]]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "out": str(self.out), "report": str(self.report) if self.report else None,
+                "seconds": round(self.seconds, 2), "steps": [step.to_dict() for step in self.steps],
+                "headline": self.headline}
+
+
+def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run an analysis: pretrain (with [pretrain]) → profile → place → refine → profile → compare.
+
+    Args:
+        spec: A TOML spec file (`load_spec`) or a `Spec`.
+        out: The run folder, instead of the spec's ``out``.
+        overwrite: Start again in a run folder that holds another run (or the same one): the pipeline's own files
+            and folders there are deleted first.
+        progress: Announce every step with a rule and show the steps' progress bars (stderr).
+        log: Receives one-line messages (default: printed on stderr).
+
+    Returns:
+        The steps' records, the report's path and the headline numbers (`headline_rows`).
+
+    Raises:
+        BadInputError: A bad spec, a run folder that holds another run, bad inputs of a step.
+        MimprobeError: A step stopped early (SIGTERM during refinement): rerun to resume.
+    """
+    source = None if isinstance(spec, Spec) else str(spec)
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    if out is not None:
+        spec = replace(spec, out=str(out))
+    run_dir = Path(spec.out)
+    console = _console()
+    say = log or (lambda message: console.print(message, markup=False, highlight=False))
+    _prepare_run_dir(run_dir, spec, source=source, overwrite=overwrite)
+    _write_readme(run_dir, spec, source=source, headline=[], status=_read_status(run_dir))
+    started = time.perf_counter()
+    records: list[StepRecord] = []
+    steps = [step for step in STEPS if step.name != "pretrain" or spec.pretrain is not None]
+    stale = False  # an earlier step ran in this call: later steps' outputs are out of date
+    with _cpu_threads(spec.threads):
+        for number, step in enumerate(steps, 1):
+            folder = run_dir / step.folder
+            _announce(console, say, progress, f"{number}/{len(steps)} {step.name}: {step.title}")
+            if not stale and _complete(folder, step):
+                say(f"done already ({', '.join(step.markers)} in {folder}): skipped")
+                records.append(StepRecord(step.name, folder, "skipped"))
+                continue
+            if stale and _complete(folder, step):
+                say("an earlier step ran again, so this one runs again too")
+            step_started = time.perf_counter()
+            status, detail = _RUNNERS[step.name](spec, run_dir, folder, fresh=stale, progress=progress, say=say)
+            record = StepRecord(step.name, folder, status, time.perf_counter() - step_started, detail)
+            records.append(record)
+            _record_status(run_dir, record)
+            say(f"{step.name} {status} in {record.seconds:.1f} s" + (f": {detail}" if detail else ""))
+            stale = True
+    headline = headline_rows(run_dir / "profile-before", run_dir / "profile-after")
+    report = run_dir / "compare" / "report.html"
+    _write_readme(run_dir, spec, source=source, headline=headline, status=_read_status(run_dir))
+    result = PipelineResult(out=run_dir, spec=spec, steps=records, report=report if report.is_file() else None,
+                            headline=headline, seconds=time.perf_counter() - started)
+    _announce(console, say, progress, f"{spec.name}: done in {result.seconds:.0f} s")
+    for line in headline_lines(headline):
+        say(line)
+    say(f"report: {result.report}" if result.report else f"results: {run_dir}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- the steps
+
+def _starting_weights(spec: Spec, run_dir: Path) -> tuple[str | None, bool]:
+    """(checkpoint, pretrained) of the model before refinement: the pre-trained MAE when there is one."""
+    if spec.pretrain is not None:
+        return str(run_dir / _BY_NAME["pretrain"].folder / "mae.pth"), False
+    return spec.checkpoint, spec.pretrained
+
+
+def _pretrain(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
+    from ..pretrain import run_pretrain_mae
+
+    model: Any = spec.model
+    if spec.pretrained:  # continue MAE training from timm's weights
+        from ..models import load_model
+
+        model = load_model(spec.model, pretrained=True, img_size=spec.img_size, init_seed=spec.seed)
+    result = run_pretrain_mae(model, spec.data, out=folder, config=spec.pretrain.config(spec),
+                              checkpoint=spec.checkpoint, resume=True, progress=progress, log=say)
+    losses = result.epoch_losses
+    detail = f"{result.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+    return ("resumed" if result.resumed else "ran"), detail
+
+
+def _profile(spec: Spec, run_dir: Path, folder: Path, *, checkpoint: str | None, pretrained: bool,
+             progress: bool, say) -> tuple[str, str]:
+    from ..metrics.profile import run_profile
+
+    result = run_profile(spec.model, spec.data, out=folder, config=spec.profile.config(spec),
+                         extract_options=spec.profile.extract_options(spec), checkpoint=checkpoint,
+                         pretrained=pretrained, progress=progress, log=say)
+    return "ran", f"{len(result.table):,} rows"
+
+
+def _profile_before(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
+    checkpoint, pretrained = _starting_weights(spec, run_dir)
+    return _profile(spec, run_dir, folder, checkpoint=checkpoint, pretrained=pretrained, progress=progress, say=say)
+
+
+def _profile_after(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
+    from ..refine.checkpoint import EXPORT
+
+    checkpoint = str(run_dir / _BY_NAME["refine"].folder / EXPORT)
+    return _profile(spec, run_dir, folder, checkpoint=checkpoint, pretrained=False, progress=progress, say=say)
+
+
+def _place(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
+    from ..placement import PLACEMENT_FILE, run_place
+
+    placement = run_place(run_dir / _BY_NAME["profile-before"].folder, out=folder / PLACEMENT_FILE,
+                          **spec.place.options())
+    say(placement.reason)
+    for note in placement.notes:
+        say(f"note: {note}")
+    frozen = f"; first {placement.freeze_blocks} blocks frozen" if placement.freeze_blocks else ""
+    return "ran", f"heads on blocks {', '.join(map(str, placement.head_blocks))} (0-based){frozen}"
+
+
+def _refine(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
+    from ..placement import PLACEMENT_FILE
+    from ..refine import run_refine
+    from ..refine.checkpoint import CHECKPOINT
+
+    checkpoint, pretrained = _starting_weights(spec, run_dir)
+    resume = not fresh and (folder / CHECKPOINT).is_file()
+    if resume:
+        say(f"continuing the interrupted refinement from {folder / CHECKPOINT}")
+    result = run_refine(spec.model, spec.data, out=folder, config=spec.refine.config(spec), checkpoint=checkpoint,
+                        pretrained=pretrained, placement=run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE,
+                        device=spec.device, threads=spec.threads, resume=resume, overwrite=not resume,
+                        progress=progress, log=say)
+    if result.stopped_early:
+        raise MimprobeError(f"refinement stopped at step {result.steps} (checkpoint saved in {folder}): rerun the "
+                            "same command to resume")
+    loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
+    return ("resumed" if resume else "ran"), f"{result.steps} steps{loss}"
+
+
+def _compare(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
+    from ..placement import PLACEMENT_FILE
+    from ..report import run_compare
+
+    run_compare([run_dir / _BY_NAME["profile-before"].folder, run_dir / _BY_NAME["profile-after"].folder],
+                         out=folder, labels=["base", "refined"], config=spec.compare.config(spec),
+                         placement=run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE, overwrite=True, log=say)
+    return "ran", f"wrote {folder / 'report.html'}"
+
+
+_RUNNERS = {"pretrain": _pretrain, "profile-before": _profile_before, "place": _place, "refine": _refine,
+            "profile-after": _profile_after, "compare": _compare}
+
+
+# ------------------------------------------------------------------------------------------------ the run folder
+
+def _complete(folder: Path, step: Step) -> bool:
+    return all((folder / marker).is_file() for marker in step.markers)
+
+
+def _prepare_run_dir(run_dir: Path, spec: Spec, *, source: str | None, overwrite: bool) -> None:
+    """Refuse a folder that holds another run (unless ``overwrite``); write spec.resolved.toml."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInputError(f"out {run_dir} is a file: give a folder for the run")
+    entries = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+    resolved_path = run_dir / RESOLVED_FILE
+    problem = None
+    if resolved_path.is_file():
+        try:
+            saved = load_spec(resolved_path)
+        except BadInputError:
+            problem = f"a {RESOLVED_FILE} that cannot be read"
+        else:
+            differences = _differences(saved.resolved(), spec.resolved())
+            if differences:
+                problem = f"another spec's run ({'; '.join(differences[:3])})"
+    elif entries:
+        problem = f"other files ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})"
+    if problem and not overwrite:
+        raise BadInputError(f"run folder {run_dir} holds {problem}: pass --overwrite to start again there, or set "
+                            "another out")
+    if overwrite:
+        for name in OWN_ENTRIES:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot create the run folder {run_dir}: {error.strerror or error}; set another out") \
+            from None
+    if not resolved_path.is_file():
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        header = (f"The resolved spec of this run ({'from ' + source if source else 'built in Python'}, {stamp}):\n"
+                  "every default filled in; a key that is absent is None. `mimprobe run` reads this file too.")
+        resolved_path.write_text(dump_spec(spec, header=header))
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(saved) | set(current), key=lambda k: (isinstance(saved.get(k), dict), k)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {_short(old)} -> {_short(new)}")
+    return found
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is None else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_status(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATUS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _record_status(run_dir: Path, record: StepRecord) -> None:
+    """pipeline.json keeps, per step, the call that produced its files (skips leave it as it was)."""
+    status = _read_status(run_dir)
+    status.setdefault("steps", {})[record.name] = {
+        **record.to_dict(), "folder": record.folder.name,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    status["versions"] = software_versions()
+    tmp = run_dir / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(status, indent=1) + "\n")
+    tmp.replace(run_dir / STATUS_FILE)
+
+
+# --------------------------------------------------------------------------------------------------- reporting
+
+def headline_rows(before: Path, after: Path) -> list[dict[str, Any]]:
+    """The best blocks of both profiles side by side: per metric and pooling, the best block and its value, and
+    the last block's value, before and after (from each profile.json's ``best_blocks``). Empty until both exist."""
+    try:
+        rows_before = json.loads((before / "profile.json").read_text())["best_blocks"]
+        rows_after = json.loads((after / "profile.json").read_text())["best_blocks"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return []
+    after_by_key = {(row["metric"], row["pooling"]): row for row in rows_after}
+    rows = []
+    for row in rows_before:
+        match = after_by_key.get((row["metric"], row["pooling"]))
+        if match is None:
+            continue
+        rows.append({"metric": row["metric"], "pooling": row["pooling"],
+                     "before_best_block": row["best_block"], "before_best": row["best_value"],
+                     "before_last": row["last_value"], "after_best_block": match["best_block"],
+                     "after_best": match["best_value"], "after_last": match["last_value"],
+                     "last_block": row["last_block"]})
+    return rows
+
+
+def headline_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per k-NN and linear-probe headline (evaluation split, not the placement's val): the last block's
+    value before → after, and the best block before → after."""
+    lines = []
+    for row in rows:
+        if not row["metric"].startswith(("k-NN", "linear")) or "(placement)" in row["metric"]:
+            continue
+        delta = row["after_last"] - row["before_last"]
+        lines.append(f"{row['metric']} [{row['pooling']}]: last block {row['last_block']} {row['before_last']:.3f} "
+                     f"-> {row['after_last']:.3f} ({delta:+.3f}); best block {row['before_best_block']} "
+                     f"({row['before_best']:.3f}) -> block {row['after_best_block']} ({row['after_best']:.3f})")
+    return lines
+
+
+def _write_readme(run_dir: Path, spec: Spec, *, source: str | None, headline: list[dict[str, Any]],
+                  status: dict[str, Any]) -> None:
+    lines = [f"# {spec.name}", ""]
+    if spec.compare.notes.strip():
+        lines += [spec.compare.notes.strip(), ""]
+    lines += [f"Run with `mimprobe run {source or run_dir / RESOLVED_FILE}`; the resolved spec is `{RESOLVED_FILE}`. "
+              f"Model `{spec.model}`, data `{spec.data}`.", "",
+              "| step | folder | status | seconds |", "| --- | --- | --- | ---: |"]
+    steps_status = status.get("steps", {})
+    for step in STEPS:
+        if step.name == "pretrain" and spec.pretrain is None:
+            continue
+        entry = steps_status.get(step.name, {})
+        done = _complete(run_dir / step.folder, step)
+        lines.append(f"| {step.name} | `{step.folder}/` | {'complete' if done else 'not complete'} | "
+                     f"{entry.get('seconds', '')} |")
+    if headline:
+        lines += ["", "Headline (0-based blocks; before -> after):", ""]
+        lines += [f"* {line}" for line in headline_lines(headline)]
+    lines += ["", "The report: `compare/report.html` (open it in a browser; no network needed)."]
+    (run_dir / README_FILE).write_text("\n".join(lines) + "\n")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _announce(console, say, progress: bool, title: str) -> None:
+    if progress:
+        console.rule(f"[bold]{title}")
+    else:
+        say(f"== {title}")
+
+
+@contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's and the BLAS/OpenMP pools' (NumPy, scikit-learn, FAISS) CPU threads for the whole run: on a busy
+    small machine one thread is often much faster than two that wait for each other."""
+    if threads is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,51 @@
+"""`mimprobe demo`: the packaged spec is analyses/demo.toml, and the fast configuration runs every step end to end
+through the CLI, with the real report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mimprobe.cli import app
+from mimprobe.pipeline import DEMO_SPEC, FAST_OVERRIDES, STEPS, load_spec
+
+ANALYSES = Path(__file__).resolve().parents[2] / "analyses"
+runner = CliRunner()
+
+
+def test_packaged_demo_spec_is_analyses_demo():
+    assert DEMO_SPEC.read_bytes() == (ANALYSES / "demo.toml").read_bytes()
+
+
+def test_fast_demo_runs_every_step_through_the_cli(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--fast", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [(step["name"], step["status"]) for step in summary["steps"]] == [(s.name, "ran") for s in STEPS]
+    assert "1/6 pretrain" in result.stderr and "6/6 compare" in result.stderr  # every step announced
+
+    # every step read the previous one's output
+    before = json.loads((out / "profile-before" / "profile.json").read_text())
+    after = json.loads((out / "profile-after" / "profile.json").read_text())
+    assert before["model"]["checkpoint"] == str(out / "pretrain" / "mae.pth")
+    assert after["model"]["checkpoint"] == str(out / "refine" / "refined.safetensors")
+    placement = json.loads((out / "placement" / "placement.json").read_text())
+    refined = json.loads((out / "refine" / "refined.json").read_text())
+    assert refined["head_blocks"] == placement["head_blocks"]
+    compared = json.loads((out / "compare" / "compare.json").read_text())
+    assert compared["inputs"] == [str((out / "profile-before").resolve()), str((out / "profile-after").resolve())]
+
+    # the report, the headline and the notes on what the run shows
+    assert Path(summary["report"]) == out / "compare" / "report.html"
+    assert "<html" in Path(summary["report"]).read_text(encoding="utf-8").lower()
+    knn = [row for row in summary["headline"] if row["metric"].startswith("k-NN")]
+    assert knn and all(0 <= row[key] <= 1 for row in knn for key in ("before_best", "after_best", "after_last"))
+    assert FAST_OVERRIDES["compare"]["notes"] in (out / "README.md").read_text()
+
+    # the resolved spec is the demo spec with the fast overrides and this out
+    expected = replace(load_spec(DEMO_SPEC).with_overrides(FAST_OVERRIDES), out=str(out))
+    assert load_spec(out / "spec.resolved.toml") == expected

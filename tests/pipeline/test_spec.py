@@ -1,0 +1,155 @@
+"""The TOML spec of `mimprobe run`: errors name the key and its line, defaults are the stage configurations', the
+resolved spec reads back to the same spec, and every shipped analysis loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mimprobe.cli import app
+from mimprobe.errors import BadInputError
+from mimprobe.metrics.profile import ProfileConfig
+from mimprobe.pipeline import DEMO_SPEC, Spec, dump_spec, load_spec, spec_from_text
+from mimprobe.pipeline.spec import _find_line
+from mimprobe.pretrain import MaeConfig
+from mimprobe.refine import RefineConfig
+from mimprobe.report import CompareConfig
+
+ANALYSES = Path(__file__).resolve().parents[2] / "analyses"
+runner = CliRunner()
+
+GOOD = '''\
+name = "tiny"
+out = "runs/tiny"
+model = "test_vit"
+data = "synthetic"
+
+[compare]
+notes = """
+Text that looks like TOML, inside a multi-line string:
+[refine]
+epoch = 3
+batch_size = "256"
+"""
+
+[refine]
+epochs = 2
+batch_size = 16
+'''
+
+
+def _write(tmp_path: Path, text: str, name: str = "x.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(BadInputError) as caught:
+        load_spec(path)
+    return str(caught.value)
+
+
+def test_unknown_key_names_its_line_and_the_close_key(tmp_path):
+    text = GOOD.replace("epochs = 2", "epoch = 2")  # line 15; the notes' "epoch = 3" (line 10) is not a key
+    path = _write(tmp_path, text)
+    assert _error(path) == f'{path} line 15: unknown key "epoch" in [refine] (did you mean "epochs"?)'
+
+
+def test_wrong_type_names_its_line(tmp_path):
+    path = _write(tmp_path, GOOD.replace("batch_size = 16", 'batch_size = "256"'))
+    assert _error(path) == f'{path} line 16: [refine] batch_size must be an integer, got "256"'
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('name = "a"\nout = "o"\nmodle = "test_vit"\ndata = "synthetic"\n',
+     'line 3: unknown key "modle" at the top level (did you mean "model"?)'),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\nrefine.epoch = 1\n',
+     'line 5: unknown key "epoch" in [refine] (did you mean "epochs"?)'),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n\n[refien]\nepochs = 1\n',
+     "line 6: unknown section [refien] (did you mean [refine]?)"),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npreset = "dnio"\n',
+     'line 6: [profile] preset must be one of mim-refiner, dino, dinov2, got "dnio" (did you mean "dino"?)'),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npool = ["cls", "maen"]\n',
+     'line 6: [profile] pool must be one of cls, mean, cls+mean, got "maen" (did you mean "mean"?)'),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[refine]\nhead_dims = [512, 128]\n',
+     "line 6: [refine] head_dims must be a list of 3 integers, got [512, 128]"),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\nimg_size = 3.5\n',
+     "line 5: img_size must be an integer, got 3.5"),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\npretrained = "yes"\n',
+     'line 5: pretrained must be true or false, got "yes"'),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n\n[place]\nmax_heads = 4\nn = 2\n',
+     "line 7: [place] max_heads belongs to rule peak, not last-n: drop it or set rule = \"peak\""),
+    ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n\n[refine]\nbatch_size = 1\n',
+     "line 6: [refine] --batch-size 1 is too small"),
+])
+def test_errors_name_the_key_and_line(tmp_path, text, expected):
+    message = _error(_write(tmp_path, text))
+    assert message.startswith(f"{tmp_path / 'x.toml'} {expected}"), message
+
+
+def test_missing_required_key_and_bad_toml(tmp_path):
+    message = _error(_write(tmp_path, 'name = "a"\nout = "o"\ndata = "d"\n'))
+    assert 'missing key "model" at the top level' in message
+    message = _error(_write(tmp_path, 'name = "a\n'))
+    assert "is not valid TOML" in message and "line 1" in message
+
+
+def test_cli_bad_spec_exits_2_with_one_line(tmp_path):
+    path = _write(tmp_path, GOOD.replace("epochs = 2", "epoch = 2"))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f'error: {path} line 15: unknown key "epoch" in [refine] (did you mean "epochs"?)'
+    missing = tmp_path / "nope.toml"
+    result = runner.invoke(app, ["run", str(missing)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(f"error: spec file {missing} not found")
+
+
+def test_line_finder_reads_headers_dotted_and_quoted_keys():
+    text = 'a = 1\n"b" = 2\n[s]\n# c = 0\nc = 3\n[t]\nx.y = 4\n'
+    assert _find_line(text, None, "a") == 1
+    assert _find_line(text, None, "b") == 2
+    assert _find_line(text, "s", None) == 3
+    assert _find_line(text, "s", "c") == 5          # not the commented line
+    assert _find_line(text, "t", "x.y") == 7
+    assert _find_line(text, "s", "zz") is None
+
+
+def test_defaults_are_the_stage_configurations():
+    spec = Spec(name="n", out="o", model="m", data="d")
+    from mimprobe.pipeline import PretrainSpec
+
+    assert spec.refine.config(spec) == RefineConfig()
+    assert PretrainSpec().config(spec) == MaeConfig()
+    assert spec.profile.config(spec) == ProfileConfig()
+    assert spec.compare.config(spec) == CompareConfig()
+    assert spec.place.options()["rule"] == "peak"
+
+
+def test_cli_forms_of_lists_and_rule_inference(tmp_path):
+    spec = spec_from_text('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npool = "all"\n'
+                          'metrics = "knn,linear"\nblocks = [0, -1]\n[place]\nblocks = [3, 5]\n')
+    assert spec.profile.pool == ("cls", "mean", "cls+mean")
+    assert spec.profile.metrics == ("knn", "linear")
+    assert spec.profile.extract_options(spec)["blocks"] == [0, -1]
+    assert spec.place.options()["rule"] == "explicit"
+
+
+@pytest.mark.parametrize("path", sorted(ANALYSES.glob("*.toml")) + [DEMO_SPEC], ids=lambda p: p.name)
+def test_shipped_specs_load_and_their_resolved_form_reads_back(path):
+    spec = load_spec(path)
+    text = dump_spec(spec, header="resolved\nspec")
+    assert text.startswith("# resolved\n# spec\n")
+    assert spec_from_text(text) == spec
+    assert "threads" not in text or spec.threads is not None  # None is written as an absent key
+
+
+def test_overrides_are_validated_like_a_file():
+    spec = load_spec(DEMO_SPEC)
+    changed = spec.with_overrides({"img_size": 32, "refine": {"epochs": 3}})
+    assert (changed.img_size, changed.refine.epochs, changed.refine.batch_size) == (32, 3, spec.refine.batch_size)
+    with pytest.raises(BadInputError, match='unknown key "epoch" in \\[refine\\]'):
+        spec.with_overrides({"refine": {"epoch": 3}})
