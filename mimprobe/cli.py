@@ -427,7 +427,7 @@ def run_command(
 @app.command("demo", epilog="""
 **Examples**
 
-* `mimprobe demo`  (writes mimprobe-demo/ in the current folder: about 5 minutes on a 2-core CPU)
+* `mimprobe demo`  (writes mimprobe-demo/ in the current folder: about 2 minutes on a 2-core CPU, longer when it is busy)
 * `mimprobe demo --out /tmp/demo --json`
 * `mimprobe demo --fast --out /tmp/smoke`  (a seconds-long run on synthetic images that checks the installation)
 

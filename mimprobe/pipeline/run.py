@@ -141,7 +141,7 @@ def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, over
             _record_status(run_dir, record)
             say(f"{step.name} {status} in {record.seconds:.1f} s" + (f": {detail}" if detail else ""))
             stale = True
-    headline = headline_rows(run_dir / "profile-before", run_dir / "profile-after")
+    headline = headline_rows(run_dir)
     report = run_dir / "compare" / "report.html"
     _write_readme(run_dir, spec, source=source, headline=headline, status=_read_status(run_dir))
     result = PipelineResult(out=run_dir, spec=spec, steps=records, report=report if report.is_file() else None,
@@ -329,38 +329,73 @@ def _record_status(run_dir: Path, record: StepRecord) -> None:
 
 # --------------------------------------------------------------------------------------------------- reporting
 
-def headline_rows(before: Path, after: Path) -> list[dict[str, Any]]:
-    """The best blocks of both profiles side by side: per metric and pooling, the best block and its value, and
-    the last block's value, before and after (from each profile.json's ``best_blocks``). Empty until both exist."""
+def headline_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The headline curves of both profiles side by side: per curve and pooling, the best block and its value and
+    the last block's value, before and after (`mimprobe.metrics.profile.best_blocks`), with the paired interval of
+    the last block's change from the report's table (compare/compare.csv) where the report has one. Empty until
+    both profiles exist."""
+    import pandas as pd
+
+    from ..metrics.profile import best_blocks, headlines
+    from ..placement import read_profile
+
+    run_dir = Path(run_dir)
     try:
-        rows_before = json.loads((before / "profile.json").read_text())["best_blocks"]
-        rows_after = json.loads((after / "profile.json").read_text())["best_blocks"]
-    except (OSError, KeyError, json.JSONDecodeError):
+        (table_before, meta, _), (table_after, _, _) = (read_profile(run_dir / _BY_NAME[name].folder)
+                                                        for name in ("profile-before", "profile-after"))
+    except BadInputError:
         return []
-    after_by_key = {(row["metric"], row["pooling"]): row for row in rows_after}
+    preset = (meta.get("config") or {}).get("preset") or "mim-refiner"
+    curves = {headline.title: headline for headline in headlines(preset, table_before)}
+    after = {(row["metric"], row["pooling"]): row for row in best_blocks(table_after, preset).to_dict("records")}
+    compare_csv = run_dir / _BY_NAME["compare"].folder / "compare.csv"
+    deltas = None
+    if compare_csv.is_file():
+        deltas = pd.read_csv(compare_csv, dtype={"params": str})
+        deltas = deltas[deltas["side"] == "delta"]
     rows = []
-    for row in rows_before:
-        match = after_by_key.get((row["metric"], row["pooling"]))
+    for row in best_blocks(table_before, preset).to_dict("records"):
+        match = after.get((row["metric"], row["pooling"]))
         if match is None:
             continue
-        rows.append({"metric": row["metric"], "pooling": row["pooling"],
-                     "before_best_block": row["best_block"], "before_best": row["best_value"],
-                     "before_last": row["last_value"], "after_best_block": match["best_block"],
-                     "after_best": match["best_value"], "after_last": match["last_value"],
-                     "last_block": row["last_block"]})
+        curve = curves[row["metric"]]
+        entry = {"metric": row["metric"], "table_metric": curve.metric, "split": curve.split,
+                 "pooling": row["pooling"], "last_block": row["last_block"],
+                 "before_last": row["last_value"], "after_last": match["last_value"],
+                 "before_best_block": row["best_block"], "before_best": row["best_value"],
+                 "after_best_block": match["best_block"], "after_best": match["best_value"],
+                 "last_delta_low": None, "last_delta_high": None}
+        if deltas is not None:
+            found = deltas[(deltas["metric"] == curve.metric) & (deltas["split"] == curve.split)
+                           & (deltas["pooling"] == row["pooling"]) & (deltas["block"] == row["last_block"])]
+            found = found[found["params"].map(lambda text: _has_params(text, curve.params))]
+            if len(found) == 1 and pd.notna(found["low"].iloc[0]):
+                entry["last_delta_low"] = float(found["low"].iloc[0])
+                entry["last_delta_high"] = float(found["high"].iloc[0])
+        rows.append(entry)
     return rows
 
 
+def _has_params(text: Any, wanted: dict[str, Any]) -> bool:
+    try:
+        params = json.loads(text) if isinstance(text, str) and text else {}
+    except json.JSONDecodeError:
+        return False
+    return all(params.get(key) == value for key, value in wanted.items())
+
+
 def headline_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per k-NN and linear-probe headline (evaluation split, not the placement's val): the last block's
-    value before → after, and the best block before → after."""
+    """One line per k-NN and linear-probe headline on the evaluation split (not the placement's val split): the
+    last block's value before -> after with the change and its paired interval, and the best block before -> after."""
     lines = []
     for row in rows:
-        if not row["metric"].startswith(("k-NN", "linear")) or "(placement)" in row["metric"]:
+        if row["table_metric"] not in ("knn_top1", "linear_top1") or row["split"] == "val":
             continue
         delta = row["after_last"] - row["before_last"]
+        interval = (f", interval {row['last_delta_low']:+.3f} to {row['last_delta_high']:+.3f}"
+                    if row["last_delta_low"] is not None else "")
         lines.append(f"{row['metric']} [{row['pooling']}]: last block {row['last_block']} {row['before_last']:.3f} "
-                     f"-> {row['after_last']:.3f} ({delta:+.3f}); best block {row['before_best_block']} "
+                     f"-> {row['after_last']:.3f} ({delta:+.3f}{interval}); best block {row['before_best_block']} "
                      f"({row['before_best']:.3f}) -> block {row['after_best_block']} ({row['after_best']:.3f})")
     return lines
 
@@ -382,7 +417,8 @@ def _write_readme(run_dir: Path, spec: Spec, *, source: str | None, headline: li
         lines.append(f"| {step.name} | `{step.folder}/` | {'complete' if done else 'not complete'} | "
                      f"{entry.get('seconds', '')} |")
     if headline:
-        lines += ["", "Headline (0-based blocks; before -> after):", ""]
+        lines += ["", "Headline (0-based blocks; before -> after; the interval is the report's paired bootstrap "
+                      "interval of the change):", ""]
         lines += [f"* {line}" for line in headline_lines(headline)]
     lines += ["", "The report: `compare/report.html` (open it in a browser; no network needed)."]
     (run_dir / README_FILE).write_text("\n".join(lines) + "\n")

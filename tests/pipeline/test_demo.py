@@ -44,6 +44,8 @@ def test_fast_demo_runs_every_step_through_the_cli(tmp_path):
     assert "<html" in Path(summary["report"]).read_text(encoding="utf-8").lower()
     knn = [row for row in summary["headline"] if row["metric"].startswith("k-NN")]
     assert knn and all(0 <= row[key] <= 1 for row in knn for key in ("before_best", "after_best", "after_last"))
+    test_rows = [row for row in knn if row["split"] == "test"]   # with the report's paired interval
+    assert test_rows and all(row["last_delta_low"] <= row["last_delta_high"] for row in test_rows)
     assert FAST_OVERRIDES["compare"]["notes"] in (out / "README.md").read_text()
 
     # the resolved spec is the demo spec with the fast overrides and this out
