@@ -37,6 +37,14 @@ class CompareConfig:
     cka: bool = True
     allow_different_data: bool = False     # compare profiles of different datasets (no intervals, no CKA)
 
+    def __post_init__(self) -> None:
+        if self.resamples < 1 or not 0 < self.level < 1:
+            raise BadInputError(f"--resamples must be at least 1 and the level in (0, 1), got {self.resamples} "
+                                f"and {self.level}")
+        if self.cka_rows < 2 or self.cka_batch_size < 1:
+            raise BadInputError(f"--cka-rows must be at least 2 (got {self.cka_rows}) and the CKA batch size "
+                                f"positive (got {self.cka_batch_size})")
+
 
 @dataclass
 class PairComparison:

@@ -100,12 +100,13 @@ def plot_deltas(key: CurveKey, deltas: pd.DataFrame, *, label: str, stem: Path, 
         axis.errorbar(x, y, yerr=error, fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xlabel("block (0-based)", fontsize=8)
-    axis.set_ylabel("difference" + (" (points)" if key.is_percent else ""), fontsize=8)
+    axis.set_ylabel(("difference (points)" if key.is_percent else "difference")
+                    + f", {round(level * 100)} % CI", fontsize=8)
     axis.xaxis.get_major_locator().set_params(integer=True)
     axis.grid(alpha=0.3, axis="y")
     axis.tick_params(labelsize=8)
     axis.legend(fontsize=7)
-    axis.set_title(f"{label}: {key.title}, {round(level * 100)} % paired bootstrap intervals", fontsize=9)
+    axis.set_title(f"{label}: {key.title}", fontsize=9)
     return save(figure, stem)
 
 

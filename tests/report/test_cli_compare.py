@@ -56,6 +56,8 @@ def test_bad_inputs_exit_2_with_one_line(profiles, tmp_path):
     meta["dataset"]["fingerprint"] = "f" * 64
     (other / "profile.json").write_text(json.dumps(meta))
     assert "--allow-different-data" in _bad(str(profiles.before), str(other), "--out", str(tmp_path / "d"))
+    assert "--resamples must be at least 1" in _bad(str(profiles.before), str(profiles.after), "--resamples", "0",
+                                                    "--out", str(tmp_path / "f"))
     broken = tmp_path / "broken-placement.json"
     broken.write_text("{}")
     assert "not a placement" in _bad(str(profiles.before), str(profiles.after), "--placement", str(broken),
