@@ -237,7 +237,8 @@ def _compare(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: 
 
     run_compare([run_dir / _BY_NAME["profile-before"].folder, run_dir / _BY_NAME["profile-after"].folder],
                          out=folder, labels=["base", "refined"], config=spec.compare.config(spec),
-                         placement=run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE, overwrite=True, log=say)
+                         placement=run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE, overwrite=True,
+                notes=spec.compare.notes, log=say)
     return "ran", f"wrote {folder / 'report.html'}"
 
 

@@ -23,13 +23,18 @@ CLASS_ROWS = 20   # per-class table: all classes up to this many, else the 10 la
 
 
 def build_document(profiles: list[ProfileInput], pairs: list[PairComparison], *, config: CompareConfig,
-                   out: Path) -> tuple[Document, list[Path]]:
-    """The report document and the figure files it wrote into ``out`` (PNG and SVG)."""
+                   out: Path, notes: str = "") -> tuple[Document, list[Path]]:
+    """The report document and the figure files it wrote into ``out`` (PNG and SVG).
+
+    ``notes``: the author's text about the run (what it does and does not show), shown first, one paragraph per
+    blank-line-separated block."""
     figures: list[Path] = []
     reference = profiles[0]
     others = ", ".join(p.label for p in profiles[1:])
     title = f"mimprobe compare: {reference.label} vs {others}"
-    intro: list[Paragraph | Bullets] = [Bullets(tuple(summary_lines(pairs, config)), kind="summary")]
+    intro: list[Paragraph | Bullets] = [Paragraph(" ".join(block.split()), kind="note")
+                                        for block in notes.strip().split("\n\n") if block.strip()]
+    intro.append(Bullets(tuple(summary_lines(pairs, config)), kind="summary"))
     for pair in pairs:
         intro += [Paragraph(note, kind="note") for note in pair.notes]
     sections = [_curves_section(profiles, pairs, out, figures)]

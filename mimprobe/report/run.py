@@ -67,7 +67,8 @@ class CompareResult:
 
 def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequence[str] | None = None,
                 placement: str | Path | None = None, config: CompareConfig = CompareConfig(),
-                overwrite: bool = False, log: Callable[[str], None] | None = None) -> CompareResult:
+                overwrite: bool = False, notes: str = "",
+                log: Callable[[str], None] | None = None) -> CompareResult:
     """Compare every profile with the first and write the report folder (module docstring).
 
     Args:
@@ -77,6 +78,7 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
         placement: placement.json of the refinement (default: found beside each compared profile's checkpoint).
         config: Bootstrap, CKA and data options.
         overwrite: Write into a folder that holds other files (another compare's listed files are replaced).
+        notes: Text shown at the top of the report (e.g. what the run does and does not show).
         log: Progress messages.
 
     Raises:
@@ -99,7 +101,7 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
         if log:
             log(f"comparing {after.label} with {inputs[0].label}")
         pairs.append(compare(inputs[0], after, config=config, placement=found, placement_source=source))
-    document, figures = build_document(inputs, pairs, config=config, out=out)
+    document, figures = build_document(inputs, pairs, config=config, out=out, notes=notes)
     files = {"html": out / "report.html", "markdown": out / "report.md", "csv": out / "compare.csv",
              "parquet": out / "compare.parquet", "best": out / "best.csv", "class_gains": out / "class_gains.csv"}
     files["html"].write_text(render_html(document), encoding="utf-8")

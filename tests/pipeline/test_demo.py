@@ -47,6 +47,10 @@ def test_fast_demo_runs_every_step_through_the_cli(tmp_path):
     test_rows = [row for row in knn if row["split"] == "test"]   # with the report's paired interval
     assert test_rows and all(row["last_delta_low"] <= row["last_delta_high"] for row in test_rows)
     assert FAST_OVERRIDES["compare"]["notes"] in (out / "README.md").read_text()
+    notes = " ".join(FAST_OVERRIDES["compare"]["notes"].split())
+    for report in ("report.html", "report.md"):  # the report itself states what the run shows
+        text = (out / "compare" / report).read_text(encoding="utf-8").replace("\\", "")  # markdown escapes
+        assert notes[:60] in " ".join(text.split())
 
     # the resolved spec is the demo spec with the fast overrides and this out
     expected = replace(load_spec(DEMO_SPEC).with_overrides(FAST_OVERRIDES), out=str(out))
