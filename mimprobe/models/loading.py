@@ -207,6 +207,7 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
 def _filter_for_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Apply the model family's timm ``checkpoint_filter_fn`` (DINOv2 / BEiT conversions, resampling of position
     and patch embeddings to the model's input size). Shape problems it cannot fix surface in the strict load."""
+    _check_patch_size(state_dict, model)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is None:
         return state_dict
@@ -215,6 +216,19 @@ def _filter_for_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     except Exception as error:  # a foreign layout can make a filter fail before the strict check explains it
         raise CheckpointError(f"the checkpoint does not fit {type(model).__name__}: "
                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def _check_patch_size(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse a checkpoint trained with another patch size: timm's filter would silently resample its patch
+    embedding (FlexiViT style) and the strict load would then succeed with weights of another model."""
+    weight = state_dict.get("patch_embed.proj.weight")
+    target = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "weight", None)
+    if weight is None or target is None or weight.ndim != 4 or target.ndim != 4:
+        return
+    if tuple(weight.shape[-2:]) != tuple(target.shape[-2:]):
+        raise CheckpointError(f"the checkpoint's patch size is {tuple(weight.shape[-2:])} but "
+                              f"{type(model).__name__} here uses {tuple(target.shape[-2:])}: choose the model name "
+                              "with the checkpoint's patch size")
 
 
 def _listing(keys: list[str], limit: int = 6) -> str:

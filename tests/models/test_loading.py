@@ -592,3 +592,18 @@ def test_describe_post_norm_model_has_no_final_norm(tmp_path):
 
     assert description["final_norm"] == "Identity"
     assert description["num_prefix_tokens"] == 1
+
+
+def test_checkpoint_with_another_patch_size_is_refused(tmp_path):
+    """timm's filter would resample a patch-8 embedding to patch 16 and load 'strictly': mimprobe refuses."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mimprobe.errors import CheckpointError
+    from mimprobe.models import load_model
+
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=0)
+    path = tmp_path / "patch8.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match=r"patch size is \(8, 8\)"):
+        load_model("vit_tiny_patch16_224", checkpoint=path, img_size=32)
