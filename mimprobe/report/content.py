@@ -99,8 +99,8 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
         if pair.relative_depth:
             lines.append(f"{prefix}the models have different depths ({pair.before.num_blocks} and "
                          f"{pair.after.num_blocks} blocks): curves are compared by relative depth.")
-    lines.append("Blocks are numbered from 0, as timm's blocks.{i}: block 0 is the first transformer block, "
-                 "block L-1 the last of L.")
+    lines.append("Blocks are numbered from 0, as in timm's parameter names (blocks.0, blocks.1, ...): block 0 is "
+                 "the first transformer block, block L-1 the last of L.")
     return lines
 
 
