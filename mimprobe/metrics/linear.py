@@ -241,16 +241,9 @@ class BlockwiseLinearProbes:
         Labels never seen in training count as errors (and add no loss); a diverged head scores 0 and
         infinite loss. Memory is bounded by ``chunk_size`` samples of logits.
         """
-        y_np = np.asarray(labels)
-        n = np.shape(features)[1] if np.ndim(features) == 3 else -1
-        if y_np.shape != (n,):
-            raise BadInputError(f"labels must be ({n},) to match the features, got shape {y_np.shape}")
-        device = self.coef_.device
-        position = np.searchsorted(self.classes_, y_np).clip(max=len(self.classes_) - 1)
-        known = torch.as_tensor(self.classes_[position] == y_np, device=device)
-        y = torch.as_tensor(position, device=device)
-        correct = torch.zeros(self.coef_.shape[:2], device=device)
-        nll = torch.zeros(self.coef_.shape[:2], device=device)
+        n, y, known = self._targets(features, labels)
+        correct = torch.zeros(self.coef_.shape[:2], device=y.device)
+        nll = torch.zeros(self.coef_.shape[:2], device=y.device)
         start = 0
         for logits in self._logit_chunks(features, chunk_size):             # (B, G, C, b)
             stop = start + logits.shape[-1]
@@ -266,6 +259,18 @@ class BlockwiseLinearProbes:
         loss[diverged | ~np.isfinite(loss)] = math.inf
         return accuracy, loss
 
+    def _targets(self, features: ArrayLike, labels: ArrayLike) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """``(n, y, known)``: the sample count, each label's class position (n,) and whether the probes saw
+        that class in training (n,) bool, on the probes' device."""
+        y_np = np.asarray(labels)
+        n = np.shape(features)[1] if np.ndim(features) == 3 else -1
+        if y_np.shape != (n,):
+            raise BadInputError(f"labels must be ({n},) to match the features, got shape {y_np.shape}")
+        device = self.coef_.device
+        position = np.searchsorted(self.classes_, y_np).clip(max=len(self.classes_) - 1)
+        known = torch.as_tensor(self.classes_[position] == y_np, device=device)
+        return n, torch.as_tensor(position, device=device), known
+
     def score(self, features: ArrayLike, labels: ArrayLike) -> np.ndarray:
         """(num_blocks, num_grid) accuracy, a fraction in [0, 1]."""
         return self.evaluate(features, labels)[0]
@@ -276,14 +281,7 @@ class BlockwiseLinearProbes:
         The per-sample counterpart of `evaluate`'s accuracy (its mean over the last axis), with the same rules:
         labels never seen in training and diverged heads count as errors.
         """
-        y_np = np.asarray(labels)
-        n = np.shape(features)[1] if np.ndim(features) == 3 else -1
-        if y_np.shape != (n,):
-            raise BadInputError(f"labels must be ({n},) to match the features, got shape {y_np.shape}")
-        device = self.coef_.device
-        position = np.searchsorted(self.classes_, y_np).clip(max=len(self.classes_) - 1)
-        known = torch.as_tensor(self.classes_[position] == y_np, device=device)
-        y = torch.as_tensor(position, device=device)
+        n, y, known = self._targets(features, labels)
         hits = [(logits.argmax(dim=2) == y[start:start + logits.shape[-1]]) & known[start:start + logits.shape[-1]]
                 for start, logits in zip(range(0, n, chunk_size), self._logit_chunks(features, chunk_size))]
         correct = torch.cat(hits, dim=-1).cpu().numpy() if hits else np.zeros((*self.coef_.shape[:2], 0), bool)
