@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .._device import autocast, resolve_device, resolve_precision
+from .._messages import status_logger
 from .._versions import software_versions
 from ..blocks import BlockSpec, resolve_blocks
 from ..data import DataSource, SplitDataset, build_eval_transform, load_data, resolve_eval_data_config
@@ -152,14 +153,7 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     config = replace(config, poolings=tuple(dict.fromkeys(poolings)))  # unique, in the order given
     _validate(config)
     messages: list[str] = []
-
-    def say(message: str) -> None:
-        messages.append(message)
-        if log is not None:
-            log(message)
-        elif progress:
-            from rich.console import Console
-            Console(stderr=True).print(message, markup=False, highlight=False)
+    say = status_logger(log, progress=progress, messages=messages)
 
     out = Path(out)
     _prepare_out(out)

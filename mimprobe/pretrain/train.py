@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._device import autocast, resolve_device, resolve_precision
+from .._messages import status_logger
 from .._versions import software_versions
 from ..data import DataSource, Split, SplitDataset, load_data, resolve_eval_data_config
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
@@ -309,14 +310,7 @@ def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: s
     config = replace(config, betas=tuple(config.betas), crop_scale=tuple(config.crop_scale))
     _validate(config)
     messages: list[str] = []
-
-    def say(message: str) -> None:
-        messages.append(message)
-        if log is not None:
-            log(message)
-        elif progress:
-            from rich.console import Console
-            Console(stderr=True).print(message, markup=False, highlight=False)
+    say = status_logger(log, progress=progress, messages=messages)
 
     source = data if isinstance(data, DataSource) else load_data(data)
     data_spec = str(data) if not isinstance(data, DataSource) else source.name

@@ -75,7 +75,7 @@ def any_process(flag: bool, device: torch.device) -> bool:
 
 
 def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a (detached) scalar over processes, for logging."""
+    """The mean of a detached tensor over processes (element-wise), for logging."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     value = value.detach().clone()

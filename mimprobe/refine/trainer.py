@@ -16,7 +16,7 @@ import csv
 import json
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .._device import autocast, resolve_device, resolve_precision
+from .._messages import status_logger
 from .._versions import software_versions
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
@@ -288,7 +289,6 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         BadInputError: Bad options, a placement that does not fit the model, a queue larger than the data, an
             unreadable checkpoint, an ``out`` that holds another run.
     """
-    import sys
 
     from ..data import load_data
     from ..data.transforms import resolve_eval_data_config
@@ -299,8 +299,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     if threads is not None:
         torch.set_num_threads(int(threads))
     ctx = init_distributed(resolve_device(device))
-    say = log or ((lambda message: print(message, file=sys.stderr, flush=True)) if progress and ctx.is_main
-                  else (lambda message: None))
+    say = status_logger(log, progress=progress and ctx.is_main)
     _prepare_out(out, resume=resume, overwrite=overwrite, is_main=ctx.is_main)
     _barrier(ctx)
     started = time.perf_counter()
@@ -380,8 +379,8 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         _check_resume(state, resolved)
     elif ctx.is_main:
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
-        (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n") \
-            if not (out / "placement.json").exists() else None
+        if not (out / "placement.json").exists():  # --auto already wrote it (with versions)
+            (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n")
 
     step_columns = ["step", "stage", "epoch", "loss", *[f"loss_block{b}" for b in config.head_blocks], "lr",
                     "images_per_second", "seconds"]
@@ -402,7 +401,6 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         f"{ctx.world_size} process(es) on {ctx.device}, {precision}")
 
     monitor = _Monitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
-    checkpoint_state = lambda: trainer.state_dict(resolved)  # noqa: E731
     stopped = False
     last_loss = None
     monitor_rows: list[dict[str, Any]] = []
@@ -422,7 +420,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
             if not stopped:
                 trainer.end_epoch()
             if ctx.is_main:
-                save_training_state(out / CHECKPOINT, checkpoint_state())
+                save_training_state(out / CHECKPOINT, trainer.state_dict(resolved))
             if stopped:
                 say(f"stopped at step {trainer.step}; checkpoint saved to {out / CHECKPOINT}: rerun with --resume")
                 break
@@ -567,7 +565,7 @@ class _Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         topk = 1 if stage == 1 else self.config.topk
-        totals = {block: 0.0 for block in self.config.head_blocks}
+        totals = torch.zeros(len(self.config.head_blocks), device=self.ctx.device)  # per head, detached
         for views, indices in micro_batches:
             views = [v.to(self.ctx.device, non_blocking=True) for v in views]
             indices = indices.to(self.ctx.device)
@@ -584,7 +582,7 @@ class _Trainer:
                                                 temperature=self.config.temperature, num_global=2,
                                                 gather=self.ctx.distributed)
                 loss = loss + head_loss  # summed over heads (DESIGN.md)
-                totals[block] += float(mean_over_processes(head_loss.detach())) / len(micro_batches)
+                totals[self.config.head_blocks.index(block)] += head_loss.detach() / len(micro_batches)
                 queue.update(gather_no_grad(projections[0].detach().float()), gather_no_grad(indices))
             (loss / len(micro_batches)).backward()
         if self.config.clip_grad:
@@ -594,8 +592,9 @@ class _Trainer:
             self.ema.update(self.network.encoder, step=self.step - self.plan.heads_steps)
         self.step += 1
         self.batch_in_epoch += 1
-        record = {"step": self.step, "stage": stage, "epoch": self.epoch, "loss": sum(totals.values()), "lr": lr}
-        record.update({f"loss_block{b}": value for b, value in totals.items()})
+        per_head = mean_over_processes(totals).tolist()  # one reduction and one device sync per step
+        record = {"step": self.step, "stage": stage, "epoch": self.epoch, "loss": sum(per_head), "lr": lr}
+        record.update({f"loss_block{b}": value for b, value in zip(self.config.head_blocks, per_head)})
         return record
 
     # -- state

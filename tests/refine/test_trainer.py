@@ -245,3 +245,14 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
     resolved = json.loads((tmp_path / "two" / "config.json").read_text())
     assert resolved["world_size"] == 2
+
+
+def test_local_crops_are_predicted_views(tmp_path):
+    """Two extra 16 px crops run through a dynamic-size copy of the encoder; the loss then averages 2 x 3 pairs."""
+    result = refine(tmp_path / "run", replace(TINY, local_crops=2, local_size=16, epochs=1))
+    assert result.steps == 6 and math.isfinite(result.last_loss)
+    before = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
+    after = exported(tmp_path / "run")
+    assert set(after) == set(before)  # the export stays a plain 32 px timm state dict
+    assert after["pos_embed"].shape == before["pos_embed"].shape
+    assert not torch.equal(after["blocks.5.mlp.fc1.weight"], before["blocks.5.mlp.fc1.weight"])
