@@ -306,6 +306,14 @@ def place(
     _guarded(debug, body)
 
 # ---- command: refine ----
+def _print_recipe(value: bool) -> None:
+    if value:
+        from .refine.recipe import recipe_text
+
+        typer.echo(recipe_text())
+        raise typer.Exit()
+
+
 @app.command(epilog="""
 **Examples**
 
@@ -316,6 +324,14 @@ def place(
 Every epoch (and on SIGTERM) a checkpoint is written; rerun with `--resume` to continue exactly. The result,
 OUT/refined.safetensors, is a plain timm state dict of the EMA encoder: `mimprobe profile MODEL DATA --checkpoint
 OUT/refined.safetensors` measures it.
+
+The defaults are MIM-Refiner's main recipe, read from the official configurations (`--recipe` prints each one with
+its source line): 2 global crops (0.25-1) + 10 local 96/224-size crops (0.05-0.25), lr 2e-4 (heads stage) and
+4e-4 (full stage) per 256 images, 4 warmup epochs, cosine to an absolute 1e-6, encoder EMA 0.9999 from the first
+step, Xavier-uniform heads. Scaled to small data only where it must be: the warmup takes at most 40 % of a stage
+(binds below 10 epochs) and the default queue is cut to the training set. The earlier defaults remain options:
+`--local-crops 0 --global-scale-min 0.08 --ema-warmup --lr-heads 1e-4 --lr 1e-4 --warmup-fraction 0.1
+--head-init truncnormal`.
 """)
 def refine(
     model: str = typer.Argument(..., help="timm model name."),
@@ -332,14 +348,38 @@ def refine(
     epochs: int = typer.Option(5, "--epochs", help="Stage 2 epochs: encoder and heads."),
     batch_size: int = typer.Option(256, "--batch-size", help="Global batch (all processes)."),
     accumulate: int = typer.Option(1, "--accumulate", help="Micro-batches per step when a batch does not fit."),
-    lr: float = typer.Option(1e-4, "--lr", help="Base learning rate per 256 images."),
+    lr_heads: float = typer.Option(2e-4, "--lr-heads", help="Stage 1 (heads only) peak lr per 256 images "
+                                                            "(official 2e-4)."),
+    lr: float = typer.Option(4e-4, "--lr", help="Stage 2 (encoder and heads) peak lr per 256 images (official "
+                                                "4e-4); both scaled by batch / 256."),
+    min_lr: float = typer.Option(1e-6, "--min-lr", help="End of each stage's cosine: an absolute lr, not scaled "
+                                                        "with the batch."),
+    warmup_epochs: float = typer.Option(4.0, "--warmup-epochs", help="Linear warmup of each stage in epochs "
+                                                                     "(official 4); cut to 40 % of a stage "
+                                                                     "shorter than 10 epochs."),
+    warmup_fraction: Optional[float] = typer.Option(None, "--warmup-fraction", help="Instead: warm up over this "
+                                                                                    "share of each stage (0.1 "
+                                                                                    "before the official recipe)."),
     temperature: float = typer.Option(0.2, "--temperature", help="NNA temperature (0.2 ViT-L, 0.3 H, 0.35 2B)."),
-    queue_size: int = typer.Option(65536, "--queue-size", help="Neighbour queue length per head."),
+    queue_size: Optional[int] = typer.Option(None, "--queue-size", help="Neighbour queue length per head "
+                                                                        "[default: 65536, cut to the training "
+                                                                        "set when smaller]."),
     topk: int = typer.Option(20, "--topk", help="Stage 2: pick the neighbour uniformly from the top k."),
-    local_crops: int = typer.Option(0, "--local-crops", help="Extra local crops as predicted views."),
+    local_crops: int = typer.Option(10, "--local-crops", help="Local crops as extra predicted views (official "
+                                                              "10; 0: global views only)."),
+    local_size: Optional[int] = typer.Option(None, "--local-size", help="Side of the local crops [default: 96/224 "
+                                                                        "of the input, rounded to the patch]."),
+    local_scale: str = typer.Option("0.05,0.25", "--local-scale", help="Area range of the local crops."),
+    global_scale_min: float = typer.Option(0.25, "--global-scale-min", help="Smallest area of the 2 global crops "
+                                                                            "(official 0.25; BYOL 0.08)."),
     head_dims: str = typer.Option("2048,256,4096", "--head-dims", help="Projector hidden, projection and "
                                                                        "predictor hidden widths."),
-    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA of the encoder (with warmup)."),
+    head_init: str = typer.Option("xavier_uniform", "--head-init", help="Heads' Linear init: xavier_uniform "
+                                                                        "(official) or truncnormal (std 0.02)."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA of the encoder, constant from stage 2's "
+                                                                "first step."),
+    ema_warmup: bool = typer.Option(False, "--ema-warmup", help="timm's EMA warmup instead (decay 1-(1+n)^-2/3 up "
+                                                                "to --ema-decay): short runs still move."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images."),
     monitor: int = typer.Option(0, "--monitor", help="k-NN monitor on N labelled images every epoch (0: off)."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
@@ -352,6 +392,9 @@ def refine(
     json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    recipe: bool = typer.Option(False, "--recipe", is_eager=True, expose_value=False, callback=_print_recipe,
+                                help="Print each default with its source line in the official MIM-Refiner "
+                                     "configurations, and exit."),
 ) -> None:
     """Refine with Nearest-Neighbour-Alignment heads (MIM-Refiner) on the placed blocks; export a timm checkpoint."""
     from .errors import BadInputError
@@ -362,11 +405,18 @@ def refine(
             hidden, proj, predictor = (int(part) for part in head_dims.split(","))
         except ValueError:
             raise BadInputError(f"invalid --head-dims {head_dims!r}: give three widths, e.g. 2048,256,4096") from None
+        try:
+            low, high = (float(part) for part in local_scale.split(","))
+        except ValueError:
+            raise BadInputError(f"invalid --local-scale {local_scale!r}: give two areas, e.g. 0.05,0.25") from None
         config = RefineConfig(epochs_heads=epochs_heads, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
-                              lr=lr, temperature=temperature, queue_size=queue_size, topk=topk,
-                              local_crops=local_crops, head_hidden_dim=hidden, head_proj_dim=proj,
-                              head_predictor_dim=predictor, ema_decay=ema_decay, img_size=img_size,
-                              precision=precision, seed=seed, num_workers=workers, monitor_images=monitor)
+                              lr_heads=lr_heads, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+                              warmup_fraction=warmup_fraction, temperature=temperature, queue_size=queue_size,
+                              topk=topk, local_crops=local_crops, local_size=local_size, local_scale=(low, high),
+                              global_scale_min=global_scale_min, head_hidden_dim=hidden, head_proj_dim=proj,
+                              head_predictor_dim=predictor, head_init=head_init, ema_decay=ema_decay,
+                              ema_warmup=ema_warmup, img_size=img_size, precision=precision, seed=seed,
+                              num_workers=workers, monitor_images=monitor)
         freeze_value = _parse_freeze(freeze)
         place_options = {key: value for key, value in (("max_heads", max_heads), ("freeze", freeze_value))
                          if value is not None}

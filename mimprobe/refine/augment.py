@@ -1,9 +1,14 @@
-"""Training views for NNA refinement: two BYOL-style global views and optional DINO-style local crops.
+"""Training views for NNA refinement: two BYOL-style global views and DINO-style local crops.
 
-Augmentations follow BYOL (Grill et al. 2020, arXiv 2006.07733, Table 6), as MIM-Refiner (arXiv 2402.10093) does:
-random resized crop, horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2, Gaussian
-blur (p=1.0 for the first view, 0.1 for the second), solarisation (p=0 / 0.2). Local crops follow DINO
-(Caron et al. 2021, arXiv 2104.14294): smaller crops of a smaller part of the image, blur p=0.5.
+The defaults are MIM-Refiner's main recipe, the official ``datasets/imagenet/train_byolaug_localviews`` template
+(github.com/ml-jku/MIM-Refiner, ``src/zztemplates/datasets/imagenet/train_byolaug_localviews.yaml``): 2 global
+views of 224 px at scale (0.25, 1) and 10 local views of 96 px at scale (0.05, 0.25), all bicubic. Global only
+(``local_crops=0``) with BYOL's (0.08, 1) is the paper's "global views" ablation, the official
+``stage3/ablations/augmentation/globalviews.yaml``.
+
+Augmentations follow BYOL (Grill et al. 2020, arXiv 2006.07733, Table 6), as the template does: random resized
+crop, horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur sigma
+(0.1, 2) (p=1.0 for the first view, 0.1 for the second, 0.5 for local crops), solarisation (p=0 / 0.2 / 0).
 
 Every sample's randomness is a pure function of ``(seed, epoch, index)``: the same image gets the same views
 whatever the process count, worker count or an interruption, which is what makes a resumed run identical to an
@@ -28,20 +33,21 @@ class ViewConfig:
 
     Attributes:
         img_size: Side of the global views in pixels (the model's input size).
-        local_crops: Number of local crops (0: global views only, MIM-Refiner's default).
-        local_size: Side of the local crops; ``None``: 96/224 of ``img_size`` rounded to the patch size.
-        global_scale: Area range of the global crops (BYOL: 0.08–1).
-        local_scale: Area range of the local crops (DINO: 0.05–0.4).
+        local_crops: Number of local crops (official: 10; 0: global views only).
+        local_size: Side of the local crops; ``None``: 96/224 of ``img_size`` rounded to the patch size (the
+            official 96 px at 224 px).
+        global_scale: Area range of the global crops (official: 0.25-1; BYOL's own: 0.08-1).
+        local_scale: Area range of the local crops (official: 0.05-0.25).
         mean, std: Normalisation of the model's data config.
     """
 
     img_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    local_crops: int = 0
+    local_crops: int = 10
     local_size: int | None = None
-    global_scale: tuple[float, float] = (0.08, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
 
 
 def blur_kernel(size: int) -> int:

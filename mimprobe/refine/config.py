@@ -8,36 +8,49 @@ from typing import Any
 
 from ..errors import BadInputError
 
+HEAD_INITS = ("xavier_uniform", "truncnormal")   # the official NnclrHead's init_weights choices
+OFFICIAL_QUEUE_SIZE = 65536                      # models/nnclr.yaml, base
+WARMUP_MAX_SHARE = 0.4   # the longest official warmup: 4 of 10 epochs (stage3/ablations/augmentation/minaug_localviews)
+
 
 @dataclass(frozen=True)
 class RefineConfig:
     """Everything that changes a refinement run's numbers. CLI options map onto these fields.
 
-    Defaults follow MIM-Refiner (arXiv 2402.10093) and DESIGN.md where they are scale-free; epochs, queue and
-    head sizes are the user's (the official ImageNet values are in the comments).
+    The defaults are MIM-Refiner's main recipe (arXiv 2402.10093), read from the official stage-2 (heads) and
+    stage-3 (full) configurations of github.com/ml-jku/MIM-Refiner; `mimprobe.refine.recipe.RECIPE` maps each one to
+    its source line (``mimprobe refine --recipe`` prints it). Epochs, batch, queue and head sizes are the user's
+    (the official ImageNet values are in the comments). Two defaults are scaled to small data, and only when the
+    data forces it: the warmup never takes more than `WARMUP_MAX_SHARE` of a stage, and the queue is cut to the
+    training set (`resolve_queue_size`).
     """
 
-    epochs_heads: int = 1              # stage 1, encoder frozen: heads only (random heads would send noise down)
-    epochs: int = 5                    # stage 2, everything but the frozen blocks (official: 20-30 on ImageNet)
-    batch_size: int = 256              # global batch over all processes; lr is scaled by batch_size / 256
+    epochs_heads: int = 1              # stage 1, encoder frozen: heads only (official stage 2: 20 ImageNet epochs)
+    epochs: int = 5                    # stage 2, everything but the frozen blocks (official stage 3: 20-30 epochs)
+    batch_size: int = 256              # global batch over all processes; lrs are scaled by batch_size / 256
     accumulate: int = 1                # micro-batches per optimiser step when a batch does not fit in memory
-    lr: float = 1e-4                   # base learning rate for a batch of 256 (peak of the warmup)
-    min_lr: float = 1e-6               # end of the cosine, also per 256 images
-    warmup_fraction: float = 0.1       # linear warmup over this share of each stage's steps
-    layer_decay: float = 0.65          # layer-wise lr decay (BEiT), through timm's param_groups_layer_decay
+    lr_heads: float = 2e-4             # stage 1 (heads only) peak lr per 256 images (official stage 2)
+    lr: float = 4e-4                   # stage 2 (everything) peak lr per 256 images (official stage 3)
+    min_lr: float = 1e-6               # end of the cosine: an absolute lr, not scaled with the batch
+    warmup_epochs: float = 4.0         # linear warmup of each stage, in epochs (at most WARMUP_MAX_SHARE of it)
+    warmup_fraction: float | None = None   # instead: warmup over this share of each stage's steps (0.1 before)
+    layer_decay: float = 0.65          # layer-wise lr decay (BEiT; trainer.layer_lr_scale)
     weight_decay: float = 0.05         # encoder
     head_weight_decay: float = 1e-5    # heads
     betas: tuple[float, float] = (0.9, 0.95)
     temperature: float = 0.2           # 0.2 for ViT-L, 0.3 for H, 0.35 for 2B in the paper
-    queue_size: int = 65536            # per head; must not exceed the training set
+    queue_size: int | None = None      # per head; None: 65536 (official), cut to the training set when smaller
     topk: int = 20                     # neighbours to pick from uniformly in stage 2 (stage 1 uses the nearest)
     head_hidden_dim: int = 2048        # projector hidden width
     head_proj_dim: int = 256           # projection width (queue and loss space)
     head_predictor_dim: int = 4096     # predictor hidden width
-    local_crops: int = 0               # extra predicted views (DINO-style); anchors are always the 2 global views
+    head_init: str = "xavier_uniform"  # linears of the heads: xavier_uniform (official) or truncnormal (std 0.02)
+    local_crops: int = 10              # extra predicted views; anchors are always the 2 global views (0: global only)
     local_size: int | None = None      # side of local crops; None: 96/224 of the input size
-    global_scale_min: float = 0.08     # BYOL's crop area range is (0.08, 1)
-    ema_decay: float = 0.9999          # encoder EMA (timm ModelEmaV3 with warmup, so short runs still move)
+    local_scale: tuple[float, float] = (0.05, 0.25)   # area range of the local crops
+    global_scale_min: float = 0.25     # area range of the global crops is (global_scale_min, 1)
+    ema_decay: float = 0.9999          # encoder EMA, constant from the first stage-2 step
+    ema_warmup: bool = False           # timm ModelEmaV3's warmup (decay 1 - (1 + step)^-2/3, capped at ema_decay)
     freeze_blocks: int = 0             # first blocks (and the embeddings) kept frozen in stage 2
     head_blocks: tuple[int, ...] = ()  # 0-based blocks with a head; from the placement
     img_size: int | None = None
@@ -48,20 +61,31 @@ class RefineConfig:
     clip_grad: float | None = None
 
     def __post_init__(self) -> None:
+        scale = self.batch_size / 256
         checks = [
             (self.epochs_heads >= 0 and self.epochs >= 0, "--epochs and --epochs-heads must be >= 0"),
             (self.epochs_heads + self.epochs > 0, "nothing to train: --epochs-heads and --epochs are both 0"),
             (self.batch_size >= 2, f"--batch-size {self.batch_size} is too small: the NNA loss contrasts the "
                                    "images of a batch, use at least 2"),
             (self.accumulate >= 1, "--accumulate must be >= 1"),
-            (self.lr > 0 and self.min_lr >= 0, "--lr must be > 0 and --min-lr >= 0"),
-            (0 <= self.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
+            (self.lr > 0 and self.lr_heads > 0 and self.min_lr >= 0, "--lr and --lr-heads must be > 0 and "
+                                                                      "--min-lr >= 0"),
+            (self.min_lr <= min(self.lr, self.lr_heads) * scale,
+             f"--min-lr {self.min_lr:g} is above a peak lr ({min(self.lr, self.lr_heads) * scale:g} = "
+             f"{min(self.lr, self.lr_heads):g} x batch {self.batch_size} / 256): lower --min-lr or raise the lr"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+            (self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
             (0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
             (self.temperature > 0, "--temperature must be > 0"),
-            (self.queue_size >= 1, "--queue-size must be >= 1"),
+            (self.queue_size is None or self.queue_size >= 1, "--queue-size must be >= 1"),
             (self.topk >= 1, "--topk must be >= 1"),
             (min(self.head_hidden_dim, self.head_proj_dim, self.head_predictor_dim) >= 1, "head sizes must be >= 1"),
+            (self.head_init in HEAD_INITS, f"--head-init {self.head_init!r} is unknown: use one of "
+                                           f"{', '.join(HEAD_INITS)}"),
             (self.local_crops >= 0, "--local-crops must be >= 0"),
+            (self.local_size is None or self.local_size >= 1, "--local-size must be >= 1"),
+            (len(self.local_scale) == 2 and 0 < self.local_scale[0] <= self.local_scale[1] <= 1,
+             "--local-scale must be two areas 0 < min <= max <= 1, e.g. 0.05,0.25"),
             (0 < self.global_scale_min <= 1, "--global-scale-min must be in (0, 1]"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (self.freeze_blocks >= 0, "--freeze must be >= 0"),
@@ -77,7 +101,7 @@ class RefineConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RefineConfig":
         values = dict(values)
-        for key in ("betas", "head_blocks"):
+        for key in ("betas", "head_blocks", "local_scale"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -105,13 +129,61 @@ class StagePlan:
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup from 0 to 1 over ``warmup_steps``, then cosine from 1 to ``min_ratio`` (nanoGPT's get_lr).
+    """The official ``schedules/wupcos_epoch`` schedule of one stage as a factor of its peak lr.
 
-    ``step`` counts from 0 within a stage; the factor of step s is the one used by the update of step s.
+    Linear warmup, then cosine to ``min_ratio``, exactly as kappaschedules computes them for the official run
+    (``LinearIncreasingSchedule`` with ``exclude_first`` and ``exclude_last``, then ``CosineDecreasingSchedule``
+    with ``exclude_last``, chained by ``SequentialStepSchedule``; github.com/BenediktAlkin/KappaSchedules)::
+
+        step <  W:  (step + 1) / (W + 1)                                  # starts above 0, stops short of 1
+        step >= W:  min_ratio + (1 - min_ratio) * (1 + cos(pi * (step - W) / (T - W))) / 2
+
+    ``step`` counts from 0 within a stage (T steps, W of warmup); the factor of step s is the one used by the
+    update of step s (the official trainer calls ``schedule_step`` before each update with the number of updates
+    done). The cosine starts at the peak and ends one step short of ``min_ratio``.
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / (warmup_steps + 1)
     if total_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(config: RefineConfig, *, stage_epochs: int, steps_per_epoch: int) -> int:
+    """Warmup steps of a stage of ``stage_epochs`` epochs: ``warmup_epochs`` epochs (official: 4), but at most
+    `WARMUP_MAX_SHARE` of the stage; or ``warmup_fraction`` of the stage when that is set.
+
+    The cap only bites on stages shorter than 10 epochs (4 / 0.4): every official configuration (10, 20 and 30
+    epoch stages with 4 warmup epochs) keeps its exact warmup, while a short run on small data still gets a peak
+    and a cosine instead of a warmup that never ends.
+    """
+    stage_steps = stage_epochs * steps_per_epoch
+    if config.warmup_fraction is not None:
+        return int(round(config.warmup_fraction * stage_steps))
+    return min(int(round(config.warmup_epochs * steps_per_epoch)), int(WARMUP_MAX_SHARE * stage_steps))
+
+
+def stage_lr(config: RefineConfig, plan: StagePlan, step: int) -> float:
+    """Learning rate (layer scale 1) of optimiser step ``step`` (0-based over the whole run).
+
+    Each stage has its own schedule: peak ``lr_heads`` (stage 1) or ``lr`` (stage 2) times batch_size / 256 (the
+    official ``LinearLrScaler``), warmup (`warmup_steps`), cosine to the absolute ``min_lr`` (`lr_factor`).
+    """
+    heads = step < plan.heads_steps
+    stage_step = step if heads else step - plan.heads_steps
+    stage_epochs = plan.epochs_heads if heads else plan.epochs
+    peak = (config.lr_heads if heads else config.lr) * config.batch_size / 256
+    factor = lr_factor(stage_step, total_steps=stage_epochs * plan.steps_per_epoch,
+                       warmup_steps=warmup_steps(config, stage_epochs=stage_epochs,
+                                                 steps_per_epoch=plan.steps_per_epoch),
+                       min_ratio=min(1.0, config.min_lr / peak))
+    return peak * factor
+
+
+def resolve_queue_size(config: RefineConfig, train_images: int) -> int:
+    """The queue length per head: ``queue_size`` as given, else the official 65,536 cut to the training set (a
+    longer queue would hold the same images twice)."""
+    if config.queue_size is not None:
+        return config.queue_size
+    return min(OFFICIAL_QUEUE_SIZE, train_images)

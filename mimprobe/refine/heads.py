@@ -10,7 +10,9 @@ with ``norm_mode="batchnorm"``, ``proj_hidden_layers=1``, ``pred_hidden_layers=0
 Every Linear is bias-free because a BatchNorm follows it (its shift makes a bias redundant). Every BatchNorm is
 affine, the last ones included: the official code builds them all with plain ``nn.BatchNorm1d`` and only
 initialises them to the identity (``init_norm_as_noaffine`` sets weight 1, bias 0, and leaves them trainable);
-the affine-free output BN of some BYOL/SimSiam variants is not what MIM-Refiner does.
+the affine-free output BN of some BYOL/SimSiam variants is not what MIM-Refiner does. The Linears start
+Xavier-uniform, the official default (``init_weights="xavier_uniform"``, ``nnclr_head.py`` lines 33 and 150-157,
+kappamodules' ``init_xavier_uniform_zero_bias``); ``init="truncnormal"`` is the official alternative (std 0.02).
 
 Plain ``nn.BatchNorm1d`` is used on purpose: under DDP the trainer converts the heads with
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` so the statistics span the global batch.
@@ -31,6 +33,7 @@ class HeadConfig:
     hidden_dim: int = 2048             # H: projector hidden width
     proj_dim: int = 256                # P: projection (and prediction) width, the space of the queue and the loss
     predictor_hidden_dim: int = 4096   # Q: predictor hidden width
+    init: str = "xavier_uniform"       # the Linears: xavier_uniform (official default) or truncnormal (std 0.02)
 
 
 def _check_positive_int(value: object, name: str) -> None:
@@ -60,6 +63,8 @@ class NNAHead(nn.Module):
         _check_positive_int(config.hidden_dim, "config.hidden_dim")
         _check_positive_int(config.proj_dim, "config.proj_dim")
         _check_positive_int(config.predictor_hidden_dim, "config.predictor_hidden_dim")
+        if config.init not in _INITS:
+            raise ValueError(f"config.init must be one of {', '.join(_INITS)}, got {config.init!r}")
         self.in_dim = in_dim
         self.config = config
         hidden, proj, pred_hidden = config.hidden_dim, config.proj_dim, config.predictor_hidden_dim
@@ -72,7 +77,7 @@ class NNAHead(nn.Module):
             nn.Linear(proj, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.GELU(),
             nn.Linear(pred_hidden, proj, bias=False), nn.BatchNorm1d(proj),
         )
-        self.apply(_init_weights)
+        self.apply(_INITS[config.init])
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Projector: (batch, in_dim) block features -> (batch, proj_dim) projections, unnormalised."""
@@ -104,9 +109,22 @@ class NNAHead(nn.Module):
         return projection, self.predict(projection)
 
 
-def _init_weights(module: nn.Module) -> None:
-    """timm's ViT init for the linears (truncated normal, std 0.02; zero bias); BatchNorms keep weight 1, bias 0."""
+def _init_xavier_uniform(module: nn.Module) -> None:
+    """The official init (kappamodules ``init_xavier_uniform_zero_bias``): Linear weights U(-a, a) with
+    a = sqrt(6 / (fan_in + fan_out)), zero bias; BatchNorms keep weight 1, bias 0 (``init_norm_as_noaffine``)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _init_truncnormal(module: nn.Module) -> None:
+    """The official alternative (kappamodules ``init_truncnormal_zero_bias``, also timm's ViT init): truncated
+    normal with std 0.02, zero bias; BatchNorms keep weight 1, bias 0."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+_INITS = {"xavier_uniform": _init_xavier_uniform, "truncnormal": _init_truncnormal}

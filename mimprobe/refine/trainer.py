@@ -1,7 +1,8 @@
 """The NNA refinement trainer (MIM-Refiner, arXiv 2402.10093): `run_refine` reads inputs, trains, writes artefacts.
 
-Stage 1 trains the heads on a frozen encoder (nearest neighbour = top-1); stage 2 trains everything but the frozen
-first blocks with layer-wise lr decay, an EMA of the encoder, and neighbours drawn uniformly from the top-k.
+Stage 1 trains the heads on a frozen encoder (nearest neighbour = top-1; the official stage 2); stage 2 trains
+everything but the frozen first blocks with layer-wise lr decay, an EMA of the encoder, and neighbours drawn
+uniformly from the top-k (the official stage 3). Each stage has its own lr schedule (`config.stage_lr`).
 The same function runs alone or under ``torchrun`` (one process per device; only rank 0 writes files).
 
 Exactness: the data order is a function of (seed, epoch), each sample's augmentations of (seed, epoch, index),
@@ -31,7 +32,7 @@ from .._versions import software_versions
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
-from .config import RefineConfig, StagePlan, lr_factor
+from .config import RefineConfig, StagePlan, resolve_queue_size, stage_lr
 from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
                           mean_over_processes)
 from .heads import HeadConfig
@@ -196,6 +197,22 @@ def set_trainable(network: RefineNetwork, *, stage: int, freeze_blocks: int) -> 
     encoder.train(stage == 2)
 
 
+def make_ema(encoder: nn.Module, config: RefineConfig):
+    """The encoder's EMA (timm ``ModelEmaV3``), started from the encoder's weights at the start of stage 2.
+
+    Default, as the official ``callbacks/checkpoint_callbacks/ema_callback.py`` (``target_factors: [0.9999]`` in
+    the stage-3 configurations): a constant decay from the first update, ``ema = d * ema + (1 - d) * weights``
+    after every optimiser step, buffers copied rather than averaged. ``ema_warmup``: timm's warmup instead
+    (decay 0 for the first two updates, then ``1 - (1 + n)^(-2/3)`` capped at ``ema_decay``; buffers averaged),
+    mimprobe's behaviour before it followed the official recipe.
+    """
+    from timm.utils import ModelEmaV3
+
+    if config.ema_warmup:
+        return ModelEmaV3(encoder, decay=config.ema_decay, use_warmup=True)
+    return ModelEmaV3(encoder, decay=config.ema_decay, use_warmup=False, exclude_buffers=True)
+
+
 def _step_generator(seed: int, step: int, rank: int, block: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(int(np.random.SeedSequence([seed, step, rank, block, 7]).generate_state(1)[0]))
@@ -329,6 +346,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     if "train" not in source.splits:
         raise BadInputError(f"{data} has no train split to refine on")
     train_split = source.splits["train"]
+    config = replace(config, queue_size=resolve_queue_size(config, len(train_split)))
     micro = _check_sizes(config, len(train_split), ctx)
     precision = resolve_precision(config.precision, ctx.device)
 
@@ -340,11 +358,12 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         encoder = _with_dynamic_size(loaded, config.img_size)
     views = MultiViewTransform(ViewConfig(img_size=img_size, mean=tuple(data_config["mean"]),
                                           std=tuple(data_config["std"]), local_crops=config.local_crops,
-                                          local_size=config.local_size,
+                                          local_size=config.local_size, local_scale=config.local_scale,
                                           global_scale=(config.global_scale_min, 1.0)), patch_size=patch_size)
     dataset = MultiViewDataset(train_split, views, seed=config.seed)
 
-    head_config = HeadConfig(config.head_hidden_dim, config.head_proj_dim, config.head_predictor_dim)
+    head_config = HeadConfig(config.head_hidden_dim, config.head_proj_dim, config.head_predictor_dim,
+                             init=config.head_init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the same heads in every process and every run of the same options
         network = RefineNetwork(encoder, list(config.head_blocks), head_config)
@@ -515,22 +534,15 @@ class _Trainer:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.network, device_ids=ids, broadcast_buffers=False)
         if stage == 2 and self.ema is None:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.network.encoder, decay=self.config.ema_decay, use_warmup=True)
+            self.ema = make_ema(self.network.encoder, self.config)
         self.stage = stage
 
-    def _lr(self, step: int) -> float:
-        """Learning rate (scale 1) of optimiser step ``step``, counted from the start of its stage."""
-        heads_steps = self.plan.heads_steps
-        stage_step, stage_total = (step, heads_steps) if step < heads_steps else \
-            (step - heads_steps, self.plan.total_steps - heads_steps)
-        scale = self.config.batch_size / 256
-        peak, floor = self.config.lr * scale, self.config.min_lr * scale
-        factor = lr_factor(stage_step, total_steps=stage_total,
-                           warmup_steps=int(round(self.config.warmup_fraction * stage_total)),
-                           min_ratio=floor / peak if peak > 0 else 0.0)
-        return peak * factor
+    def _update_ema(self) -> None:
+        """One EMA update after the optimiser step (the official ``EmaCallback._track_after_update_step``)."""
+        if self.config.ema_warmup:
+            self.ema.update(self.network.encoder, step=self.step - self.plan.heads_steps)
+        else:
+            self.ema.update(self.network.encoder)  # no step: timm applies ema_decay itself, from the first update
 
     # -- one epoch
     def run_epoch(self) -> Iterator[dict[str, Any]]:
@@ -560,7 +572,7 @@ class _Trainer:
         self.batch_in_epoch = 0
 
     def _train_step(self, micro_batches: list, stage: int) -> dict[str, Any]:
-        lr = self._lr(self.step)
+        lr = stage_lr(self.config, self.plan, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -589,7 +601,7 @@ class _Trainer:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.clip_grad)
         self.optimizer.step()
         if stage == 2 and self.ema is not None:
-            self.ema.update(self.network.encoder, step=self.step - self.plan.heads_steps)
+            self._update_ema()
         self.step += 1
         self.batch_in_epoch += 1
         per_head = mean_over_processes(totals).tolist()  # one reduction and one device sync per step
@@ -613,9 +625,7 @@ class _Trainer:
         self.queues.load_state_dict(state["queues"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if state["ema"] is not None:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.network.encoder, decay=self.config.ema_decay, use_warmup=True)
+            self.ema = make_ema(self.network.encoder, self.config)
             self.ema.load_state_dict(state["ema"])
         if state["stage"]:
             # rebuild the saved stage's optimiser now if the epoch to run is still in it; else the next stage

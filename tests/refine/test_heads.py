@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from mimprobe.refine import HeadConfig, NNAHead
@@ -56,18 +59,35 @@ def test_parameter_count_of_the_default_config():
     assert sum(p.numel() for p in head.parameters()) == expected == 8_930_304
 
 
-def test_init_is_timm_truncated_normal_002():
+def test_head_init_is_xavier_uniform():
     torch.manual_seed(0)
-    head = NNAHead(512, HeadConfig(hidden_dim=512, proj_dim=64, predictor_hidden_dim=512))
-    weights = torch.cat([m.weight.flatten() for m in head.modules() if isinstance(m, nn.Linear)])
-    # timm's trunc_normal_(std=.02) cuts at +-2 absolute (100 std): a plain N(0, 0.02^2) in practice
-    assert weights.std().item() == pytest.approx(0.02, rel=0.02)
-    assert abs(weights.mean().item()) < 1e-4
-    # torch's default (Kaiming-uniform, bound 1/sqrt(512) = 0.044 here) would never reach 3.5 std of 0.02
-    assert weights.abs().max().item() > 0.07
+    head = NNAHead(384, HeadConfig(hidden_dim=512, proj_dim=128, predictor_hidden_dim=768))
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5
+    for linear in linears:
+        fan_out, fan_in = linear.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = linear.weight.detach().flatten().double()
+        assert w.abs().max().item() <= bound
+        assert w.abs().max().item() > 0.99 * bound          # reaches the edge: not a normal of the same variance
+        assert w.var().item() == pytest.approx(bound ** 2 / 3, rel=0.03)
+        assert abs(w.mean().item()) < 0.01 * bound
+        # the whole distribution: uniform on (-bound, bound)
+        assert stats.kstest(w.numpy(), stats.uniform(loc=-bound, scale=2 * bound).cdf).pvalue > 1e-3
     for norm in (m for m in head.modules() if isinstance(m, nn.BatchNorm1d)):
         assert torch.equal(norm.weight, torch.ones_like(norm.weight))
         assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
+def test_truncnormal_head_init_is_still_an_option():
+    torch.manual_seed(0)
+    head = NNAHead(512, HeadConfig(hidden_dim=512, proj_dim=64, predictor_hidden_dim=512, init="truncnormal"))
+    weights = torch.cat([m.weight.flatten() for m in head.modules() if isinstance(m, nn.Linear)])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.02)
+    # Xavier-uniform here would have std sqrt(6 / 1024 / 3) = 0.044 and no tail past its bound 0.077
+    assert (weights.abs() > 3 * 0.02).float().mean().item() == pytest.approx(0.0027, abs=0.0006)
+    with pytest.raises(ValueError, match="config.init"):
+        NNAHead(8, HeadConfig(init="kaiming"))
 
 
 def test_gradients_reach_every_parameter():

@@ -31,7 +31,9 @@ from mimprobe.refine.trainer import _param_groups
 MODEL = "test_vit"          # timm's 6-block, 64-wide test model
 DATA = "synthetic:classes=4,train=12,test=4,size=32"   # 48 train images
 TINY = RefineConfig(epochs_heads=1, epochs=1, batch_size=16, queue_size=32, topk=4, head_hidden_dim=32,
-                    head_proj_dim=16, head_predictor_dim=32, img_size=32, lr=1e-3, warmup_fraction=0.2)
+                    head_proj_dim=16, head_predictor_dim=32, img_size=32, lr=1e-3, warmup_fraction=0.2,
+                    local_crops=0,   # global views only for speed; the defaults run in the CLI tests below
+                    ema_decay=0.5)   # the official 0.9999 keeps a 3-step export within float32 rounding of the start
 PLACEMENT = place(None, num_blocks=6, rule="last-n", n=2)
 
 
@@ -256,3 +258,19 @@ def test_local_crops_are_predicted_views(tmp_path):
     assert set(after) == set(before)  # the export stays a plain 32 px timm state dict
     assert after["pos_embed"].shape == before["pos_embed"].shape
     assert not torch.equal(after["blocks.5.mlp.fc1.weight"], before["blocks.5.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_after_the_first_stage_two_step(tmp_path, warmup):
+    """Default: ema = d * w0 + (1 - d) * w1 after the first update (no warmup); --ema-warmup: timm's warmup, whose
+    first update copies the weights (decay 0)."""
+    config = replace(TINY, epochs_heads=0, epochs=1, lr=0.1, warmup_fraction=0.0, ema_decay=0.9,
+                     ema_warmup=warmup)
+    refine(tmp_path / "run", config, stop_after_steps=1)
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    w0 = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
+    w1, ema = state["encoder"], state["ema"]
+    for key in ("blocks.5.mlp.fc1.weight", "blocks.0.attn.qkv.weight", "norm.weight"):
+        assert (w1[key] - w0[key]).abs().max() > 1e-4, key      # the step moved the weights (Adam: ~lr each)
+        expected = w1[key] if warmup else 0.9 * w0[key] + 0.1 * w1[key]
+        assert torch.allclose(ema[f"module.{key}"], expected, atol=1e-6), key
