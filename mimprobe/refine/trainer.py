@@ -32,7 +32,8 @@ from .._versions import software_versions
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
-from .config import RefineConfig, StagePlan, resolve_queue_size, stage_lr
+from .config import (OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, RefineConfig, StagePlan, resolve_queue_size, stage_lr,
+                     warmup_steps)
 from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
                           mean_over_processes)
 from .heads import HeadConfig
@@ -346,6 +347,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     if "train" not in source.splits:
         raise BadInputError(f"{data} has no train split to refine on")
     train_split = source.splits["train"]
+    requested_queue = config.queue_size
     config = replace(config, queue_size=resolve_queue_size(config, len(train_split)))
     micro = _check_sizes(config, len(train_split), ctx)
     precision = resolve_precision(config.precision, ctx.device)
@@ -418,6 +420,8 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         f"({placement.rule} rule), {config.freeze_blocks} frozen blocks, {plan.total_steps} steps "
         f"({config.epochs_heads} heads-only + {config.epochs} full epochs of {steps_per_epoch}), "
         f"{ctx.world_size} process(es) on {ctx.device}, {precision}")
+    for note in _small_data_notes(config, plan, requested_queue, len(train_split)):
+        say(note)
 
     monitor = _Monitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
     stopped = False
@@ -467,6 +471,21 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     return RefineResult(out=out, export=export, steps=trainer.step, epochs_done=trainer.epoch,
                         seconds=time.perf_counter() - started, last_loss=last_loss,
                         head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows)
+
+
+def _small_data_notes(config: RefineConfig, plan: StagePlan, requested_queue: int | None,
+                      train_images: int) -> list[str]:
+    """One line per default that the data made smaller than the official recipe's (see `RefineConfig`)."""
+    notes = []
+    if requested_queue is None and config.queue_size < OFFICIAL_QUEUE_SIZE:
+        notes.append(f"queue: {config.queue_size} per head, the training set (official {OFFICIAL_QUEUE_SIZE})")
+    if config.warmup_fraction is None:
+        for name, epochs in (("heads-only", plan.epochs_heads), ("full", plan.epochs)):
+            steps = warmup_steps(config, stage_epochs=epochs, steps_per_epoch=plan.steps_per_epoch)
+            if epochs and steps < round(config.warmup_epochs * plan.steps_per_epoch):
+                notes.append(f"warmup of the {epochs}-epoch {name} stage: {steps} steps (at most "
+                             f"{WARMUP_MAX_SHARE:.0%} of it), not {config.warmup_epochs:g} epochs")
+    return notes
 
 
 def _with_dynamic_size(loaded, img_size: int | None) -> nn.Module:
