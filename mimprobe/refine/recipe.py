@@ -3,9 +3,10 @@
 The official repository (github.com/ml-jku/MIM-Refiner, commit `OFFICIAL_COMMIT`) trains in two runs: ``stage2``
 trains the heads on a frozen encoder (mimprobe's stage 1) and ``stage3`` trains everything (mimprobe's stage 2).
 `RECIPE` lists every default of `RefineConfig` that follows it, with the official value and the line it is read
-from (paths relative to the repository root; ``stage2/l16_mae.yaml`` and ``stage3/l16_mae.yaml`` stand for every
-main configuration, which agree on these lines). ``mimprobe refine --recipe`` prints the table; a test checks
-every row against `RefineConfig`'s defaults.
+from (paths relative to the repository root; line numbers of ``stage2/l16_mae.yaml`` and ``stage3/l16_mae.yaml``,
+the ViT-L MAE run: every main configuration of stage2/ and stage3/ has the same values, only epochs and batch differ
+with the model size). ``mimprobe refine --recipe`` prints the table; a test checks every row against
+`RefineConfig`'s defaults.
 
 Deliberate deviations, kept and documented where they live:
 
