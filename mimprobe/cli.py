@@ -71,7 +71,9 @@ def _parse_poolings(text: str) -> tuple[str, ...]:
 * `mimprobe extract vit_base_patch16_224 ./imagenet-subset --checkpoint mae_pretrain_vit_base.pth --pool cls,mean --out features`
 * `mimprobe extract vit_small_patch16_224 data.npz --blocks last:4 --store-dtype float32 --json --out features`
 
-Run the same command again to resume an interrupted extraction or to reuse a finished one.
+Run the same command again to resume an interrupted extraction or to reuse a finished one. Two runs that write
+the same store take turns: the second waits for the first (or stops with `--no-wait`) and then reuses its store;
+a run that was killed leaves nothing locked.
 """)
 def extract(
     model: str = typer.Argument(..., help="timm model name, e.g. vit_base_patch16_224 (add a tag such as .mae "
@@ -95,6 +97,8 @@ def extract(
     store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip undecodable images (recorded in "
                                          "the manifest) instead of stopping."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="When another run is writing the same store, stop "
+                                 "(exit 2, naming its pid) instead of waiting for it."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -108,7 +112,7 @@ def extract(
             model, data, out=out, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
             blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm, batch_size=batch_size,
             workers=workers, device=device, precision=precision, img_size=img_size, store_dtype=store_dtype,
-            skip_bad_images=skip_bad_images, progress=not no_progress and not json_output,
+            skip_bad_images=skip_bad_images, progress=not no_progress and not json_output, wait=not no_wait,
             log=lambda message: typer.echo(message, err=True))
         summary = result.summary()
         if json_output:

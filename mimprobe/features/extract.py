@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .._device import autocast, resolve_device, resolve_precision
+from .._lock import exclusive_lock
 from .._messages import status_logger
 from .._versions import software_versions
 from ..blocks import BlockSpec, resolve_blocks
@@ -93,15 +95,21 @@ def _validate(config: ExtractConfig) -> None:
         raise BadInputError(f"--img-size must be positive (got {config.img_size})")
 
 
-def _prepare_out(out: Path) -> None:
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that cannot hold stores, without writing anything (that waits for every other check)."""
     if (out / MANIFEST).exists():
         raise BadInputError(f"--out {out} is itself a feature store: give the folder that holds stores "
                             f"(e.g. {out.parent})")
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not existing.is_dir():
+        raise BadInputError(f"cannot write to --out {out}: {existing} is a file; choose a writable folder")
+
+
+def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".mimprobe-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out, prefix=".mimprobe-write-test-"):  # unique: runs may share out
+            pass
     except OSError as error:
         raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
             from None
@@ -125,7 +133,7 @@ def store_key(key_fields: dict[str, Any]) -> str:
 
 def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path, checkpoint: str | None = None,
             pretrained: bool = False, config: ExtractConfig | None = None, progress: bool = True,
-            on_batch: BatchCallback | None = None, log: Callable[[str], None] | None = None,
+            on_batch: BatchCallback | None = None, log: Callable[[str], None] | None = None, wait: bool = True,
             **options: Any) -> ExtractResult:
     """Extract every chosen block's pooled features into a FeatureStore under ``out``.
 
@@ -144,6 +152,8 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         on_batch: Called after every batch is recorded in the manifest (a kill after this loses nothing; no fsync,
             so a power loss may), with (split, rows done, rows in split).
         log: Receives one-line status messages (default: print to stderr when ``progress``).
+        wait: When another run is writing the same store, wait for it (then reuse or resume its store) instead of
+            raising `LockedError` (exit code 2) naming its pid.
 
     Raises:
         BadInputError: Bad paths, names, options or images (the message says what to fix).
@@ -156,7 +166,7 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     say = status_logger(log, progress=progress, messages=messages)
 
     out = Path(out)
-    _prepare_out(out)
+    _check_out(out)
     source = data if isinstance(data, DataSource) else load_data(data)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -181,6 +191,21 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     width = structure["embed_dim"]
     feature_dims = {p: (2 * width if p == "cls+mean" else width) for p in config.poolings}
 
+    _prepare_out(out)
+    # One writer per store: a second run waits (or refuses), then finds the store complete or resumes it.
+    with exclusive_lock(out / f".{store_dir.name}.lock", what=f"feature store {store_dir}", wait=wait, say=say):
+        return _extract_locked(store_dir, key=key, key_fields=key_fields, loaded=loaded, structure=structure,
+                               source=source, data_config=data_config, blocks=blocks, config=config,
+                               precision=precision, feature_dims=feature_dims, device=device, progress=progress,
+                               on_batch=on_batch, say=say, messages=messages)
+
+
+def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded: LoadedModel,
+                    structure: dict[str, Any], source: DataSource, data_config: dict[str, Any], blocks: list[int],
+                    config: ExtractConfig, precision: str, feature_dims: dict[str, int], device: torch.device,
+                    progress: bool, on_batch: BatchCallback | None, say: Callable[[str], None],
+                    messages: list[str]) -> ExtractResult:
+    """Reuse, resume or create the store (the caller holds its lock)."""
     manifest_path = store_dir / MANIFEST
     resumed = False
     if manifest_path.is_file():

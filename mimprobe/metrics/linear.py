@@ -1,35 +1,48 @@
-"""Linear probes for every block and every point of a hyper-parameter grid, trained in one pass.
+"""Linear probes for every block and every regularisation strength of a grid, trained in one pass.
 
 DINOv2 evaluates frozen features by training many linear heads on the same features at once, one per
 hyper-parameter setting, and keeping the best on a validation set (Oquab et al., 2023, arXiv:2304.07193, linear
 evaluation in the appendix). mimprobe applies the same idea across depth as well: the features of all blocks are
 stacked into one ``(num_blocks, n, d)`` tensor, and the weights of every (block, grid point) head live in one
-``(num_blocks, num_grid * num_classes, d)`` tensor, so each SGD step is two batched matmuls (``torch.bmm``) for
-all blocks and all grid points. Every head sees the same mini-batches and the heads share no parameter, so a
-head's weights do not depend on which other blocks or grid points are trained beside it (up to float rounding).
+``(num_blocks, num_grid * num_classes, d)`` tensor, so each step is a few batched matmuls (``torch.bmm``) for all
+blocks and all grid points. Every head sees the same mini-batches and the heads share no parameter, so a head's
+weights do not depend on which other blocks or grid points are trained beside it (up to float rounding).
 
-Objective of one head (the one scikit-learn's ``LogisticRegression`` minimises, with ``C = 1 / (wd * n)``)::
+Objective of one head: scikit-learn ``LogisticRegression``'s, with ``weight_decay = 1 / (C * n)``::
 
-    mean_i CE(softmax(W^T z_i + b), y_i) + wd / 2 * ||W||^2,    z_i = (x_i - mean) / std   (fit split statistics)
+    mean_i CE(softmax(W z_i + b), y_i) + weight_decay / 2 * ||W||^2,   z_i = (x_i - mean) / std   (fit split)
 
-minimised by mini-batch SGD with momentum 0.9 (L2 weight decay coupled into the gradient, bias not decayed),
-a cosine learning-rate schedule to zero, a fixed number of epochs (at least ``min_steps`` steps) and zero
-initialisation: a convex problem, so the seed only orders the mini-batches. Learning rates are given in units of
-1 / lambda_max, lambda_max the largest eigenvalue of the block's standardised feature covariance (the scale of
-the loss's curvature), estimated per block: that makes one grid suit narrow and wide, well- and ill-conditioned
-blocks. SGD rather than L-BFGS because a line search cannot be shared by heads with different curvature, and
-rather than AdamW because AdamW's decoupled decay is not the L2 objective above.
+The grid is scikit-learn's: inverse regularisation strengths C, one head per C, so the batched probe and the
+reference `evaluate_linear_sklearn` search the same models and differ only in the solver.
+
+Solver: mini-batch SGD with heavy-ball momentum, a cosine learning rate to zero and zero initialisation, with each
+head's gradient preconditioned by the inverse Hessian of its objective at W = 0. For a linear softmax layer the
+Hessian (= Fisher) factorises as the feature covariance times the output curvature, ``Sigma ⊗ (diag(p) - p p^T)``
+(K-FAC, Martens & Grosse 2015, arXiv:1503.05671, section 3), and at W = 0, p = 1/K for K classes, the output factor
+is ``(I - 1 1^T / K) / K``: on the class-contrast directions the Hessian is ``Sigma / K + weight_decay * I``. With
+``Sigma = U diag(lambda) U^T`` (one eigendecomposition per block), a head's step is
+``G U diag(1 / (lambda / K + weight_decay)) U^T``: a Newton step at the start, whatever the spectrum of the
+features. Plain SGD on real transformer features (a power-law spectrum; condition numbers of 10^3-10^5 after
+standardisation) moves along the small eigen-directions 10^3 times slower than along the large ones and stops
+0.03-0.05 nats above the optimum in 500 steps; the preconditioned steps take every direction at the same rate, and
+training runs in the eigenbasis (features rotated once, ``n d^2`` flops per block), where the preconditioner is a
+per-coordinate factor and a step costs what a plain SGD step costs. L-BFGS was not chosen
+because its line search and curvature pairs cannot be shared by heads, and full-batch steps would read the whole
+split per step (a streamed ImageNet store 1,000 times).
 
 Protocol of `evaluate_linear` (and of the scikit-learn reference `evaluate_linear_sklearn`):
 
 1. A stratified validation split (``val_fraction`` of train, seeded, `carve_validation`) is carved from train.
 2. Every head of the grid is trained on the rest of train ("fit" split), standardised with the fit split's
    mean/std, and scored on the validation split.
-3. Per block, the grid point with the highest validation accuracy is chosen (ties: lowest validation
-   cross-entropy, then grid order). The test split is only checked for NaN/Inf before this point.
+3. Per block, the C with the highest validation accuracy is chosen (ties: lowest validation cross-entropy, then
+   the smallest C). When it is the smallest or the largest C searched, ``widen_points`` more values are trained
+   past that end of the grid, at the grid's spacing, for that block alone, and the choice is made again (at most
+   ``max_widenings`` times): the optimum is not left beyond the grid's edge. The test split is only checked for
+   NaN/Inf before this point.
 4. With ``refit=True`` (the default, as scikit-learn's ``GridSearchCV``) one head per block is trained again
-   on the whole train split (standardised with its statistics) with the chosen hyper-parameters, and its test
-   accuracy is reported; with ``refit=False`` the test accuracy of the chosen head of step 2 is reported.
+   on the whole train split (standardised with its statistics) at the chosen C, and its test accuracy is
+   reported; with ``refit=False`` the test accuracy of the chosen head of step 2 is reported.
 
 Accuracies are fractions in [0, 1], as in every metric row of mimprobe.
 """
@@ -48,35 +61,38 @@ from ._rows import MetricRow, carve_validation
 
 ArrayLike = np.ndarray | torch.Tensor
 
+# scikit-learn reference and default grid: 9 inverse regularisation strengths (1e-3 ... 10), half a decade apart.
+DEFAULT_C_VALUES: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1, 9))
+
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """The batched probe's grid and schedule. The grid is ``lrs x weight_decays`` (lr-major order)."""
+    """The batched probe's grid (scikit-learn's C) and its solver's schedule."""
 
-    # SGD learning rates in units of 1/curvature, the largest eigenvalue of the block's standardised feature
-    # covariance (estimated per block), so one grid fits narrow and wide, well- and ill-conditioned features.
-    # Measured on class-structured synthetic features (d=32-192, n=2,000-10,000, 500-600 steps): the best rate
-    # lay between 3 and 100, and every case had a rate here within 0.01 of the regularised optimum (mean loss).
-    lrs: tuple[float, ...] = (3.0, 10.0, 30.0)
-    # L2 coefficient on the mean loss, so wd = 1 / (C * n_fit) in scikit-learn's terms (1e-4 is C = 0.2 for
-    # 45,000 CIFAR-10 images). 0 leaves only the step budget as regularisation, as DINOv2's probes.
-    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
+    c_values: tuple[float, ...] = DEFAULT_C_VALUES
+    # A block whose best C is an end of the searched grid gets this many more values past that end (at the grid's
+    # log spacing), up to max_widenings times: on real features the optimum often lies past a fixed grid's edge.
+    widen_points: int = 2
+    max_widenings: int = 3
+    # Step size in units of the preconditioned (Newton at W = 0) step. Measured on decaying-spectrum features
+    # (spectrum i^-1 to i^-2, d = 192-384, 5,000-8,000 rows, 1,000 steps): 0.3 with momentum 0.9 ends within
+    # 0.003 nats of scikit-learn's optimum for weight decays >= 1e-4, where 0.5 and 1.0 oscillate more near
+    # separable blocks and 3 diverges (the effective step is lr / (1 - momentum)).
+    lr: float = 0.3
     epochs: int = 30
-    # Small training sets get more epochs, so that every head takes at least this many SGD steps (30 epochs of
-    # 600 samples would be 60 steps, far from converged; DINOv2 likewise fixes iterations, not epochs).
-    min_steps: int = 500
+    # Small training sets get more epochs, so that every head takes at least this many steps (30 epochs of 600
+    # samples would be 60 steps; DINOv2 likewise fixes iterations, not epochs).
+    min_steps: int = 1000
     batch_size: int = 512
     momentum: float = 0.9
     # Blocks trained together (None: all): bounds memory at blocks_per_pass * n * d * 4 bytes of features.
     blocks_per_pass: int | None = None
 
-    def grid(self) -> list[tuple[float, float]]:
-        """The (lr, weight_decay) grid points in training order."""
-        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
-
-
-# scikit-learn reference: 9 inverse regularisation strengths (1e-3 ... 10), the same count as the default grid.
-DEFAULT_C_VALUES: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1, 9))
+    def __post_init__(self) -> None:
+        if not self.c_values or min(self.c_values) <= 0:
+            raise BadInputError(f"the probe's C values must be > 0 and not empty, got {list(self.c_values)}")
+        if self.widen_points < 0 or self.max_widenings < 0:
+            raise BadInputError("widen_points and max_widenings must be >= 0")
 
 
 def cosine_lr(step: int, total_steps: int) -> float:
@@ -84,21 +100,26 @@ def cosine_lr(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
+def weight_decay_for(c: float, n_samples: int) -> float:
+    """The mean-loss L2 coefficient equivalent to scikit-learn's C on ``n_samples`` samples: 1 / (C * n)."""
+    return 1.0 / (c * n_samples)
+
+
 class BlockwiseLinearProbes:
-    """Softmax linear heads for every block and every grid point, trained together (scikit-learn style).
+    """Softmax linear heads for every block and every weight decay, trained together (scikit-learn style).
 
     Args:
-        learning_rates: (num_grid,) learning rate of each grid point, shared by all blocks, or
-            (num_blocks, num_grid) per block, in units of 1 / ``curvature_`` of the block.
-        weight_decays: Same shape rules as ``learning_rates``; grid point g is
-            ``(learning_rates[..., g], weight_decays[..., g])`` (pairs, not a cross product: see `fit_probes`).
+        weight_decays: (num_grid,) L2 coefficient (on the mean loss) of each grid point, shared by all blocks,
+            or (num_blocks, num_grid) per block.
+        learning_rate: Step size in units of the preconditioned step (module docstring): a float, or an array
+            of the shape of ``weight_decays`` (one per head).
         epochs: Passes over the training samples, or more if needed to take ``min_steps`` steps.
-        min_steps: Least number of SGD steps (whole epochs are added to reach it).
-        batch_size: Largest number of samples per SGD step; an epoch is ``ceil(n / batch_size)`` steps on
-            batches of near-equal size.
-        momentum: SGD momentum (heavy ball, as ``torch.optim.SGD``).
+        min_steps: Least number of steps (whole epochs are added to reach it).
+        batch_size: Largest number of samples per step; an epoch is ``ceil(n / batch_size)`` steps on batches
+            of near-equal size.
+        momentum: Heavy-ball momentum (as ``torch.optim.SGD``).
         seed: Seeds the order of the mini-batches (the only randomness).
-        device: Where the features and weights live; computation is float32.
+        device: Where the features and weights live; computation is float32 (the eigendecomposition float64).
 
     Fitted attributes:
         classes_: (num_classes,) the sorted class labels seen in training.
@@ -106,18 +127,19 @@ class BlockwiseLinearProbes:
         coef_: (num_blocks, num_grid, num_classes, d) weights on standardised features (each head laid out as
             scikit-learn's ``LogisticRegression.coef_``).
         intercept_: (num_blocks, num_grid, num_classes).
-        curvature_: (num_blocks,) largest eigenvalue of each block's standardised feature covariance; the
-            step of grid point g is ``learning_rates[g] / curvature_`` times the cosine factor.
+        eigenvalues_: (num_blocks, d) eigenvalues of each block's standardised feature covariance (ascending).
         diverged_: (num_blocks, num_grid) bool, heads whose weights became non-finite (scored as all wrong by
             `evaluate`; never chosen unless every head of a block diverged).
-        n_epochs_, n_steps_: Epochs and SGD steps taken.
+        n_epochs_, n_steps_: Epochs and steps taken.
     """
 
-    def __init__(self, *, learning_rates: ArrayLike | Sequence[float], weight_decays: ArrayLike | Sequence[float],
-                 epochs: int = 30, min_steps: int = 0, batch_size: int = 512, momentum: float = 0.9, seed: int = 0,
-                 device: str | torch.device = "cpu"):
-        self.learning_rates = learning_rates
+    def __init__(self, *, weight_decays: ArrayLike | Sequence[float],
+                 learning_rate: float | ArrayLike | Sequence[float] = LinearProbeConfig.lr,
+                 epochs: int = LinearProbeConfig.epochs, min_steps: int = 0,
+                 batch_size: int = LinearProbeConfig.batch_size, momentum: float = LinearProbeConfig.momentum,
+                 seed: int = 0, device: str | torch.device = "cpu"):
         self.weight_decays = weight_decays
+        self.learning_rate = learning_rate
         self.epochs = epochs
         self.min_steps = min_steps
         self.batch_size = batch_size
@@ -150,51 +172,58 @@ class BlockwiseLinearProbes:
         y = torch.as_tensor(np.searchsorted(self.classes_, y_np), device=device)
         one_hot_t = torch.nn.functional.one_hot(y, num_classes).float().T.contiguous()  # (C, n)
         lr, wd = self._grid_tensors(num_blocks, device)                     # (B, G) each
-        num_grid = lr.shape[1]
+        num_grid = wd.shape[1]
         lr_rows = lr.repeat_interleave(num_classes, dim=1)[:, :, None]     # (B, G*C, 1)
         wd_rows = wd.repeat_interleave(num_classes, dim=1)[:, :, None]
 
-        # Sample-major copy (n, B, d): a mini-batch is then len(index) contiguous rows, gathered 2-3x faster
-        # than from (B, n, d). No copy when x is already a view of sample-major memory, as `evaluate_linear` passes.
-        samples = x.transpose(0, 1).contiguous()                            # (n, B, d)
         mean = x.mean(dim=1, keepdim=True)                                  # (B, 1, d)
         scale = x.std(dim=1, keepdim=True, correction=0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # constant features stay at 0
-        curvature = _top_eigenvalue(x, mean, scale)                         # (B,)
-        # Learning rates are in units of 1 / curvature, per block: a grid that suits d = 32 and d = 768 alike.
-        lr_rows = lr_rows / curvature[:, None, None]
+        eigenvalues, basis = _covariance_eigh(x, mean, scale)               # (B, d), (B, d, d)
+        # Training runs in each block's eigenbasis, u = U^T z: the covariance there is diag(lambda), so the
+        # preconditioner is a per-coordinate factor, and the L2 penalty is unchanged by the rotation. The
+        # sample-major layout (n, B, d) makes a mini-batch len(index) contiguous rows (2-3x faster to gather).
+        samples = _rotated_samples(x, mean, scale, basis)                   # (n, B, d)
+        # K-FAC output factor at W = 0 is 1/K on the class contrasts: the inverse Hessian there is, per head,
+        # diag(1 / (lambda / K + wd)) in the eigenbasis. The floor keeps directions without variance (lambda = 0)
+        # and without decay finite; the bias sees the constant feature (variance 1, uncorrelated with centred z).
+        output_curvature = 1.0 / num_classes
+        denominator = output_curvature * eigenvalues[:, None, :] + wd[:, :, None]      # (B, G, d)
+        floor = 1e-6 * output_curvature * eigenvalues[:, -1:].clamp(min=1e-12)[:, :, None]
+        precondition = (1.0 / torch.maximum(denominator, floor)).repeat_interleave(num_classes, dim=1)  # (B, G*C, d)
+        bias_step = 1.0 / output_curvature
 
         # Heads as rows, (out, in) like nn.Linear: logits come out as (B, G*C, b), the orientation in which
         # bmm is fast for few outputs (5x faster than (B, b, G*C) for G*C = 10 on CPU, torch 2.15).
-        weight = torch.zeros(num_blocks, num_grid * num_classes, d, device=device)
+        weight = torch.zeros(num_blocks, num_grid * num_classes, d, device=device)   # in the eigenbasis
         bias = torch.zeros(num_blocks, num_grid * num_classes, 1, device=device)
         weight_velocity = torch.zeros_like(weight)
         bias_velocity = torch.zeros_like(bias)
         generator = torch.Generator().manual_seed(self.seed)
         # ceil(n / batch_size) batches of near-equal size: a last batch of a few samples would take a full,
-        # very noisy step at the largest learning rates.
+        # very noisy step.
         steps_per_epoch = math.ceil(n / self.batch_size)
         epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
         total_steps = epochs * steps_per_epoch
         step = 0
-        mean_t, scale_t = mean.transpose(0, 1), scale.transpose(0, 1)      # (1, B, d)
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator).to(device)
             for index in order.tensor_split(steps_per_epoch):
                 batch = len(index)
-                z = samples.index_select(0, index).sub_(mean_t).div_(scale_t).transpose(0, 1)  # (B, b, d) view
-                logits = torch.baddbmm(bias, weight, z.transpose(1, 2))      # (B, G*C, b)
+                u = samples.index_select(0, index).transpose(0, 1)          # (B, b, d) view
+                logits = torch.baddbmm(bias, weight, u.transpose(1, 2))      # (B, G*C, b)
                 probs = _softmax_(logits.view(num_blocks, num_grid, num_classes, batch), dim=2)
                 probs.sub_(one_hot_t.index_select(1, index))                # d CE / d logits = p - onehot(y)
                 grad_logits = probs.view(num_blocks, -1, batch).div_(batch)  # of the batch mean
-                grad_weight = torch.bmm(grad_logits, z).add_(wd_rows * weight)  # (B, G*C, d)
-                grad_bias = grad_logits.sum(dim=2, keepdim=True)
-                weight_velocity.mul_(self.momentum).add_(grad_weight)
-                bias_velocity.mul_(self.momentum).add_(grad_bias)
+                step_weight = torch.bmm(grad_logits, u).add_(wd_rows * weight).mul_(precondition)  # (B, G*C, d)
+                step_bias = grad_logits.sum(dim=2, keepdim=True).mul_(bias_step)
+                weight_velocity.mul_(self.momentum).add_(step_weight)
+                bias_velocity.mul_(self.momentum).add_(step_bias)
                 factor = cosine_lr(step, total_steps)
                 weight.sub_(factor * lr_rows * weight_velocity)
                 bias.sub_(factor * lr_rows * bias_velocity)
                 step += 1
+        weight = torch.bmm(weight, basis.transpose(1, 2))                  # back to standardised coordinates
 
         self.mean_ = mean[:, 0]
         self.scale_ = scale[:, 0]
@@ -202,20 +231,26 @@ class BlockwiseLinearProbes:
         self.intercept_ = bias.view(num_blocks, num_grid, num_classes)
         finite = torch.isfinite(self.coef_).flatten(2).all(dim=2) & torch.isfinite(self.intercept_).all(dim=2)
         self.diverged_ = ~finite
-        self.curvature_ = curvature
+        self.eigenvalues_ = eigenvalues
         self.n_epochs_ = epochs
         self.n_steps_ = total_steps
         return self
 
     def _grid_tensors(self, num_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        lr = torch.as_tensor(np.asarray(self.learning_rates, dtype=np.float32), device=device)
+        """(num_blocks, num_grid) learning rates and weight decays."""
         wd = torch.as_tensor(np.asarray(self.weight_decays, dtype=np.float32), device=device)
-        if lr.shape != wd.shape or lr.ndim not in (1, 2) or lr.shape[-1] == 0:
-            raise BadInputError(f"learning_rates and weight_decays must have the same shape, (num_grid,) or "
-                                f"(num_blocks, num_grid); got {tuple(lr.shape)} and {tuple(wd.shape)}")
-        if lr.ndim == 2 and lr.shape[0] != num_blocks:
-            raise BadInputError(f"per-block learning_rates have {lr.shape[0]} rows for {num_blocks} blocks")
-        return lr.expand(num_blocks, -1), wd.expand(num_blocks, -1)
+        if wd.ndim not in (1, 2) or wd.shape[-1] == 0:
+            raise BadInputError(f"weight_decays must be (num_grid,) or (num_blocks, num_grid), got {tuple(wd.shape)}")
+        if wd.ndim == 2 and wd.shape[0] != num_blocks:
+            raise BadInputError(f"per-block weight_decays have {wd.shape[0]} rows for {num_blocks} blocks")
+        if (wd < 0).any():
+            raise BadInputError("weight decays must be >= 0")
+        wd = wd.expand(num_blocks, -1)
+        lr = torch.as_tensor(np.asarray(self.learning_rate, dtype=np.float32), device=device)
+        if lr.ndim > 0 and lr.shape != wd.shape[-lr.ndim:]:
+            raise BadInputError(f"learning_rate must be a number or have the shape of weight_decays, got "
+                                f"{tuple(lr.shape)} for {tuple(np.shape(self.weight_decays))}")
+        return lr.expand_as(wd), wd
 
     def _logit_chunks(self, features: ArrayLike, chunk_size: int) -> Iterator[torch.Tensor]:
         """Yield (num_blocks, num_grid, num_classes, chunk) logits over consecutive chunks of samples."""
@@ -290,20 +325,19 @@ class BlockwiseLinearProbes:
 
 
 def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: ArrayLike, *,
-               lrs: Sequence[float] = LinearProbeConfig.lrs,
-               weight_decays: Sequence[float] = LinearProbeConfig.weight_decays,
+               weight_decays: Sequence[float] | ArrayLike, learning_rate: float = LinearProbeConfig.lr,
                epochs: int = LinearProbeConfig.epochs, min_steps: int = LinearProbeConfig.min_steps,
                batch_size: int = LinearProbeConfig.batch_size, momentum: float = LinearProbeConfig.momentum,
                seed: int = 0, device: str | torch.device = "cpu") -> BlockwiseLinearProbes:
-    """Train heads for every block and every point of the ``lrs x weight_decays`` grid (lr-major order).
+    """Train one head per block and weight decay.
 
     Args:
         train_blocks: {block: (n, d) features} (all of the same width; stacked in key order) or a
             (num_blocks, n, d) array or tensor.
         train_labels: (n,) integer labels.
-        lrs: Learning rates in units of 1 / curvature (see `BlockwiseLinearProbes`).
-        weight_decays: L2 coefficients on the mean loss.
-        epochs, min_steps, batch_size, momentum, seed, device: As `BlockwiseLinearProbes`.
+        weight_decays: (num_grid,) or (num_blocks, num_grid) L2 coefficients on the mean loss
+            (`weight_decay_for` converts scikit-learn's C).
+        learning_rate, epochs, min_steps, batch_size, momentum, seed, device: As `BlockwiseLinearProbes`.
 
     Returns:
         The fitted `BlockwiseLinearProbes`; ``coef_[i, g]`` is block i's (in stacking order) head for grid point g.
@@ -318,17 +352,16 @@ def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: 
         features = _stack({b: train_blocks[b] for b in blocks}, blocks, np.arange(n), "train", torch.device(device))
     else:
         features = train_blocks
-    grid = [(lr, wd) for lr in lrs for wd in weight_decays]
-    return BlockwiseLinearProbes(learning_rates=[lr for lr, _ in grid], weight_decays=[wd for _, wd in grid],
-                                 epochs=epochs, min_steps=min_steps, batch_size=batch_size, momentum=momentum,
-                                 seed=seed, device=device).fit(features, train_labels)
+    return BlockwiseLinearProbes(weight_decays=weight_decays, learning_rate=learning_rate, epochs=epochs,
+                                 min_steps=min_steps, batch_size=batch_size, momentum=momentum, seed=seed,
+                                 device=device).fit(features, train_labels)
 
 
 def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
                     test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *, split: str = "test",
                     config: LinearProbeConfig = LinearProbeConfig(), seed: int = 0, val_fraction: float = 0.1,
                     refit: bool = True, device: str | torch.device = "cpu") -> dict[int, list[MetricRow]]:
-    """Batched linear probe of every block: select on a validation split carved from train, report on test.
+    """Batched linear probe of every block: select C on a validation split carved from train, report on test.
 
     Args:
         train_blocks: {block: (n_train, d) features}, e.g. ``store.features("train", block, pooling)`` (float16
@@ -344,8 +377,9 @@ def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLi
         device: ``cpu`` or ``cuda[:i]``.
 
     Returns:
-        {block: [linear_top1 on ``split``, linear_val_top1 on "val"]}; params hold the grid, the chosen ``lr``
-        and ``weight_decay``, and the schedule.
+        {block: [linear_top1 on ``split``, linear_val_top1 on "val"]}; params hold the grid, the C values searched
+        for the block (``grid_c_searched``, wider than ``grid_c`` where the grid was widened), the chosen ``C``,
+        its ``weight_decay`` in the reported head, and the schedule.
 
     Raises:
         BadInputError: Mismatched blocks or lengths, non-finite features (the block is named), fewer than 2
@@ -369,44 +403,83 @@ def evaluate_linear_with_hits(train_blocks: Mapping[int, ArrayLike], train_label
     fit_idx, val_idx = carve_validation(train_labels, fraction=val_fraction, seed=seed)
     if len(np.unique(train_labels[fit_idx])) < 2:
         raise BadInputError("the fit split (train minus validation) has fewer than 2 classes: lower val_fraction")
-    grid = config.grid()
-    common = {"probe": "batched-sgd", "grid_lrs": list(config.lrs), "grid_weight_decays": list(config.weight_decays),
-              "epochs": config.epochs, "min_steps": config.min_steps, "batch_size": config.batch_size,
-              "momentum": config.momentum, "val_fraction": val_fraction, "refit": refit}
+    c_grid = sorted(float(c) for c in config.c_values)
+    common = {"probe": "batched-sgd-kfac", "grid_c": c_grid, "lr": config.lr, "epochs": config.epochs,
+              "min_steps": config.min_steps, "batch_size": config.batch_size, "momentum": config.momentum,
+              "val_fraction": val_fraction, "refit": refit}
+    schedule = {"learning_rate": config.lr, "epochs": config.epochs, "min_steps": config.min_steps,
+                "batch_size": config.batch_size, "momentum": config.momentum, "seed": seed, "device": device}
     rows: dict[int, list[MetricRow]] = {}
     hits: dict[int, np.ndarray] = {}
     for group in _block_groups(train_blocks, blocks, config.blocks_per_pass):
         test_x = _stack(test_blocks, group, np.arange(len(test_labels)), split, device)  # checked early, used last
         fit_x = _stack(train_blocks, group, fit_idx, "train", device)
         val_x = _stack(train_blocks, group, val_idx, "train", device)
-        probes = fit_probes(fit_x, train_labels[fit_idx], lrs=config.lrs, weight_decays=config.weight_decays,
-                            epochs=config.epochs, min_steps=config.min_steps, batch_size=config.batch_size,
-                            momentum=config.momentum, seed=seed, device=device)
-        del fit_x
-        val_accuracy, val_loss = probes.evaluate(val_x, train_labels[val_idx])  # (B, G) each
-        del val_x
-        chosen = [select_grid_point(val_accuracy[i], val_loss[i]) for i in range(len(group))]
+        searched = _search_c(fit_x, train_labels[fit_idx], val_x, train_labels[val_idx], c_grid, config, schedule)
+        del fit_x, val_x
+        chosen = [best_c(found) for found in searched]
         # Selection is done: only now are the test features and labels used.
         if refit:
             train_x = _stack(train_blocks, group, np.arange(len(train_labels)), "train", device)
-            final = BlockwiseLinearProbes(learning_rates=[[grid[g][0]] for g in chosen],
-                                          weight_decays=[[grid[g][1]] for g in chosen], epochs=config.epochs,
-                                          min_steps=config.min_steps, batch_size=config.batch_size,
-                                          momentum=config.momentum, seed=seed, device=device
+            reported_wd = [weight_decay_for(c, len(train_labels)) for c in chosen]
+            final = BlockwiseLinearProbes(weight_decays=[[wd] for wd in reported_wd], **schedule
                                           ).fit(train_x, train_labels)
             del train_x
-            test_accuracy = final.score(test_x, test_labels)[:, 0]
-            test_hits = final.correct(test_x, test_labels)[:, 0]
         else:
-            test_accuracy = probes.score(test_x, test_labels)[np.arange(len(group)), chosen]
-            test_hits = probes.correct(test_x, test_labels)[np.arange(len(group)), chosen]
+            fit_x = _stack(train_blocks, group, fit_idx, "train", device)
+            reported_wd = [weight_decay_for(c, len(fit_idx)) for c in chosen]
+            final = BlockwiseLinearProbes(weight_decays=[[wd] for wd in reported_wd], **schedule
+                                          ).fit(fit_x, train_labels[fit_idx])
+            del fit_x
+        test_accuracy = final.score(test_x, test_labels)[:, 0]
+        test_hits = final.correct(test_x, test_labels)[:, 0]
         for i, block in enumerate(group):
-            lr, wd = grid[chosen[i]]
-            params = {**common, "lr": lr, "weight_decay": wd}
+            params = {**common, "grid_c_searched": sorted(searched[i]), "C": chosen[i],
+                      "weight_decay": reported_wd[i]}
             rows[block] = [MetricRow(split, "linear_top1", float(test_accuracy[i]), params, seed),
-                           MetricRow("val", "linear_val_top1", float(val_accuracy[i, chosen[i]]), params, seed)]
+                           MetricRow("val", "linear_val_top1", float(searched[i][chosen[i]][0]), params, seed)]
             hits[block] = test_hits[i]
     return {block: rows[block] for block in blocks}, {block: hits[block] for block in blocks}
+
+
+def _search_c(fit_x: torch.Tensor, fit_labels: np.ndarray, val_x: torch.Tensor, val_labels: np.ndarray,
+              c_grid: list[float], config: LinearProbeConfig, schedule: dict) -> list[dict[float, tuple[float, float]]]:
+    """Train and score the grid for every block of a group, widening it past an edge where a block's best C lies.
+
+    Args:
+        fit_x: (num_blocks, n_fit, d) fit-split features; val_x: (num_blocks, n_val, d).
+        c_grid: The sorted C values every block starts with.
+
+    Returns:
+        Per block, {C: (validation accuracy, validation cross-entropy)} for every C trained for it.
+    """
+    num_blocks, n_fit = fit_x.shape[:2]
+    ratio = c_grid[-1] / c_grid[-2] if len(c_grid) > 1 else 10.0  # the grid's log spacing
+    found: list[dict[float, tuple[float, float]]] = [{} for _ in range(num_blocks)]
+    pending = {block: list(c_grid) for block in range(num_blocks)}  # block -> C values to train next
+    for widening in range(config.max_widenings + 1):
+        # One pass for every block with work, on a per-block grid (heads are independent: same results as alone).
+        members = sorted(pending)
+        grid = np.array([pending[m] for m in members])                        # (B', G')
+        subset = fit_x if len(members) == num_blocks else fit_x[members]
+        probes = BlockwiseLinearProbes(weight_decays=1.0 / (grid * n_fit), **schedule
+                                       ).fit(subset, fit_labels)
+        accuracy, loss = probes.evaluate(val_x if len(members) == num_blocks else val_x[members], val_labels)
+        for row, member in enumerate(members):
+            for column, c in enumerate(pending[member]):
+                found[member][c] = (float(accuracy[row, column]), float(loss[row, column]))
+        pending = {}
+        if widening == config.max_widenings or config.widen_points == 0:
+            break
+        for block, scores in enumerate(found):
+            best, searched = best_c(scores), sorted(scores)
+            if best == searched[0] and len(searched) > 1:
+                pending[block] = [best / ratio ** (k + 1) for k in range(config.widen_points)][::-1]
+            elif best == searched[-1] and len(searched) > 1:
+                pending[block] = [best * ratio ** (k + 1) for k in range(config.widen_points)]
+        if not pending:
+            break
+    return found
 
 
 def select_grid_point(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
@@ -414,6 +487,13 @@ def select_grid_point(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
     order = np.lexsort((np.arange(len(val_accuracy)), val_loss, -val_accuracy))
     return int(order[0])
 
+
+def best_c(scores: Mapping[float, tuple[float, float]]) -> float:
+    """The chosen C of {C: (validation accuracy, validation loss)}: `select_grid_point` over increasing C (ties:
+    lowest loss, then the smallest C, the strongest regularisation)."""
+    searched = sorted(scores)
+    return searched[select_grid_point(np.array([scores[c][0] for c in searched]),
+                                      np.array([scores[c][1] for c in searched]))]
 
 def evaluate_linear_sklearn(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
                             test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *, split: str = "test",
@@ -556,30 +636,40 @@ def _stack(blocks_by_id: Mapping[int, ArrayLike], blocks: list[int], rows: np.nd
     return stacked.transpose(0, 1)
 
 
-def _top_eigenvalue(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, *, chunk_size: int = 4096,
-                   iterations: int = 50) -> torch.Tensor:
-    """(B,) largest eigenvalue of each block's standardised covariance ``Z^T Z / n`` (Z = (x - mean) / scale).
+def _covariance_eigh(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, *,
+                     chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of each block's standardised covariance ``Z^T Z / n`` (Z = (x - mean) / scale).
 
-    The (B, d, d) covariance is accumulated over chunks of samples (one GEMM pass, a few % of the training
-    FLOPs), then power-iterated from a start vector shared by all blocks, so a block's estimate does not depend
-    on the others. Power iteration approaches the eigenvalue from below; a few % low is harmless here.
+    The (B, d, d) covariance is accumulated over chunks of samples in float32 (one GEMM pass, a fraction of the
+    training FLOPs), then decomposed in float64 (``torch.linalg.eigh``, batched) so that the small eigenvalues,
+    which set the largest preconditioned steps, keep their sign and scale.
+
+    Returns:
+        eigenvalues (B, d) ascending and clamped at 0, eigenvectors (B, d, d) as columns, both float32.
     """
     num_blocks, n, d = x.shape
     covariance = torch.zeros(num_blocks, d, d, device=x.device)
     for start in range(0, n, chunk_size):
         z = (x[:, start:start + chunk_size] - mean) / scale                   # (B, chunk, d)
         covariance.baddbmm_(z.transpose(1, 2), z)
-    covariance /= n
-    start_vector = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(x.device)
-    vector = (start_vector / start_vector.norm()).expand(num_blocks, d).unsqueeze(2)  # (B, d, 1)
-    eigenvalue = torch.ones(num_blocks, device=x.device)
-    for _ in range(iterations):
-        image = torch.bmm(covariance, vector)
-        eigenvalue = image.norm(dim=1)[:, 0]
-        vector = image / eigenvalue.clamp(min=1e-12)[:, None, None]
-    return eigenvalue.clamp(min=1e-12)
+    covariance = covariance.double() / n
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    return eigenvalues.clamp(min=0).float(), eigenvectors.float()
 
 
+def _rotated_samples(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, *,
+                     chunk_size: int = 4096) -> torch.Tensor:
+    """(n, B, d) sample-major standardised features in each block's eigenbasis, ``((x - mean) / scale) @ U``.
+
+    Args:
+        x: (B, n, d) features; mean, scale: (B, 1, d); basis: (B, d, d) eigenvectors as columns.
+    """
+    num_blocks, n, d = x.shape
+    samples = torch.empty(n, num_blocks, d, device=x.device)
+    for start in range(0, n, chunk_size):
+        z = (x[:, start:start + chunk_size] - mean) / scale                   # (B, chunk, d)
+        samples[start:start + chunk_size] = torch.bmm(z, basis).transpose(0, 1)
+    return samples
 def _softmax_(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """In-place, numerically stable softmax: several times faster than ``Tensor.softmax`` on CPU over the ~10
     classes of a probe (torch 2.15: 0.46 vs 2.8 ms for (12, 256, 9, 10) over the last dim)."""

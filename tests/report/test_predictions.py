@@ -83,7 +83,8 @@ def test_linear_hits_average_to_the_reported_accuracy(refit):
 
 def test_diverged_heads_score_no_hit():
     train, y_train = _blobs(4, 40)
-    probes = linear.fit_probes({0: train}, y_train, lrs=(1e10, 1.0), weight_decays=(0.01,), epochs=3, min_steps=10)
+    probes = linear.fit_probes({0: train}, y_train, learning_rate=[1e10, 0.3], weight_decays=(0.01, 0.01), epochs=3,
+                               min_steps=10)
     correct = probes.correct(train[None], y_train)
     accuracy = probes.score(train[None], y_train)
     assert correct.shape == (1, 2, 40)
