@@ -420,7 +420,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         f"({placement.rule} rule), {config.freeze_blocks} frozen blocks, {plan.total_steps} steps "
         f"({config.epochs_heads} heads-only + {config.epochs} full epochs of {steps_per_epoch}), "
         f"{ctx.world_size} process(es) on {ctx.device}, {precision}")
-    for note in _small_data_notes(config, plan, requested_queue, len(train_split)):
+    for note in _small_data_notes(config, plan, requested_queue):
         say(note)
 
     monitor = _Monitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
@@ -473,8 +473,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                         head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows)
 
 
-def _small_data_notes(config: RefineConfig, plan: StagePlan, requested_queue: int | None,
-                      train_images: int) -> list[str]:
+def _small_data_notes(config: RefineConfig, plan: StagePlan, requested_queue: int | None) -> list[str]:
     """One line per default that the data made smaller than the official recipe's (see `RefineConfig`)."""
     notes = []
     if requested_queue is None and config.queue_size < OFFICIAL_QUEUE_SIZE:

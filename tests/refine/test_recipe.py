@@ -189,12 +189,12 @@ def test_warmup_is_four_epochs_and_shrinks_only_for_stages_under_ten_epochs():
 
 def test_the_run_says_which_defaults_small_data_scaled():
     plan = StagePlan(steps_per_epoch=21, epochs_heads=2, epochs=20)
-    notes = _small_data_notes(RefineConfig(queue_size=65536), plan, None, 100_000)   # resolved from None
+    notes = _small_data_notes(RefineConfig(queue_size=65536), plan, None)   # resolved from None
     assert notes == ["warmup of the 2-epoch heads-only stage: 16 steps (at most 40% of it), not 4 epochs"]
     config = RefineConfig(queue_size=1347)   # as resolved by the trainer from the default None
-    assert _small_data_notes(config, plan, None, 1347)[0] == "queue: 1347 per head, the training set (official 65536)"
-    assert _small_data_notes(config, plan, 1347, 1347) == notes              # an explicit queue is the user's
-    assert _small_data_notes(RefineConfig(warmup_fraction=0.1), plan, 5, 1347) == []
+    assert _small_data_notes(config, plan, None)[0] == "queue: 1347 per head, the training set (official 65536)"
+    assert _small_data_notes(config, plan, 1347) == notes              # an explicit queue is the user's
+    assert _small_data_notes(RefineConfig(warmup_fraction=0.1, queue_size=5), plan, 5) == []
 
 
 def test_lr_factor_endpoints():
