@@ -1,6 +1,6 @@
 """Model loading: timm names, pretrained weights and checkpoint files (detected, remapped, loaded strictly)."""
 
-from .checkpoint_io import read_checkpoint, sha256_file
+from .checkpoint_io import InertObject, read_checkpoint, sha256_file
 from .loading import LoadedModel, describe_model, load_model
 from .postnorm import PostNormBlock
 from .remap import (
@@ -16,6 +16,7 @@ from .remap import (
 
 __all__ = [
     "ConvertedCheckpoint",
+    "InertObject",
     "LoadedModel",
     "PostNormBlock",
     "convert_checkpoint",

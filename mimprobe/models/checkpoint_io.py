@@ -1,23 +1,56 @@
-"""Reading checkpoint files safely: safetensors, or pickles with ``weights_only=True`` (no code ever runs)."""
+"""Reading checkpoint files without ever running code from them.
+
+``.safetensors`` files hold only tensors. Pickled files (``.pth``/``.pt``/``.bin``/``.ckpt``) are read with
+``torch.load(weights_only=True)`` first. Release files that also pickle configuration objects (fairseq's data2vec
+2.0 checkpoints hold an omegaconf ``DictConfig`` ``cfg``, others numpy scalars or their training framework's
+classes) are refused by that loader; they are then read again with a restricted unpickler: its ``find_class``
+returns only torch's own weights-only allowlist (tensor rebuild functions, storages, dtypes) and a few inert
+containers, and turns every other class or function into an `InertObject` placeholder that records its
+arguments and never calls anything. Nothing from the file is executed either way; the weights come back as
+tensors and the rest as placeholders, which `mimprobe.models.remap.unwrap_checkpoint` drops with a note.
+"""
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
+import collections
 import hashlib
 import pickle
-import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import BadInputError, CheckpointError
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
-# Classes allowed in weights_only unpickling besides tensors and containers. argparse.Namespace holds the
-# arguments of fairseq (data2vec 2.0) and DeiT/MAE checkpoints; rebuilding it only sets attributes.
-SAFE_GLOBALS = [argparse.Namespace]
+# Rebuilding these only creates plain values. argparse.Namespace holds the arguments of fairseq (data2vec 2.0),
+# DeiT and MAE checkpoints; numpy scalars and dtypes appear in fairseq's optimizer history and extra state.
+# Files written with numpy < 2 name numpy.core.multiarray, numpy >= 2 numpy._core.multiarray.
+_NUMPY_MULTIARRAY = np._core.multiarray  # numpy >= 2
+SAFE_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    np.dtype,
+    np.ndarray,
+    (_NUMPY_MULTIARRAY.scalar, "numpy._core.multiarray.scalar"),
+    (_NUMPY_MULTIARRAY.scalar, "numpy.core.multiarray.scalar"),
+    (_NUMPY_MULTIARRAY._reconstruct, "numpy._core.multiarray._reconstruct"),
+    (_NUMPY_MULTIARRAY._reconstruct, "numpy.core.multiarray._reconstruct"),
+    *[dtype_class for dtype_class in vars(np.dtypes).values() if isinstance(dtype_class, type)],
+]
+
+# Classes the restricted unpickler returns as themselves besides torch's allowlist and SAFE_GLOBALS: containers
+# and value types whose constructors only build values from their arguments.
+_INERT_BUILTINS = {f"builtins.{cls.__name__}": cls for cls in (dict, list, tuple, set, frozenset, int, float,
+                                                                complex, bool, str, bytes, bytearray, slice,
+                                                                range)}
+_INERT_BUILTINS.update({"collections.OrderedDict": collections.OrderedDict,
+                        "collections.defaultdict": collections.defaultdict,
+                        "collections.Counter": collections.Counter})
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -29,15 +62,125 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | Path) -> Any:
+class InertObject:
+    """Stand-in for an object of a class the restricted unpickler does not import.
+
+    Subclasses are made per pickled global (``pickled_global`` names it, e.g. ``omegaconf.dictconfig.DictConfig``).
+    Every way pickle could use the class (call, ``__new__``, ``__setstate__``, item and list appends, calling an
+    instance) only records the arguments: no method of the real class is imported or run.
+    """
+
+    pickled_global = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "InertObject":
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items={}, appended=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # called by REDUCE after __new__: nothing to do
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        self.appended.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.appended.extend(values)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "InertObject":
+        # pickles reach methods through getattr(obj, name)(...): the result is another placeholder
+        return _inert_class(f"{self.pickled_global}(...)")(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<inert placeholder for {self.pickled_global}>"
+
+
+def _inert_class(name: str) -> type:
+    return type("Inert_" + name.replace(".", "_"), (InertObject,), {"pickled_global": name})
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from torch._weights_only_unpickler import _get_allowed_globals  # torch's own weights_only allowlist
+
+    allowed = dict(_get_allowed_globals())
+    for entry in SAFE_GLOBALS:
+        obj, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+        allowed[name] = obj
+    allowed.update(_INERT_BUILTINS)
+    return allowed
+
+
+def _restricted_pickle_module(replaced: set[str]) -> Any:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler never imports anything outside the allowlist."""
+    allowed = _allowed_globals()
+    placeholders: dict[str, type] = {}
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            # Python 2 names (protocol 2 writes __builtin__.dict), mapped as pickle's own find_class does
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            key = f"{module}.{name}"
+            if key in allowed:
+                return allowed[key]
+            replaced.add(key)
+            if key not in placeholders:
+                placeholders[key] = _inert_class(key)
+            return placeholders[key]
+
+    class RestrictedPickle:
+        Unpickler = RestrictedUnpickler
+        UnpicklingError = pickle.UnpicklingError
+        __name__ = "mimprobe_restricted_pickle"
+
+        @staticmethod
+        def load(file: Any, **kwargs: Any) -> Any:
+            return RestrictedUnpickler(file, **kwargs).load()
+
+    return RestrictedPickle
+
+
+def _holds_tensors(obj: Any, depth: int = 0) -> bool:
+    """Whether plain containers (not placeholders) lead to at least one tensor."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 6 or isinstance(obj, InertObject):
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensors(value, depth + 1) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensors(value, depth + 1) for value in obj)
+    return False
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_checkpoint(path: str | Path, notes: list[str] | None = None) -> Any:
     """Load a checkpoint file onto the CPU without running code from it.
 
-    ``.safetensors`` files are read with safetensors; everything else with ``torch.load(weights_only=True)``.
+    ``.safetensors`` files are read with safetensors; pickles with ``torch.load(weights_only=True)``, and when that
+    refuses a class, with the restricted unpickler described in the module docstring.
+
+    Args:
+        path: The file.
+        notes: If given, receives a note naming the classes that were replaced by inert placeholders.
 
     Raises:
         BadInputError: The file is missing.
-        CheckpointError: The file is unreadable, or unpickling it would need classes that could run code
-            (it is refused and nothing from it is executed).
+        CheckpointError: The file is unreadable, or its tensors sit only inside objects of classes that are not
+            unpickled (a whole pickled model): it is refused and nothing from it is executed.
     """
     path = Path(path)
     if not path.is_file():
@@ -53,26 +196,42 @@ def read_checkpoint(path: str | Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        names = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
-        if not names and "Unsupported global" not in str(error):
+        if "global" not in str(error).lower():  # refused a class or function ("Unsupported global", ...)
             raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or damaged "
                                   f"({type(error).__name__}); check the file or download it again") from None
-        needs = f"it needs {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}" if names else _one_line(error)
-        raise CheckpointError(
-            f"refusing to load {path}: unpickling it could run code ({needs}); nothing from it was executed. "
-            "If you trust it, re-save only its tensors (torch.save(state_dict) or safetensors) and pass that file"
-        ) from None
     except Exception as error:  # RuntimeError, EOFError, BadZipFile, KeyError, ... from a damaged or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)} (is the file complete?)") from None
+    return _read_restricted(path, notes)
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _read_restricted(path: Path, notes: list[str] | None) -> Any:
+    if _is_torchscript(path):  # torch.load(weights_only=False) would hand these to torch.jit.load
+        raise CheckpointError(f"refusing to load {path}: it is a TorchScript archive (code, not a checkpoint); "
+                              "pass a file of tensors (torch.save(model.state_dict()) or safetensors)")
+    replaced: set[str] = set()
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # legacy (non-zip) pickles are not inspectable this way
-        return []
+        # weights_only=False only hands the unpickling to the restricted module: its find_class is the only way
+        # pickle can reach a callable, and it never imports anything outside the allowlist
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False,
+                                pickle_module=_restricted_pickle_module(replaced))
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)} (is the file complete?)") from None
+    names = sorted(replaced)
+    listed = f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
+    if not _holds_tensors(checkpoint):
+        raise CheckpointError(
+            f"refusing to load {path}: it holds no tensors outside objects of classes that are not unpickled "
+            f"({listed or 'none'}); nothing from it was executed. If you trust it, re-save only its tensors "
+            "(torch.save(model.state_dict()) or safetensors) and pass that file")
+    if notes is not None and names:
+        notes.append(f"read without running code: {len(names)} non-weight classes became inert placeholders "
+                     f"({listed})")
+    return checkpoint
 
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+__all__ = ["CHECKPOINT_SUFFIXES", "InertObject", "SAFE_GLOBALS", "read_checkpoint", "sha256_file"]

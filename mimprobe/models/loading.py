@@ -17,7 +17,9 @@ import torch.nn as nn
 
 from ..errors import BadInputError, CheckpointError, DownloadError
 from .checkpoint_io import read_checkpoint, sha256_file
+from .families import block_layout
 from .postnorm import PostNormBlock
+from .preprocessing import EvalPreprocessing, format_preprocessing, recorded_preprocessing
 from .remap import convert_checkpoint
 
 
@@ -35,6 +37,8 @@ class LoadedModel:
         model_kwargs: Architecture arguments passed to ``timm.create_model`` (JSON-serialisable).
         init_seed: Seed of the random initialisation (only meaningful for ``weights == "random"``).
         notes: Remap notes for the user.
+        preprocessing: The evaluation preprocessing the weights call for (recorded in a mimprobe export, or that
+            of the detected checkpoint family); None: the timm model's own data config.
     """
 
     model: nn.Module
@@ -46,6 +50,7 @@ class LoadedModel:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     notes: tuple[str, ...] = ()
+    preprocessing: EvalPreprocessing | None = None
 
     def identity(self) -> dict[str, Any]:
         """What identifies the weights (goes into the FeatureStore key)."""
@@ -55,6 +60,22 @@ class LoadedModel:
         if self.weights == "random":
             ident["init_seed"] = self.init_seed
         return ident
+
+    def eval_data_config(self, *, img_size: int | None = None, crop_pct: float | None = None,
+                         mean: Any = None, std: Any = None, interpolation: str | None = None) -> tuple[dict[str, Any], str]:
+        """The evaluation data config of these weights and one line saying where it comes from.
+
+        Order: explicit overrides, then the preprocessing the checkpoint calls for, then timm's config of the model.
+        """
+        from ..data.transforms import data_config_source, resolve_eval_data_config
+
+        config = resolve_eval_data_config(self.model, img_size=img_size, crop_pct=crop_pct,
+                                          preprocessing=self.preprocessing, mean=mean, std=std,
+                                          interpolation=interpolation)
+        overrides = [option for option, value in (("--mean", mean), ("--std", std), ("--interpolation", interpolation),
+                                                  ("--crop-pct", crop_pct)) if value is not None]
+        return config, data_config_source(self.preprocessing, model_name=self.name, img_size=img_size,
+                                          overrides=overrides)
 
 
 def _check_name(name: str) -> None:
@@ -144,14 +165,71 @@ def _download_message(name: str, error: BaseException) -> str:
 
 
 def _check_blocks(model: nn.Module, name: str) -> None:
-    if not isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential)):
-        raise BadInputError(f"model {name} has no transformer blocks (model.blocks): "
-                            "mimprobe profiles vision transformers (vit_*, deit_*, beit*, eva*, ...)")
+    block_layout(model, name)  # raises for models mimprobe cannot profile block by block
+
+
+def parse_model_kwargs(text: str | None) -> dict[str, Any]:
+    """``--model-kwargs``: a JSON object (``{"class_token": false}``) or ``key=value`` pairs separated by commas
+    (``class_token=false,global_pool=avg,depth=4``; values are read as JSON when they parse, else as strings).
+
+    Raises:
+        BadInputError: Neither form.
+    """
+    import json
+
+    if text is None or not text.strip():
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise BadInputError(f"invalid --model-kwargs {text!r}: not a JSON object ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise BadInputError(f"invalid --model-kwargs {text!r}: give a JSON object or key=value pairs")
+        return value
+    kwargs: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, raw = part.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key.isidentifier():
+            raise BadInputError(f"invalid --model-kwargs {text!r}: write key=value pairs separated by commas, e.g. "
+                                "class_token=false,global_pool=avg (or a JSON object)")
+        lowered = raw.lower()
+        if lowered in ("true", "false", "none", "null"):
+            kwargs[key] = {"true": True, "false": False}.get(lowered)
+        else:
+            try:
+                kwargs[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                kwargs[key] = raw
+    return kwargs
+
+
+def _gap_name(name: str) -> str | None:
+    """timm's no-CLS, average-pooled variant of a ViT name (vit_huge_patch14_224 → vit_huge_patch14_gap_224)."""
+    arch = name.split(".")[0]
+    head, _, size = arch.rpartition("_")
+    candidate = f"{head}_gap_{size}" if size.isdigit() else f"{arch}_gap"
+    return candidate if timm.is_model(candidate) else None
+
+
+def _check_class_token(state_dict: dict[str, torch.Tensor], model: nn.Module, name: str, fmt: str) -> None:
+    """A checkpoint without a CLS token (I-JEPA) cannot fill a model with one: say which model to use instead
+    (timm's resampling of its position table would otherwise fail with a reshape error)."""
+    if "cls_token" in state_dict or getattr(model, "cls_token", None) is None or "pos_embed" not in state_dict:
+        return
+    family = "I-JEPA checkpoint" if fmt == "ijepa" else "checkpoint"
+    gap = _gap_name(name)
+    use = f"{gap}, or " if gap else "a *_gap_* model (e.g. vit_huge_patch14_gap_224), or "
+    raise CheckpointError(f"the {family} has no CLS token but {name} has one: use {use}--model-kwargs "
+                          "class_token=false,global_pool=avg,fc_norm=false (and --pool mean)")
 
 
 def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
                img_size: int | None = None, init_seed: int = 0,
-               pretrained_file: str | os.PathLike | None = None) -> LoadedModel:
+               pretrained_file: str | os.PathLike | None = None,
+               model_kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """Build a timm model and load its weights strictly.
 
     Args:
@@ -162,6 +240,9 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
         init_seed: Seed of the random initialisation when no weights are loaded, so that random-weight runs
             (benchmarks, resumed extractions) are reproducible.
         pretrained_file: A local file to use instead of downloading (timm's ``pretrained_cfg_overlay``).
+        model_kwargs: Architecture arguments for ``timm.create_model`` (``--model-kwargs``, e.g.
+            ``{"class_token": False, "global_pool": "avg"}``); they override those a checkpoint format sets and are
+            part of the model's identity.
 
     Raises:
         BadInputError: Unknown name, unreadable checkpoint, or a checkpoint of another architecture (the
@@ -172,36 +253,64 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
     if checkpoint is not None and (pretrained or pretrained_file is not None):
         raise BadInputError("use either --pretrained or --checkpoint, not both")
     size_kwargs = {"img_size": int(img_size)} if img_size is not None else {}
+    user_kwargs = dict(model_kwargs or {})
+    if not all(isinstance(key, str) and key.isidentifier() for key in user_kwargs):
+        raise BadInputError(f"invalid model kwargs {sorted(map(str, user_kwargs))}: keys must be argument names")
     if checkpoint is None:
         pretrained = pretrained or pretrained_file is not None
-        model_kwargs = {"num_classes": 0}
+        model_kwargs = {"num_classes": 0, **user_kwargs}
         # timm loads pretrained weights non-strictly when the head size differs from the file's (num_classes=0),
         # which would leave any missing weight at its random init: build with the pretrained head, load strictly,
         # then drop the head
-        create_kwargs = size_kwargs if pretrained else {**model_kwargs, **size_kwargs}
+        create_kwargs = {**user_kwargs, **size_kwargs} if pretrained else {**model_kwargs, **size_kwargs}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model = _create(name, pretrained=pretrained, kwargs=create_kwargs, pretrained_file=pretrained_file)
         if pretrained:
             model.reset_classifier(0)
         _check_blocks(model, name)
+        # timm's own weights (or a local file of them): timm's data config of the name applies (preprocessing None)
         return LoadedModel(model=model.eval(), name=name, weights="pretrained" if pretrained else "random",
                            model_kwargs=model_kwargs, init_seed=init_seed)
 
     path = Path(checkpoint)
-    raw = read_checkpoint(path)
+    read_notes: list[str] = []
+    raw = read_checkpoint(path, read_notes)
     converted = convert_checkpoint(raw)
+    recorded = _recorded_data_config(raw, path)
     del raw
+    combined_kwargs = {**converted.model_kwargs, **user_kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = _create(name, pretrained=False, kwargs={**_resolve_kwargs(converted.model_kwargs), **size_kwargs},
+        model = _create(name, pretrained=False, kwargs={**_resolve_kwargs(combined_kwargs), **size_kwargs},
                         pretrained_file=None)
     _check_blocks(model, name)
+    _check_class_token(converted.state_dict, model, name, converted.format)
     state_dict = _filter_for_model(converted.state_dict, model)
     load_strict(model, state_dict, source=f"{path} ({converted.format} format)", model_name=name)
     return LoadedModel(model=model.eval(), name=name, weights="checkpoint", checkpoint=str(path),
                        checkpoint_sha256=sha256_file(path), checkpoint_format=converted.format,
-                       model_kwargs=converted.model_kwargs, init_seed=init_seed, notes=converted.notes)
+                       model_kwargs=combined_kwargs, init_seed=init_seed,
+                       notes=(*read_notes, *converted.notes), preprocessing=recorded or format_preprocessing(
+                           converted.format))
+
+
+def _recorded_data_config(raw: Any, path: Path) -> EvalPreprocessing | None:
+    """The data config a mimprobe export records (``data_config`` beside the weights of a pickle, or in the
+    safetensors metadata as JSON): the preprocessing those weights were trained with."""
+    import json
+
+    value = raw.get("data_config") if isinstance(raw, dict) else None
+    if value is None and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                value = json.loads((handle.metadata() or {}).get("data_config", "null"))
+        except (OSError, ValueError):
+            value = None
+    return recorded_preprocessing(value, f"recorded in {path.name} by mimprobe (the data config these weights "
+                                         "were trained with)")
 
 
 def _filter_for_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -260,24 +369,38 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source
     model.load_state_dict(state_dict, strict=True)
 
 
-def describe_model(model: nn.Module) -> dict[str, Any]:
-    """Structure of a ViT-like timm model: blocks, width, prefix tokens, patch size, norms."""
+def describe_model(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """Structure of a timm model mimprobe profiles: blocks and their widths, prefix tokens, patch size, norms.
+
+    ``embed_dim`` is the width of the last block; ``block_widths`` lists every block's (they differ between the
+    stages of hierarchical models). ``final_norm`` names the norm the model ends with and ``final_norm_on`` where
+    it acts: ``tokens`` (``model.norm``, before pooling) or ``pooled`` (``fc_norm`` / ``head.norm``, after it).
+
+    Raises:
+        BadInputError: A model mimprobe cannot profile (see `mimprobe.models.families`).
+    """
+    from .families import norm_module
+
+    layout = block_layout(model, name or type(model).__name__)
     patch_embed = getattr(model, "patch_embed", None)
     patch_size = getattr(patch_embed, "patch_size", None)
     grid = getattr(patch_embed, "grid_size", None)
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
-    has_class_token = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
-    norm = getattr(model, "norm", None)
+    norm_path = layout.token_norm or layout.pooled_norm
+    norm = norm_module(model, norm_path)
     return {
         "class": type(model).__name__,
-        "num_blocks": len(model.blocks),
-        "embed_dim": int(getattr(model, "embed_dim", getattr(model, "num_features", 0))),
-        "num_prefix_tokens": num_prefix,
-        "has_class_token": has_class_token,
+        "num_blocks": layout.num_blocks,
+        "embed_dim": layout.block_widths[-1],
+        "block_widths": list(layout.block_widths),
+        "block_output": layout.output,
+        "num_prefix_tokens": layout.num_prefix_tokens,
+        "has_class_token": layout.has_class_token,
         "num_reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
-        "patch_size": list(patch_size) if patch_size is not None else None,
-        "grid_size": list(grid) if grid is not None else None,
+        "patch_size": list(patch_size) if isinstance(patch_size, (tuple, list)) else None,
+        "grid_size": list(grid) if isinstance(grid, (tuple, list)) else None,
         "final_norm": type(norm).__name__ if norm is not None else None,
+        "final_norm_on": None if norm is None else (f"tokens (model.{norm_path})" if layout.token_norm
+                                                    else f"pooled vector (model.{norm_path})"),
         "global_pool": getattr(model, "global_pool", None),
         "num_params": int(sum(p.numel() for p in model.parameters())),
         "has_forward_intermediates": hasattr(model, "forward_intermediates"),

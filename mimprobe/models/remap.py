@@ -7,7 +7,9 @@ The key layouts are those of the official releases (see DESIGN.md and checkpoint
 * MIM-Refiner (ml-jku/MIM-Refiner): ``cls_tokens.tokens``, 4-D ``pos_embed.embed``, ``embed_norm`` for
   refined data2vec 2.0 models.
 * timm / DINO / DINOv2 / plain state dicts, under ``model`` / ``state_dict`` / ``teacher`` wrappers and DDP
-  ``module.`` or ``torch.compile`` ``_orig_mod.`` prefixes.
+  ``module.`` or ``torch.compile`` ``_orig_mod.`` prefixes; DINOv2 training files with ``block_chunks``
+  (``blocks.{chunk}.{i}.*``) and fvcore's ``teacher.backbone.*`` names.
+* I-JEPA (facebookresearch/ijepa): ``target_encoder`` (else ``encoder``) beside ``predictor``; no CLS token.
 
 Formats are checked from the most specific signature to the least: timm's own ``checkpoint_filter_fn`` treats any
 ``mask_token`` as DINOv2 and would send full MAE files to its DINOv2 converter.
@@ -41,7 +43,8 @@ class ConvertedCheckpoint:
 
     Attributes:
         state_dict: Tensors under timm ``VisionTransformer`` names.
-        format: Detected format (``timm``, ``mae``, ``data2vec2``, ``mim-refiner``, ``dinov2``, ``beit``).
+        format: Detected format (``timm``, ``mae``, ``data2vec2``, ``mim-refiner``, ``dino`` (DINO/iBOT teacher or
+            student files), ``dinov2``, ``ijepa``, ``beit``).
         model_kwargs: Architecture arguments the format needs (JSON-serialisable; ``post_norm_blocks`` means
             ``block_fn=PostNormBlock``), including ``num_classes`` from the head (0 without one).
         notes: What was unwrapped or dropped, for the user.
@@ -89,8 +92,9 @@ def unwrap_checkpoint(checkpoint: Any) -> tuple[StateDict, list[str]]:
 
 def strip_prefixes(state_dict: StateDict) -> StateDict:
     """Remove DDP ``module.`` and ``torch.compile`` ``_orig_mod.`` prefixes (repeatedly, at the start of keys),
-    and keep only the ``backbone.`` part of DINO/iBOT teacher or student dicts (their ``head.*`` is the DINO
-    projection head, not a classifier)."""
+    and keep only the ``backbone.`` part of DINO/iBOT/DINOv2 teacher or student dicts (their ``head.*`` /
+    ``dino_head.*`` is the projection head, not a classifier); DINOv2 fvcore files hold both networks
+    (``student.backbone.*``, ``teacher.backbone.*``): the teacher is kept."""
     out = {}
     for key, value in state_dict.items():
         changed = True
@@ -100,13 +104,33 @@ def strip_prefixes(state_dict: StateDict) -> StateDict:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
         out[key] = value
+    if any(key.startswith("teacher.backbone.") for key in out):  # DINOv2 fvcore files: student.* and teacher.*
+        out = {key[len("teacher."):]: value for key, value in out.items() if key.startswith("teacher.backbone.")}
     if any(key.startswith("backbone.") for key in out):
         out = {key[len("backbone."):]: value for key, value in out.items() if key.startswith("backbone.")}
     return out
 
 
+def flatten_block_chunks(state_dict: StateDict) -> StateDict:
+    """DINOv2 ``block_chunks``: ``blocks.{chunk}.{i}.*`` → ``blocks.{i}.*``.
+
+    DINOv2's training builds its blocks as ``BlockChunk`` lists (facebookresearch/dinov2
+    ``dinov2/models/vision_transformer.py``); chunk ``c`` holds Identity padding and then its own blocks, so the
+    second index is already the global block number. Unchanged when no key has two block indices.
+    """
+    chunked = re.compile(r"blocks\.(\d+)\.(\d+)\.(.+)")
+    if not any(chunked.fullmatch(key) for key in state_dict):
+        return state_dict
+    return {(f"blocks.{m.group(2)}.{m.group(3)}" if (m := chunked.fullmatch(key)) else key): value
+            for key, value in state_dict.items()}
+
+
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Name the format of a flat state dict from its key signature (most specific first)."""
+    """Name the format of a flat state dict from its key signature (most specific first).
+
+    ``mae`` also covers encoder-only MAE files (``mae_pretrain_vit_*.pth``: timm names, and the fixed sin-cos
+    ``pos_embed`` keeps an exactly zero CLS row, which a learned or timm-initialised one never has).
+    """
     keys = state_dict.keys()
     if any(key.startswith(D2V_PREFIX) or key.startswith("model." + D2V_PREFIX) for key in keys):
         return "data2vec2"
@@ -119,6 +143,10 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     mask_token = state_dict.get("mask_token")
     if (mask_token is not None and mask_token.ndim == 2) or "register_tokens" in keys:
         return "dinov2"
+    pos_embed = state_dict.get("pos_embed")
+    if "cls_token" in keys and pos_embed is not None and pos_embed.ndim == 3 and pos_embed.shape[1] > 1 \
+            and not pos_embed[:, 0].any() and pos_embed[:, 1:].any():
+        return "mae"
     return "timm"
 
 
@@ -213,14 +241,33 @@ def _head_kwargs(state_dict: StateDict) -> dict[str, Any]:
     return kwargs
 
 
+def _is_ijepa(checkpoint: Any) -> bool:
+    """I-JEPA's training files hold ``encoder``/``target_encoder`` beside a ``predictor`` (facebookresearch/ijepa
+    ``src/train.py`` ``save_checkpoint``)."""
+    return isinstance(checkpoint, Mapping) and "predictor" in checkpoint and (
+        "target_encoder" in checkpoint or "encoder" in checkpoint)
+
+
 def convert_checkpoint(checkpoint: Any) -> ConvertedCheckpoint:
     """Unwrap, detect and remap a loaded checkpoint to timm names (pure: the input is not modified)."""
     state_dict, notes = unwrap_checkpoint(checkpoint)
+    from_dino_teacher = any(key.startswith(("backbone.", "module.backbone.", "teacher.backbone."))
+                            for key in state_dict)
     state_dict = strip_prefixes(state_dict)
+    flat = flatten_block_chunks(state_dict)
+    if flat is not state_dict:
+        notes.append("DINOv2 block chunks: blocks.C.I.* read as blocks.I.*")
+        state_dict = flat
     if "masked_embed" in state_dict:  # iBOT's mask embedding is used only in pre-training
         state_dict = {key: value for key, value in state_dict.items() if key != "masked_embed"}
         notes.append("dropped iBOT masked_embed")
     fmt = detect_format(state_dict)
+    if fmt == "timm" and _is_ijepa(checkpoint):
+        fmt = "ijepa"
+        notes.append("I-JEPA checkpoint: no CLS token (use a *_gap_* model); the target encoder is loaded"
+                     if "unwrapped 'target_encoder'" in notes else "I-JEPA checkpoint: no CLS token")
+    elif fmt == "timm" and from_dino_teacher:
+        fmt = "dino"
     model_kwargs: dict[str, Any] = {}
     if fmt == "data2vec2":
         state_dict = remap_data2vec2(state_dict)
@@ -235,7 +282,8 @@ def convert_checkpoint(checkpoint: Any) -> ConvertedCheckpoint:
     elif fmt == "mae":
         dropped = [key for key in state_dict if key == "mask_token" or key.startswith("decoder_")]
         state_dict = remap_mae(state_dict)
-        notes.append(f"MAE pre-training checkpoint: kept the encoder, dropped {len(dropped)} decoder/mask keys")
+        notes.append(f"MAE pre-training checkpoint: kept the encoder, dropped {len(dropped)} decoder/mask keys"
+                     if dropped else "MAE encoder (fixed sin-cos pos_embed with a zero CLS row)")
     model_kwargs.update(_head_kwargs(state_dict))
     if "fc_norm.weight" in state_dict and model_kwargs.get("final_norm") is False:
         # fine-tuned post-norm files pool, then fc_norm; timm builds fc_norm only with final_norm=True (with avg

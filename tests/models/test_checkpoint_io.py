@@ -1,18 +1,24 @@
-"""Reading checkpoint files: pickles that would run code are refused without running it; broken files are
-reported as checkpoint errors and missing ones as bad input."""
+"""Reading checkpoint files: nothing from a pickle ever runs (payloads become inert placeholders, weights load;
+files whose tensors sit only inside such objects are refused); broken files are reported as checkpoint errors
+and missing ones as bad input."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pathlib
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
 from mimprobe.errors import BadInputError, CheckpointError
-from mimprobe.models import load_model, read_checkpoint, sha256_file
+from mimprobe.models import InertObject, load_model, read_checkpoint, sha256_file
 
 
 class TouchOnUnpickle:
@@ -25,41 +31,143 @@ class TouchOnUnpickle:
         return pathlib.Path.touch, (self.marker,)
 
 
-@pytest.fixture
-def malicious_checkpoint(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+class ShellOnUnpickle:
+    """Unpickling this object runs a shell command that writes ``marker`` (``os.system``)."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"echo ran > {self.marker}",)
+
+
+class ExecOnUnpickle:
+    """Unpickling this object runs Python source with ``builtins.exec``."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+PAYLOADS = {"pathlib-touch": TouchOnUnpickle, "os-system": ShellOnUnpickle, "exec": ExecOnUnpickle}
+
+
+@pytest.fixture(params=sorted(PAYLOADS))
+def malicious_checkpoint(request, tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """Weights beside a payload that would write ``marker`` if anything from the file ran."""
     marker = tmp_path / "code-ran"
     path = tmp_path / "malicious.pth"
-    torch.save({"model": {"cls_token": torch.zeros(1, 1, 64)}, "payload": TouchOnUnpickle(marker)}, path)
+    weights = {"cls_token": torch.randn(1, 1, 64), "blocks.0.norm1.weight": torch.randn(64)}
+    torch.save({"model": weights, "payload": PAYLOADS[request.param](marker), "epoch": 3}, path)
     assert not marker.exists()
-    return path, marker
+    return path, marker, weights
 
 
-def test_the_malicious_payload_is_real(malicious_checkpoint):
-    path, marker = malicious_checkpoint
-    torch.load(path, weights_only=False)  # an unsafe load runs it, so the refusal below means something
+def test_the_malicious_payloads_are_real(malicious_checkpoint):
+    path, marker, _ = malicious_checkpoint
+    torch.load(path, weights_only=False)  # an unsafe load runs it, so the tests below mean something
     assert marker.exists()
 
 
-def test_read_checkpoint_refuses_code_and_does_not_run_it(malicious_checkpoint):
-    path, marker = malicious_checkpoint
+def test_weights_load_beside_a_payload_that_never_runs(malicious_checkpoint):
+    path, marker, weights = malicious_checkpoint
+    notes: list[str] = []
 
-    with pytest.raises(CheckpointError, match="refusing to load") as raised:
+    checkpoint = read_checkpoint(path, notes)
+
+    assert not marker.exists()
+    assert isinstance(checkpoint["payload"], InertObject)
+    assert checkpoint["epoch"] == 3
+    assert checkpoint["model"].keys() == weights.keys()
+    assert all(torch.equal(checkpoint["model"][key], weights[key]) for key in weights)
+    assert len(notes) == 1 and "inert placeholders" in notes[0]
+
+
+def test_load_model_takes_the_weights_and_runs_nothing(tmp_path):
+    reference = timm.create_model("test_vit", num_classes=0, img_size=32)
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "with_payload.pth"
+    torch.save({"model": reference.state_dict(), "cfg": ShellOnUnpickle(marker)}, path)
+
+    loaded = load_model("test_vit", checkpoint=path, img_size=32)
+
+    assert not marker.exists()
+    assert any("inert placeholders" in note and "system" in note for note in loaded.notes)
+    assert all(torch.equal(loaded.model.state_dict()[key], value) for key, value in reference.state_dict().items())
+
+
+def test_weights_only_inside_a_payload_are_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": ShellOnUnpickle(marker), "args": argparse.Namespace(lr=0.1), "sizes": dict,
+                "trainer": TouchOnUnpickle(marker)}, path)
+
+    messages = set()
+    for _ in range(3):  # the message is the same on every run (it once listed a set in random order)
+        with pytest.raises(CheckpointError, match="refusing to load") as raised:
+            read_checkpoint(path)
+        messages.add(str(raised.value))
+
+    assert not marker.exists()
+    (message,) = messages
+    assert "nothing from it was executed" in message and "\n" not in message
+    # only the classes that were not unpickled, sorted; argparse.Namespace and dict are allowed and not listed
+    assert "(builtins.getattr, pathlib.Path, pathlib.PosixPath, posix.system)" in message
+    assert "Namespace" not in message and "builtins.dict" not in message
+
+
+def test_checkpoint_holding_a_whole_model_is_refused_with_advice(tmp_path):
+    # torch.save(model) pickles the class: its tensors sit inside an object that is not unpickled
+    path = tmp_path / "whole_model.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+
+    with pytest.raises(CheckpointError, match=r"refusing to load.*torch\.nn\.modules\.linear\.Linear.*state_dict"):
         read_checkpoint(path)
 
-    assert not marker.exists()
-    message = str(raised.value)
-    assert "nothing from it was executed" in message
-    assert "pathlib.Path" in message  # names the globals it would have needed (Path.touch pickles via getattr)
-    assert "\n" not in message
+
+def test_torchscript_archive_is_refused(tmp_path):
+    # torch.load(weights_only=False) would pass these to torch.jit.load, which runs their code
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
 
 
-def test_load_model_refuses_code_and_does_not_run_it(malicious_checkpoint):
-    path, marker = malicious_checkpoint
+def test_numpy_scalars_load_as_values(tmp_path):
+    path = tmp_path / "numpy.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "best": np.float64(0.5), "step": np.int64(7),
+                "hist": np.arange(3, dtype=np.float32)}, path)
+    notes: list[str] = []
 
-    with pytest.raises(CheckpointError, match="refusing to load"):
-        load_model("test_vit", checkpoint=path, img_size=32)
+    checkpoint = read_checkpoint(path, notes)
 
-    assert not marker.exists()
+    assert checkpoint["best"] == 0.5 and checkpoint["step"] == 7 and checkpoint["hist"].dtype == np.float32
+    assert notes == []  # the weights-only loader read it: nothing was replaced
+
+
+def test_fairseq_checkpoint_with_an_omegaconf_cfg_loads_without_importing_omegaconf(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"model": {"_name": "data2vec_multi", "depth": 10},
+                                      "task": {"_name": "mae_image"}})
+    path = tmp_path / "fairseq.pt"
+    torch.save({"args": None, "cfg": cfg, "model": {"w": torch.arange(4.0)},
+                "optimizer_history": [{"num_updates": np.int64(5)}]}, path)
+    script = (
+        "import sys; from mimprobe.models import read_checkpoint, InertObject\n"
+        f"checkpoint = read_checkpoint({str(path)!r})\n"
+        "assert isinstance(checkpoint['cfg'], InertObject), checkpoint['cfg']\n"
+        "assert checkpoint['cfg'].pickled_global == 'omegaconf.dictconfig.DictConfig'\n"
+        "assert checkpoint['model']['w'].tolist() == [0.0, 1.0, 2.0, 3.0]\n"
+        "assert checkpoint['optimizer_history'][0]['num_updates'] == 5\n"
+        "assert not [name for name in sys.modules if name.startswith('omegaconf')], 'omegaconf was imported'\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=pathlib.Path(__file__).resolve().parents[2])
+
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_argparse_namespace_is_allowed(tmp_path):
@@ -129,15 +237,6 @@ def test_missing_file_is_bad_input_not_a_checkpoint_error(tmp_path):
 def test_a_directory_is_not_a_checkpoint(tmp_path):
     with pytest.raises(BadInputError, match="not found"):
         read_checkpoint(tmp_path)
-
-
-def test_checkpoint_holding_a_whole_model_is_refused_with_advice(tmp_path):
-    # torch.save(model) pickles the class: refused, and the message says to save the state dict instead
-    path = tmp_path / "whole_model.pth"
-    torch.save(torch.nn.Linear(2, 2), path)
-
-    with pytest.raises(CheckpointError, match="refusing to load.*state_dict"):
-        read_checkpoint(path)
 
 
 def test_sha256_file_matches_hashlib(tmp_path):

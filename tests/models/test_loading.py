@@ -261,7 +261,7 @@ def test_dino_full_checkpoint_loads_the_teacher_backbone(tmp_path, images):
 
     loaded = load(path)
 
-    assert loaded.checkpoint_format == "timm"
+    assert loaded.checkpoint_format == "dino"
     torch.testing.assert_close(features(loaded.model, images), features(reference, images))
     assert not torch.allclose(features(loaded.model, images), features(student_model, images))
 
@@ -590,8 +590,12 @@ def test_describe_post_norm_model_has_no_final_norm(tmp_path):
 
     description = describe_model(loaded.model)
 
-    assert description["final_norm"] == "Identity"
+    assert description["final_norm"] is None and description["final_norm_on"] is None
     assert description["num_prefix_tokens"] == 1
+    from mimprobe.features import BlockOutputs
+
+    with pytest.raises(BadInputError, match="ends without a norm"):
+        BlockOutputs(loaded.model, [DEPTH - 1], norm="final")
 
 
 def test_checkpoint_with_another_patch_size_is_refused(tmp_path):
@@ -607,3 +611,101 @@ def test_checkpoint_with_another_patch_size_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     with pytest.raises(CheckpointError, match=r"patch size is \(8, 8\)"):
         load_model("vit_tiny_patch16_224", checkpoint=path, img_size=32)
+
+
+# --- release files as published ----------------------------------------------------------------------------------
+
+
+def test_fairseq_data2vec2_file_with_omegaconf_cfg_and_numpy_scalars(tmp_path, images):
+    """fairseq writes cfg as an omegaconf DictConfig and numpy scalars in the optimizer history: the weights-only
+    loader refuses such files; they load, and the omegaconf object becomes an inert placeholder."""
+    omegaconf = pytest.importorskip("omegaconf")
+    import numpy as np
+
+    weights = random_post_norm_weights(DEPTH, seed=21)
+    checkpoint = data2vec_checkpoint(weights, num_prenet=2)
+    checkpoint["cfg"] = omegaconf.OmegaConf.create(checkpoint["cfg"])
+    checkpoint["optimizer_history"][0]["num_updates"] = np.int64(1000)
+    checkpoint["extra_state"]["best"] = np.float64(0.75)
+    path = save(checkpoint, tmp_path / "data2vec2_fairseq.pt")
+    from mimprobe.models.checkpoint_io import SAFE_GLOBALS
+
+    with pytest.raises(Exception, match="DictConfig"), torch.serialization.safe_globals(SAFE_GLOBALS):
+        torch.load(path, weights_only=True)  # the refusal this replaces
+
+    loaded = load(path)
+
+    assert loaded.checkpoint_format == "data2vec2"
+    assert any("omegaconf.dictconfig.DictConfig" in note for note in loaded.notes)
+    torch.testing.assert_close(features(loaded.model, images), post_norm_forward(weights, images))
+
+
+def chunked(state_dict: dict, chunks: int) -> dict:
+    """DINOv2's block_chunks layout: chunk c holds blocks c*n/chunks.. under their global index."""
+    per_chunk = DEPTH // chunks
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("blocks."):
+            index, rest = key.split(".", 2)[1:]
+            key = f"blocks.{int(index) // per_chunk}.{index}.{rest}"
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("layout", ["teacher_checkpoint", "fvcore_model"])
+def test_dinov2_training_checkpoint_with_block_chunks(layout, tmp_path, images):
+    teacher, reference = timm_state_dict(seed=22)
+    student, _ = timm_state_dict(seed=23)
+    teacher = {**chunked(teacher, 3), "mask_token": torch.zeros(1, WIDTH)}
+    student = {**chunked(student, 3), "mask_token": torch.zeros(1, WIDTH)}
+    heads = {"dino_head.mlp.0.weight": torch.randn(32, WIDTH), "ibot_head.mlp.0.weight": torch.randn(32, WIDTH)}
+    if layout == "teacher_checkpoint":  # eval/training_N/teacher_checkpoint.pth
+        checkpoint = {"teacher": {**with_prefix(teacher, "backbone."), **heads}}
+    else:  # model_N.pth from fvcore's Checkpointer: both networks under "model"
+        checkpoint = {"model": {**with_prefix({**with_prefix(teacher, "backbone."), **heads}, "teacher."),
+                                **with_prefix({**with_prefix(student, "backbone."), **heads}, "student.")},
+                      "optimizer": {}, "iteration": 1250}
+    path = save(checkpoint, tmp_path / "dinov2.pth")
+    assert "blocks.0.0.norm1.weight" in teacher and "blocks.1.3.norm1.weight" in teacher
+
+    loaded = load(path)
+
+    assert loaded.checkpoint_format == "dinov2"
+    torch.testing.assert_close(features(loaded.model, images), features(reference, images))
+
+
+def ijepa_checkpoint(target: dict, context: dict) -> dict:
+    """I-JEPA's save_checkpoint: encoder, predictor, target_encoder (DDP module. names), opt, scaler, epoch, ..."""
+    return {"encoder": with_prefix(context, "module."), "predictor": {"module.predictor_embed.weight":
+                                                                      torch.randn(32, WIDTH)},
+            "target_encoder": with_prefix(target, "module."), "opt": {"state": {}}, "scaler": None, "epoch": 300,
+            "loss": 0.2, "batch_size": 2048, "world_size": 16, "lr": 0.001}
+
+
+GAP = {"class_token": False, "global_pool": "avg", "fc_norm": False}
+
+
+def test_ijepa_into_a_model_with_a_cls_token_names_the_model_to_use(tmp_path):
+    target, _ = timm_state_dict(seed=24, **GAP)
+    path = save(ijepa_checkpoint(target, target), tmp_path / "IN1K-vit.h.14-300e.pth.tar")
+
+    with pytest.raises(CheckpointError, match="I-JEPA checkpoint has no CLS token") as raised:
+        load(path)
+    assert "class_token=false,global_pool=avg" in str(raised.value)
+    with pytest.raises(CheckpointError, match="use vit_huge_patch14_gap_224"):
+        # the real file's model: a ViT-H/14 with a CLS token; the check runs before any weight is compared
+        load_model("vit_huge_patch14_224", checkpoint=path, model_kwargs={"depth": 1, "embed_dim": 64,
+                                                                          "num_heads": 2, "img_size": 28})
+
+
+def test_ijepa_loads_the_target_encoder_into_a_model_without_cls(tmp_path, images):
+    target, reference = timm_state_dict(seed=24, **GAP)
+    context, context_model = timm_state_dict(seed=25, **GAP)
+    path = save(ijepa_checkpoint(target, context), tmp_path / "ijepa.pth.tar")
+
+    loaded = load(path, model_kwargs=GAP)
+
+    assert loaded.checkpoint_format == "ijepa"
+    assert any("target encoder" in note for note in loaded.notes)
+    torch.testing.assert_close(features(loaded.model, images), features(reference, images))
+    assert not torch.allclose(features(loaded.model, images), features(context_model, images))
