@@ -50,6 +50,19 @@ def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
         _fail(f"{type(error).__name__}: {first} (rerun with --debug for the traceback)", 1)
 
 
+def _preprocessing_options(mean: str | None, std: str | None, interpolation: str | None, crop_pct: float | None,
+                           model_kwargs: str | None) -> dict[str, Any]:
+    """--mean/--std/--interpolation/--crop-pct/--model-kwargs as `ExtractConfig` fields (None: not given)."""
+    from .data.transforms import parse_channel_values
+    from .models.loading import parse_model_kwargs
+
+    parsed = {"mean": parse_channel_values(mean, "--mean"), "std": parse_channel_values(std, "--std"),
+              "interpolation": interpolation, "crop_pct": crop_pct}
+    options = {key: (tuple(value) if isinstance(value, list) else value) for key, value in parsed.items()}
+    options["model_kwargs"] = parse_model_kwargs(model_kwargs) or None
+    return options
+
+
 def _parse_poolings(text: str) -> tuple[str, ...]:
     from .errors import BadInputError
     from .features import POOLINGS
@@ -95,6 +108,16 @@ def extract(
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images "
                                            "(resized whole, no crop), e.g. 32 for CIFAR."),
     store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint "
+                                       "family's evaluation preprocessing, else timm's data config of the model]."),
+    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean]."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, "
+                                                "bilinear, ... [default: as --mean]."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct "
+                                             "then crop (0.875 = resize 256, crop 224) [default: as --mean; 1.0 with "
+                                             "--img-size]."),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
+                                               "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip undecodable images (recorded in "
                                          "the manifest) instead of stopping."),
     no_wait: bool = typer.Option(False, "--no-wait", help="When another run is writing the same store, stop "
@@ -113,6 +136,7 @@ def extract(
             blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm, batch_size=batch_size,
             workers=workers, device=device, precision=precision, img_size=img_size, store_dtype=store_dtype,
             skip_bad_images=skip_bad_images, progress=not no_progress and not json_output, wait=not no_wait,
+            **_preprocessing_options(mean, std, interpolation, crop_pct, model_kwargs),
             log=lambda message: typer.echo(message, err=True))
         summary = result.summary()
         if json_output:
@@ -157,6 +181,16 @@ def profile(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (extraction and linear probes)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images."),
     store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint "
+                                       "family's evaluation preprocessing, else timm's data config of the model]."),
+    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean]."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, "
+                                                "bilinear, ... [default: as --mean]."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct "
+                                             "then crop (0.875 = resize 256, crop 224) [default: as --mean; 1.0 with "
+                                             "--img-size]."),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
+                                               "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
     threads: Optional[int] = typer.Option(None, "--threads", help="FAISS threads."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation split, k-means and probes."),
     json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
@@ -172,7 +206,8 @@ def profile(
                                threads=threads, device=device)
         extract_options = dict(blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm,
                                batch_size=batch_size, workers=workers, device=device, img_size=img_size,
-                               store_dtype=store_dtype)
+                               store_dtype=store_dtype,
+                               **_preprocessing_options(mean, std, interpolation, crop_pct, model_kwargs))
         result = run_profile(target, data, out=out, config=config, features_dir=features, extract_options=extract_options,
                              checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
                              progress=not no_progress and not json_output,
@@ -194,26 +229,43 @@ def profile(
 
 * `mimprobe info vit_base_patch16_224`
 * `mimprobe info vit_large_patch16_224 --checkpoint mae_pretrain_vit_large.pth --json`
+* `mimprobe info vit_huge_patch14_gap_224 --checkpoint IN1K-vit.h.14-300e.pth.tar`  (I-JEPA: no CLS token)
+* `mimprobe info test_vit --model-kwargs class_token=false,global_pool=avg,fc_norm=false`
+
+data_config_source says where the normalisation and crop come from: the checkpoint family's evaluation
+preprocessing (MAE, data2vec 2.0, MIM-Refiner, DINO/DINOv2, I-JEPA), timm's data config of the model name, or
+--mean/--std/--interpolation/--crop-pct.
 """)
 def info(
     model: str = typer.Argument(..., help="timm model name."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file to load strictly."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size override."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint "
+                                       "family's evaluation preprocessing, else timm's data config of the model]."),
+    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean]."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, "
+                                                "bilinear, ... [default: as --mean]."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct "
+                                             "then crop (0.875 = resize 256, crop 224) [default: as --mean; 1.0 with "
+                                             "--img-size]."),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
+                                               "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
-    """Print a model's blocks, width, prefix tokens, patch size and data config."""
-    from .data import resolve_eval_data_config
+    """Print a model's blocks and their widths, prefix tokens, patch size, final norm and data config (and why)."""
     from .models import describe_model, load_model
 
     def body() -> None:
-        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size)
+        options = _preprocessing_options(mean, std, interpolation, crop_pct, model_kwargs)
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
+                            model_kwargs=options.pop("model_kwargs"))
+        data_config, source = loaded.eval_data_config(img_size=img_size, **options)
         report = {"model": loaded.name, "weights": loaded.weights, "checkpoint": loaded.checkpoint,
                   "checkpoint_format": loaded.checkpoint_format, "checkpoint_sha256": loaded.checkpoint_sha256,
-                  **describe_model(loaded.model),
-                  "data_config": resolve_eval_data_config(loaded.model, img_size=img_size),
-                  "notes": list(loaded.notes)}
+                  "model_kwargs": loaded.model_kwargs, **describe_model(loaded.model, loaded.name),
+                  "data_config": data_config, "data_config_source": source, "notes": list(loaded.notes)}
         if json_output:
             typer.echo(json.dumps(report, indent=1))
             return

@@ -5,27 +5,58 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import BadInputError
+from ..models.families import BlockLayout, block_layout, norm_module
+
 
 class BlockOutputs:
-    """Callable returning ``{block: tokens (batch, tokens, dim)}`` for the chosen blocks, in one forward pass.
+    """Callable returning ``{block: tokens (batch, tokens, width)}`` for the chosen blocks, in one forward pass.
 
-    Uses timm's ``forward_intermediates`` (stopping after the last chosen block); for models without it, forward
-    hooks on ``model.blocks[i]`` around ``forward_features``. ``norm="final"`` applies the model's final norm
-    (``model.norm``) to every block output, ``raw`` leaves the residual stream as is (MIM-Refiner's choice).
+    Uses timm's ``forward_intermediates`` (stopping after the last chosen block); for token models without it,
+    forward hooks on ``model.blocks[i]`` around ``forward_features``. Spatial maps (SAM-ViT, Hiera: (batch, width,
+    H, W)) come back flattened to (batch, H*W, width), with no prefix tokens, so that mean pooling is the mean over
+    the map.
+
+    ``norm="final"`` applies the norm the model really ends with: a final norm over the tokens (``model.norm``)
+    is applied here to every block's tokens; a norm the model applies after pooling (``fc_norm`` of average-pooled
+    BEiT/EVA/ViT models, Hiera's ``head.norm``) is `pooled_norm`, applied by `pool_tokens` to each pooled vector.
+    ``raw`` leaves the residual stream as is (MIM-Refiner's choice).
+
+    Raises:
+        BadInputError: ``final`` for a model that ends without a norm (post-norm data2vec 2.0, SAM's conv neck), or
+            for blocks of a hierarchical model whose width differs from the final norm's (Hiera's early stages).
     """
 
-    def __init__(self, model: nn.Module, blocks: list[int], norm: str = "raw"):
+    def __init__(self, model: nn.Module, blocks: list[int], norm: str = "raw", layout: BlockLayout | None = None):
         if norm not in ("raw", "final"):
             raise ValueError(f"unknown norm mode {norm!r}; use raw or final")
         self.model = model
         self.blocks = list(blocks)
         self.norm = norm
+        self.layout = layout or block_layout(model, type(model).__name__)
+        if norm == "final" and not self.layout.has_final_norm:
+            raise BadInputError(f"--norm final: {type(model).__name__} ends without a norm (no model.norm, fc_norm or "
+                                "head norm; post-norm blocks or a convolutional neck), so there is none to apply: use "
+                                "--norm raw")
+        widths = self.layout.block_widths
+        if norm == "final" and any(widths[block] != widths[-1] for block in self.blocks):
+            fitting = [block for block in range(len(widths)) if widths[block] == widths[-1]]
+            raise BadInputError(f"--norm final: the final norm of {type(model).__name__} has width {widths[-1]} and "
+                                f"fits only blocks {fitting[0]}-{fitting[-1]} (its last stage): choose --blocks "
+                                f"{fitting[0]}-{fitting[-1]}, or --norm raw")
+        self.token_norm = norm_module(model, self.layout.token_norm) if norm == "final" else None
+        self.pooled_norm = norm_module(model, self.layout.pooled_norm) if norm == "final" else None
         self.uses_forward_intermediates = hasattr(model, "forward_intermediates")
 
     def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.layout.output == "map":
+            maps = self.model.forward_intermediates(images, indices=self.blocks, norm=False, stop_early=True,
+                                                    output_fmt="NCHW", intermediates_only=True,
+                                                    **self.layout.intermediates_kwargs)
+            return {block: item.flatten(2).transpose(1, 2) for block, item in zip(self.blocks, maps)}  # (B, HW, C)
         if self.uses_forward_intermediates:
             outputs = self.model.forward_intermediates(
-                images, indices=self.blocks, norm=self.norm == "final", stop_early=True, output_fmt="NLC",
+                images, indices=self.blocks, norm=self.token_norm is not None, stop_early=True, output_fmt="NLC",
                 intermediates_only=True, return_prefix_tokens=True)
             tokens = []
             for item in outputs:  # (patches, prefix) pairs when the model has prefix tokens
@@ -50,7 +81,6 @@ class BlockOutputs:
         finally:
             for handle in handles:
                 handle.remove()
-        if self.norm == "final":
-            norm = getattr(self.model, "norm", nn.Identity())
-            captured = {i: norm(x) for i, x in captured.items()}
+        if self.token_norm is not None:
+            captured = {i: self.token_norm(x) for i, x in captured.items()}
         return {i: captured[i] for i in self.blocks}

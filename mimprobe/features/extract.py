@@ -23,9 +23,10 @@ from .._lock import exclusive_lock
 from .._messages import status_logger
 from .._versions import software_versions
 from ..blocks import BlockSpec, resolve_blocks
-from ..data import DataSource, SplitDataset, build_eval_transform, load_data, resolve_eval_data_config
+from ..data import DataSource, SplitDataset, build_eval_transform, load_data
 from ..errors import BadImageError, BadInputError, MimprobeError
 from ..models import LoadedModel, describe_model, load_model
+from ..models.families import block_layout
 from .blockwise import BlockOutputs
 from .pooling import POOLINGS, pool_tokens
 from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, FeatureStore, RowWriter, create_npy,
@@ -46,6 +47,12 @@ class ExtractConfig:
     img_size: int | None = None       # square input size override (crop_pct becomes 1.0)
     store_dtype: str = "float16"
     skip_bad_images: bool = False     # record and skip undecodable images instead of stopping
+    # evaluation preprocessing overrides (default: the checkpoint family's, else the timm model's data config)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    model_kwargs: dict[str, Any] | None = None  # timm.create_model arguments (--model-kwargs), part of the key
 
 
 @dataclass
@@ -126,6 +133,35 @@ def _check_input_size(loaded: LoadedModel, data_config: dict[str, Any]) -> None:
                             f"{size}: load it with img_size={size[0]} or pass the same --img-size")
 
 
+def _feature_dim(structure: dict[str, Any], block: int, pooling: str) -> int:
+    """Width of one block's pooled feature (twice the block's width for cls+mean)."""
+    width = int(structure["block_widths"][block])
+    return 2 * width if pooling == "cls+mean" else width
+
+
+def _check_block_outputs(loaded: LoadedModel, blocks: list[int], norm: str, data_config: dict[str, Any],
+                         structure: dict[str, Any]) -> None:
+    """Run one blank image through the chosen blocks before any store is made, so that a model whose block outputs
+    cannot be read (or a --norm it does not end with) is refused with one line instead of failing mid-store."""
+    outputs = BlockOutputs(loaded.model, blocks, norm=norm, layout=block_layout(loaded.model, loaded.name))
+    parameter = next(loaded.model.parameters(), None)
+    images = torch.zeros(1, *data_config["input_size"], device=parameter.device if parameter is not None else "cpu")
+    try:
+        with torch.inference_mode():
+            tokens = outputs(images)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise BadInputError(f"model {loaded.name} cannot be profiled at input {tuple(data_config['input_size'])}: "
+                            f"{type(error).__name__}: {first}") from None
+    for block in blocks:
+        shape = tuple(tokens[block].shape)
+        if len(shape) != 3 or shape[-1] != structure["block_widths"][block] \
+                or shape[1] <= structure["num_prefix_tokens"]:
+            raise BadInputError(f"model {loaded.name}: block {block} gives an output of shape {shape}, not (batch, "
+                                f"{structure['num_prefix_tokens']} prefix + patch tokens, "
+                                f"{structure['block_widths'][block]}): it cannot be profiled block by block")
+
+
 def store_key(key_fields: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that changes the stored numbers."""
     return hashlib.sha256(json.dumps(key_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -171,25 +207,29 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size)
-    structure = describe_model(loaded.model)
+        model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
+        model_kwargs=config.model_kwargs)
+    structure = describe_model(loaded.model, loaded.name)
     blocks = resolve_blocks(config.blocks, structure["num_blocks"])
     if not structure["has_class_token"] and any(p in ("cls", "cls+mean") for p in config.poolings):
         raise BadInputError(f"model {loaded.name} has no CLS token: use --pool mean")
-    data_config = resolve_eval_data_config(loaded.model, img_size=config.img_size)
+    data_config, data_config_source = loaded.eval_data_config(
+        img_size=config.img_size, crop_pct=config.crop_pct, mean=config.mean, std=config.std,
+        interpolation=config.interpolation)
     _check_input_size(loaded, data_config)
+    _check_block_outputs(loaded, blocks, config.norm, data_config, structure)
 
     key_fields = {
         "format_version": FORMAT_VERSION, "model": loaded.identity(), "dataset": source.fingerprint,
-        "transform": data_config, "blocks": blocks, "poolings": list(config.poolings), "norm": config.norm,
-        "dtype": config.store_dtype, "precision": precision,
+        "transform": data_config, "transform_source": data_config_source, "blocks": blocks,
+        "poolings": list(config.poolings), "norm": config.norm, "dtype": config.store_dtype, "precision": precision,
     }
     key = store_key(key_fields)
     data_name = Path(source.name).name if source.kind == "imagefolder" else (
         Path(source.name).stem if source.kind == "npz" else source.kind)
     store_dir = out / f"{_slug(loaded.name)}__{_slug(data_name)}__{key[:12]}"
-    width = structure["embed_dim"]
-    feature_dims = {p: (2 * width if p == "cls+mean" else width) for p in config.poolings}
+    widths = {structure["block_widths"][block] for block in blocks}  # one width, except across Hiera's stages
+    feature_dims = {p: (_feature_dim(structure, blocks[-1], p) if len(widths) == 1 else None) for p in config.poolings}
 
     _prepare_out(out)
     # One writer per store: a second run waits (or refuses), then finds the store complete or resumes it.
@@ -253,7 +293,7 @@ def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded:
         for block in blocks:
             for pooling in config.poolings:
                 create_npy(store_dir / split_name / feature_filename(block, pooling),
-                           (len(split), feature_dims[pooling]), config.store_dtype)
+                           (len(split), _feature_dim(structure, block, pooling)), config.store_dtype)
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -264,12 +304,15 @@ def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded:
                     "classes": list(source.classes), "labelled": source.labelled, "details": source.details,
                     "splits": {name: len(split) for name, split in source.splits.items()}},
         "transform": data_config,
+        "transform_source": key_fields["transform_source"],
         "blocks": blocks,
         "poolings": list(config.poolings),
         "norm": config.norm,
         "dtype": config.store_dtype,
         "precision": precision,
-        "feature_dims": feature_dims,
+        "feature_dims": feature_dims,  # per pooling; None when the chosen blocks differ in width (Hiera)
+        "block_feature_dims": {str(block): {p: _feature_dim(structure, block, p) for p in config.poolings}
+                               for block in blocks},
         "files": {"labels": "{split}/labels.npy", "features": "{split}/block{block:02d}_{pooling}.npy",
                   "pooling_in_filename": {p: p.replace("+", "_") for p in config.poolings}},
         "batch_size": config.batch_size,
@@ -301,7 +344,7 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loade
          config: ExtractConfig, progress: bool, on_batch: BatchCallback | None) -> tuple[int, float]:
     model = loaded.model.to(device).eval()
     transform = build_eval_transform(data_config)
-    outputs = BlockOutputs(model, manifest["blocks"], norm=manifest["norm"])
+    outputs = BlockOutputs(model, manifest["blocks"], norm=manifest["norm"], layout=block_layout(model, loaded.name))
     dtype = np.dtype(manifest["dtype"])
     batch_size = manifest["batch_size"]
     images_done, started = 0, time.perf_counter()
@@ -315,7 +358,7 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loade
             loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size, shuffle=False,
                                 num_workers=config.workers, pin_memory=device.type == "cuda")
             writers = {(block, pooling): RowWriter(store_dir / split_name / feature_filename(block, pooling),
-                                                   manifest["feature_dims"][pooling] * dtype.itemsize)
+                                                   _feature_dim(structure, block, pooling) * dtype.itemsize)
                        for block in manifest["blocks"] for pooling in manifest["poolings"]}
             label_writer = RowWriter(store_dir / split_name / "labels.npy", 8)
             try:
@@ -333,7 +376,8 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loade
                         block_tokens = block_tokens.float()
                         for pooling in manifest["poolings"]:
                             pooled = pool_tokens(block_tokens, pooling, num_prefix_tokens=structure["num_prefix_tokens"],
-                                                 has_class_token=structure["has_class_token"])
+                                                 has_class_token=structure["has_class_token"],
+                                                 norm=outputs.pooled_norm)
                             pooled = pooled.cpu().numpy().astype(dtype)
                             pooled[bad_rows] = 0
                             writers[(block, pooling)].write(start, pooled)

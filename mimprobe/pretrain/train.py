@@ -8,7 +8,8 @@ Only the ``train`` split of the data is used (MAE needs no labels; unlabelled fo
 
 Files in ``out``: ``config.json`` (resolved configuration, model identity, data, versions, result), ``log.csv``
 (step, epoch, loss, lr, images_per_second), ``checkpoint-last.pth`` (model + decoder in the MAE layout under
-``model``, optimizer, step, epoch, RNG states, config) and, at the end, ``mae.pth`` = ``{"model": state_dict}``.
+``model``, optimizer, step, epoch, RNG states, config) and, at the end, ``mae.pth`` = ``{"model": state_dict}``
+plus ``data_config``, the normalisation it was trained with (profiling the file reuses it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 from .._device import autocast, resolve_device, resolve_precision
 from .._messages import status_logger
 from .._versions import software_versions
-from ..data import DataSource, Split, SplitDataset, load_data, resolve_eval_data_config
+from ..data import DataSource, Split, SplitDataset, load_data
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
 from ..features.store import write_json_atomic
 from ..models import LoadedModel, load_model, read_checkpoint, strip_prefixes, unwrap_checkpoint
@@ -344,7 +345,8 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
 
     loaded = _build_encoder(model, checkpoint=checkpoint, config=config)
     loaded_pos_embed = loaded.model.pos_embed.detach().clone() if loaded.weights == "checkpoint" else None
-    data_config = resolve_eval_data_config(loaded.model, img_size=config.img_size)
+    # the starting weights' preprocessing (a MAE release file: MAE's), else the timm model's data config
+    data_config, _ = loaded.eval_data_config(img_size=config.img_size)
     img_size = int(data_config["input_size"][-1])
     try:
         mae = MaskedAutoencoder(loaded.model, decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
@@ -451,7 +453,8 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
                           "model_identity": identity, "versions": run_info["versions"]}, out / CHECKPOINT_FILE)
     seconds = time.perf_counter() - started
     export = out / EXPORT_FILE
-    _save_atomic({"model": mae.mae_state_dict()}, export)
+    # data_config: the normalisation it was trained with, which `load_model` reuses to evaluate it
+    _save_atomic({"model": mae.mae_state_dict(), "data_config": data_config}, export)
     result = PretrainResult(out=out, export=export, model=loaded.name, data=data_spec, img_size=img_size,
                             epochs=epoch, steps=step, steps_per_epoch=steps_per_epoch, epoch_losses=epoch_losses,
                             resumed=resuming, seconds=seconds, epochs_this_call=epochs_done,

@@ -49,7 +49,10 @@ def export_encoder(state_dict: dict[str, torch.Tensor], out: Path, info: dict[st
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     path = out / EXPORT
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": "timm", "model": str(info.get("model", ""))})
+    metadata = {"format": "timm", "model": str(info.get("model", ""))}
+    if info.get("data_config") is not None:  # the preprocessing it was refined with: `load_model` reuses it
+        metadata["data_config"] = json.dumps(info["data_config"])
+    save_file(tensors, str(partial), metadata=metadata)
     os.replace(partial, path)
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return path

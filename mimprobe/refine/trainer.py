@@ -309,7 +309,6 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     """
 
     from ..data import load_data
-    from ..data.transforms import resolve_eval_data_config
     from ..models import load_model
 
     config = config or RefineConfig()
@@ -352,7 +351,8 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     micro = _check_sizes(config, len(train_split), ctx)
     precision = resolve_precision(config.precision, ctx.device)
 
-    data_config = resolve_eval_data_config(encoder, img_size=config.img_size)
+    # the preprocessing the starting weights call for (their checkpoint family's, or recorded by mimprobe)
+    data_config, _ = loaded.eval_data_config(img_size=config.img_size)
     img_size = int(data_config["input_size"][-1])
     patch = encoder.patch_embed.patch_size
     patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
@@ -460,7 +460,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     if not stopped and ctx.is_main:
         info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
                 "base_weights": loaded.identity(), "encoder": "ema" if trainer.ema is not None else "encoder",
-                "head_blocks": list(config.head_blocks), "steps": trainer.step,
+                "head_blocks": list(config.head_blocks), "steps": trainer.step, "data_config": data_config,
                 "load_with": {"mimprobe": f"mimprobe extract {loaded.name} DATA --img-size {img_size} "
                                           f"--checkpoint {out / EXPORT}",
                               "timm": f"timm.create_model('{loaded.name}', pretrained=True, num_classes=0, "

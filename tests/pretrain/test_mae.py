@@ -195,7 +195,8 @@ def trained(tmp_path_factory):
 def test_export_is_an_official_mae_file_that_loads_strictly(trained):
     result, loaded, initial = trained
     raw = torch.load(result.export, map_location="cpu", weights_only=True)
-    assert list(raw) == ["model"]
+    assert list(raw) == ["model", "data_config"]  # the official layout, plus the normalisation it trained with
+    assert raw["data_config"]["mean"] == list(timm.create_model("test_vit").pretrained_cfg["mean"])
     state, _ = unwrap_checkpoint(raw)
     assert detect_format(state) == "mae"
     assert state["pos_embed"].shape == (1, 17, 64) and torch.equal(state["pos_embed"][0, 0], torch.zeros(64))
@@ -206,6 +207,9 @@ def test_export_is_an_official_mae_file_that_loads_strictly(trained):
 
     reloaded = load_model("test_vit", checkpoint=result.export, img_size=64)
     assert reloaded.checkpoint_format == "mae"
+    # profiled with the normalisation it was trained with, not the MAE release files' ImageNet one
+    config, source = reloaded.eval_data_config(img_size=64)
+    assert config["mean"] == raw["data_config"]["mean"] and source.startswith("recorded in mae.pth")
     trained_encoder = loaded.model.state_dict()
     reloaded_state = reloaded.model.state_dict()
     assert reloaded_state.keys() == trained_encoder.keys()
