@@ -86,7 +86,8 @@ def _parse_poolings(text: str) -> tuple[str, ...]:
 
 Run the same command again to resume an interrupted extraction or to reuse a finished one. Two runs that write
 the same store take turns: the second waits for the first (or stops with `--no-wait`) and then reuses its store;
-a run that was killed leaves nothing locked.
+a run that was killed leaves nothing locked. A store is checked whenever it is opened (its manifest, and every
+file's shape, dtype and size); `--verify` also reads every value, and `--overwrite` extracts a damaged store anew.
 """)
 def extract(
     model: str = typer.Argument(..., help="timm model name, e.g. vit_base_patch16_224 (add a tag such as .mae "
@@ -122,6 +123,10 @@ def extract(
                                          "the manifest) instead of stopping."),
     no_wait: bool = typer.Option(False, "--no-wait", help="When another run is writing the same store, stop "
                                  "(exit 2, naming its pid) instead of waiting for it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store of these settings (damaged, or to "
+                                   "start again) and extract it anew."),
+    verify: bool = typer.Option(False, "--verify", help="Before reusing or resuming the store, read every value "
+                                "(finite, no lost writes) and compare its labels with the data's."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -136,6 +141,7 @@ def extract(
             blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm, batch_size=batch_size,
             workers=workers, device=device, precision=precision, img_size=img_size, store_dtype=store_dtype,
             skip_bad_images=skip_bad_images, progress=not no_progress and not json_output, wait=not no_wait,
+            overwrite=overwrite, verify=verify,
             **_preprocessing_options(mean, std, interpolation, crop_pct, model_kwargs),
             log=lambda message: typer.echo(message, err=True))
         summary = result.summary()

@@ -1,7 +1,17 @@
 """Data sources: ImageFolder directories, ``.npz`` arrays, and the built-ins ``digits`` and ``synthetic``.
 
 Every source becomes a `DataSource`: named splits of labelled images in a deterministic order, the class
-names, and a fingerprint (paths, sizes and labels, or the array bytes) that goes into the FeatureStore key.
+names, and a fingerprint that goes into the FeatureStore key: for arrays, their bytes; for image files, each
+file's path, label, size, modification time (ns) and a sampled content hash (`file_signature`), so that images
+replaced by others, even of the same size and with their old modification time restored, give another key.
+
+Sampled content hash: sha256 of the first and last 4 KiB of each file (the whole file when it is at most 8 KiB,
+as every CIFAR-size JPEG is). Measured on one busy core with a warm page cache: `load_data` on the 50,000
+CIFAR-10 train JPEGs (0.9 KB each, so their full content is hashed) takes 1.4-2.3 s, against 0.65 s with path
+and size only; on 110 KB ImageNet-size files the signature costs 32-37 us per file (1.6-1.9 s per 50,000),
+where a full-content sha256 took 159 us per file (8 s per 50,000, and a cold disk would read all 5.5 GB).
+Two small reads per file is what "cheap" buys: an edit inside a large file that keeps its size, its first and
+last 4 KiB and its modification time is not detected.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import numpy as np
 
 from ..errors import BadInputError
 
+SAMPLE_BYTES = 4096  # bytes hashed from each end of an image file (the whole file when <= 2 * SAMPLE_BYTES)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = ("train", "val", "test")
 BUILTINS = ("digits", "synthetic")
@@ -100,6 +111,22 @@ def load_data(spec: str | os.PathLike) -> DataSource:
 
 # --- ImageFolder --------------------------------------------------------------------------------------------
 
+def file_signature(path: str) -> str:
+    """``size, mtime_ns, sampled sha256`` of one file (see the module docstring for the cost)."""
+    try:
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            large = status.st_size > 2 * SAMPLE_BYTES
+            sample = handle.read(SAMPLE_BYTES if large else 2 * SAMPLE_BYTES)
+            if large:
+                handle.seek(-SAMPLE_BYTES, os.SEEK_END)
+                sample += handle.read(SAMPLE_BYTES)
+    except PermissionError:  # decoding reports it (or --skip-bad-images skips it); size and time still count
+        status = os.stat(path)
+        return f"{status.st_size}\t{status.st_mtime_ns}\tunreadable"
+    return f"{status.st_size}\t{status.st_mtime_ns}\t{hashlib.sha256(sample).hexdigest()}"
+
+
 def _class_dirs(directory: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
 
@@ -167,7 +194,7 @@ def _image_folder(root: Path) -> DataSource:
     for name, split in splits.items():
         for path, label in zip(split.paths, split.labels.tolist()):
             rel = os.path.relpath(path, root)
-            digest.update(f"{name}\t{rel}\t{os.path.getsize(path)}\t{label}\n".encode())
+            digest.update(f"{name}\t{rel}\t{file_signature(path)}\t{label}\n".encode())
     digest.update(json.dumps(classes).encode())
     return DataSource(name=str(root), kind="imagefolder", classes=tuple(classes), splits=splits,
                       fingerprint=digest.hexdigest(), details={"root": str(root.resolve()), "layout": layout})
@@ -177,7 +204,7 @@ def _unlabelled_folder(root: Path, paths: list[str]) -> DataSource:
     """root/*.jpg without class folders: one split of unlabelled images (label-free metrics only)."""
     digest = hashlib.sha256(b"unlabelled\n")
     for path in paths:
-        digest.update(f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\n".encode())
+        digest.update(f"{os.path.relpath(path, root)}\t{file_signature(path)}\n".encode())
     split = Split("train", np.full(len(paths), -1, dtype=np.int64), paths=tuple(paths))
     return DataSource(name=str(root), kind="imagefolder", classes=(), splits={"train": split},
                       fingerprint=digest.hexdigest(), details={"root": str(root.resolve()), "layout": "root/*"},

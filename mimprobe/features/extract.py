@@ -3,8 +3,6 @@ resumable FeatureStore."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import shutil
 import tempfile
@@ -29,8 +27,8 @@ from ..models import LoadedModel, describe_model, load_model
 from ..models.families import block_layout
 from .blockwise import BlockOutputs
 from .pooling import POOLINGS, pool_tokens
-from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, FeatureStore, RowWriter, create_npy,
-                    feature_filename, write_json_atomic)
+from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, DamagedStoreError, FeatureStore, RowWriter, create_npy,
+                    feature_filename, store_key, write_json_atomic)
 
 
 @dataclass(frozen=True)
@@ -162,15 +160,10 @@ def _check_block_outputs(loaded: LoadedModel, blocks: list[int], norm: str, data
                                 f"{structure['block_widths'][block]}): it cannot be profiled block by block")
 
 
-def store_key(key_fields: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of everything that changes the stored numbers."""
-    return hashlib.sha256(json.dumps(key_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path, checkpoint: str | None = None,
             pretrained: bool = False, config: ExtractConfig | None = None, progress: bool = True,
             on_batch: BatchCallback | None = None, log: Callable[[str], None] | None = None, wait: bool = True,
-            **options: Any) -> ExtractResult:
+            overwrite: bool = False, verify: bool = False, **options: Any) -> ExtractResult:
     """Extract every chosen block's pooled features into a FeatureStore under ``out``.
 
     The store lives in ``out/<model>__<data>__<key[:12]>``. A complete store with the same key is reused; an
@@ -190,6 +183,9 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         log: Receives one-line status messages (default: print to stderr when ``progress``).
         wait: When another run is writing the same store, wait for it (then reuse or resume its store) instead of
             raising `LockedError` (exit code 2) naming its pid.
+        overwrite: Delete an existing store of the same key (damaged, or to start again) and extract anew.
+        verify: Before reusing or resuming a store, read every recorded value (finite, no lost writes) and compare
+            its labels with the data's (the structure of a store is always checked when it is opened).
 
     Raises:
         BadInputError: Bad paths, names, options or images (the message says what to fix).
@@ -237,19 +233,25 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         return _extract_locked(store_dir, key=key, key_fields=key_fields, loaded=loaded, structure=structure,
                                source=source, data_config=data_config, blocks=blocks, config=config,
                                precision=precision, feature_dims=feature_dims, device=device, progress=progress,
-                               on_batch=on_batch, say=say, messages=messages)
+                               on_batch=on_batch, say=say, messages=messages, overwrite=overwrite, verify=verify)
 
 
 def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded: LoadedModel,
                     structure: dict[str, Any], source: DataSource, data_config: dict[str, Any], blocks: list[int],
                     config: ExtractConfig, precision: str, feature_dims: dict[str, int], device: torch.device,
                     progress: bool, on_batch: BatchCallback | None, say: Callable[[str], None],
-                    messages: list[str]) -> ExtractResult:
+                    messages: list[str], overwrite: bool, verify: bool) -> ExtractResult:
     """Reuse, resume or create the store (the caller holds its lock)."""
     manifest_path = store_dir / MANIFEST
     resumed = False
+    if overwrite and store_dir.exists():
+        say(f"--overwrite: deleting feature store {store_dir}")
+        shutil.rmtree(store_dir)
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = FeatureStore.open(store_dir, verify=verify).manifest  # damaged: one line naming the file
+        if verify:
+            _check_labels(store_dir, manifest, source)
+            say(f"verified feature store {store_dir}: every file and value checked")
         if manifest.get("key") != key:
             raise MimprobeError(f"{store_dir} holds a store with another key (hash prefix collision); "
                                 "move it away and run again")
@@ -280,6 +282,19 @@ def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], lo
         say(f"skipped {len(manifest['bad_images'])} unreadable images (listed in {manifest_path})")
     return ExtractResult(FeatureStore(store_dir, manifest), reused=False, resumed=resumed, images=images,
                          seconds=seconds, messages=messages)
+
+
+def _check_labels(store_dir: Path, manifest: dict[str, Any], source: DataSource) -> None:
+    """The stored labels are the data's (skipped images excepted, which are -1)."""
+    for split_name, split in source.splits.items():
+        stored = np.load(store_dir / split_name / "labels.npy")
+        skipped = [e["index"] for e in manifest["bad_images"] if e["split"] == split_name]
+        expected = split.labels.astype(np.int64)
+        expected[skipped] = -1
+        differ = np.flatnonzero(stored != expected)
+        if len(differ):
+            raise DamagedStoreError(store_dir, f"{split_name}/labels.npy", f"has label {stored[differ[0]]} at row "
+                                    f"{differ[0]} where the data has {expected[differ[0]]}")
 
 
 def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded: LoadedModel,

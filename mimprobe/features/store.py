@@ -9,10 +9,16 @@ Layout::
 Rows are written in place at their dataset index (``os.pwrite`` into pre-sized ``.npy`` files), so memory is
 bounded by the batch and an interrupted run resumes at the last recorded row. The manifest holds no timestamps:
 a resumed store ends byte-identical to an uninterrupted one.
+
+A store is checked every time it is opened (`verify_structure`: the manifest's schema and key, and every file's
+``.npy`` header, shape, dtype and byte size, without reading the data), so a truncated file or a hand-edited
+manifest fails with one line naming the file instead of an mmap error later. `verify_content` also reads every
+value (``extract --verify``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +31,22 @@ from ..errors import BadInputError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORE_DTYPES = ("float16", "float32")
+STORE_POOLINGS = ("cls", "mean", "cls+mean")
+CHUNK_ROWS = 65536  # rows read at a time by verify_content
+
+
+class DamagedStoreError(BadInputError):
+    """A store's manifest or files do not match each other (truncated, hand-edited, half-copied); exit code 2."""
+
+    def __init__(self, path: Path, file: str, problem: str):
+        super().__init__(f"feature store {path} is damaged: {file} {problem}; extract it again with the same "
+                         "`mimprobe extract` command and --overwrite (or delete the folder)")
+        self.file = file
+
+
+def store_key(key_fields: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that changes the stored numbers."""
+    return hashlib.sha256(json.dumps(key_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def feature_filename(block: int, pooling: str) -> str:
@@ -51,6 +73,159 @@ def create_npy(path: Path, shape: tuple[int, ...], dtype: str) -> int:
 def npy_data_offset(path: Path) -> int:
     """Byte offset of the data in an existing ``.npy`` file."""
     return np.load(path, mmap_mode="r").offset
+
+
+def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a ``.npy`` header, reading nothing else.
+
+    Raises:
+        ValueError: Not a ``.npy`` file, an unknown header version, a Fortran-ordered array.
+    """
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        if fortran_order:
+            raise ValueError("is Fortran-ordered")
+        return tuple(shape), np.dtype(dtype), handle.tell()
+
+
+def _schema_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest's fields (types, ranges, agreement with its key), or None."""
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    expected = {"format_version": int, "key": str, "key_fields": dict, "model": dict, "dataset": dict,
+                "blocks": list, "poolings": list, "norm": str, "dtype": str, "batch_size": int, "progress": dict,
+                "bad_images": list, "complete": bool}
+    for name, kind in expected.items():
+        if not isinstance(manifest.get(name), kind) or (kind is int and isinstance(manifest.get(name), bool)):
+            return f"lacks {name!r} or it is not a {kind.__name__}"
+    dataset = manifest["dataset"]
+    splits = dataset.get("splits")
+    if not isinstance(splits, dict) or not splits or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in splits.values()):
+        return "has no valid dataset.splits (split name -> number of rows)"
+    if not isinstance(dataset.get("classes"), list) or not isinstance(dataset.get("fingerprint"), str):
+        return "lacks dataset.classes or dataset.fingerprint"
+    if not manifest["blocks"] or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0
+                                         for b in manifest["blocks"]):
+        return "has no valid blocks (0-based integers)"
+    if not manifest["poolings"] or any(p not in STORE_POOLINGS for p in manifest["poolings"]):
+        return f"has poolings {manifest['poolings']}, not among {', '.join(STORE_POOLINGS)}"
+    if manifest["dtype"] not in STORE_DTYPES:
+        return f"has dtype {manifest['dtype']!r}, not {' or '.join(STORE_DTYPES)}"
+    if manifest["batch_size"] < 1:
+        return "has a batch_size below 1"
+    if set(manifest["progress"]) != set(splits) or not all(
+            isinstance(done, int) and 0 <= done <= splits[name] for name, done in manifest["progress"].items()):
+        return "has progress that does not fit its splits (0 <= rows done <= rows, for every split)"
+    if manifest["complete"] and any(manifest["progress"][name] != n for name, n in splits.items()):
+        return "says complete but its progress is not at the end of every split"
+    for entry in manifest["bad_images"]:
+        if not isinstance(entry, dict) or entry.get("split") not in splits or not isinstance(entry.get("index"), int) \
+                or not 0 <= entry["index"] < splits[entry["split"]]:
+            return f"has a bad_images entry that names no row of the store: {entry}"
+    if manifest["key"] != store_key(manifest["key_fields"]):
+        return "has key_fields that no longer give its key (edited by hand?)"
+    key_fields = manifest["key_fields"]
+    for name, value in (("blocks", manifest["blocks"]), ("poolings", manifest["poolings"]),
+                        ("norm", manifest["norm"]), ("dtype", manifest["dtype"]),
+                        ("dataset", dataset["fingerprint"])):
+        if name in key_fields and key_fields[name] != value:
+            return f"has {name} that differ from its key_fields (edited by hand?)"
+    for block in manifest["blocks"]:
+        for pooling in manifest["poolings"]:
+            dim = _declared_dim(manifest, block, pooling)
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+                return f"has no feature width for block {block} ({pooling})"
+            per_block = (manifest.get("block_feature_dims") or {}).get(str(block), {}).get(pooling, dim)
+            if per_block != dim:
+                return f"declares width {dim} and {per_block} for block {block} ({pooling})"
+    return None
+
+
+def _declared_dim(manifest: dict[str, Any], block: int, pooling: str) -> Any:
+    """The width the manifest declares for one block's pooled features: ``feature_dims`` (per pooling), or
+    ``block_feature_dims`` (per block and pooling) where the blocks differ in width and ``feature_dims`` is null."""
+    dims = manifest.get("feature_dims")
+    if isinstance(dims, dict) and dims.get(pooling) is not None:
+        return dims[pooling]
+    per_block = manifest.get("block_feature_dims")
+    return (per_block.get(str(block)) or {}).get(pooling) if isinstance(per_block, dict) else None
+
+
+def verify_structure(path: Path, manifest: dict[str, Any]) -> None:
+    """Check the manifest's schema and every file's header, shape, dtype and byte size (no data is read).
+
+    Raises:
+        DamagedStoreError: The first problem, naming the file.
+    """
+    problem = _schema_problem(manifest)
+    if problem:
+        raise DamagedStoreError(path, MANIFEST, problem)
+    files = [(f"{split}/labels.npy", (n,), np.dtype("<i8")) for split, n in manifest["dataset"]["splits"].items()]
+    files += [(f"{split}/{feature_filename(block, pooling)}", (n, _declared_dim(manifest, block, pooling)),
+               np.dtype(manifest["dtype"]).newbyteorder("<"))
+              for split, n in manifest["dataset"]["splits"].items()
+              for block in manifest["blocks"] for pooling in manifest["poolings"]]
+    for name, shape, dtype in files:
+        file = path / name
+        if not file.is_file():
+            raise DamagedStoreError(path, name, "is missing")
+        try:
+            found_shape, found_dtype, offset = read_npy_header(file)
+        except (OSError, ValueError) as error:
+            raise DamagedStoreError(path, name, f"is not a readable .npy file ({error})") from None
+        if found_shape != shape:
+            raise DamagedStoreError(path, name, f"has shape {found_shape} but {MANIFEST} says {shape}")
+        if found_dtype != dtype:
+            raise DamagedStoreError(path, name, f"holds {found_dtype} but {MANIFEST} says {dtype}")
+        expected_bytes = offset + int(np.prod(shape)) * dtype.itemsize
+        size = file.stat().st_size
+        if size != expected_bytes:
+            state = "truncated" if size < expected_bytes else "longer than its header says"
+            raise DamagedStoreError(path, name, f"is {size:,} bytes, not {expected_bytes:,} ({state})")
+
+
+def verify_content(path: Path, manifest: dict[str, Any]) -> None:
+    """Read every recorded row: features finite and never all zero except skipped images; labels in range.
+
+    A row of zeros where a row was recorded means a write that never reached the disk (the files are pre-sized
+    with zeros); a pooled transformer feature is never exactly zero.
+
+    Raises:
+        DamagedStoreError: The first problem, naming the file and the row.
+    """
+    verify_structure(path, manifest)
+    num_classes = len(manifest["dataset"]["classes"])
+    for split, n in manifest["dataset"]["splits"].items():
+        done = manifest["progress"][split]
+        skipped = np.zeros(n, dtype=bool)
+        skipped[[e["index"] for e in manifest["bad_images"] if e["split"] == split]] = True
+        low, high = (0, num_classes - 1) if manifest["dataset"].get("labelled", True) else (-1, -1)
+        labels = np.load(path / split / "labels.npy")  # (n,) int64: written in full when the store was made
+        wrong = np.flatnonzero(~skipped & ((labels < low) | (labels > high)))
+        if len(wrong):
+            raise DamagedStoreError(path, f"{split}/labels.npy", f"has label {labels[wrong[0]]} at row {wrong[0]}, "
+                                    f"outside {low}..{high}")
+        for block in manifest["blocks"]:
+            for pooling in manifest["poolings"]:
+                name = f"{split}/{feature_filename(block, pooling)}"
+                features = np.load(path / name, mmap_mode="r")
+                for start in range(0, done, CHUNK_ROWS):
+                    rows = np.asarray(features[start:min(done, start + CHUNK_ROWS)], dtype=np.float32)
+                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+                    if len(bad):
+                        raise DamagedStoreError(path, name, f"has NaN or Inf in row {start + bad[0]}")
+                    empty = np.flatnonzero(~rows.any(axis=1) & ~skipped[start:start + len(rows)])
+                    if len(empty):
+                        raise DamagedStoreError(path, name, f"has an all-zero row {start + empty[0]} that was "
+                                                "recorded as written (a lost write)")
+                del features
 
 
 class RowWriter:
@@ -86,20 +261,26 @@ class FeatureStore:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "FeatureStore":
-        """Open a store directory.
+    def open(cls, path: str | os.PathLike, *, verify: bool = False) -> "FeatureStore":
+        """Open a store directory and check its structure (`verify_structure`); ``verify`` also reads every value
+        (`verify_content`).
 
         Raises:
             BadInputError: No manifest, or a manifest of an unknown format version.
+            DamagedStoreError: A manifest or file that does not fit (one line naming the file).
         """
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise BadInputError(f"{path} is not a feature store (no {MANIFEST}): run `mimprobe extract` first")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise DamagedStoreError(path, MANIFEST, f"is not valid JSON ({error})") from None
+        if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
             raise BadInputError(f"{path}: feature store format {manifest.get('format_version')} is not "
                                 f"{FORMAT_VERSION}; extract again with this version of mimprobe")
+        (verify_content if verify else verify_structure)(path, manifest)
         return cls(path, manifest)
 
     @property

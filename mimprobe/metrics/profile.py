@@ -397,8 +397,13 @@ def open_or_extract(target: str | Path, data: str | None, *, features_dir: Path,
         if data is not None:
             from ..data import load_data
 
-            expected = load_data(data).fingerprint
-            if expected != store.manifest["dataset"]["fingerprint"]:
+            source = load_data(data)
+            if source.fingerprint != store.manifest["dataset"]["fingerprint"]:
+                if source.details.get("root", source.name) == store.manifest["dataset"]["details"].get(
+                        "root", store.manifest["dataset"]["name"]):
+                    raise BadInputError(f"{data} changed since store {target_path} was extracted from it (images "
+                                        "added, removed, replaced or touched): profile the model name with DATA to "
+                                        "extract it again, or drop DATA to use the store as it is")
                 raise BadInputError(f"store {target_path} was extracted from {store.manifest['dataset']['name']}, "
                                     f"not from {data}: profile the matching store, or drop DATA to use this one")
         return store

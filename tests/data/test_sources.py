@@ -1,3 +1,6 @@
+import hashlib
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +8,7 @@ from PIL import Image
 
 from mimprobe.data import SplitDataset, load_data
 from mimprobe.data.dataset import array_to_input, load_rgb
+from mimprobe.data.sources import SAMPLE_BYTES, file_signature
 from mimprobe.errors import BadInputError
 from tests.conftest import make_image_folder
 
@@ -34,6 +38,56 @@ def test_fingerprint_changes_with_content_size_and_labels(image_folder):
     before = load_data(image_folder).fingerprint
     (image_folder / "cat" / "000.png").rename(image_folder / "dog" / "999.png")  # same bytes, other label
     assert load_data(image_folder).fingerprint != before
+
+
+def _replace_keeping_size_and_time(target, source):
+    """Overwrite ``target`` with ``source``'s bytes (same length) and restore ``target``'s modification time."""
+    status = os.stat(target)
+    data = source.read_bytes()
+    assert len(data) == status.st_size
+    target.write_bytes(data)
+    os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+@pytest.mark.parametrize("size", [16, 64])  # 16 px: whole file hashed (< 8 KiB); 64 px: first and last 4 KiB
+def test_fingerprint_sees_replaced_images_of_the_same_size_and_time(tmp_path, size):
+    folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 3}, size=size)
+    for path in folder.rglob("*.png"):  # uncompressed (same byte size for every image of one size)
+        Image.open(path).save(path.with_suffix(".ppm"))
+        path.unlink()
+    first = load_data(folder).fingerprint
+    assert load_data(folder).fingerprint == first
+    _replace_keeping_size_and_time(folder / "a" / "000.ppm", folder / "b" / "001.ppm")
+    assert load_data(folder).fingerprint != first  # the issue's case: same size, same path, same label
+
+
+def test_fingerprint_includes_the_modification_time(image_folder):
+    first = load_data(image_folder).fingerprint
+    path = image_folder / "cat" / "000.png"
+    status = os.stat(path)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000))  # touched: same bytes, newer
+    assert load_data(image_folder).fingerprint != first
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert load_data(image_folder).fingerprint == first
+
+
+def test_file_signature_samples_both_ends_of_a_large_file(tmp_path):
+    path = tmp_path / "big.jpg"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 3 * SAMPLE_BYTES, dtype=np.uint8).tobytes())
+    path.write_bytes(bytes(data))
+    status = os.stat(path)
+    size, mtime, digest = file_signature(str(path)).split("\t")
+    assert (int(size), int(mtime)) == (status.st_size, status.st_mtime_ns)
+    assert digest == hashlib.sha256(bytes(data[:SAMPLE_BYTES] + data[-SAMPLE_BYTES:])).hexdigest()
+    for offset in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+        assert file_signature(str(path)).split("\t")[2] != digest
+    small = tmp_path / "small.jpg"
+    small.write_bytes(bytes(data[:100]))
+    assert file_signature(str(small)).split("\t")[2] == hashlib.sha256(bytes(data[:100])).hexdigest()
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
