@@ -6,7 +6,8 @@
 classes) are refused by that loader; they are then read again with a restricted unpickler: its ``find_class``
 returns only torch's own weights-only allowlist (tensor rebuild functions, storages, dtypes) and a few inert
 containers, and turns every other class or function into an `InertObject` placeholder that records its
-arguments and never calls anything. Nothing from the file is executed either way; the weights come back as
+arguments and never calls anything; its BUILD refuses to set attributes on classes or functions (which would
+patch them for the whole process). Nothing from the file is executed either way; the weights come back as
 tensors and the rest as placeholders, which `mimprobe.models.remap.unwrap_checkpoint` drops with a note.
 """
 
@@ -16,6 +17,7 @@ import _compat_pickle
 import argparse
 import collections
 import hashlib
+import inspect
 import pickle
 import zipfile
 from pathlib import Path
@@ -120,7 +122,20 @@ def _restricted_pickle_module(replaced: set[str]) -> Any:
     allowed = _allowed_globals()
     placeholders: dict[str, type] = {}
 
-    class RestrictedUnpickler(pickle.Unpickler):
+    class RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its BUILD can be checked
+        dispatch = dict(pickle._Unpickler.dispatch)
+
+        def load_build(self) -> None:
+            # BUILD sets attributes of the object under it; on a class or function that would patch it for the
+            # whole process (argparse.Namespace.__init__ = ...): only instances are built
+            target = self.stack[-2]
+            if isinstance(target, type) or inspect.isroutine(target):
+                raise pickle.UnpicklingError(f"BUILD on {getattr(target, '__qualname__', target)!r} refused: it "
+                                             "would change a class or function, not build an object")
+            pickle._Unpickler.load_build(self)
+
+        dispatch[pickle.BUILD[0]] = load_build
+
         def find_class(self, module: str, name: str) -> Any:
             # Python 2 names (protocol 2 writes __builtin__.dict), mapped as pickle's own find_class does
             if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -224,7 +239,8 @@ def _read_restricted(path: Path, notes: list[str] | None) -> Any:
             f"({listed or 'none'}); nothing from it was executed. If you trust it, re-save only its tensors "
             "(torch.save(model.state_dict()) or safetensors) and pass that file")
     if notes is not None and names:
-        notes.append(f"read without running code: {len(names)} non-weight classes became inert placeholders "
+        notes.append(f"read without running code: {len(names)} non-weight {'class' if len(names) == 1 else 'classes'}"
+                     " became inert placeholders "
                      f"({listed})")
     return checkpoint
 

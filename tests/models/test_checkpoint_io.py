@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -49,6 +50,10 @@ class ExecOnUnpickle:
 
     def __reduce__(self):
         return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+class PATCHABLE:
+    """A class a BUILD opcode patches under a plain unpickler."""
 
 
 PAYLOADS = {"pathlib-touch": TouchOnUnpickle, "os-system": ShellOnUnpickle, "exec": ExecOnUnpickle}
@@ -116,6 +121,22 @@ def test_weights_only_inside_a_payload_are_refused_without_running_it(tmp_path):
     # only the classes that were not unpickled, sorted; argparse.Namespace and dict are allowed and not listed
     assert "(builtins.getattr, pathlib.Path, pathlib.PosixPath, posix.system)" in message
     assert "Namespace" not in message and "builtins.dict" not in message
+
+
+def test_build_on_a_class_cannot_patch_it():
+    """pickle's BUILD on a class object would setattr on the class for the whole process (a plain Unpickler does
+    it: checked first); the restricted unpickler refuses."""
+    import io
+
+    from mimprobe.models.checkpoint_io import _restricted_pickle_module
+
+    stream = b"cargparse\nNamespace\nN}S'patched'\nI1\ns\x86b."  # Namespace, BUILD (None, {'patched': 1})
+    unsafe = pickle.loads(stream.replace(b"argparse\nNamespace", b"tests.models.test_checkpoint_io\nPATCHABLE"))
+    assert unsafe is PATCHABLE and PATCHABLE.patched == 1  # what a plain unpickler does
+
+    with pytest.raises(pickle.UnpicklingError, match="BUILD on 'Namespace' refused"):
+        _restricted_pickle_module(set()).load(io.BytesIO(stream))
+    assert not hasattr(argparse.Namespace, "patched")
 
 
 def test_checkpoint_holding_a_whole_model_is_refused_with_advice(tmp_path):
