@@ -72,6 +72,15 @@ BAD_INPUTS = {
     "bad pooling": (lambda tmp: ["test_vit", SMALL, "--pool", "max"], r"unknown pooling 'max'"),
     "missing checkpoint": (lambda tmp: ["test_vit", SMALL, "--checkpoint", str(tmp / "no.pth")],
                            r"checkpoint .*no\.pth not found"),
+    "bad mean": (lambda tmp: ["test_vit", SMALL, "--mean", "0.4,0.5"], r"invalid --mean \[0\.4, 0\.5\]"),
+    "bad std": (lambda tmp: ["test_vit", SMALL, "--std", "0.2,x,0.2"], r"invalid --std '0\.2,x,0\.2'"),
+    "bad crop": (lambda tmp: ["test_vit", SMALL, "--crop-pct", "1.2"], r"invalid --crop-pct 1\.2"),
+    "bad interpolation": (lambda tmp: ["test_vit", SMALL, "--interpolation", "cubic"], r"invalid --interpolation"),
+    "bad model kwargs": (lambda tmp: ["test_vit", SMALL, "--model-kwargs", "depth"], r"invalid --model-kwargs"),
+    "unknown model kwarg": (lambda tmp: ["test_vit", SMALL, "--model-kwargs", "no_such=1"],
+                            r"model test_vit does not accept"),
+    "cnn": (lambda tmp: ["efficientnet_b0", SMALL, "--pool", "mean"], r"efficientnet_b0 \(EfficientNet\) is not "
+                                                                      r"supported: it is a CNN"),
 }
 
 
@@ -104,3 +113,34 @@ def test_pretrained_without_network_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "could not fetch pretrained weights" in lines[0] and "--checkpoint" in lines[0]
+
+
+def test_info_says_where_the_data_config_comes_from(tmp_path):
+    state = load_model("test_vit", img_size=32).model.state_dict()
+    state["pos_embed"][:, 0] = 0  # an MAE encoder file: fixed sin-cos table with a zero CLS row
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": state}, path)
+
+    plain = json.loads(_run("info", "test_vit", "--img-size", "32", "--json").stdout)
+    mae = json.loads(_run("info", "test_vit", "--img-size", "32", "--checkpoint", str(path), "--json").stdout)
+    overridden = json.loads(_run("info", "test_vit", "--img-size", "32", "--checkpoint", str(path), "--mean", "0.5",
+                                 "--std", "0.5,0.5,0.5", "--json").stdout)
+
+    assert plain["data_config"]["mean"] == [0.5, 0.5, 0.5] and "timm's data config" in plain["data_config_source"]
+    assert mae["checkpoint_format"] == "mae" and mae["data_config"]["mean"] == [0.485, 0.456, 0.406]
+    assert mae["data_config_source"].startswith("MAE evaluation (facebookresearch/mae main_linprobe.py")
+    assert overridden["data_config"]["mean"] == [0.5] * 3 and "overridden: --mean, --std" in \
+        overridden["data_config_source"]
+
+
+def test_model_kwargs_on_the_command_line(tmp_path):
+    args = ("--img-size", "32", "--model-kwargs", "class_token=false,global_pool=avg,depth=3")
+    info = json.loads(_run("info", "test_vit", *args, "--json").stdout)
+    assert (info["has_class_token"], info["num_blocks"], info["num_prefix_tokens"]) == (False, 3, 0)
+
+    result = _run("extract", "test_vit", SMALL, "--out", str(tmp_path), *args, "--pool", "mean", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["blocks"] == [0, 1, 2] and summary["poolings"] == ["mean"]
+    refused = _run("extract", "test_vit", SMALL, "--out", str(tmp_path), *args, "--pool", "cls")
+    assert refused.exit_code == 2 and "no CLS token: use --pool mean" in refused.stderr

@@ -133,6 +133,11 @@ def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_f
         with _offline_unless_hub_reachable() if downloads else contextlib.nullcontext():
             return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
     except TypeError as error:
+        if "img_size" in kwargs and "img_size" in str(error):  # CNNs take no img_size: say what the model is
+            try:
+                block_layout(timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"}), name)
+            except TypeError:
+                pass
         raise BadInputError(f"model {name} does not accept {sorted(kwargs)}: {error}") from None
     except FileNotFoundError as error:
         if pretrained_file is not None:
@@ -366,6 +371,13 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source
             parts.append(f"{len(mis_shaped)} shape mismatches, checkpoint vs model ({_listing(mis_shaped, 3)})")
         raise CheckpointError(f"checkpoint {source} does not fit {model_name}: {'; '.join(parts)}. "
                               "Is it a checkpoint of another architecture? Pass the matching timm model name")
+    # NaN/Inf weights would give NaN features with exit 0 (and profile would blame float16 overflow)
+    not_finite = [key for key, value in state_dict.items() if value.is_floating_point() and
+                  not bool(torch.isfinite(value).all())]
+    if not_finite:
+        raise CheckpointError(f"checkpoint {source} has NaN or Inf values in {len(not_finite)} tensors "
+                              f"({_listing(not_finite)}): the file is damaged or its training diverged; use another "
+                              "checkpoint")
     model.load_state_dict(state_dict, strict=True)
 
 

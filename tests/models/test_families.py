@@ -105,12 +105,13 @@ def test_norm_final_applies_fc_norm_of_average_pooled_models(tmp_path):
         assert not torch.allclose(after, before, atol=1e-2)
 
 
-@pytest.mark.parametrize("name, kwargs", [("resnet18", {}), ("efficientnet_b0", {}), ("convnext_atto", {}),
-                                          ("swin_tiny_patch4_window7_224", {})])
-def test_cnn_and_staged_models_are_refused_before_anything_is_written(name, kwargs, tmp_path):
+@pytest.mark.parametrize("name, options", [("resnet18", {}), ("resnet18", {"img_size": 32}), ("efficientnet_b0", {}),
+                                           ("efficientnet_b0", {"img_size": 32}), ("convnext_atto", {}),
+                                           ("swin_tiny_patch4_window7_224", {})])
+def test_cnn_and_staged_models_are_refused_before_anything_is_written(name, options, tmp_path):
     out = tmp_path / "features"
     with pytest.raises(BadInputError, match=r"not supported|no transformer blocks") as raised:
-        extract(name, SMALL, out=out, poolings=("mean",), progress=False)
+        extract(name, SMALL, out=out, poolings=("mean",), progress=False, **options)
     assert "\n" not in str(raised.value)
     assert not out.exists() or not [path for path in out.iterdir() if not path.name.startswith(".")]
 
