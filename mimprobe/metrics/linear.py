@@ -15,7 +15,8 @@ Objective of one head: scikit-learn ``LogisticRegression``'s, with ``weight_deca
 The grid is scikit-learn's: inverse regularisation strengths C, one head per C, so the batched probe and the
 reference `evaluate_linear_sklearn` search the same models and differ only in the solver.
 
-Solver: mini-batch SGD with heavy-ball momentum, a cosine learning rate to zero and zero initialisation, with each
+Solver: mini-batch SGD with heavy-ball momentum, a constant step decayed linearly to zero over the last half of the
+steps, and zero initialisation, with each
 head's gradient preconditioned by the inverse Hessian of its objective at W = 0. For a linear softmax layer the
 Hessian (= Fisher) factorises as the feature covariance times the output curvature, ``Sigma ⊗ (diag(p) - p p^T)``
 (K-FAC, Martens & Grosse 2015, arXiv:1503.05671, section 3), and at W = 0, p = 1/K for K classes, the output factor
@@ -36,9 +37,9 @@ Protocol of `evaluate_linear` (and of the scikit-learn reference `evaluate_linea
 2. Every head of the grid is trained on the rest of train ("fit" split), standardised with the fit split's
    mean/std, and scored on the validation split.
 3. Per block, the C with the highest validation accuracy is chosen (ties: lowest validation cross-entropy, then
-   the smallest C). When it is the smallest or the largest C searched, ``widen_points`` more values are trained
-   past that end of the grid, at the grid's spacing, for that block alone, and the choice is made again (at most
-   ``max_widenings`` times): the optimum is not left beyond the grid's edge. The test split is only checked for
+   the smallest C). When it is the smallest or the largest C searched and beats its neighbour, ``widen_points``
+   more values are trained past that end of the grid, at the grid's spacing, for that block alone, and the choice
+   is made again (at most ``max_widenings`` times): the optimum is not left beyond the grid's edge. The test split is only checked for
    NaN/Inf before this point.
 4. With ``refit=True`` (the default, as scikit-learn's ``GridSearchCV``) one head per block is trained again
    on the whole train split (standardised with its statistics) at the chosen C, and its test accuracy is
@@ -74,15 +75,17 @@ class LinearProbeConfig:
     # log spacing), up to max_widenings times: on real features the optimum often lies past a fixed grid's edge.
     widen_points: int = 2
     max_widenings: int = 3
-    # Step size in units of the preconditioned (Newton at W = 0) step. Measured on decaying-spectrum features
-    # (spectrum i^-1 to i^-2, d = 192-384, 5,000-8,000 rows, 1,000 steps): 0.3 with momentum 0.9 ends within
-    # 0.003 nats of scikit-learn's optimum for weight decays >= 1e-4, where 0.5 and 1.0 oscillate more near
-    # separable blocks and 3 diverges (the effective step is lr / (1 - momentum)).
-    lr: float = 0.3
-    epochs: int = 30
-    # Small training sets get more epochs, so that every head takes at least this many steps (30 epochs of 600
-    # samples would be 60 steps; DINOv2 likewise fixes iterations, not epochs).
-    min_steps: int = 1000
+    # Step size in units of the preconditioned (Newton at W = 0) step, constant, then decayed linearly to 0 over
+    # the last decay_fraction of the steps. Measured on decaying-spectrum features (spectrum i^-1.5 to i^-2,
+    # d = 192, 5,000-10,000 rows, weight decays 1e-5 ... 1e-2, 500 steps): lr 0.05 ends within 0.003 nats of
+    # scikit-learn's optimum on every head; 0.1 within 0.005; a cosine schedule needs 1,000 steps at lr 0.3 for
+    # 0.006 (larger steps are noise-bound near separable blocks, where the optimum's weights are large).
+    lr: float = 0.05
+    decay_fraction: float = 0.5
+    epochs: int = 10
+    # Small training sets get more epochs, so that every head takes at least this many steps (10 epochs of 5,000
+    # samples would be 100 steps; DINOv2 likewise fixes iterations, not epochs).
+    min_steps: int = 500
     batch_size: int = 512
     momentum: float = 0.9
     # Blocks trained together (None: all): bounds memory at blocks_per_pass * n * d * 4 bytes of features.
@@ -93,11 +96,17 @@ class LinearProbeConfig:
             raise BadInputError(f"the probe's C values must be > 0 and not empty, got {list(self.c_values)}")
         if self.widen_points < 0 or self.max_widenings < 0:
             raise BadInputError("widen_points and max_widenings must be >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise BadInputError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
 
-def cosine_lr(step: int, total_steps: int) -> float:
-    """Cosine factor of the base learning rate at ``step`` (0-based): 1 at the start, decaying to 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+def constant_then_linear_decay(step: int, total_steps: int, decay_fraction: float) -> float:
+    """Factor of the base learning rate at ``step`` (0-based): 1, then linearly to 0 over the last
+    ``decay_fraction`` of the steps (the warmup-stable-decay shape without warmup; Hägele et al. 2024,
+    arXiv:2405.18392). The long constant phase moves the slow directions further than a cosine's early decay."""
+    decay_steps = max(1, round(decay_fraction * total_steps))
+    start = total_steps - decay_steps
+    return 1.0 if step < start else (total_steps - step) / decay_steps
 
 
 def weight_decay_for(c: float, n_samples: int) -> float:
@@ -118,6 +127,7 @@ class BlockwiseLinearProbes:
         batch_size: Largest number of samples per step; an epoch is ``ceil(n / batch_size)`` steps on batches
             of near-equal size.
         momentum: Heavy-ball momentum (as ``torch.optim.SGD``).
+        decay_fraction: Share of the steps, at the end, over which the step size decays linearly to 0.
         seed: Seeds the order of the mini-batches (the only randomness).
         device: Where the features and weights live; computation is float32 (the eigendecomposition float64).
 
@@ -137,8 +147,10 @@ class BlockwiseLinearProbes:
                  learning_rate: float | ArrayLike | Sequence[float] = LinearProbeConfig.lr,
                  epochs: int = LinearProbeConfig.epochs, min_steps: int = 0,
                  batch_size: int = LinearProbeConfig.batch_size, momentum: float = LinearProbeConfig.momentum,
-                 seed: int = 0, device: str | torch.device = "cpu"):
+                 decay_fraction: float = LinearProbeConfig.decay_fraction, seed: int = 0,
+                 device: str | torch.device = "cpu"):
         self.weight_decays = weight_decays
+        self.decay_fraction = decay_fraction
         self.learning_rate = learning_rate
         self.epochs = epochs
         self.min_steps = min_steps
@@ -219,7 +231,7 @@ class BlockwiseLinearProbes:
                 step_bias = grad_logits.sum(dim=2, keepdim=True).mul_(bias_step)
                 weight_velocity.mul_(self.momentum).add_(step_weight)
                 bias_velocity.mul_(self.momentum).add_(step_bias)
-                factor = cosine_lr(step, total_steps)
+                factor = constant_then_linear_decay(step, total_steps, self.decay_fraction)
                 weight.sub_(factor * lr_rows * weight_velocity)
                 bias.sub_(factor * lr_rows * bias_velocity)
                 step += 1
@@ -328,7 +340,8 @@ def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: 
                weight_decays: Sequence[float] | ArrayLike, learning_rate: float = LinearProbeConfig.lr,
                epochs: int = LinearProbeConfig.epochs, min_steps: int = LinearProbeConfig.min_steps,
                batch_size: int = LinearProbeConfig.batch_size, momentum: float = LinearProbeConfig.momentum,
-               seed: int = 0, device: str | torch.device = "cpu") -> BlockwiseLinearProbes:
+               decay_fraction: float = LinearProbeConfig.decay_fraction, seed: int = 0,
+               device: str | torch.device = "cpu") -> BlockwiseLinearProbes:
     """Train one head per block and weight decay.
 
     Args:
@@ -337,7 +350,8 @@ def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: 
         train_labels: (n,) integer labels.
         weight_decays: (num_grid,) or (num_blocks, num_grid) L2 coefficients on the mean loss
             (`weight_decay_for` converts scikit-learn's C).
-        learning_rate, epochs, min_steps, batch_size, momentum, seed, device: As `BlockwiseLinearProbes`.
+        learning_rate, epochs, min_steps, batch_size, momentum, decay_fraction, seed, device: As
+            `BlockwiseLinearProbes`.
 
     Returns:
         The fitted `BlockwiseLinearProbes`; ``coef_[i, g]`` is block i's (in stacking order) head for grid point g.
@@ -353,8 +367,8 @@ def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: 
     else:
         features = train_blocks
     return BlockwiseLinearProbes(weight_decays=weight_decays, learning_rate=learning_rate, epochs=epochs,
-                                 min_steps=min_steps, batch_size=batch_size, momentum=momentum, seed=seed,
-                                 device=device).fit(features, train_labels)
+                                 min_steps=min_steps, batch_size=batch_size, momentum=momentum,
+                                 decay_fraction=decay_fraction, seed=seed, device=device).fit(features, train_labels)
 
 
 def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
@@ -404,11 +418,12 @@ def evaluate_linear_with_hits(train_blocks: Mapping[int, ArrayLike], train_label
     if len(np.unique(train_labels[fit_idx])) < 2:
         raise BadInputError("the fit split (train minus validation) has fewer than 2 classes: lower val_fraction")
     c_grid = sorted(float(c) for c in config.c_values)
-    common = {"probe": "batched-sgd-kfac", "grid_c": c_grid, "lr": config.lr, "epochs": config.epochs,
-              "min_steps": config.min_steps, "batch_size": config.batch_size, "momentum": config.momentum,
-              "val_fraction": val_fraction, "refit": refit}
+    common = {"probe": "batched-sgd-kfac", "grid_c": c_grid, "lr": config.lr, "decay_fraction": config.decay_fraction,
+              "epochs": config.epochs, "min_steps": config.min_steps, "batch_size": config.batch_size,
+              "momentum": config.momentum, "val_fraction": val_fraction, "refit": refit}
     schedule = {"learning_rate": config.lr, "epochs": config.epochs, "min_steps": config.min_steps,
-                "batch_size": config.batch_size, "momentum": config.momentum, "seed": seed, "device": device}
+                "batch_size": config.batch_size, "momentum": config.momentum,
+                "decay_fraction": config.decay_fraction, "seed": seed, "device": device}
     rows: dict[int, list[MetricRow]] = {}
     hits: dict[int, np.ndarray] = {}
     for group in _block_groups(train_blocks, blocks, config.blocks_per_pass):
@@ -454,7 +469,7 @@ def _search_c(fit_x: torch.Tensor, fit_labels: np.ndarray, val_x: torch.Tensor, 
         Per block, {C: (validation accuracy, validation cross-entropy)} for every C trained for it.
     """
     num_blocks, n_fit = fit_x.shape[:2]
-    ratio = c_grid[-1] / c_grid[-2] if len(c_grid) > 1 else 10.0  # the grid's log spacing
+    ratio = _grid_ratio(c_grid)
     found: list[dict[float, tuple[float, float]]] = [{} for _ in range(num_blocks)]
     pending = {block: list(c_grid) for block in range(num_blocks)}  # block -> C values to train next
     for widening in range(config.max_widenings + 1):
@@ -468,18 +483,36 @@ def _search_c(fit_x: torch.Tensor, fit_labels: np.ndarray, val_x: torch.Tensor, 
         for row, member in enumerate(members):
             for column, c in enumerate(pending[member]):
                 found[member][c] = (float(accuracy[row, column]), float(loss[row, column]))
-        pending = {}
-        if widening == config.max_widenings or config.widen_points == 0:
+        if widening == config.max_widenings:
             break
-        for block, scores in enumerate(found):
-            best, searched = best_c(scores), sorted(scores)
-            if best == searched[0] and len(searched) > 1:
-                pending[block] = [best / ratio ** (k + 1) for k in range(config.widen_points)][::-1]
-            elif best == searched[-1] and len(searched) > 1:
-                pending[block] = [best * ratio ** (k + 1) for k in range(config.widen_points)]
+        pending = {block: more for block, scores in enumerate(found)
+                   if (more := widen_grid(scores, ratio=ratio, points=config.widen_points))}
         if not pending:
             break
     return found
+
+
+def _grid_ratio(c_grid: Sequence[float]) -> float:
+    """The log spacing of a sorted grid (its last step), used to widen it."""
+    return c_grid[-1] / c_grid[-2] if len(c_grid) > 1 else 10.0
+
+
+def widen_grid(scores: Mapping[float, tuple[float, float]], *, ratio: float, points: int) -> list[float]:
+    """The C values to train next for one block: ``points`` more past the edge of the searched grid where the
+    chosen C (`best_c`) lies, at the grid's log spacing ``ratio``, or none.
+
+    Only a curve still rising at the edge is followed: a tie there (say 100 % everywhere, where the loss alone
+    prefers ever larger C) is no evidence of a better C beyond it.
+    """
+    searched = sorted(scores)
+    if len(searched) < 2 or points == 0:
+        return []
+    best = best_c(scores)
+    if best == searched[0] and scores[searched[0]][0] > scores[searched[1]][0]:
+        return [best / ratio ** (k + 1) for k in range(points)][::-1]
+    if best == searched[-1] and scores[searched[-1]][0] > scores[searched[-2]][0]:
+        return [best * ratio ** (k + 1) for k in range(points)]
+    return []
 
 
 def select_grid_point(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
@@ -498,25 +531,31 @@ def best_c(scores: Mapping[float, tuple[float, float]]) -> float:
 def evaluate_linear_sklearn(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
                             test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *, split: str = "test",
                             c_values: Sequence[float] = DEFAULT_C_VALUES, seed: int = 0, val_fraction: float = 0.1,
-                            refit: bool = True, max_iter: int = 1000) -> dict[int, list[MetricRow]]:
+                            refit: bool = True, max_iter: int = 1000,
+                            widen_points: int = LinearProbeConfig.widen_points,
+                            max_widenings: int = LinearProbeConfig.max_widenings) -> dict[int, list[MetricRow]]:
     """Reference probe: scikit-learn ``LogisticRegression`` (lbfgs, multinomial) per block, one fit per C.
 
-    Same protocol, validation split and rows as `evaluate_linear`: features standardised with the fit split's
-    statistics (``StandardScaler``), C chosen per block on the validation split (ties: the smallest C), then,
-    with ``refit``, a final fit on all of train standardised with its own statistics. The C values are fitted in
-    increasing order, each warm-started from the previous solution, as ``LogisticRegressionCV`` does along its
-    regularisation path: every fit still runs lbfgs to its tolerance, so the solutions are the same.
+    Same protocol, validation split, grid widening (`widen_grid`) and rows as `evaluate_linear`: features
+    standardised with the fit split's statistics (``StandardScaler``), C chosen per block on the validation split
+    (ties: lowest validation loss, then the smallest C), then, with ``refit``, a final fit on all of train
+    standardised with its own statistics. The C values of the grid are fitted in increasing order, each
+    warm-started from the previous solution, as ``LogisticRegressionCV`` does along its regularisation path: every
+    fit still runs lbfgs to its tolerance, so the solutions are the same.
     """
     return evaluate_linear_sklearn_with_hits(train_blocks, train_labels, test_blocks, test_labels, split=split,
                                              c_values=c_values, seed=seed, val_fraction=val_fraction, refit=refit,
-                                             max_iter=max_iter)[0]
+                                             max_iter=max_iter, widen_points=widen_points,
+                                             max_widenings=max_widenings)[0]
 
 
 def evaluate_linear_sklearn_with_hits(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
                                       test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *,
                                       split: str = "test", c_values: Sequence[float] = DEFAULT_C_VALUES,
                                       seed: int = 0, val_fraction: float = 0.1, refit: bool = True,
-                                      max_iter: int = 1000) -> tuple[dict[int, list[MetricRow]], dict[int, np.ndarray]]:
+                                      max_iter: int = 1000, widen_points: int = LinearProbeConfig.widen_points,
+                                      max_widenings: int = LinearProbeConfig.max_widenings
+                                      ) -> tuple[dict[int, list[MetricRow]], dict[int, np.ndarray]]:
     """`evaluate_linear_sklearn`'s rows and, per block, the (n_test,) bool test correctness (see
     `evaluate_linear_with_hits`)."""
     from sklearn.linear_model import LogisticRegression
@@ -539,18 +578,30 @@ def evaluate_linear_sklearn_with_hits(train_blocks: Mapping[int, ArrayLike], tra
         scaler = StandardScaler().fit(train_x[fit_idx])
         fit_z, val_z = scaler.transform(train_x[fit_idx]), scaler.transform(train_x[val_idx])
         path = LogisticRegression(max_iter=max_iter, warm_start=True)
-        val_scores = [path.set_params(C=c).fit(fit_z, train_labels[fit_idx]).score(val_z, train_labels[val_idx])
-                      for c in c_values]
-        best = int(np.argmax(val_scores))
+        y_fit, y_val = train_labels[fit_idx], train_labels[val_idx]
+
+        def scored(model) -> tuple[float, float]:
+            probs = model.predict_proba(val_z)                                 # classes sorted, as the probe's
+            position = np.searchsorted(model.classes_, y_val).clip(max=len(model.classes_) - 1)
+            known = model.classes_[position] == y_val
+            loss = -np.log(np.maximum(probs[np.arange(len(y_val)), position], 1e-300))[known].mean()
+            return float(model.score(val_z, y_val)), float(loss)
+
+        scores = {c: scored(path.set_params(C=c).fit(fit_z, y_fit)) for c in c_values}
+        for _ in range(max_widenings):
+            more = widen_grid(scores, ratio=_grid_ratio(c_values), points=widen_points)
+            if not more:
+                break
+            scores.update({c: scored(LogisticRegression(C=c, max_iter=max_iter).fit(fit_z, y_fit)) for c in more})
+        chosen = best_c(scores)
         if refit:
-            final = make_pipeline(StandardScaler(), LogisticRegression(C=c_values[best], max_iter=max_iter))
+            final = make_pipeline(StandardScaler(), LogisticRegression(C=chosen, max_iter=max_iter))
             final.fit(train_x, train_labels)
         else:
-            final = make_pipeline(scaler, LogisticRegression(C=c_values[best], max_iter=max_iter).fit(
-                fit_z, train_labels[fit_idx]))
-        params = {**common, "C": c_values[best]}
+            final = make_pipeline(scaler, LogisticRegression(C=chosen, max_iter=max_iter).fit(fit_z, y_fit))
+        params = {**common, "grid_c_searched": sorted(scores), "C": chosen}
         rows[block] = [MetricRow(split, "linear_top1", float(final.score(test_x, test_labels)), params, seed),
-                       MetricRow("val", "linear_val_top1", float(val_scores[best]), params, seed)]
+                       MetricRow("val", "linear_val_top1", scores[chosen][0], params, seed)]
         hits[block] = final.predict(test_x) == test_labels
     return rows, hits
 
@@ -681,3 +732,4 @@ def _as_float32(features: ArrayLike, device: torch.device) -> torch.Tensor:
     if isinstance(features, torch.Tensor):
         return features.to(device=device, dtype=torch.float32)
     return torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
+
