@@ -17,6 +17,12 @@ Queries go in chunks of ``chunk_size`` rows; with a ``memory_budget`` the bank (
 fit in half the budget) is searched shard by shard with a merged top-k, so float16 memory maps of any size are
 classified in bounded memory. Read pages of a read-only memory map are handed back to the OS after each chunk.
 
+Backends (``backend=``, ``device=``): FAISS on the CPU (the default); torch (`_knn_torch`) on the CPU or CUDA,
+chunked float32 matmul + ``topk`` on the same prepared rows, the bank streamed to the device in shards under the
+budget. They agree except on the order of exactly equal similarities (and GEMM rounding, a few 1e-7). With a
+torch.distributed ``process_group`` the bank is sharded across its ranks and the per-rank top-k lists are merged
+(`_knn_distributed`, the DINOv2 approach), with the same results as one process.
+
 Leave-one-out (``exclude_self=True``, train and query the same rows): each query searches one neighbour more
 and drops itself by index (not by similarity, so duplicates of a query still count as its neighbours).
 
@@ -44,6 +50,7 @@ from ..errors import BadInputError
 from ._rows import MetricRow
 
 WEIGHTINGS = ("exp", "softmax", "uniform")
+BACKENDS = ("faiss", "torch")  # exact search: FAISS on the CPU; torch (matmul + topk) on the CPU or CUDA
 DEFAULT_CHUNK_SIZE = 8192       # query rows per search: a multiple of faiss' 4096-row BLAS tile
 STD_EPS = 1e-6                  # added to the train std, as MIM-Refiner's eval_knn_torchhub.py
 MIN_TEMPERATURE = 0.0015        # exp(1 / T) overflows float64 below 1/709
@@ -205,14 +212,22 @@ def standardization_stats(train: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_
     Chunk statistics are merged with Chan et al.'s pairwise update in float64, so no float64 copy of the
     features is made.
     """
-    n_rows, dim = _check_matrix(train, "train", name)
-    if n_rows < 2:
-        raise BadInputError(f"{name}: standardising needs at least 2 train rows, got {n_rows}")
+    _check_matrix(train, "train", name)
+    return _finish_stats(*_moments(train, chunk_size=chunk_size, name=name), name=name)
+
+
+def _moments(train: np.ndarray, *, chunk_size: int, name: str,
+             first_row: int = 0) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, M2) of the rows in float64, chunk statistics merged with Chan et al.'s update.
+
+    ``first_row``: the index of ``train``'s first row in the whole bank (a process' shard), for messages.
+    """
+    n_rows, dim = train.shape
     count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
     rows = max(1, chunk_size // 2)  # the chunk and its deviations are both alive
     buffer = np.empty((min(rows, n_rows), dim), np.float32)
     for start in range(0, n_rows, rows):
-        chunk = _read_rows(train, start, min(start + rows, n_rows), buffer, "train", name)
+        chunk = _read_rows(train, start, min(start + rows, n_rows), buffer, "train", name, first_row)
         chunk_mean = chunk.mean(axis=0, dtype=np.float64)
         deviation = chunk - chunk_mean.astype(np.float32)
         np.square(deviation, out=deviation)
@@ -223,13 +238,20 @@ def standardization_stats(train: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_
         mean += delta * (chunk_count / total)
         m2 += chunk_m2 + delta ** 2 * (count * chunk_count / total)
         count = total
+    return count, mean, m2
+
+
+def _finish_stats(count: int, mean: np.ndarray, m2: np.ndarray, *, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if count < 2:
+        raise BadInputError(f"{name}: standardising needs at least 2 train rows, got {count}")
     std = np.sqrt(m2 / (count - 1)) + STD_EPS
     return mean.astype(np.float32), std.astype(np.float32)
 
 
 def knn_neighbors(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool = False,
                   standardize: bool = False, chunk_size: int | None = None, shard_size: int | None = None,
-                  memory_budget: int | None = None, threads: int | None = None,
+                  memory_budget: int | None = None, threads: int | None = None, backend: str | None = None,
+                  device: str | Any = "cpu", process_group: Any = None,
                   name: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """The k most cosine-similar train rows of every query row.
 
@@ -239,8 +261,9 @@ def knn_neighbors(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self:
         k: Neighbours per query.
         exclude_self: Leave-one-out: query i never retrieves train row i.
         standardize: Standardise both with the train split's mean and std before L2 (MIM-Refiner).
-        chunk_size, shard_size, memory_budget: See `plan_search`.
-        threads: FAISS (OpenMP) threads; None keeps FAISS' default.
+        chunk_size, shard_size, memory_budget: See `plan_search` (FAISS) and `_knn_torch.plan_torch_search`.
+        threads: FAISS (OpenMP) or torch CPU threads; None keeps the library's default.
+        backend, device, process_group: Where the search runs; see `resolve_backend` and `knn_predict`.
         name: What the features are ("block 5 (cls)"), for error messages.
 
     Returns:
@@ -248,15 +271,13 @@ def knn_neighbors(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self:
     """
     n_train, n_query, dim = _check_pair(train, query, exclude_self, name)
     _check_k(k, n_train, exclude_self)
-    plan = plan_search(n_train, n_query, dim, k + exclude_self, source_itemsize=_itemsize(train, query),
-                       chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
-    stats = standardization_stats(train, chunk_size=plan.chunk_rows, name=name) if standardize else None
     similarities = np.empty((n_query, k), np.float32)
     indices = np.empty((n_query, k), np.int64)
-    with faiss_threads(threads):
-        for start, sims, idx in _search(train, query, k, exclude_self=exclude_self, stats=stats, plan=plan,
-                                        name=name):
-            similarities[start:start + len(sims)], indices[start:start + len(idx)] = sims, idx
+    for start, sims, idx in _neighbor_chunks(train, query, k, exclude_self=exclude_self, standardize=standardize,
+                                             chunk_size=chunk_size, shard_size=shard_size,
+                                             memory_budget=memory_budget, threads=threads, backend=backend,
+                                             device=device, process_group=process_group, name=name):
+        similarities[start:start + len(sims)], indices[start:start + len(idx)] = sims, idx
     return similarities, indices
 
 
@@ -264,6 +285,7 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, 
                 temperatures: Sequence[float] = (0.07,), weighting: str = "exp", num_classes: int | None = None,
                 standardize: bool = False, exclude_self: bool = False, chunk_size: int | None = None,
                 shard_size: int | None = None, memory_budget: int | None = None, threads: int | None = None,
+                backend: str | None = None, device: str | Any = "cpu", process_group: Any = None,
                 keep_scores: bool = False, name: str = "features") -> KnnPredictions:
     """Weighted k-NN class ranking of every query row for every (k, T), from one search of max(ks) neighbours.
 
@@ -277,8 +299,15 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, 
         num_classes: Number of classes; None: max(train_labels) + 1.
         standardize: Standardise with the train split's statistics before L2 (MIM-Refiner).
         exclude_self: Leave-one-out (train and query are the same rows).
-        chunk_size, shard_size, memory_budget: See `plan_search`.
-        threads: FAISS threads; None keeps FAISS' default.
+        chunk_size, shard_size, memory_budget: See `plan_search` (FAISS) and `_knn_torch.plan_torch_search`
+            (torch; on CUDA the budget also caps device memory, and without one 90 % of the free memory is used).
+        threads: FAISS (OpenMP) or torch CPU threads; None keeps the library's default.
+        backend: "faiss" (CPU) or "torch" (CPU or CUDA: chunked matmul + topk); None: "faiss" on the CPU,
+            "torch" elsewhere. Both prepare bit-identical rows; neighbours agree except on exact ties.
+        device: "cpu", "cuda" or "cuda:N" (a torch.device too); CUDA implies the torch backend.
+        process_group: A torch.distributed group: the bank is sharded across its ranks, each searches its shard
+            and the top-k lists are merged (DINOv2); every rank must call with the same arrays and arguments and
+            gets the same result. None: this process alone (`default_process_group` gives torchrun's group).
         keep_scores: Also return the (n_query, num_classes) votes per (k, T).
         name: What the features are, for error messages.
     """
@@ -289,26 +318,24 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, 
     num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
     max_k = max(ks)
     _check_k(max_k, n_train, exclude_self)
-    plan = plan_search(n_train, n_query, dim, max_k + exclude_self, num_classes=num_classes,
-                       source_itemsize=_itemsize(train, query), chunk_size=chunk_size, shard_size=shard_size,
-                       memory_budget=memory_budget)
-    stats = standardization_stats(train, chunk_size=plan.chunk_rows, name=name) if standardize else None
     top = min(TOP, num_classes)
     keys = [(k, t) for k in ks for t in temperatures]
     ranked = {key: np.empty((n_query, top), np.int64) for key in keys}
     scores = {key: np.empty((n_query, num_classes)) for key in keys} if keep_scores else None
-    with faiss_threads(threads):
-        for start, sims, idx in _search(train, query, max_k, exclude_self=exclude_self, stats=stats, plan=plan,
-                                        name=name):
-            stop = start + len(sims)
-            neighbor_labels = labels[idx]  # (rows, max_k)
-            for k in ks:
-                for temperature in temperatures:
-                    votes = class_votes(sims[:, :k], neighbor_labels[:, :k], num_classes, weighting=weighting,
-                                        temperature=temperature)
-                    ranked[(k, temperature)][start:stop] = rank_classes(votes, top)
-                    if scores is not None:
-                        scores[(k, temperature)][start:stop] = votes
+    for start, sims, idx in _neighbor_chunks(train, query, max_k, exclude_self=exclude_self, standardize=standardize,
+                                             chunk_size=chunk_size, shard_size=shard_size,
+                                             memory_budget=memory_budget, threads=threads, backend=backend,
+                                             device=device, process_group=process_group, num_classes=num_classes,
+                                             name=name):
+        stop = start + len(sims)
+        neighbor_labels = labels[idx]  # (rows, max_k)
+        for k in ks:
+            for temperature in temperatures:
+                votes = class_votes(sims[:, :k], neighbor_labels[:, :k], num_classes, weighting=weighting,
+                                    temperature=temperature)
+                ranked[(k, temperature)][start:stop] = rank_classes(votes, top)
+                if scores is not None:
+                    scores[(k, temperature)][start:stop] = votes
     return KnnPredictions(ranked=ranked, scores=scores, num_classes=num_classes, weighting=weighting)
 
 
@@ -336,8 +363,8 @@ def rank_classes(votes: np.ndarray, top: int) -> np.ndarray:
 def evaluate_knn(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray, *,
                  preset: str | KnnPreset = "mim-refiner", split: str, class_names: Sequence[str],
                  exclude_self: bool = False, chunk_size: int | None = None, shard_size: int | None = None,
-                 memory_budget: int | None = None, threads: int | None = None,
-                 name: str = "features") -> list[MetricRow]:
+                 memory_budget: int | None = None, threads: int | None = None, backend: str | None = None,
+                 device: str | Any = "cpu", process_group: Any = None, name: str = "features") -> list[MetricRow]:
     """k-NN accuracy rows of one block's features: top-1, top-5 and per-class top-1, for every (k, T) of a preset.
 
     Values are fractions in [0, 1]. Top-5 counts a query correct when its class is among the 5 best-voted
@@ -351,17 +378,20 @@ def evaluate_knn(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
         split: The name the rows carry ("test", "val", "train-loo").
         class_names: One name per class index.
         exclude_self, chunk_size, shard_size, memory_budget, threads, name: As in `knn_predict`.
+        backend, device, process_group: Where the search runs, as in `knn_predict` (default: FAISS on this CPU).
     """
     return evaluate_knn_with_hits(train, train_labels, query, query_labels, preset=preset, split=split,
                                   class_names=class_names, exclude_self=exclude_self, chunk_size=chunk_size,
-                                  shard_size=shard_size, memory_budget=memory_budget, threads=threads, name=name)[0]
+                                  shard_size=shard_size, memory_budget=memory_budget, threads=threads,
+                                  backend=backend, device=device, process_group=process_group, name=name)[0]
 
 
 def evaluate_knn_with_hits(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray,
                            *, preset: str | KnnPreset = "mim-refiner", split: str, class_names: Sequence[str],
                            exclude_self: bool = False, chunk_size: int | None = None, shard_size: int | None = None,
-                           memory_budget: int | None = None, threads: int | None = None, name: str = "features"
-                           ) -> tuple[list[MetricRow], dict[tuple[int, float], np.ndarray]]:
+                           memory_budget: int | None = None, threads: int | None = None,
+                           backend: str | None = None, device: str | Any = "cpu", process_group: Any = None,
+                           name: str = "features") -> tuple[list[MetricRow], dict[tuple[int, float], np.ndarray]]:
     """`evaluate_knn`'s rows and, per (k, T), the (n_query,) bool top-1 correctness of every query.
 
     The correctness vectors are what the ``knn_top1`` rows average (``hits[(k, T)].mean()`` is the row's value);
@@ -375,7 +405,8 @@ def evaluate_knn_with_hits(train: np.ndarray, train_labels: np.ndarray, query: n
     predicted = knn_predict(train, train_labels, query, ks=preset.ks, temperatures=preset.temperatures,
                             weighting=preset.weighting, num_classes=num_classes, standardize=preset.standardize,
                             exclude_self=exclude_self, chunk_size=chunk_size, shard_size=shard_size,
-                            memory_budget=memory_budget, threads=threads, name=name)
+                            memory_budget=memory_budget, threads=threads, backend=backend, device=device,
+                            process_group=process_group, name=name)
     present = np.flatnonzero(np.bincount(y_query, minlength=num_classes))
     rows: list[MetricRow] = []
     top1_hits: dict[tuple[int, float], np.ndarray] = {}
@@ -410,16 +441,124 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
+def resolve_backend(backend: str | None, device: str | Any = "cpu") -> str:
+    """The search backend: ``backend`` if given, else "faiss" on the CPU and "torch" on any other device.
+
+    Raises:
+        BadInputError: Unknown backend, or FAISS asked for on a GPU (only faiss-cpu is a dependency).
+    """
+    on_cpu = str(getattr(device, "type", device)).split(":")[0] == "cpu"
+    if backend is None:
+        return "faiss" if on_cpu else "torch"
+    if backend not in BACKENDS:
+        raise BadInputError(f"unknown k-NN backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "faiss" and not on_cpu:
+        raise BadInputError(f"the FAISS k-NN backend runs on the CPU, not on {device}: use the torch backend "
+                            "(or leave the backend unset)")
+    return backend
+
+
+def default_process_group() -> Any:
+    """torchrun's default group when torch.distributed is initialised with more than one process, else None.
+
+    Pass it as ``process_group`` only from code that every rank runs (a collective waits for all of them).
+    """
+    from ._knn_distributed import default_group
+
+    return default_group()
+
+
+def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool, standardize: bool,
+                     chunk_size: int | None, shard_size: int | None, memory_budget: int | None,
+                     threads: int | None, backend: str | None, device: str | Any, process_group: Any,
+                     name: str, num_classes: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Plan, standardise and search with the chosen backend, alone or sharded over ``process_group``; yields
+    (first query row, (rows, k) similarities, (rows, k) train indices) in order."""
+    engine = resolve_backend(backend, device)
+    torch_device = None
+    if engine == "torch":
+        from ._knn_torch import device_budget, resolve_device
+
+        torch_device = resolve_device(device)
+        memory_budget = device_budget(torch_device, memory_budget)
+    n_train, n_query, dim = len(train), len(query), int(train.shape[1])
+    search_k = k + int(exclude_self)
+    itemsize = _itemsize(train, query)
+    if process_group is None:
+        plan = _plan(engine, n_train, n_query, dim, search_k, num_classes=num_classes, source_itemsize=itemsize,
+                     chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+        stats = standardization_stats(train, chunk_size=plan.chunk_rows, name=name) if standardize else None
+        yield from _local_chunks(engine, train, query, k, exclude_self=exclude_self, stats=stats, plan=plan,
+                                 device=torch_device, threads=threads, name=name)
+        return
+    import torch.distributed as dist
+
+    from . import _knn_distributed as distributed
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise BadInputError("a k-NN process_group was given but torch.distributed is not initialised: run under "
+                            "torchrun (init_process_group) or pass process_group=None")
+    world_size = dist.get_world_size(process_group)
+    # Every rank plans for the largest shard and for world_size gathered lists per query, so that all ranks cut
+    # the queries into the same chunks (one all-gather each).
+    plan = _plan(engine, -(-n_train // world_size), n_query, dim, search_k * world_size, num_classes=num_classes,
+                 source_itemsize=itemsize, chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+    stats = None
+    if standardize:
+        first, last = distributed.shard_bounds(n_train, dist.get_rank(process_group), world_size)
+        moments = distributed.merged_moments(lambda: _moments(train[first:last], chunk_size=plan.chunk_rows,
+                                                              name=name, first_row=first), dim, process_group)
+        stats = _finish_stats(*moments, name=name)
+
+    def shard_search(shard: np.ndarray, local_k: int, first_row: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        return _local_chunks(engine, shard, query, local_k, exclude_self=False, stats=stats, plan=plan,
+                             device=torch_device, threads=threads, name=name, first_row=first_row)
+
+    for start, sims, idx in distributed.sharded_neighbor_chunks(train, query, search_k, chunk_rows=plan.chunk_rows,
+                                                                shard_search=shard_search, group=process_group):
+        yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+
+
+def _plan(engine: str, n_train: int, n_query: int, dim: int, max_k: int, *, num_classes: int, source_itemsize: int,
+          chunk_size: int | None, shard_size: int | None, memory_budget: int | None) -> Any:
+    if engine == "faiss":
+        return plan_search(n_train, n_query, dim, max_k, num_classes=num_classes, source_itemsize=source_itemsize,
+                           chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+    from ._knn_torch import plan_torch_search
+
+    # the class votes of a chunk are counted as in the FAISS plan: 24 bytes per class and neighbour
+    return plan_torch_search(n_train, n_query, dim, max_k, source_itemsize=source_itemsize, chunk_size=chunk_size,
+                             shard_size=shard_size, memory_budget=memory_budget,
+                             extra_row_bytes=24 * (num_classes + max_k) if num_classes else 0)
+
+
+def _local_chunks(engine: str, train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
+                  stats: tuple[np.ndarray, np.ndarray] | None, plan: Any, device: Any, threads: int | None,
+                  name: str, first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    if engine == "faiss":
+        with faiss_threads(threads):
+            yield from _search(train, query, k, exclude_self=exclude_self, stats=stats, plan=plan, name=name,
+                               first_row=first_row)
+        return
+    from ._knn_torch import torch_search
+
+    yield from torch_search(train, query, k, exclude_self=exclude_self, stats=stats, plan=plan, device=device,
+                            threads=threads, name=name, first_row=first_row)
+
+
 # --- search internals ----------------------------------------------------------------------------------------
 
 def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
-            stats: tuple[np.ndarray, np.ndarray] | None, plan: SearchPlan,
-            name: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first query row, (rows, k) similarities, (rows, k) train indices) chunk by chunk, in order."""
+            stats: tuple[np.ndarray, np.ndarray] | None, plan: SearchPlan, name: str,
+            first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (first query row, (rows, k) similarities, (rows, k) train indices) chunk by chunk, in order.
+
+    ``first_row``: the index of ``train``'s first row in the whole bank (a process' shard), for messages.
+    """
     n_train, n_query = len(train), len(query)
     search_k = k + int(exclude_self)
     if not plan.sharded(n_train):
-        bank = _prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name)
+        bank = _prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name, first_row)
         same_rows = query is train  # leave-one-out on one array: its normalised rows are the bank's
         buffer = None if same_rows else np.empty((min(plan.chunk_rows, n_query), bank.shape[1]), np.float32)
         for start in range(0, n_query, plan.chunk_rows):
@@ -436,7 +575,8 @@ def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
     query_buffer = np.empty((min(plan.chunk_rows, n_query), train.shape[1]), np.float32)
     for shard_start in range(0, n_train, plan.shard_rows):
         shard_stop = min(shard_start + plan.shard_rows, n_train)
-        shard = _prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows, "train", name)
+        shard = _prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows, "train", name,
+                         first_row)
         shard_k = min(search_k, len(shard))
         for start in range(0, n_query, plan.chunk_rows):
             stop = min(start + plan.chunk_rows, n_query)
@@ -473,7 +613,8 @@ def _drop_self(sims: np.ndarray, idx: np.ndarray, first_row: int) -> tuple[np.nd
 
 
 def _prepare(x: np.ndarray, start: int, stop: int, out: np.ndarray | None,
-             stats: tuple[np.ndarray, np.ndarray] | None, step: int, role: str, name: str) -> np.ndarray:
+             stats: tuple[np.ndarray, np.ndarray] | None, step: int, role: str, name: str,
+             first_row: int = 0) -> np.ndarray:
     """Rows [start, stop) of ``x`` as float32, standardised if ``stats``, L2-normalised, ``step`` rows at a time.
 
     Written into ``out[:stop - start]`` (allocated if None), so a float16 memory map is never copied whole.
@@ -483,7 +624,7 @@ def _prepare(x: np.ndarray, start: int, stop: int, out: np.ndarray | None,
     out = out[:stop - start]
     for first in range(start, stop, step):
         last = min(first + step, stop)
-        part = _read_rows(x, first, last, out[first - start:last - start], role, name)
+        part = _read_rows(x, first, last, out[first - start:last - start], role, name, first_row)
         if stats is not None:
             part -= stats[0]
             part /= stats[1]
@@ -491,15 +632,17 @@ def _prepare(x: np.ndarray, start: int, stop: int, out: np.ndarray | None,
     return out
 
 
-def _read_rows(x: np.ndarray, start: int, stop: int, out: np.ndarray, role: str, name: str) -> np.ndarray:
-    """Copy rows [start, stop) into the float32 ``out`` (first rows), checking they are finite."""
+def _read_rows(x: np.ndarray, start: int, stop: int, out: np.ndarray, role: str, name: str,
+               first_row: int = 0) -> np.ndarray:
+    """Copy rows [start, stop) into the float32 ``out`` (first rows), checking they are finite; messages number
+    the rows from ``first_row`` (a shard's place in the whole bank)."""
     out = out[:stop - start]
     block = x[start:stop]
     np.copyto(out, block, casting="unsafe")
     _release_pages(block)
     row_sums = out.sum(axis=1, dtype=np.float64)  # NaN or Inf anywhere in a row makes its float64 sum non-finite
     if not np.isfinite(row_sums).all():
-        bad = start + int(np.flatnonzero(~np.isfinite(row_sums))[0])
+        bad = first_row + start + int(np.flatnonzero(~np.isfinite(row_sums))[0])
         raise BadInputError(f"{name}: the {role} features contain NaN or Inf (first in row {bad}): extract them "
                             "again (a diverged model or a damaged store) or leave this block out")
     return out
