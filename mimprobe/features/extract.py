@@ -149,8 +149,8 @@ def _check_block_outputs(loaded: LoadedModel, blocks: list[int], norm: str, data
             tokens = outputs(images)
     except Exception as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise BadInputError(f"model {loaded.name} cannot be profiled at input {tuple(data_config['input_size'])}: "
-                            f"{type(error).__name__}: {first}") from None
+        raise BadInputError(f"model {loaded.name} cannot be profiled: reading its blocks' outputs from an input of "
+                            f"{tuple(data_config['input_size'])} fails ({type(error).__name__}: {first})") from None
     for block in blocks:
         shape = tuple(tokens[block].shape)
         if len(shape) != 3 or shape[-1] != structure["block_widths"][block] \

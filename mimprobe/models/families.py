@@ -107,9 +107,9 @@ def block_layout(model: nn.Module, name: str) -> BlockLayout:
         return BlockLayout(output="map", num_blocks=len(blocks), block_widths=(width,) * len(blocks),
                            num_prefix_tokens=0, has_class_token=False, token_norm=None, pooled_norm=None)
     if parameters and "return_prefix_tokens" not in parameters:
-        kind = "a CNN" if not hasattr(model, "patch_embed") else "a model whose forward_intermediates returns stages"
-        raise BadInputError(f"model {name} ({cls}) is not supported: it is {kind}, and mimprobe profiles "
-                            f"{SUPPORTED}")
+        kind = "it is a CNN" if not hasattr(model, "patch_embed") else (
+            "its forward_intermediates returns stage maps or needs other inputs, not block token sequences")
+        raise BadInputError(f"model {name} ({cls}) is not supported: {kind}; mimprobe profiles {SUPPORTED}")
     if not parameters and not hasattr(model, "patch_embed"):
         raise BadInputError(f"model {name} ({cls}) is not supported: mimprobe profiles {SUPPORTED}")
     width = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))

@@ -139,6 +139,11 @@ def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_f
             except TypeError:
                 pass
         raise BadInputError(f"model {name} does not accept {sorted(kwargs)}: {error}") from None
+    except (ValueError, AssertionError) as error:  # timm's own checks of architecture arguments
+        if pretrained:
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise BadInputError(f"model {name} cannot be built with {kwargs}: {first}") from None
     except FileNotFoundError as error:
         if pretrained_file is not None:
             raise BadInputError(f"pretrained file {pretrained_file} not found") from None
