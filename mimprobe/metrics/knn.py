@@ -129,19 +129,22 @@ class KnnPredictions:
 
 
 def chunk_rows_for_budget(budget_bytes: int, *, dim: int, max_k: int, num_classes: int = 0,
-                          source_itemsize: int = 0, bank_rows: int = 0, merge: bool = False) -> int:
+                          source_itemsize: int = 0, bank_rows: int = 0, merge: bool = False,
+                          extra_row_bytes: int = 0) -> int:
     """Query rows per chunk such that the chunk's float32 copy and its (rows, max_k) results fit in the budget.
 
     Per query row, always: the float32 copy (``dim * 4`` bytes) and ``max_k`` float32 similarities with int64
     indices. Optionally also: ``num_classes``, the class votes, their ranking and the weights (24 bytes per class
     and per neighbour); ``source_itemsize``, the source rows mapped while they are converted; ``bank_rows``, faiss'
     similarity tile (4 bytes for each of up to 1024 bank rows); ``merge``, the temporaries of merging a shard's
-    neighbours into the running ones (60 bytes per neighbour).
+    neighbours into the running ones (60 bytes per neighbour); ``extra_row_bytes``, the caller's own (the
+    gathered lists of a sharded search).
 
     Raises:
         BadInputError: Not even one row fits.
     """
-    per_row = dim * (4 + source_itemsize) + max_k * _RESULT_BYTES + min(bank_rows, _FAISS_TILE_COLUMNS) * 4
+    per_row = (dim * (4 + source_itemsize) + max_k * _RESULT_BYTES + min(bank_rows, _FAISS_TILE_COLUMNS) * 4
+               + int(extra_row_bytes))
     if num_classes:
         per_row += 24 * (num_classes + max_k)
     if merge:
@@ -166,7 +169,7 @@ class SearchPlan:
 
 def plan_search(n_train: int, n_query: int, dim: int, max_k: int, *, num_classes: int = 0,
                 source_itemsize: int = 4, chunk_size: int | None = None, shard_size: int | None = None,
-                memory_budget: int | None = None) -> SearchPlan:
+                memory_budget: int | None = None, extra_row_bytes: int = 0) -> SearchPlan:
     """Chunk and shard sizes for a search.
 
     Without a budget: ``chunk_size`` (default 8192) query rows, the whole bank in one float32 array (or
@@ -197,7 +200,7 @@ def plan_search(n_train: int, n_query: int, dim: int, max_k: int, *, num_classes
             shard_rows = min(shard_rows, int(shard_size))
     chunk_rows = chunk_rows_for_budget(query_budget, dim=dim, max_k=max_k, num_classes=num_classes,
                                        source_itemsize=source_itemsize, bank_rows=min(shard_rows, n_train),
-                                       merge=sharded)
+                                       merge=sharded, extra_row_bytes=extra_row_bytes)
     if chunk_size is not None:
         chunk_rows = min(chunk_rows, int(chunk_size))
     return SearchPlan(chunk_rows=chunk_rows, shard_rows=max(1, min(shard_rows, n_train)))
@@ -499,10 +502,11 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
         raise BadInputError("a k-NN process_group was given but torch.distributed is not initialised: run under "
                             "torchrun (init_process_group) or pass process_group=None")
     world_size = dist.get_world_size(process_group)
-    # Every rank plans for the largest shard and for world_size gathered lists per query, so that all ranks cut
-    # the queries into the same chunks (one all-gather each).
-    plan = _plan(engine, -(-n_train // world_size), n_query, dim, search_k * world_size, num_classes=num_classes,
-                 source_itemsize=itemsize, chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+    # Every rank plans for the largest shard, so that all ranks cut the queries into the same chunks (one
+    # all-gather each); a chunk row also holds world_size gathered lists and their merge (3 copies, 12 B each).
+    plan = _plan(engine, -(-n_train // world_size), n_query, dim, search_k, num_classes=num_classes,
+                 source_itemsize=itemsize, chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget,
+                 extra_row_bytes=3 * world_size * search_k * _RESULT_BYTES)
     stats = None
     if standardize:
         first, last = distributed.shard_bounds(n_train, dist.get_rank(process_group), world_size)
@@ -520,16 +524,19 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
 
 
 def _plan(engine: str, n_train: int, n_query: int, dim: int, max_k: int, *, num_classes: int, source_itemsize: int,
-          chunk_size: int | None, shard_size: int | None, memory_budget: int | None) -> Any:
+          chunk_size: int | None, shard_size: int | None, memory_budget: int | None,
+          extra_row_bytes: int = 0) -> Any:
     if engine == "faiss":
         return plan_search(n_train, n_query, dim, max_k, num_classes=num_classes, source_itemsize=source_itemsize,
-                           chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+                           chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget,
+                           extra_row_bytes=extra_row_bytes)
     from ._knn_torch import plan_torch_search
 
     # the class votes of a chunk are counted as in the FAISS plan: 24 bytes per class and neighbour
+    votes = 24 * (num_classes + max_k) if num_classes else 0
     return plan_torch_search(n_train, n_query, dim, max_k, source_itemsize=source_itemsize, chunk_size=chunk_size,
                              shard_size=shard_size, memory_budget=memory_budget,
-                             extra_row_bytes=24 * (num_classes + max_k) if num_classes else 0)
+                             extra_row_bytes=votes + extra_row_bytes)
 
 
 def _local_chunks(engine: str, train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
