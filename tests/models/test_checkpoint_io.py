@@ -90,6 +90,20 @@ def test_weights_load_beside_a_payload_that_never_runs(malicious_checkpoint):
     assert len(notes) == 1 and "inert placeholders" in notes[0]
 
 
+def test_legacy_non_zip_pickle_with_a_payload(tmp_path):
+    # torch.save(..., _use_new_zipfile_serialization=False): torch's legacy reader uses the same restricted unpickler
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": {"w": torch.arange(3.0)}, "payload": ShellOnUnpickle(marker)}, path,
+               _use_new_zipfile_serialization=False)
+
+    checkpoint = read_checkpoint(path)
+
+    assert not marker.exists()
+    assert checkpoint["payload"].pickled_global.endswith(".system")  # posix.system (nt.system on Windows)
+    assert torch.equal(checkpoint["model"]["w"], torch.arange(3.0))
+
+
 def test_load_model_takes_the_weights_and_runs_nothing(tmp_path):
     reference = timm.create_model("test_vit", num_classes=0, img_size=32)
     marker = tmp_path / "code-ran"
