@@ -194,3 +194,21 @@ def test_extract_records_the_config_and_its_source_and_keys_on_them(weights, tmp
     assert other.manifest["transform"]["mean"] == [0.5] * 3
     assert "overridden: --mean, --std" in other.manifest["transform_source"]
     assert not np.array_equal(first.features("train", 5, "cls"), other.features("train", 5, "cls"))
+
+
+def test_real_images_get_the_official_transform(cifar_subset, weights, tmp_path):
+    """On real JPEGs (CIFAR-10, 32 px, upsampled as the official code does), mimprobe's transform of a MAE file
+    equals MAE's evaluation transform, and differs from timm's config of the name (mean/std 0.5, crop 0.9)."""
+    path = tmp_path / "mae.pth"
+    torch.save(mae_encoder(weights), path)
+    loaded = load_model("test_vit", checkpoint=path, img_size=224)
+    transform = build_eval_transform(loaded.eval_data_config()[0])
+    files = sorted((cifar_subset / "test").rglob("*.jpg"))[::10][:10]
+    assert len(files) == 10
+    for file in files:
+        with Image.open(file) as image:
+            image = image.convert("RGB")
+            ours, official = transform(image), official_eval()(image)
+        torch.testing.assert_close(ours, official, rtol=0, atol=1e-5)
+    timm_config = build_eval_transform(load_model("test_vit", img_size=224).eval_data_config()[0])
+    assert not torch.allclose(timm_config(image), official, atol=1e-2)
