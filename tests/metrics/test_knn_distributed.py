@@ -71,11 +71,14 @@ def run_cases(folder: Path, process_group=None) -> dict[str, object]:
                 out[f"{tag}-{preset}-hits-{k}"] = hit
     out["twins-idx"] = knn_neighbors(twins, twins, 1, exclude_self=True, **group)[1]
     out["tiny-idx"] = knn_neighbors(twins[:3], twins[3:9], 3, backend="torch", **group)[1]  # 1 + 2 bank rows
-    try:
-        knn_neighbors(np.load(folder / "bad.npy", mmap_mode="r"), query, 5, **group)
-        out["bad"] = "no error"
-    except BadInputError as error:
-        out["bad"] = str(error)
+    out["one-row-sims"] = knn_neighbors(twins[:1], twins[3:9], 1, **group)[0]  # rank 0's shard is empty
+    bad = np.load(folder / "bad.npy", mmap_mode="r")
+    for case, standardize in (("bad", False), ("bad-standardize", True)):  # fails in the search / the moments
+        try:
+            knn_neighbors(bad, query, 5, standardize=standardize, **group)
+            out[case] = "no error"
+        except BadInputError as error:
+            out[case] = str(error)
     return out
 
 
@@ -87,7 +90,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     single = run_cases(tmp_path)
-    assert single["bad"].startswith("features: the train features contain NaN or Inf (first in row 250)")
+    for case in ("bad", "bad-standardize"):
+        assert single[case].startswith("features: the train features contain NaN or Inf (first in row 250)")
     assert (single["twins-idx"][:, 0] == (np.arange(60) + 30) % 60).all()
     top1 = [value for metric, _, value in single["faiss-dino-rows"] if metric == "knn_top1"]
     assert 0.3 < top1[0] < 0.9  # a test on easy data would not tell neighbours apart
@@ -101,9 +105,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                 assert (gaps < -GAP).all(), f"{key}: near-ties in the test data"
             elif key.endswith("-rows"):
                 assert [tuple(row) for row in rows[key]] == expected, key
-            elif key == "bad":
+            elif key.startswith("bad"):
                 where = "" if rank == 1 else "k-NN failed on rank 1 of the process group: "
-                assert rows["bad"] == where + expected
+                assert rows[key] == where + expected, key
             else:
                 np.testing.assert_array_equal(sharded[key], expected, err_msg=key)
 
