@@ -319,7 +319,8 @@ def _recorded_data_config(raw: Any, path: Path) -> EvalPreprocessing | None:
                 value = json.loads((handle.metadata() or {}).get("data_config", "null"))
         except (OSError, ValueError):
             value = None
-    return recorded_preprocessing(value, f"recorded in {path.name} by mimprobe (the data config these weights "
+    # the file's name stays out of this text: it goes into the store key, and renaming a file changes no number
+    return recorded_preprocessing(value, "recorded in the checkpoint by mimprobe (the data config these weights "
                                          "were trained with)")
 
 
