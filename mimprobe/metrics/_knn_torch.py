@@ -130,24 +130,27 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
 
     n_train, n_query, dim = len(train), len(query), train.shape[1]
     search_k = k + int(exclude_self)
-    with _exact_float32(device), _torch_threads(threads), torch.inference_mode():
-        if not plan.sharded(n_train):
+    # thread count and matmul precision are set around each computation, never held across a yield
+    if not plan.sharded(n_train):
+        with _settings(threads):
             bank = _to_device(_prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name, first_row),
                               device)
-            same_rows = query is train  # leave-one-out on one array: its prepared rows are the bank's
-            buffer = None if same_rows else np.empty((min(plan.chunk_rows, n_query), dim), np.float32)
-            for start in range(0, n_query, plan.chunk_rows):
-                stop = min(start + plan.chunk_rows, n_query)
+        same_rows = query is train  # leave-one-out on one array: its prepared rows are the bank's
+        buffer = None if same_rows else np.empty((min(plan.chunk_rows, n_query), dim), np.float32)
+        for start in range(0, n_query, plan.chunk_rows):
+            stop = min(start + plan.chunk_rows, n_query)
+            with _settings(threads):
                 chunk = bank[start:stop] if same_rows else _to_device(
                     _prepare(query, start, stop, buffer, stats, plan.chunk_rows, "query", name), device)
                 sims, idx = _as_numpy(*chunk_topk(chunk, bank, search_k, tile_rows=plan.tile_rows))
-                yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
-            return
-        # The bank does not fit: each shard goes to the device once and meets every query chunk.
-        best_sims = torch.full((n_query, search_k), -torch.inf, dtype=torch.float32, device=device)
-        best_idx = torch.full((n_query, search_k), -1, dtype=torch.int64, device=device)
-        shard_buffer = np.empty((plan.shard_rows, dim), np.float32)
-        query_buffer = np.empty((min(plan.chunk_rows, n_query), dim), np.float32)
+            yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+        return
+    # The bank does not fit: each shard goes to the device once and meets every query chunk.
+    best_sims = torch.full((n_query, search_k), -torch.inf, dtype=torch.float32, device=device)
+    best_idx = torch.full((n_query, search_k), -1, dtype=torch.int64, device=device)
+    shard_buffer = np.empty((plan.shard_rows, dim), np.float32)
+    query_buffer = np.empty((min(plan.chunk_rows, n_query), dim), np.float32)
+    with _settings(threads):
         for shard_start in range(0, n_train, plan.shard_rows):
             shard_stop = min(shard_start + plan.shard_rows, n_train)
             shard = _to_device(_prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows,
@@ -160,11 +163,11 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
                 best_sims[start:stop], best_idx[start:stop] = merge_topk(best_sims[start:stop],
                                                                          best_idx[start:stop], sims, idx)
             del shard
-        del shard_buffer, query_buffer
-        for start in range(0, n_query, plan.chunk_rows):
-            stop = min(start + plan.chunk_rows, n_query)
-            sims, idx = _as_numpy(best_sims[start:stop], best_idx[start:stop])
-            yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+    del shard_buffer, query_buffer
+    for start in range(0, n_query, plan.chunk_rows):
+        stop = min(start + plan.chunk_rows, n_query)
+        sims, idx = _as_numpy(best_sims[start:stop], best_idx[start:stop])
+        yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
 
 
 def chunk_topk(chunk: torch.Tensor, bank: torch.Tensor, k: int, *, tile_rows: int,
@@ -207,7 +210,14 @@ def _as_numpy(sims: torch.Tensor, idx: torch.Tensor) -> tuple[np.ndarray, np.nda
 
 
 @contextlib.contextmanager
-def _exact_float32(device: torch.device) -> Iterator[None]:
+def _settings(threads: int | None) -> Iterator[None]:
+    """Exact float32 matmuls and ``threads`` CPU threads inside the block; gradients are never recorded."""
+    with _exact_float32(), _torch_threads(threads), torch.no_grad():
+        yield
+
+
+@contextlib.contextmanager
+def _exact_float32() -> Iterator[None]:
     """Full float32 matmuls inside the block: TF32 (``set_float32_matmul_precision("high")``, set by training
     code) keeps 10 mantissa bits and would reorder neighbours that FAISS separates."""
     previous = torch.get_float32_matmul_precision()

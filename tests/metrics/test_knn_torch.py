@@ -198,7 +198,13 @@ def test_float16_memmap_and_threads(tmp_path):
     in_memory = np.asarray(train, np.float32)
     clear = clear_rows(in_memory, x_query, 10, exclude_self=False, standardize=True)
     reference = knn_neighbors(in_memory, x_query, 10, standardize=True)
-    ours = knn_neighbors(train, x_query, 10, standardize=True, backend="torch", memory_budget=400_000, threads=1)
+    torch.set_float32_matmul_precision("high")  # as training code may leave it (TF32 on CUDA)
+    try:
+        ours = knn_neighbors(train, x_query, 10, standardize=True, backend="torch", memory_budget=400_000,
+                             threads=1)
+        assert torch.get_float32_matmul_precision() == "high"  # set to "highest" only while searching
+    finally:
+        torch.set_float32_matmul_precision("highest")
     assert_same_neighbors(reference, ours, clear)
     assert torch.get_num_threads() == threads  # restored
 
