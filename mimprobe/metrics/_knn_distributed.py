@@ -1,11 +1,13 @@
 """k-NN with the bank sharded across the processes of a torch.distributed group (the DINOv2 approach).
 
-DINOv2's ``KnnModule`` (facebookresearch/dinov2, ``dinov2/eval/knn.py``) keeps one shard of the train features per
-rank; every rank scores the queries against its shard, and the per-shard top-k (similarities and global bank
-indices) are gathered and merged into the global top-k. Here every rank is given the same (memory-mapped) arrays
-and reads only its contiguous shard of bank rows ``[rank * n // world, (rank + 1) * n // world)`` plus all query
-rows; the shard is searched by the FAISS or the torch backend as in one process, one all-gather per query chunk
-merges the lists (stable, in rank order: on equal similarity the lower bank row wins, as one process' shard merge),
+DINOv2's ``KnnModule`` (facebookresearch/dinov2, ``dinov2/eval/knn.py``) keeps one contiguous chunk of the train
+features per rank (``train_features.chunk(world_size)[rank]``); each rank's test features are broadcast in turn,
+every rank takes the top-k of their similarities to its chunk, and the partial lists are gathered to the source
+rank and merged by a second top-k. Here the features live in a store every rank can read, so no broadcast is
+needed: every rank is given the same (memory-mapped) arrays and reads only its contiguous shard of bank rows
+``[rank * n // world, (rank + 1) * n // world)`` plus all query rows; the shard is searched by the FAISS or the
+torch backend as in one process, and one all-gather per query chunk merges the lists on every rank (stable, in
+rank order: on equal similarity the lower bank row wins, as one process' shard merge),
 and leave-one-out drops each query's own row after the merge, wherever its rank holds it. Every rank ends with
 the same global neighbours, so the votes and rows are the same on every rank (rank 0 writes them).
 
