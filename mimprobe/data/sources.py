@@ -77,7 +77,12 @@ class DataSource:
 
     def summary(self) -> str:
         parts = [f"{name} {len(split):,}" for name, split in self.splits.items()]
-        return f"{self.name} ({self.kind}): {len(self.classes)} classes; splits: " + ", ".join(parts)
+        text = f"{self.name} ({self.kind}): {len(self.classes)} classes; splits: " + ", ".join(parts)
+        skipped = self.details.get("skipped_folders")
+        if skipped:
+            text += (f"; skipped {len(skipped)} linked folder(s) already read (a symlink loop or a second link): "
+                     + ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""))
+        return text
 
 
 def load_data(spec: str | os.PathLike) -> DataSource:
@@ -131,16 +136,45 @@ def _class_dirs(directory: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
 
 
+class _Walk:
+    """Image files under folders, following symbolic links to folders once: every real folder (device, inode) is
+    read at most once per data source, so a link back to a folder above it (a loop) or a second link to a folder
+    already read is skipped and listed in ``skipped`` instead of repeating its images under other labels."""
+
+    def __init__(self, root: Path):
+        self.seen: set[tuple[int, int]] = set()
+        self.skipped: list[str] = []
+        self.root = root
+
+    def enter(self, directory: str) -> bool:
+        status = os.stat(directory)
+        key = (status.st_dev, status.st_ino)
+        if key in self.seen:
+            self.skipped.append(os.path.relpath(directory, self.root))
+            return False
+        self.seen.add(key)
+        return True
+
+    def image_files(self, directory: str | Path) -> list[str]:
+        """Sorted image files of ``directory`` and then of its sub-folders (sorted), depth first, as `os.walk`."""
+        directory = str(directory)
+        if not self.enter(directory):
+            return []
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        files = [entry.path for entry in entries if not entry.is_dir() and not entry.name.startswith(".")
+                 and entry.name.lower().endswith(IMAGE_EXTENSIONS)]
+        for entry in entries:
+            if entry.is_dir():
+                files.extend(self.image_files(entry.path))
+        return files
+
+
 def _image_files(directory: Path) -> list[str]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames.sort()
-        files.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                     if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
-    return files
+    return _Walk(directory).image_files(directory)
 
 
-def _scan_split(directory: Path, class_to_index: dict[str, int] | None) -> tuple[list[str], list[int], list[str]]:
+def _scan_split(directory: Path, class_to_index: dict[str, int] | None,
+                walk: _Walk) -> tuple[list[str], list[int], list[str]]:
     classes = _class_dirs(directory)
     paths: list[str] = []
     labels: list[int] = []
@@ -150,7 +184,7 @@ def _scan_split(directory: Path, class_to_index: dict[str, int] | None) -> tuple
             raise BadInputError(
                 f"class folder {directory / name} does not exist in the train split: "
                 "every split must use the train split's classes")
-        files = _image_files(directory / name)
+        files = walk.image_files(directory / name)
         paths.extend(files)
         labels.extend([index[name]] * len(files))
     return paths, labels, classes
@@ -166,7 +200,11 @@ def _image_folder(root: Path) -> DataSource:
             f"point to a folder of class folders")
     else:
         split_dirs, layout = {"train": root}, "root/<class>/*"
-    train_paths, train_labels, classes = _scan_split(split_dirs["train"], None)
+    walk = _Walk(root)
+    for directory in {root, *split_dirs.values()}:  # a link back to the root or a split folder is a loop
+        status = os.stat(directory)
+        walk.seen.add((status.st_dev, status.st_ino))
+    train_paths, train_labels, classes = _scan_split(split_dirs["train"], None, walk)
     if not classes and layout == "root/<class>/*":
         unlabelled = [path for path in _image_files(root) if os.path.dirname(path) == str(root)]
         if unlabelled:
@@ -186,7 +224,7 @@ def _image_folder(root: Path) -> DataSource:
     for name, directory in split_dirs.items():
         if name == "train":
             continue
-        paths, labels, _ = _scan_split(directory, class_to_index)
+        paths, labels, _ = _scan_split(directory, class_to_index, walk)
         if not paths:
             raise BadInputError(f"no images found in the {name} split {directory}: remove the folder or add images")
         splits[name] = Split(name, np.asarray(labels, dtype=np.int64), paths=tuple(paths))
@@ -196,8 +234,11 @@ def _image_folder(root: Path) -> DataSource:
             rel = os.path.relpath(path, root)
             digest.update(f"{name}\t{rel}\t{file_signature(path)}\t{label}\n".encode())
     digest.update(json.dumps(classes).encode())
+    details = {"root": str(root.resolve()), "layout": layout}
+    if walk.skipped:  # not in the fingerprint: the images read are what counts
+        details["skipped_folders"] = walk.skipped
     return DataSource(name=str(root), kind="imagefolder", classes=tuple(classes), splits=splits,
-                      fingerprint=digest.hexdigest(), details={"root": str(root.resolve()), "layout": layout})
+                      fingerprint=digest.hexdigest(), details=details)
 
 
 def _unlabelled_folder(root: Path, paths: list[str]) -> DataSource:

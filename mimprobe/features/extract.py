@@ -121,11 +121,21 @@ def _prepare_out(out: Path) -> None:
 
 
 def _check_input_size(loaded: LoadedModel, data_config: dict[str, Any]) -> None:
-    """A model built for a fixed input size must get images of that size (checked before any store is made)."""
+    """The input size must be a multiple of the patch size (a ViT's patch embedding would refuse the rest or drop
+    it), and a model built for a fixed input size must get images of that size (checked before any store is made)."""
     patch_embed = getattr(loaded.model, "patch_embed", None)
     built_for = getattr(patch_embed, "img_size", None)
     fixed = not getattr(loaded.model, "dynamic_img_size", False)  # position embeddings fit one grid only
     size = tuple(data_config["input_size"][1:])
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is not None and not getattr(patch_embed, "dynamic_img_pad", False):  # dynamic_img_pad pads the rest
+        for side, step in zip(size, (patch, patch) if isinstance(patch, int) else tuple(patch)):
+            if side < step or side % step:
+                below, above = max(step, side // step * step), (side // step + 1) * step
+                choices = f"{below} or {above}" if below < side else f"{below}"
+                problem = "smaller than" if side < step else "not a multiple of"
+                raise BadInputError(f"input size {side} px is {problem} the patch size {step} of {loaded.name}: "
+                                    f"use --img-size {choices}")
     if built_for is not None and fixed and tuple(built_for) != size:
         raise BadInputError(f"model {loaded.name} was built for {tuple(built_for)} px input but the transform gives "
                             f"{size}: load it with img_size={size[0]} or pass the same --img-size")

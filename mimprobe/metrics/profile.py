@@ -155,17 +155,47 @@ def plan_splits(store: FeatureStore, *, val_fraction: float, seed: int) -> Split
     """Decide which rows train, validate and evaluate (see the module docstring)."""
     if "train" not in store.splits:
         raise BadInputError(f"store {store.path} has no train split (it has {', '.join(store.splits)})")
-    labels = store.labels("train")
     eval_split = next((name for name in ("test", "val") if name in store.splits), None)
-    labelled = store.labelled and (labels >= 0).any()
+    return plan_from_labels(store.labels("train"), labelled=store.labelled, eval_split=eval_split,
+                            n_eval=len(store.labels(eval_split)) if eval_split else 0, val_fraction=val_fraction,
+                            seed=seed)
+
+
+def plan_from_labels(labels: np.ndarray, *, labelled: bool, eval_split: str | None, n_eval: int,
+                     val_fraction: float, seed: int) -> SplitPlan:
+    """`plan_splits` from the (n,) train labels and the evaluation split's name and size."""
+    labelled = labelled and (labels >= 0).any()
     fit, val = carve_validation(labels, fraction=val_fraction, seed=seed) if labelled else (np.arange(len(labels)),) * 2
     if eval_split is not None:
-        return SplitPlan("train", eval_split, np.arange(len(labels)), eval_split,
-                         np.arange(len(store.labels(eval_split))), fit, val, knn_loo=False)
+        return SplitPlan("train", eval_split, np.arange(len(labels)), eval_split, np.arange(n_eval), fit, val,
+                         knn_loo=False)
     train_index, holdout = (carve_validation(labels, fraction=HOLDOUT_FRACTION, seed=seed) if labelled
                             else (np.arange(len(labels)),) * 2)
     fit, val = np.intersect1d(fit, train_index), np.intersect1d(val, train_index)
     return SplitPlan("train", "train-holdout", train_index, "train", holdout, fit, val, knn_loo=True)
+
+
+def check_knn_fits(preset: str, plan: SplitPlan) -> None:
+    """Refuse a k-NN preset whose largest k exceeds the smallest neighbour bank of the plan, naming the presets
+    and options that would fit (before anything is extracted or measured).
+
+    Raises:
+        BadInputError: The preset's largest k is larger than a bank.
+    """
+    from .knn import PRESETS as KNN_PRESETS, get_preset
+
+    banks = [(f"the fit part of train for k-NN on val ({len(plan.fit_index)} images)", len(plan.fit_index))]
+    if plan.knn_loo:
+        banks.append((f"train, one left out per query ({len(plan.train_index) - 1} images)", len(plan.train_index) - 1))
+    else:
+        banks.append((f"train ({len(plan.train_index)} images)", len(plan.train_index)))
+    where, smallest = min(banks, key=lambda bank: bank[1])
+    k = max(get_preset(preset).ks)
+    if k <= smallest:
+        return
+    fits = [f"{name} (k={max(p.ks)})" for name, p in KNN_PRESETS.items() if max(p.ks) <= smallest]
+    choices = (f"--preset {' or '.join(fits)}, " if fits else "") + "more train images, or --metrics without knn"
+    raise BadInputError(f"k-NN preset {preset} needs k={k} neighbours but the smallest bank is {where}: use {choices}")
 
 
 def headlines(preset: str, table: pd.DataFrame) -> list[Headline]:
@@ -269,6 +299,8 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     if log and config.metrics is None and metrics == LABEL_FREE:
         log("the data has no labels: running the label-free metrics only (rank)")
     plan = plan_splits(store, val_fraction=config.val_fraction, seed=config.seed)
+    if "knn" in metrics:
+        check_knn_fits(config.preset, plan)
     eval_labels_all = store.labels(plan.eval_source)
     classes = store.classes
     rows: list[tuple[int, str, MetricRow]] = []
@@ -438,17 +470,28 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
 
     config = config or ProfileConfig()
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
-            from None
+    if data is not None and not (Path(str(target)) / "manifest.json").is_file() and \
+            (config.metrics is None or "knn" in config.metrics):
+        from ..data import load_data
+
+        data = load_data(data)  # opened once, here and for the extraction
+        eval_split = next((name for name in ("test", "val") if name in data.splits), None)
+        if "train" in data.splits and data.labelled:  # k-NN checked before anything is extracted or written
+            check_knn_fits(config.preset, plan_from_labels(
+                data.splits["train"].labels, labelled=True, eval_split=eval_split,
+                n_eval=len(data.splits[eval_split]) if eval_split else 0, val_fraction=config.val_fraction,
+                seed=config.seed))
     started = time.perf_counter()
     store = open_or_extract(target, data, features_dir=Path(features_dir) if features_dir else out / "features",
                             checkpoint=checkpoint, pretrained=pretrained, extract_options=extract_options,
                             progress=progress, log=log)
     predictions = SamplePredictions()
     table = profile_store(store, config, progress=progress, log=log, predictions=predictions)
+    try:  # only now: every check has passed
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
+            from None
     best = best_blocks(table, config.preset)
     files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),
              "json": str(out / "profile.json"), "png": str(out / "profile.png"),

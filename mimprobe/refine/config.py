@@ -79,6 +79,9 @@ class RefineConfig:
             (self.temperature > 0, "--temperature must be > 0"),
             (self.queue_size is None or self.queue_size >= 1, "--queue-size must be >= 1"),
             (self.topk >= 1, "--topk must be >= 1"),
+            (self.queue_size is None or self.topk <= self.queue_size,
+             f"--topk {self.topk} is larger than --queue-size {self.queue_size}: the neighbour is picked from the "
+             f"top k of the queue, use --topk {self.queue_size} or less (or a longer queue)"),
             (min(self.head_hidden_dim, self.head_proj_dim, self.head_predictor_dim) >= 1, "head sizes must be >= 1"),
             (self.head_init in HEAD_INITS, f"--head-init {self.head_init!r} is unknown: use one of "
                                            f"{', '.join(HEAD_INITS)}"),

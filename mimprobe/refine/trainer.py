@@ -347,7 +347,11 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         raise BadInputError(f"{data} has no train split to refine on")
     train_split = source.splits["train"]
     requested_queue = config.queue_size
-    config = replace(config, queue_size=resolve_queue_size(config, len(train_split)))
+    queue_size = resolve_queue_size(config, len(train_split))
+    if config.topk > queue_size:  # the default queue, cut to a small training set (a given one: RefineConfig)
+        raise BadInputError(f"--topk {config.topk} is larger than the neighbour queue ({queue_size}: the training set "
+                            f"of {len(train_split)} images): use --topk {queue_size} or less")
+    config = replace(config, queue_size=queue_size)
     micro = _check_sizes(config, len(train_split), ctx)
     precision = resolve_precision(config.precision, ctx.device)
 

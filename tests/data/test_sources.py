@@ -206,3 +206,36 @@ def test_folder_of_images_without_classes_is_unlabelled(tmp_path):
     source = load_data(folder)
     assert not source.labelled and source.classes == ()
     assert source.splits["train"].labels.tolist() == [-1, -1, -1]
+
+
+def test_symlinks_are_followed_once_and_loops_skipped(tmp_path):
+    """The issue's case: 18 images and a link back to the root became 5,658 mislabelled rows."""
+    outside = make_image_folder(tmp_path / "elsewhere", {"dog": 4}, size=8, seed=1)
+    root = make_image_folder(tmp_path / "data", {"airplane": 6, "cat": 6, "ship": 6}, size=8)
+    (root / "dog").symlink_to(outside / "dog")  # a linked class folder outside the root: read once
+    (root / "cat" / "up").symlink_to(root)  # a loop through the root
+    (root / "cat" / "self").symlink_to(root / "cat")  # a loop through the class folder itself
+    (root / "ship" / "planes").symlink_to(root / "airplane")  # a second link to a folder already read
+    nested = root / "ship" / "more"
+    nested.mkdir()
+    (nested / "back").symlink_to(nested)  # a loop below a real sub-folder
+    source = load_data(root)
+    split = source.splits["train"]
+    assert source.classes == ("airplane", "cat", "dog", "ship")
+    assert split.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 4 + [3] * 6
+    assert [os.path.relpath(p, root) for p in split.paths] == (
+        [f"{c}/{i:03d}.png" for c in ("airplane", "cat") for i in range(6)]
+        + [f"dog/{i:03d}.png" for i in range(4)] + [f"ship/{i:03d}.png" for i in range(6)])
+    assert sorted(source.details["skipped_folders"]) == ["cat/self", "cat/up", "ship/more/back", "ship/planes"]
+    assert "skipped 4 linked folder(s) already read (a symlink loop or a second link)" in source.summary()
+
+
+def test_a_symlink_loop_in_a_split_layout_does_not_repeat_images(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", {"a": 2, "b": 2}, size=8)
+    make_image_folder(root / "test", {"a": 1, "b": 1}, size=8)
+    (root / "train" / "a" / "loop").symlink_to(root / "train")
+    (root / "test" / "b" / "leak").symlink_to(root / "train" / "a")  # train images again, in test
+    source = load_data(root)
+    assert [len(split) for split in source.splits.values()] == [4, 2]
+    assert sorted(source.details["skipped_folders"]) == ["test/b/leak", "train/a/loop"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -141,7 +142,10 @@ def test_cache_reused_for_same_key_and_not_for_changes(tmp_path):
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    """Every file's bytes; the manifest's git sha is masked (other work may commit while the test runs)."""
+    files = {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    files["manifest.json"] = re.sub(rb'"git": "[0-9a-f]+"', b'"git": ""', files["manifest.json"])
+    return files
 
 
 KILL_SCRIPT = """

@@ -83,8 +83,10 @@ def _bad(args):
 def test_k_larger_than_the_train_split(tmp_path):
     store = extract("test_vit", "synthetic:classes=2,train=3,test=2,size=16", out=tmp_path, img_size=32,
                     progress=False).store
-    assert re.search(r"k=10 is larger than the train split", _bad([str(store.path), "--out", str(tmp_path / "p"),
-                                                                   "--metrics", "knn"]))
+    assert re.fullmatch(r"error: k-NN preset mim-refiner needs k=10 neighbours but the smallest bank is the fit "
+                        r"part of train for k-NN on val \(4 images\): use more train images, or --metrics without knn",
+                        _bad([str(store.path), "--out", str(tmp_path / "p"), "--metrics", "knn"]))
+    assert not (tmp_path / "p").exists()
 
 
 def test_single_class_and_missing_labels(store_dir, tmp_path):

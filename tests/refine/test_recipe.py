@@ -194,7 +194,7 @@ def test_the_run_says_which_defaults_small_data_scaled():
     config = RefineConfig(queue_size=1347)   # as resolved by the trainer from the default None
     assert _small_data_notes(config, plan, None)[0] == "queue: 1347 per head, the training set (official 65536)"
     assert _small_data_notes(config, plan, 1347) == notes              # an explicit queue is the user's
-    assert _small_data_notes(RefineConfig(warmup_fraction=0.1, queue_size=5), plan, 5) == []
+    assert _small_data_notes(RefineConfig(warmup_fraction=0.1, queue_size=5, topk=5), plan, 5) == []
 
 
 def test_lr_factor_endpoints():
