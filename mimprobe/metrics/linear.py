@@ -58,9 +58,14 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError
+from ._block_rows import BlockRows, as_block_rows, chunk_rows_for
 from ._rows import MetricRow, carve_validation
 
 ArrayLike = np.ndarray | torch.Tensor
+
+# Rows per chunk of the one statistics pass (mean, scale, covariance), whatever the memory budget above it: the
+# same chunks, hence the same float rounding, for the in-memory and the streamed probes.
+STATISTICS_CHUNK_ROWS = 4096
 
 # scikit-learn reference and default grid: 9 inverse regularisation strengths (1e-3 ... 10), half a decade apart.
 DEFAULT_C_VALUES: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1, 9))
@@ -88,8 +93,12 @@ class LinearProbeConfig:
     min_steps: int = 500
     batch_size: int = 512
     momentum: float = 0.9
-    # Blocks trained together (None: all): bounds memory at blocks_per_pass * n * d * 4 bytes of features.
+    # Blocks trained together (None: all of one width).
     blocks_per_pass: int | None = None
+    # Bytes for the feature rows held at once (None: each split of the trained blocks is read into memory once).
+    # A split larger than budget / (3 * blocks * d * 4) rows stays in its memory maps: statistics are read chunk by
+    # chunk, each mini-batch by index (the page cache serves repeated epochs), with the same results.
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if not self.c_values or min(self.c_values) <= 0:
@@ -130,6 +139,9 @@ class BlockwiseLinearProbes:
         decay_fraction: Share of the steps, at the end, over which the step size decays linearly to 0.
         seed: Seeds the order of the mini-batches (the only randomness).
         device: Where the features and weights live; computation is float32 (the eigendecomposition float64).
+        chunk_rows: Rows that may be held at a time (None: all; `chunk_rows_for` derives it from a memory
+            budget). When the training rows are more, statistics are accumulated chunk by chunk and every
+            mini-batch is read from the maps by index (`BlockRows.gather`): the same numbers as in memory.
 
     Fitted attributes:
         classes_: (num_classes,) the sorted class labels seen in training.
@@ -141,6 +153,7 @@ class BlockwiseLinearProbes:
         diverged_: (num_blocks, num_grid) bool, heads whose weights became non-finite (scored as all wrong by
             `evaluate`; never chosen unless every head of a block diverged).
         n_epochs_, n_steps_: Epochs and steps taken.
+        resident_: Whether the training rows were held in memory (else read per mini-batch from the maps).
     """
 
     def __init__(self, *, weight_decays: ArrayLike | Sequence[float],
@@ -148,8 +161,9 @@ class BlockwiseLinearProbes:
                  epochs: int = LinearProbeConfig.epochs, min_steps: int = 0,
                  batch_size: int = LinearProbeConfig.batch_size, momentum: float = LinearProbeConfig.momentum,
                  decay_fraction: float = LinearProbeConfig.decay_fraction, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", chunk_rows: int | None = None):
         self.weight_decays = weight_decays
+        self.chunk_rows = chunk_rows
         self.decay_fraction = decay_fraction
         self.learning_rate = learning_rate
         self.epochs = epochs
@@ -159,18 +173,17 @@ class BlockwiseLinearProbes:
         self.seed = seed
         self.device = device
 
-    def fit(self, features: ArrayLike, labels: ArrayLike) -> "BlockwiseLinearProbes":
+    def fit(self, features: "BlockRows | ArrayLike", labels: ArrayLike) -> "BlockwiseLinearProbes":
         """Train every head.
 
         Args:
-            features: (num_blocks, n, d) features of each block (any float dtype; used as float32).
+            features: (num_blocks, n, d) features of each block (any float dtype; used as float32), or
+                `BlockRows` read chunk by chunk (memory maps of a FeatureStore).
             labels: (n,) integer class labels.
         """
         device = torch.device(self.device)
-        x = _as_float32(features, device)
-        if x.ndim != 3:
-            raise BadInputError(f"features must be (num_blocks, n, d), got shape {tuple(x.shape)}")
-        num_blocks, n, d = x.shape
+        source = as_block_rows(features, device)
+        num_blocks, n, d = source.shape
         y_np = np.asarray(labels)
         if y_np.shape != (n,):
             raise BadInputError(f"labels must be ({n},) to match the features, got shape {y_np.shape}")
@@ -187,15 +200,22 @@ class BlockwiseLinearProbes:
         num_grid = wd.shape[1]
         lr_rows = lr.repeat_interleave(num_classes, dim=1)[:, :, None]     # (B, G*C, 1)
         wd_rows = wd.repeat_interleave(num_classes, dim=1)[:, :, None]
+        # The whole split is read into memory when it fits the budget (chunk_rows): then, as when it does not,
+        # statistics come from fixed chunks and every mini-batch is the same rows in the same order, so the
+        # streamed and the in-memory probes compute the same numbers.
+        chunk_rows = min(self.chunk_rows or n, n)
+        resident = source.read(0, n) if chunk_rows >= n else None          # (n, B, d) sample-major
+        bounds = list(source.chunks(min(chunk_rows, STATISTICS_CHUNK_ROWS)))
 
-        mean = x.mean(dim=1, keepdim=True)                                  # (B, 1, d)
-        scale = x.std(dim=1, keepdim=True, correction=0)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # constant features stay at 0
-        eigenvalues, basis = _covariance_eigh(x, mean, scale)               # (B, d), (B, d, d)
-        # Training runs in each block's eigenbasis, u = U^T z: the covariance there is diag(lambda), so the
-        # preconditioner is a per-coordinate factor, and the L2 penalty is unchanged by the rotation. The
-        # sample-major layout (n, B, d) makes a mini-batch len(index) contiguous rows (2-3x faster to gather).
-        samples = _rotated_samples(x, mean, scale, basis)                   # (n, B, d)
+        def read(start: int, stop: int) -> torch.Tensor:
+            return resident[start:stop] if resident is not None else source.read(start, stop)
+
+        def gather(index: torch.Tensor) -> torch.Tensor:
+            return resident.index_select(0, index) if resident is not None else source.gather(index)
+
+        mean, scale, eigenvalues, basis = _standardised_eigh(read, bounds, device)  # (B,1,d) x2, (B,d), (B,d,d)
+        mean_t, scale_t = mean.transpose(0, 1), scale.transpose(0, 1)      # (1, B, d)
+        basis_t = basis.transpose(1, 2).contiguous()
         # K-FAC output factor at W = 0 is 1/K on the class contrasts: the inverse Hessian there is, per head,
         # diag(1 / (lambda / K + wd)) in the eigenbasis. The floor keeps directions without variance (lambda = 0)
         # and without decay finite; the bias sees the constant feature (variance 1, uncorrelated with centred z).
@@ -206,28 +226,33 @@ class BlockwiseLinearProbes:
         bias_step = 1.0 / output_curvature
 
         # Heads as rows, (out, in) like nn.Linear: logits come out as (B, G*C, b), the orientation in which
-        # bmm is fast for few outputs (5x faster than (B, b, G*C) for G*C = 10 on CPU, torch 2.15).
-        weight = torch.zeros(num_blocks, num_grid * num_classes, d, device=device)   # in the eigenbasis
+        # bmm is fast for few outputs (5x faster than (B, b, G*C) for G*C = 10 on CPU, torch 2.15). The weights
+        # and their velocity live in the eigenbasis (W_e = W U), where the preconditioner is a per-coordinate
+        # factor; each step maps them back (W = W_e U^T), so the features are never rotated (a streamed chunk
+        # would be, every epoch, at n d^2 flops per block: 2 b / G*C times a step's matmuls).
+        weight = torch.zeros(num_blocks, num_grid * num_classes, d, device=device)   # W_e
         bias = torch.zeros(num_blocks, num_grid * num_classes, 1, device=device)
         weight_velocity = torch.zeros_like(weight)
         bias_velocity = torch.zeros_like(bias)
         generator = torch.Generator().manual_seed(self.seed)
-        # ceil(n / batch_size) batches of near-equal size: a last batch of a few samples would take a full,
-        # very noisy step.
+        # ceil(n / batch_size) batches of near-equal size: a last batch of a few samples would take a full, very
+        # noisy step. Rows of a batch are read in increasing order (locality in the memory maps).
         steps_per_epoch = math.ceil(n / self.batch_size)
         epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
         total_steps = epochs * steps_per_epoch
         step = 0
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).to(device)
+            order = torch.randperm(n, generator=generator)
             for index in order.tensor_split(steps_per_epoch):
+                index = index.sort().values.to(device)
                 batch = len(index)
-                u = samples.index_select(0, index).transpose(0, 1)          # (B, b, d) view
-                logits = torch.baddbmm(bias, weight, u.transpose(1, 2))      # (B, G*C, b)
+                z = gather(index).sub_(mean_t).div_(scale_t).transpose(0, 1)  # (B, b, d)
+                logits = torch.baddbmm(bias, torch.bmm(weight, basis_t), z.transpose(1, 2))  # (B, G*C, b)
                 probs = _softmax_(logits.view(num_blocks, num_grid, num_classes, batch), dim=2)
                 probs.sub_(one_hot_t.index_select(1, index))                # d CE / d logits = p - onehot(y)
                 grad_logits = probs.view(num_blocks, -1, batch).div_(batch)  # of the batch mean
-                step_weight = torch.bmm(grad_logits, u).add_(wd_rows * weight).mul_(precondition)  # (B, G*C, d)
+                gradient = torch.bmm(torch.bmm(grad_logits, z), basis)       # (B, G*C, d), in the eigenbasis
+                step_weight = gradient.add_(wd_rows * weight).mul_(precondition)
                 step_bias = grad_logits.sum(dim=2, keepdim=True).mul_(bias_step)
                 weight_velocity.mul_(self.momentum).add_(step_weight)
                 bias_velocity.mul_(self.momentum).add_(step_bias)
@@ -235,7 +260,7 @@ class BlockwiseLinearProbes:
                 weight.sub_(factor * lr_rows * weight_velocity)
                 bias.sub_(factor * lr_rows * bias_velocity)
                 step += 1
-        weight = torch.bmm(weight, basis.transpose(1, 2))                  # back to standardised coordinates
+        weight = torch.bmm(weight, basis_t)                                 # back to standardised coordinates
 
         self.mean_ = mean[:, 0]
         self.scale_ = scale[:, 0]
@@ -246,6 +271,7 @@ class BlockwiseLinearProbes:
         self.eigenvalues_ = eigenvalues
         self.n_epochs_ = epochs
         self.n_steps_ = total_steps
+        self.resident_ = resident is not None
         return self
 
     def _grid_tensors(self, num_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,16 +290,16 @@ class BlockwiseLinearProbes:
                                 f"{tuple(lr.shape)} for {tuple(np.shape(self.weight_decays))}")
         return lr.expand_as(wd), wd
 
-    def _logit_chunks(self, features: ArrayLike, chunk_size: int) -> Iterator[torch.Tensor]:
+    def _logit_chunks(self, features: "BlockRows | ArrayLike", chunk_size: int) -> Iterator[torch.Tensor]:
         """Yield (num_blocks, num_grid, num_classes, chunk) logits over consecutive chunks of samples."""
-        x = _as_float32(features, self.coef_.device)
+        source = as_block_rows(features, self.coef_.device)
         num_blocks, num_grid, num_classes, d = self.coef_.shape
-        if x.ndim != 3 or x.shape[0] != num_blocks or x.shape[2] != d:
-            raise BadInputError(f"features must be ({num_blocks}, n, {d}), got shape {tuple(x.shape)}")
+        if source.shape[0] != num_blocks or source.shape[2] != d:
+            raise BadInputError(f"features must be ({num_blocks}, n, {d}), got shape {source.shape}")
         weight = self.coef_.reshape(num_blocks, num_grid * num_classes, d)
         bias = self.intercept_.reshape(num_blocks, num_grid * num_classes, 1)
-        for start in range(0, x.shape[1], chunk_size):
-            z = (x[:, start:start + chunk_size] - self.mean_[:, None]) / self.scale_[:, None]
+        for start, stop in source.chunks(min(chunk_size, self.chunk_rows or chunk_size)):
+            z = (source.read(start, stop).transpose(0, 1) - self.mean_[:, None]) / self.scale_[:, None]
             logits = torch.baddbmm(bias, weight, z.transpose(1, 2))         # (B, G*C, b)
             yield logits.view(num_blocks, num_grid, num_classes, -1)
 
@@ -310,7 +336,8 @@ class BlockwiseLinearProbes:
         """``(n, y, known)``: the sample count, each label's class position (n,) and whether the probes saw
         that class in training (n,) bool, on the probes' device."""
         y_np = np.asarray(labels)
-        n = np.shape(features)[1] if np.ndim(features) == 3 else -1
+        shape = features.shape if isinstance(features, BlockRows) else np.shape(features)
+        n = shape[1] if len(shape) == 3 else -1
         if y_np.shape != (n,):
             raise BadInputError(f"labels must be ({n},) to match the features, got shape {y_np.shape}")
         device = self.coef_.device
@@ -363,7 +390,9 @@ def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: 
             raise BadInputError("fit_probes stacks blocks, so they must have one width; use evaluate_linear, "
                                 "which groups blocks by width")
         n = len(train_labels)
-        features = _stack({b: train_blocks[b] for b in blocks}, blocks, np.arange(n), "train", torch.device(device))
+        for block in blocks:
+            _check_finite(train_blocks[block], block, "train")
+        features = BlockRows(train_blocks, blocks, None, split="train", device=device)
     else:
         features = train_blocks
     return BlockwiseLinearProbes(weight_decays=weight_decays, learning_rate=learning_rate, epochs=epochs,
@@ -420,32 +449,31 @@ def evaluate_linear_with_hits(train_blocks: Mapping[int, ArrayLike], train_label
     c_grid = sorted(float(c) for c in config.c_values)
     common = {"probe": "batched-sgd-kfac", "grid_c": c_grid, "lr": config.lr, "decay_fraction": config.decay_fraction,
               "epochs": config.epochs, "min_steps": config.min_steps, "batch_size": config.batch_size,
-              "momentum": config.momentum, "val_fraction": val_fraction, "refit": refit}
+              "momentum": config.momentum, "val_fraction": val_fraction, "refit": refit,
+              "memory_budget": config.memory_budget}
     schedule = {"learning_rate": config.lr, "epochs": config.epochs, "min_steps": config.min_steps,
                 "batch_size": config.batch_size, "momentum": config.momentum,
                 "decay_fraction": config.decay_fraction, "seed": seed, "device": device}
     rows: dict[int, list[MetricRow]] = {}
     hits: dict[int, np.ndarray] = {}
     for group in _block_groups(train_blocks, blocks, config.blocks_per_pass):
-        test_x = _stack(test_blocks, group, np.arange(len(test_labels)), split, device)  # checked early, used last
-        fit_x = _stack(train_blocks, group, fit_idx, "train", device)
-        val_x = _stack(train_blocks, group, val_idx, "train", device)
-        searched = _search_c(fit_x, train_labels[fit_idx], val_x, train_labels[val_idx], c_grid, config, schedule)
-        del fit_x, val_x
+        # Every split is read chunk by chunk from the features (memory maps stay lazy): at most one chunk of the
+        # group's blocks is in memory, ``config.memory_budget`` bytes for three float32 copies of it.
+        chunk_rows = chunk_rows_for(config.memory_budget, num_blocks=len(group),
+                                    dim=int(np.shape(train_blocks[group[0]])[1]))
+        rows_of = {"fit": fit_idx, "val": val_idx, "train": None}
+        sources = {name: BlockRows(train_blocks, group, index, split="train", device=device)
+                   for name, index in rows_of.items()}
+        test_x = BlockRows(test_blocks, group, None, split=split, device=device)
+        searched = _search_c(sources["fit"], train_labels[fit_idx], sources["val"], train_labels[val_idx], c_grid,
+                             config, {**schedule, "chunk_rows": chunk_rows})
         chosen = [best_c(found) for found in searched]
         # Selection is done: only now are the test features and labels used.
-        if refit:
-            train_x = _stack(train_blocks, group, np.arange(len(train_labels)), "train", device)
-            reported_wd = [weight_decay_for(c, len(train_labels)) for c in chosen]
-            final = BlockwiseLinearProbes(weight_decays=[[wd] for wd in reported_wd], **schedule
-                                          ).fit(train_x, train_labels)
-            del train_x
-        else:
-            fit_x = _stack(train_blocks, group, fit_idx, "train", device)
-            reported_wd = [weight_decay_for(c, len(fit_idx)) for c in chosen]
-            final = BlockwiseLinearProbes(weight_decays=[[wd] for wd in reported_wd], **schedule
-                                          ).fit(fit_x, train_labels[fit_idx])
-            del fit_x
+        final_rows, final_labels = (sources["train"], train_labels) if refit else (sources["fit"],
+                                                                                   train_labels[fit_idx])
+        reported_wd = [weight_decay_for(c, len(final_labels)) for c in chosen]
+        final = BlockwiseLinearProbes(weight_decays=[[wd] for wd in reported_wd], chunk_rows=chunk_rows, **schedule
+                                      ).fit(final_rows, final_labels)
         test_accuracy = final.score(test_x, test_labels)[:, 0]
         test_hits = final.correct(test_x, test_labels)[:, 0]
         for i, block in enumerate(group):
@@ -457,18 +485,18 @@ def evaluate_linear_with_hits(train_blocks: Mapping[int, ArrayLike], train_label
     return {block: rows[block] for block in blocks}, {block: hits[block] for block in blocks}
 
 
-def _search_c(fit_x: torch.Tensor, fit_labels: np.ndarray, val_x: torch.Tensor, val_labels: np.ndarray,
+def _search_c(fit_x: BlockRows, fit_labels: np.ndarray, val_x: BlockRows, val_labels: np.ndarray,
               c_grid: list[float], config: LinearProbeConfig, schedule: dict) -> list[dict[float, tuple[float, float]]]:
     """Train and score the grid for every block of a group, widening it past an edge where a block's best C lies.
 
     Args:
-        fit_x: (num_blocks, n_fit, d) fit-split features; val_x: (num_blocks, n_val, d).
+        fit_x: The fit split's rows of the group's blocks; val_x: the validation split's.
         c_grid: The sorted C values every block starts with.
 
     Returns:
         Per block, {C: (validation accuracy, validation cross-entropy)} for every C trained for it.
     """
-    num_blocks, n_fit = fit_x.shape[:2]
+    num_blocks, n_fit, _ = fit_x.shape
     ratio = _grid_ratio(c_grid)
     found: list[dict[float, tuple[float, float]]] = [{} for _ in range(num_blocks)]
     pending = {block: list(c_grid) for block in range(num_blocks)}  # block -> C values to train next
@@ -476,10 +504,10 @@ def _search_c(fit_x: torch.Tensor, fit_labels: np.ndarray, val_x: torch.Tensor, 
         # One pass for every block with work, on a per-block grid (heads are independent: same results as alone).
         members = sorted(pending)
         grid = np.array([pending[m] for m in members])                        # (B', G')
-        subset = fit_x if len(members) == num_blocks else fit_x[members]
+        every = len(members) == num_blocks
         probes = BlockwiseLinearProbes(weight_decays=1.0 / (grid * n_fit), **schedule
-                                       ).fit(subset, fit_labels)
-        accuracy, loss = probes.evaluate(val_x if len(members) == num_blocks else val_x[members], val_labels)
+                                       ).fit(fit_x if every else fit_x.subset(members), fit_labels)
+        accuracy, loss = probes.evaluate(val_x if every else val_x.subset(members), val_labels)
         for row, member in enumerate(members):
             for column, c in enumerate(pending[member]):
                 found[member][c] = (float(accuracy[row, column]), float(loss[row, column]))
@@ -671,65 +699,42 @@ def _finite_float32(features: ArrayLike, block: int, split: str) -> np.ndarray:
     return array
 
 
-def _stack(blocks_by_id: Mapping[int, ArrayLike], blocks: list[int], rows: np.ndarray, split: str,
-           device: torch.device) -> torch.Tensor:
-    """(len(blocks), len(rows), d) float32 on ``device``, read one block at a time (memory maps stay lazy).
+def _standardised_eigh(read, bounds: list[tuple[int, int]], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-block mean, scale and the eigendecomposition of the standardised covariance, in one pass over chunks.
 
-    The result is a view of sample-major memory (len(rows), len(blocks), d), the layout training gathers from.
-    """
-    d = np.shape(blocks_by_id[blocks[0]])[1]
-    stacked = torch.empty(len(rows), len(blocks), d, dtype=torch.float32, device=device)
-    whole = len(rows) == np.shape(blocks_by_id[blocks[0]])[0] and np.array_equal(rows, np.arange(len(rows)))
-    for i, block in enumerate(blocks):
-        features = blocks_by_id[block]
-        selected = features if whole else features[rows]
-        stacked[:, i] = torch.from_numpy(_finite_float32(selected, block, split))
-    return stacked.transpose(0, 1)
-
-
-def _covariance_eigh(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, *,
-                     chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition of each block's standardised covariance ``Z^T Z / n`` (Z = (x - mean) / scale).
-
-    The (B, d, d) covariance is accumulated over chunks of samples in float32 (one GEMM pass, a fraction of the
-    training FLOPs), then decomposed in float64 (``torch.linalg.eigh``, batched) so that the small eigenvalues,
-    which set the largest preconditioned steps, keep their sign and scale.
+    Sums and cross-products of each chunk (``read(start, stop)`` -> (rows, B, d) float32) are taken about the first
+    chunk's mean (so that a large common offset does not cancel catastrophically) and accumulated in float64;
+    ``torch.linalg.eigh`` (batched) runs in float64, so that the small eigenvalues, which set the largest
+    preconditioned steps, keep their sign and scale.
 
     Returns:
-        eigenvalues (B, d) ascending and clamped at 0, eigenvectors (B, d, d) as columns, both float32.
+        mean (B, 1, d), scale (B, 1, d) (population std; 1 for constant features), eigenvalues (B, d) ascending,
+        clamped at 0, and eigenvectors (B, d, d) as columns, all float32.
     """
-    num_blocks, n, d = x.shape
-    covariance = torch.zeros(num_blocks, d, d, device=x.device)
-    for start in range(0, n, chunk_size):
-        z = (x[:, start:start + chunk_size] - mean) / scale                   # (B, chunk, d)
-        covariance.baddbmm_(z.transpose(1, 2), z)
-    covariance = covariance.double() / n
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    return eigenvalues.clamp(min=0).float(), eigenvectors.float()
+    n = bounds[-1][1]
+    shift = total = cross = None
+    for start, stop in bounds:
+        chunk = read(start, stop).transpose(0, 1)                             # (B, rows, d)
+        if shift is None:
+            shift = chunk.mean(dim=1, keepdim=True)
+            total = torch.zeros(chunk.shape[0], chunk.shape[2], dtype=torch.float64, device=device)
+            cross = torch.zeros(chunk.shape[0], chunk.shape[2], chunk.shape[2], dtype=torch.float64, device=device)
+        centred = chunk - shift
+        total += centred.sum(dim=1, dtype=torch.float64)
+        cross += torch.bmm(centred.transpose(1, 2), centred).double()
+    mean_offset = total / n                                                    # (B, d)
+    covariance = cross / n - mean_offset[:, :, None] * mean_offset[:, None, :]
+    variance = torch.diagonal(covariance, dim1=1, dim2=2).clamp(min=0)
+    scale = torch.where(variance > 0, variance.sqrt(), torch.ones_like(variance))  # constant features stay at 0
+    standardised = covariance / (scale[:, :, None] * scale[:, None, :])
+    eigenvalues, eigenvectors = torch.linalg.eigh(standardised)
+    mean = (shift[:, 0].double() + mean_offset)[:, None].float()
+    return mean, scale[:, None].float(), eigenvalues.clamp(min=0).float(), eigenvectors.float()
 
 
-def _rotated_samples(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, *,
-                     chunk_size: int = 4096) -> torch.Tensor:
-    """(n, B, d) sample-major standardised features in each block's eigenbasis, ``((x - mean) / scale) @ U``.
-
-    Args:
-        x: (B, n, d) features; mean, scale: (B, 1, d); basis: (B, d, d) eigenvectors as columns.
-    """
-    num_blocks, n, d = x.shape
-    samples = torch.empty(n, num_blocks, d, device=x.device)
-    for start in range(0, n, chunk_size):
-        z = (x[:, start:start + chunk_size] - mean) / scale                   # (B, chunk, d)
-        samples[start:start + chunk_size] = torch.bmm(z, basis).transpose(0, 1)
-    return samples
 def _softmax_(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """In-place, numerically stable softmax: several times faster than ``Tensor.softmax`` on CPU over the ~10
     classes of a probe (torch 2.15: 0.46 vs 2.8 ms for (12, 256, 9, 10) over the last dim)."""
     logits.sub_(logits.amax(dim=dim, keepdim=True)).exp_()
     return logits.div_(logits.sum(dim=dim, keepdim=True))
-
-
-def _as_float32(features: ArrayLike, device: torch.device) -> torch.Tensor:
-    if isinstance(features, torch.Tensor):
-        return features.to(device=device, dtype=torch.float32)
-    return torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
-

@@ -260,6 +260,38 @@ def test_float16_memory_maps_are_read_as_float32(tmp_path, blocks):
     assert from_maps == from_arrays
 
 
+def test_streamed_probe_equals_the_in_memory_probe(tmp_path, decaying_blocks):
+    """Under a memory budget smaller than a split, the probe reads float16 memory maps chunk by chunk (statistics)
+    and batch by batch (training): the same selections and accuracies as with everything in memory."""
+    train, train_labels, test, test_labels = decaying_blocks
+    maps = {}
+    for name, source in (("train", train), ("test", test)):
+        maps[name] = {}
+        for b in (0, 3):
+            np.save(tmp_path / f"{name}{b}.npy", source[b].astype(np.float16))
+            maps[name][b] = np.load(tmp_path / f"{name}{b}.npy", mmap_mode="r")
+    budget = 600 * 2 * 96 * 4 * 3  # 600 rows of the 2 blocks at a time: a sixth of the train split
+    in_memory = evaluate_linear(maps["train"], train_labels, maps["test"], test_labels)
+    streamed = evaluate_linear(maps["train"], train_labels, maps["test"], test_labels,
+                               config=LinearProbeConfig(memory_budget=budget))
+    for b in (0, 3):
+        for row, other in zip(in_memory[b], streamed[b]):
+            assert row.params["C"] == other.params["C"] and row.params["grid_c_searched"] == \
+                other.params["grid_c_searched"]
+            assert row.value == pytest.approx(other.value, abs=0.001)  # 0.1 point
+    fit_idx, _ = carve_validation(train_labels, fraction=0.1, seed=0)
+    from mimprobe.metrics._block_rows import BlockRows
+    rows = BlockRows(maps["train"], [0, 3], fit_idx)
+    probes = BlockwiseLinearProbes(weight_decays=(1e-3,), chunk_rows=600).fit(rows, train_labels[fit_idx])
+    assert not probes.resident_
+    whole = BlockwiseLinearProbes(weight_decays=(1e-3,)).fit(rows, train_labels[fit_idx])
+    assert whole.resident_
+    torch.testing.assert_close(probes.coef_, whole.coef_, rtol=1e-4, atol=1e-5)
+    with pytest.raises(BadInputError, match="memory-budget"):
+        evaluate_linear(maps["train"], train_labels, maps["test"], test_labels,
+                        config=LinearProbeConfig(memory_budget=1000))
+
+
 def test_diverged_heads_are_flagged_and_never_chosen(blocks):
     train, train_labels, test, test_labels = blocks
     probes = fit_probes({0: train[0]}, train_labels, weight_decays=(1e-3, 1e-3), learning_rate=[0.3, 1e8], epochs=5)
