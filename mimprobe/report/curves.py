@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..metrics.profile import PRIMARY_K
 
-CHOSEN_PER_BLOCK = ("lr", "weight_decay", "C")   # selected on validation per block: not part of a curve's identity
+CHOSEN_PER_BLOCK = ("lr", "weight_decay", "C", "grid_c_searched")  # chosen per block on validation: not a curve's identity
 LOWER_IS_BETTER = ("cluster_davies_bouldin",)
 CLASS_METRIC = "knn_class_top1"
 _NAMES = {
