@@ -45,7 +45,7 @@ def sharded_neighbor_chunks(train: np.ndarray, query: np.ndarray, search_k: int,
                                                    Iterator[tuple[int, np.ndarray, np.ndarray]]],
                             group: dist.ProcessGroup, device: torch.device | None = None
                             ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first query row, (rows, search_k) similarities, (rows, search_k) global train indices), merged over
+    """Yield (first query row, (rows, search_k) float64 similarities, (rows, search_k) global indices), merged over
     the group, in chunks of ``chunk_rows`` queries (the same on every rank).
 
     Args:
@@ -66,7 +66,7 @@ def sharded_neighbor_chunks(train: np.ndarray, query: np.ndarray, search_k: int,
     local = shard_search(train[start_row:stop_row], local_k, start_row) if local_k > 0 else iter(())
     for start in range(0, n_query, chunk_rows):
         rows = min(start + chunk_rows, n_query) - start
-        sims = np.full((rows, search_k), -np.inf, np.float32)
+        sims = np.full((rows, search_k), -np.inf)  # float64, as the local searches' re-ranked similarities
         idx = np.full((rows, search_k), -1, np.int64)
         failure = None
         if local_k > 0:

@@ -2,12 +2,14 @@
 
 The same search as `knn._search` (FAISS): queries and bank are prepared by `knn._prepare` (read as float32,
 standardised with the train statistics if asked, L2-normalised by ``faiss.normalize_L2``), so both backends see
-bit-identical rows; only the inner products (two float32 GEMMs) and the tie order may differ. DINOv2's
-``KnnModule`` (facebookresearch/dinov2, ``dinov2/eval/knn.py``) does the same on the GPU: similarity
-``features @ bank.T`` and ``topk`` per chunk; here the bank is also cut into tiles of ``tile_rows`` columns so the
-(chunk, tile) similarity block stays within the budget, and streamed to the device shard by shard when it does not
-fit, the per-tile top-k lists merged (stable sort: on equal similarity, the lower bank row wins, as in the FAISS
-path's shard merge).
+bit-identical rows, and the float32 GEMM's k + 8 candidates are re-ranked by their float64 similarity
+(`rescore_tensors`, `knn.rescore`), so both return the same neighbours although their GEMMs round differently.
+
+DINOv2's ``KnnModule`` (facebookresearch/dinov2, ``dinov2/eval/knn.py``) searches the same way on the GPU:
+similarity ``features @ bank.T`` and ``topk`` per chunk. Here the bank is also cut into tiles of ``tile_rows``
+rows so that the (chunk, tile) similarity block stays within the budget, and streamed to the device shard by
+shard when it does not fit; the per-tile and per-shard top-k lists are merged (stable sort: on equal similarity
+the earlier tile or shard wins, as in the FAISS path's shard merge).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ DEFAULT_CHUNK_SIZE = 8192         # query rows per matmul, as the FAISS path
 DEFAULT_TILE_BYTES = 256 * 2 ** 20  # one (chunk, tile) float32 similarity block without a memory budget
 DEVICE_FREE_FRACTION = 0.9        # without a budget, a CUDA search plans for this share of the free memory
 _LIBRARY_BYTES = 8 * 2 ** 20      # kept aside for allocator slack and BLAS buffers, as the FAISS planner
-_RESULT_BYTES = 4 + 8             # one neighbour: float32 similarity + int64 index
+_RESULT_BYTES = 8 + 8             # one neighbour: float64 (re-ranked) similarity + int64 index
 _MERGE_BYTES = 60                 # per neighbour: concatenated pair, sort values and order, gathered indices
 _SCORE_BYTES = 8                  # per similarity: the float32 block and topk's workspace (conservative)
 
@@ -120,13 +122,13 @@ def plan_torch_search(n_train: int, n_query: int, dim: int, max_k: int, *, sourc
 def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
                  stats: tuple[np.ndarray, np.ndarray] | None, plan: TorchSearchPlan, device: torch.device,
                  threads: int | None, name: str, first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first query row, (rows, k) float32 similarities, (rows, k) int64 train indices) chunk by chunk.
+    """Yield (first query row, (rows, k) float64 similarities, (rows, k) int64 train indices) chunk by chunk.
 
     The contract of `knn._search`: decreasing similarities, leave-one-out drops each query's own row by index.
     Fewer than ``k`` bank rows: the missing neighbours are similarity -inf, index -1. ``first_row``: the index
     of ``train``'s first row in the whole bank (a process' shard), for messages.
     """
-    from .knn import _drop_self, _prepare
+    from .knn import RESCORE_MARGIN, _drop_self, _prepare
 
     n_train, n_query, dim = len(train), len(query), train.shape[1]
     search_k = k + int(exclude_self)
@@ -142,11 +144,14 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
             with _settings(threads):
                 chunk = bank[start:stop] if same_rows else _to_device(
                     _prepare(query, start, stop, buffer, stats, plan.chunk_rows, "query", name), device)
-                sims, idx = _as_numpy(*chunk_topk(chunk, bank, search_k, tile_rows=plan.tile_rows))
+                _, candidates = chunk_topk(chunk, bank, min(search_k + RESCORE_MARGIN, n_train),
+                                           tile_rows=plan.tile_rows)
+                sims, idx = _as_numpy(*rescore_tensors(chunk, bank, candidates, search_k,
+                                                       workspace_bytes=len(chunk) * plan.tile_rows * _SCORE_BYTES))
             yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
         return
     # The bank does not fit: each shard goes to the device once and meets every query chunk.
-    best_sims = torch.full((n_query, search_k), -torch.inf, dtype=torch.float32, device=device)
+    best_sims = torch.full((n_query, search_k), -torch.inf, dtype=torch.float64, device=device)
     best_idx = torch.full((n_query, search_k), -1, dtype=torch.int64, device=device)
     shard_buffer = np.empty((plan.shard_rows, dim), np.float32)
     query_buffer = np.empty((min(plan.chunk_rows, n_query), dim), np.float32)
@@ -159,9 +164,13 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
                 stop = min(start + plan.chunk_rows, n_query)
                 chunk = _to_device(_prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query",
                                             name), device)
-                sims, idx = chunk_topk(chunk, shard, search_k, tile_rows=plan.tile_rows, offset=shard_start)
+                _, candidates = chunk_topk(chunk, shard, min(search_k + RESCORE_MARGIN, len(shard)),
+                                           tile_rows=plan.tile_rows)
+                sims, idx = rescore_tensors(chunk, shard, candidates, min(search_k, len(shard)),
+                                            workspace_bytes=len(chunk) * plan.tile_rows * _SCORE_BYTES)
                 best_sims[start:stop], best_idx[start:stop] = merge_topk(best_sims[start:stop],
-                                                                         best_idx[start:stop], sims, idx)
+                                                                         best_idx[start:stop], sims,
+                                                                         idx + shard_start)
             del shard
     del shard_buffer, query_buffer
     for start in range(0, n_query, plan.chunk_rows):
@@ -188,6 +197,32 @@ def chunk_topk(chunk: torch.Tensor, bank: torch.Tensor, k: int, *, tile_rows: in
         del similarities
         best_sims, best_idx = merge_topk(best_sims, best_idx, sims, idx + (first + offset))
     return best_sims, best_idx
+
+
+def rescore_tensors(chunk: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, keep: int, *,
+                    workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`knn.rescore` on tensors: candidates re-ranked by their float64 inner product, the best ``keep`` kept.
+
+    On the CPU it is `knn.rescore` itself (on the tensors' memory), so the torch and FAISS backends re-rank with
+    the same arithmetic; on CUDA the float64 products run on the device, ``workspace_bytes`` (the similarity
+    tile's share of the budget, free by now) of candidate rows at a time.
+
+    Returns:
+        (rows, keep) float64 similarities, decreasing, and (rows, keep) int64 indices.
+    """
+    from .knn import rescore
+
+    if chunk.device.type == "cpu":
+        sims, idx = rescore(chunk.numpy(), bank.numpy(), candidates.numpy(), keep)
+        return torch.from_numpy(sims), torch.from_numpy(idx)
+    rows, m = candidates.shape
+    exact = torch.empty((rows, m), dtype=torch.float64, device=chunk.device)
+    step = max(1, int(workspace_bytes) // (m * chunk.shape[1] * 12))  # the float32 gather and its float64 copy
+    for first in range(0, rows, step):
+        rows_of = bank[candidates[first:first + step]].double()  # (step, m, dim)
+        exact[first:first + step] = torch.bmm(rows_of, chunk[first:first + step, :, None].double())[:, :, 0]
+    order = torch.sort(exact, dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.gather(exact, 1, order), torch.gather(candidates, 1, order)
 
 
 def merge_topk(best_sims: torch.Tensor, best_idx: torch.Tensor, sims: torch.Tensor,

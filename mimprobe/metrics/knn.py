@@ -19,9 +19,12 @@ classified in bounded memory. Read pages of a read-only memory map are handed ba
 
 Backends (``backend=``, ``device=``): FAISS on the CPU (the default); torch (`_knn_torch`) on the CPU or CUDA,
 chunked float32 matmul + ``topk`` on the same prepared rows, the bank streamed to the device in shards under the
-budget. They agree except on the order of exactly equal similarities (and GEMM rounding, a few 1e-7). With a
-torch.distributed ``process_group`` the bank is sharded across its ranks and the per-rank top-k lists are merged
-(`_knn_distributed`, the DINOv2 approach), with the same results as one process.
+budget. A float32 GEMM rounds similarities by a few 1e-7, differently in every library, so each search takes
+``RESCORE_MARGIN`` (8) candidates more and ranks them by the float64 products of the prepared float32 rows
+(`rescore`; returned similarities are those values); shards and ranks merge by them too. So the backends, any
+chunking and any number of processes return the same neighbours except where float64 similarities tie exactly
+(duplicate rows). With a torch.distributed ``process_group`` the bank is sharded across its ranks and the
+per-rank top-k lists are merged (`_knn_distributed`, the DINOv2 approach).
 
 Leave-one-out (``exclude_self=True``, train and query the same rows): each query searches one neighbour more
 and drops itself by index (not by similarity, so duplicates of a query still count as its neighbours).
@@ -55,9 +58,11 @@ DEFAULT_CHUNK_SIZE = 8192       # query rows per search: a multiple of faiss' 40
 STD_EPS = 1e-6                  # added to the train std, as MIM-Refiner's eval_knn_torchhub.py
 MIN_TEMPERATURE = 0.0015        # exp(1 / T) overflows float64 below 1/709
 TOP = 5                         # ranked classes kept per query (top-5 accuracy)
-_RESULT_BYTES = 4 + 8           # one neighbour: float32 similarity + int64 index
+_RESULT_BYTES = 8 + 8           # one neighbour: float64 (re-ranked) similarity + int64 index
 _LIBRARY_BYTES = 8 * 2 ** 20    # BLAS packing buffers, OpenMP stacks: 2-7 MiB measured on first faiss.knn calls
 _FAISS_TILE_COLUMNS = 1024      # faiss' BLAS similarity tile: 4096 queries x 1024 bank rows (blas_*_bs)
+RESCORE_MARGIN = 8              # float32 candidates beyond k, re-ranked by float64 similarity (see `rescore`)
+_RESCORE_BYTES = 2 * 2 ** 20    # candidate rows gathered at a time by `rescore` (within _LIBRARY_BYTES)
 
 
 def _check_protocol(ks: Sequence[int], temperatures: Sequence[float], weighting: str) -> None:
@@ -227,14 +232,16 @@ def _moments(train: np.ndarray, *, chunk_size: int, name: str,
     """
     n_rows, dim = train.shape
     count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
-    rows = max(1, chunk_size // 2)  # the chunk and its deviations are both alive
+    rows = max(1, chunk_size // 3)  # the float32 chunk (4 bytes a value) and its float64 deviations (8) are alive
     buffer = np.empty((min(rows, n_rows), dim), np.float32)
     for start in range(0, n_rows, rows):
         chunk = _read_rows(train, start, min(start + rows, n_rows), buffer, "train", name, first_row)
         chunk_mean = chunk.mean(axis=0, dtype=np.float64)
-        deviation = chunk - chunk_mean.astype(np.float32)
-        np.square(deviation, out=deviation)
-        chunk_m2 = deviation.sum(axis=0, dtype=np.float64)
+        # float64 deviations: float32 ones round at 1e-7 and make the std depend on the chunking, so backends
+        # planned with other chunk sizes (and process groups) would standardise by a std one ulp apart
+        deviation = chunk - chunk_mean
+        chunk_m2 = np.einsum("ij,ij->j", deviation, deviation)
+        del deviation
         chunk_count = len(chunk)
         total = count + chunk_count
         delta = chunk_mean - mean
@@ -487,9 +494,12 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
     n_train, n_query, dim = len(train), len(query), int(train.shape[1])
     search_k = k + int(exclude_self)
     itemsize = _itemsize(train, query)
+    # per chunk row: the margin candidates (similarity + index) and the re-ranking's float64 values and order
+    rescore_bytes = RESCORE_MARGIN * _RESULT_BYTES + (search_k + RESCORE_MARGIN) * 16
     if process_group is None:
         plan = _plan(engine, n_train, n_query, dim, search_k, num_classes=num_classes, source_itemsize=itemsize,
-                     chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget)
+                     chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget,
+                     extra_row_bytes=rescore_bytes)
         stats = standardization_stats(train, chunk_size=plan.chunk_rows, name=name) if standardize else None
         yield from _local_chunks(engine, train, query, k, exclude_self=exclude_self, stats=stats, plan=plan,
                                  device=torch_device, threads=threads, name=name)
@@ -506,7 +516,7 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
     # all-gather each); a chunk row also holds world_size gathered lists and their merge (3 copies, 12 B each).
     plan = _plan(engine, -(-n_train // world_size), n_query, dim, search_k, num_classes=num_classes,
                  source_itemsize=itemsize, chunk_size=chunk_size, shard_size=shard_size, memory_budget=memory_budget,
-                 extra_row_bytes=3 * world_size * search_k * _RESULT_BYTES)
+                 extra_row_bytes=rescore_bytes + 3 * world_size * search_k * _RESULT_BYTES)
     stats = None
     if standardize:
         first, last = distributed.shard_bounds(n_train, dist.get_rank(process_group), world_size)
@@ -558,9 +568,10 @@ def _local_chunks(engine: str, train: np.ndarray, query: np.ndarray, k: int, *, 
 def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
             stats: tuple[np.ndarray, np.ndarray] | None, plan: SearchPlan, name: str,
             first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first query row, (rows, k) similarities, (rows, k) train indices) chunk by chunk, in order.
+    """Yield (first query row, (rows, k) float64 similarities, (rows, k) train indices) chunk by chunk, in order.
 
-    ``first_row``: the index of ``train``'s first row in the whole bank (a process' shard), for messages.
+    Similarities are float64 products of the prepared float32 rows (`rescore`). ``first_row``: the index of
+    ``train``'s first row in the whole bank (a process' shard), for messages.
     """
     n_train, n_query = len(train), len(query)
     search_k = k + int(exclude_self)
@@ -572,11 +583,13 @@ def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
             stop = min(start + plan.chunk_rows, n_query)
             chunk = bank[start:stop] if same_rows else _prepare(query, start, stop, buffer, stats, plan.chunk_rows,
                                                                 "query", name)
-            sims, idx = faiss.knn(chunk, bank, search_k, metric=faiss.METRIC_INNER_PRODUCT)
+            sims, idx = faiss.knn(chunk, bank, min(search_k + RESCORE_MARGIN, n_train),
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+            sims, idx = rescore(chunk, bank, idx, search_k)
             yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
         return
     # The bank does not fit: every shard is searched by every query chunk, the top search_k merged.
-    best_sims = np.full((n_query, search_k), -np.inf, np.float32)
+    best_sims = np.full((n_query, search_k), -np.inf)  # float64: shards merge by the re-ranked similarities
     best_idx = np.full((n_query, search_k), -1, np.int64)
     shard_buffer = np.empty((plan.shard_rows, train.shape[1]), np.float32)
     query_buffer = np.empty((min(plan.chunk_rows, n_query), train.shape[1]), np.float32)
@@ -584,17 +597,49 @@ def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
         shard_stop = min(shard_start + plan.shard_rows, n_train)
         shard = _prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows, "train", name,
                          first_row)
-        shard_k = min(search_k, len(shard))
+        shard_k = min(search_k + RESCORE_MARGIN, len(shard))
         for start in range(0, n_query, plan.chunk_rows):
             stop = min(start + plan.chunk_rows, n_query)
             chunk = _prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query", name)
             sims, idx = faiss.knn(chunk, shard, shard_k, metric=faiss.METRIC_INNER_PRODUCT)
+            sims, idx = rescore(chunk, shard, idx, min(search_k, len(shard)))
             _merge_into(best_sims[start:stop], best_idx[start:stop], sims, idx + shard_start)
     del shard_buffer, query_buffer
     for start in range(0, n_query, plan.chunk_rows):
         stop = min(start + plan.chunk_rows, n_query)
         sims, idx = best_sims[start:stop], best_idx[start:stop]
         yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+
+
+def rescore(queries: np.ndarray, bank: np.ndarray, candidates: np.ndarray,
+            keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank each query's candidate bank rows by their float64 inner product and keep the best ``keep``.
+
+    A float32 GEMM (FAISS' BLAS, torch's CPU or CUDA kernels) rounds similarities by a few 1e-7, differently in
+    each library, so two neighbours closer than that may come out in either order. Searching ``RESCORE_MARGIN``
+    candidates more and ranking them by the float64 products of the same prepared float32 rows makes every
+    backend return the same neighbours except where the float64 similarities tie.
+
+    Args:
+        queries: (rows, dim) prepared float32 queries.
+        bank: (n_bank, dim) prepared float32 bank rows.
+        candidates: (rows, m) int64 bank rows per query, m >= keep, all valid.
+        keep: Neighbours to keep.
+
+    Returns:
+        (rows, keep) float64 similarities, decreasing, and (rows, keep) int64 indices; equal values keep the
+        candidates' order. Shard and rank merges compare these float64 values (float32 would tie neighbours
+        whose similarities differ by less than its rounding).
+    """
+    rows, m = candidates.shape
+    exact = np.empty((rows, m))
+    step = max(1, _RESCORE_BYTES // (m * queries.shape[1] * 12))  # the float32 gather and its float64 copy
+    for first in range(0, rows, step):
+        last = min(first + step, rows)
+        rows_of = bank[candidates[first:last]].astype(np.float64)  # (step, m, dim)
+        exact[first:last] = np.matmul(rows_of, queries[first:last, :, None].astype(np.float64))[:, :, 0]
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
 
 def _itemsize(*arrays: np.ndarray) -> int:

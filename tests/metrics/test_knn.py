@@ -178,9 +178,9 @@ def test_memory_budget_plans_shards():
     # 10,000 x 64 float32 = 2.56 MB: half of a 1 MB budget cannot hold it, so the bank is sharded
     plan = plan_search(10_000, 500, 64, 21, memory_budget=1_000_000)
     assert plan.sharded(10_000)
-    assert plan.shard_rows * 64 * 4 + plan.chunk_rows * (64 * 4 + 21 * 12) + 500 * 21 * 12 <= 1_000_000
+    assert plan.shard_rows * 64 * 4 + plan.chunk_rows * (64 * 4 + 21 * 16) + 500 * 21 * 16 <= 1_000_000
     assert not plan_search(1_000, 500, 64, 21, memory_budget=100_000_000).sharded(1_000)
-    assert chunk_rows_for_budget(10_000, dim=64, max_k=21) == 10_000 // (64 * 4 + 21 * 12)
+    assert chunk_rows_for_budget(10_000, dim=64, max_k=21) == 10_000 // (64 * 4 + 21 * 16)
     with pytest.raises(BadInputError, match="budget"):
         chunk_rows_for_budget(100, dim=64, max_k=21)
 
@@ -199,8 +199,8 @@ def test_float16_memmap_input(tmp_path):
     assert isinstance(train, np.memmap) and train.dtype == np.float16
     common = dict(ks=(5, 20), temperatures=(0.07,), num_classes=6, standardize=True, keep_scores=True)
     in_memory = knn_predict(np.asarray(train, np.float32), y_train, np.asarray(query, np.float32), **common)
-    assert plan_search(400, 90, 12, 20, num_classes=6, memory_budget=36_000).sharded(400)
-    for plan in ({"chunk_size": 32}, {"memory_budget": 36_000}):
+    assert plan_search(400, 90, 12, 20, num_classes=6, memory_budget=48_000).sharded(400)
+    for plan in ({"chunk_size": 32}, {"memory_budget": 48_000}):
         mapped = knn_predict(train, y_train, query, **plan, **common)
         for key in in_memory.ranked:
             np.testing.assert_array_equal(mapped.ranked[key], in_memory.ranked[key])

@@ -21,7 +21,6 @@ import pytest
 from mimprobe.errors import BadInputError
 from mimprobe.metrics.knn import evaluate_knn_with_hits, knn_neighbors
 
-GAP = 1e-6
 CLASSES = [str(c) for c in range(6)]
 
 
@@ -51,8 +50,8 @@ def run_cases(folder: Path, process_group=None) -> dict[str, object]:
     twins = np.load(folder / "twins.npy")
     group = {"process_group": process_group}
     out: dict[str, object] = {}
-    for backend, plan in (("faiss", {}), ("torch", {}), ("faiss", {"memory_budget": 60_000}),
-                          ("torch", {"memory_budget": 60_000, "chunk_size": 16})):
+    for backend, plan in (("faiss", {}), ("torch", {}), ("faiss", {"memory_budget": 70_000}),
+                          ("torch", {"memory_budget": 70_000, "chunk_size": 16})):
         tag = f"{backend}{'-budget' if plan else ''}"
         for exclude_self in (False, True):
             bank_query = train if exclude_self else query
@@ -99,16 +98,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         sharded = np.load(tmp_path / f"rank{rank}.npz", allow_pickle=False)
         rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for key, expected in single.items():
-            if key.endswith("-sims"):
-                np.testing.assert_allclose(sharded[key], expected, atol=GAP, err_msg=key)
-                gaps = np.diff(expected, axis=1)
-                assert (gaps < -GAP).all(), f"{key}: near-ties in the test data"
-            elif key.endswith("-rows"):
+            if key.endswith("-rows"):
                 assert [tuple(row) for row in rows[key]] == expected, key
             elif key.startswith("bad"):
                 where = "" if rank == 1 else "k-NN failed on rank 1 of the process group: "
                 assert rows[key] == where + expected, key
-            else:
+            else:  # neighbours and similarities exactly: every split ranks by float64 products of the same rows
                 np.testing.assert_array_equal(sharded[key], expected, err_msg=key)
 
 

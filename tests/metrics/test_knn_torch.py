@@ -1,8 +1,9 @@
 """The torch k-NN backend (chunked matmul + topk, CPU here, CUDA when present) against the FAISS backend.
 
-Both prepare bit-identical float32 rows (`knn._prepare`); only the GEMM's rounding and the order of exactly equal
-similarities may differ. So neighbours and predictions are compared on the queries whose k-th and (k+1)-th
-similarities differ by more than ``GAP`` (FAISS' own numbers), and the tests require almost all queries to be such.
+Both prepare bit-identical float32 rows (`knn._prepare`) and re-rank their float32 GEMM candidates by float64
+similarity (`knn.rescore`), so on the CPU they must return identical neighbours, similarities, votes and rows
+(no tolerance), although the two GEMMs round differently; a float64 brute force checks the re-ranking itself on
+data made of near-duplicates, where float32 GEMMs misorder neighbours.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import torch
 
 from mimprobe.errors import BadInputError
 from mimprobe.metrics._knn_torch import TorchSearchPlan, plan_torch_search, torch_search
-from mimprobe.metrics.knn import (PRESETS, evaluate_knn_with_hits, knn_neighbors, knn_predict, resolve_backend,
-                                  standardization_stats)
-
-GAP = 1e-6  # float32 GEMMs of unit vectors agree to a few 1e-7
+from mimprobe.metrics.knn import (PRESETS, _prepare, evaluate_knn_with_hits, knn_neighbors, knn_predict,
+                                  resolve_backend, standardization_stats)
 
 
 def random_features(n_train=600, n_query=150, dim=32, num_classes=7, seed=0):
@@ -44,27 +43,10 @@ def spectrum_features(n_train=700, n_query=160, dim=48, num_classes=10, seed=1):
     return x_train, y_train, x_query, y_query
 
 
-def clear_rows(train, query, k, *, exclude_self, standardize):
-    """Queries whose k-th and (k+1)-th FAISS similarities differ by more than GAP: their top-k set is unique."""
-    available = len(train) - int(exclude_self)
-    if k >= available:
-        return np.ones(len(query), bool)
-    sims, _ = knn_neighbors(train, query, k + 1, exclude_self=exclude_self, standardize=standardize)
-    return sims[:, k - 1] - sims[:, k] > GAP
-
-
-def assert_same_neighbors(reference, ours, clear):
+def assert_same_neighbors(reference, ours):
     (ref_sims, ref_idx), (sims, idx) = reference, ours
-    np.testing.assert_allclose(sims, ref_sims, atol=GAP)  # sorted lists agree even where equal values swap
-    np.testing.assert_array_equal(np.sort(idx[clear], axis=1), np.sort(ref_idx[clear], axis=1))
-    # inside the list, the order is fixed wherever both neighbours of a position are more than GAP apart
-    gaps = np.diff(ref_sims, axis=1) < -GAP
-    fixed = np.ones_like(ref_sims, bool)
-    fixed[:, 1:] &= gaps
-    fixed[:, :-1] &= gaps
-    fixed &= clear[:, None]
-    assert fixed.mean() > 0.9
-    np.testing.assert_array_equal(idx[fixed], ref_idx[fixed])
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(sims, ref_sims)
 
 
 def assert_backends_agree(train, train_labels, query, query_labels, preset, *, exclude_self=False, **plan):
@@ -72,29 +54,25 @@ def assert_backends_agree(train, train_labels, query, query_labels, preset, *, e
     k = max(preset.ks)
     if plan.pop("budget", None):
         plan = streaming_budget(train, query, k + int(exclude_self))
-    clear = clear_rows(train, query, k, exclude_self=exclude_self, standardize=preset.standardize)
-    assert clear.mean() > 0.95, "the data have too many near-ties to test anything"
     common = dict(exclude_self=exclude_self, standardize=preset.standardize)
     assert_same_neighbors(knn_neighbors(train, query, k, **common),
-                          knn_neighbors(train, query, k, backend="torch", device="cpu", **common, **plan), clear)
+                          knn_neighbors(train, query, k, backend="torch", device="cpu", **common, **plan))
     names = [str(c) for c in range(int(max(train_labels.max(), query_labels.max())) + 1)]
     args = dict(preset=preset, split="test", class_names=names, exclude_self=exclude_self)
     faiss_rows, faiss_hits = evaluate_knn_with_hits(train, train_labels, query, query_labels, **args)
     torch_rows, torch_hits = evaluate_knn_with_hits(train, train_labels, query, query_labels, backend="torch",
                                                     **args, **plan)
+    assert torch_rows == faiss_rows
     assert faiss_hits.keys() == torch_hits.keys()
     for key in faiss_hits:
-        np.testing.assert_array_equal(torch_hits[key][clear], faiss_hits[key][clear])
-    if clear.all():
-        assert torch_rows == faiss_rows
+        np.testing.assert_array_equal(torch_hits[key], faiss_hits[key])
     predict = dict(ks=preset.ks, temperatures=preset.temperatures, weighting=preset.weighting,
                    num_classes=len(names), keep_scores=True, **common)
     faiss_pred = knn_predict(train, train_labels, query, **predict)
     torch_pred = knn_predict(train, train_labels, query, backend="torch", **predict, **plan)
     for key in faiss_pred.ranked:
-        np.testing.assert_array_equal(torch_pred.ranked[key][clear, 0], faiss_pred.ranked[key][clear, 0])
-        np.testing.assert_allclose(torch_pred.scores[key][clear], faiss_pred.scores[key][clear], rtol=1e-4)
-    return clear
+        np.testing.assert_array_equal(torch_pred.ranked[key], faiss_pred.ranked[key])
+        np.testing.assert_array_equal(torch_pred.scores[key], faiss_pred.scores[key])
 
 
 # the bank whole; query chunks and bank shards that divide nothing; "budget": a memory budget that streams the bank
@@ -103,7 +81,7 @@ SMALL_PLANS = [{}, {"chunk_size": 23, "shard_size": 97}, "budget"]
 
 def streaming_budget(train, query, search_k):
     """A memory budget (bytes) under which the torch planner holds about half the bank per shard."""
-    bank, results = train.shape[0] * train.shape[1] * 4, len(query) * search_k * 12
+    bank, results = train.shape[0] * train.shape[1] * 4, len(query) * search_k * 16
     return {"memory_budget": int((results + bank) * 4 / 3), "shard_size": len(train) // 3 + 1}
 
 
@@ -134,7 +112,7 @@ def test_small_budget_streams_the_bank():
     plan = plan_torch_search(700, 160, 48, 21, memory_budget=160_000)
     assert plan.sharded(700) and plan.chunk_rows < 160
     per_row = 48 * 8 + 21 * 60
-    used = plan.shard_rows * 48 * 4 + 160 * 21 * 12 + plan.chunk_rows * (per_row + 8 * plan.tile_rows)
+    used = plan.shard_rows * 48 * 4 + 160 * 21 * 16 + plan.chunk_rows * (per_row + 8 * plan.tile_rows)
     assert used <= 160_000
     # without a budget, a (chunk, tile) similarity block is 256 MiB: 8192 queries x 8192 bank rows
     assert plan_torch_search(1_000_000, 50_000, 768, 11) == TorchSearchPlan(8192, 1_000_000, 8192)
@@ -144,33 +122,59 @@ def test_small_budget_streams_the_bank():
         plan_torch_search(700, 160, 48, 201, memory_budget=100_000)
 
 
-@pytest.mark.parametrize("exclude_self", [False, True])
-def test_every_tile_and_shard_merge_is_exact(exclude_self):
-    # direct plans with shards, tiles and chunks that do not divide the rows; float64 brute force as reference
-    x_train, _, x_query, _ = spectrum_features(n_train=211, n_query=53, seed=3)
-    query = x_train if exclude_self else x_query
-    mean, std = standardization_stats(x_train)
-    a = (x_train.astype(np.float64) - mean) / std
-    b = (query.astype(np.float64) - mean) / std
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
+def float64_reference(train, query, k, *, exclude_self=False, stats=None):
+    """Neighbours by the float64 similarity of the prepared (standardised, L2-normalised float32) rows."""
+    a = _prepare(train, 0, len(train), None, stats, 64, "train", "f").astype(np.float64)
+    b = _prepare(query, 0, len(query), None, stats, 64, "query", "f").astype(np.float64)
     full = b @ a.T
     if exclude_self:
         np.fill_diagonal(full, -np.inf)
-    order = np.argsort(-full, axis=1, kind="stable")[:, :12]
+    order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(full, order, axis=1).astype(np.float32), order
+
+
+def near_duplicates(seed=7):
+    """30 directions, each 12 times with a 1e-7 perturbation: neighbours whose similarities differ by about the
+    rounding of a float32 dot product; queries near the directions."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((30, 64))
+    train = np.repeat(base, 12, axis=0) * (1 + 1e-7 * rng.standard_normal((360, 64)))
+    query = base[rng.integers(0, 30, 40)] + 0.1 * rng.standard_normal((40, 64))
+    return train.astype(np.float32), query.astype(np.float32)
+
+
+def test_near_duplicates_are_ranked_by_float64_similarity():
+    import faiss
+
+    train, query = near_duplicates()
+    ref_sims, ref_idx = float64_reference(train, query, 5)
+    prepared = [_prepare(x, 0, len(x), None, None, 64, "r", "f") for x in (train, query)]
+    _, raw = faiss.knn(prepared[1], prepared[0], 5, metric=faiss.METRIC_INNER_PRODUCT)
+    assert (raw != ref_idx).any(), "float32 GEMM order should differ from the float64 order on these data"
+    for backend, plan in (("faiss", {}), ("torch", {}), ("faiss", {"shard_size": 50}),
+                          ("torch", {"shard_size": 50, "chunk_size": 7})):
+        sims, idx = knn_neighbors(train, query, 5, backend=backend, **plan)
+        np.testing.assert_array_equal(idx, ref_idx, err_msg=f"{backend} {plan}")
+        np.testing.assert_array_equal(sims, ref_sims, err_msg=f"{backend} {plan}")
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_every_tile_and_shard_merge_is_exact(exclude_self):
+    # direct plans with shards, tiles and chunks that do not divide the rows, against the float64 brute force
+    x_train, _, x_query, _ = spectrum_features(n_train=211, n_query=53, seed=3)
+    query = x_train if exclude_self else x_query
+    stats = standardization_stats(x_train)
+    ref_sims, ref_idx = float64_reference(x_train, query, 12, exclude_self=exclude_self, stats=stats)
     for plan in (TorchSearchPlan(chunk_rows=10, shard_rows=211, tile_rows=13),
                  TorchSearchPlan(chunk_rows=53, shard_rows=40, tile_rows=7),
                  TorchSearchPlan(chunk_rows=17, shard_rows=29, tile_rows=29)):
         sims = np.empty((len(query), 12), np.float32)
         idx = np.empty((len(query), 12), np.int64)
-        for start, s, i in torch_search(x_train, query, 12, exclude_self=exclude_self, stats=(mean, std), plan=plan,
+        for start, s, i in torch_search(x_train, query, 12, exclude_self=exclude_self, stats=stats, plan=plan,
                                         device=torch.device("cpu"), threads=None, name="f"):
             sims[start:start + len(s)], idx[start:start + len(i)] = s, i
-        np.testing.assert_allclose(sims, np.take_along_axis(full, order, axis=1), atol=1e-6)
-        gap = np.diff(np.take_along_axis(full, np.argsort(-full, axis=1)[:, :13], axis=1), axis=1)
-        clear = (gap < -1e-5).all(axis=1)
-        assert clear.mean() > 0.8
-        np.testing.assert_array_equal(idx[clear], order[clear])
+        np.testing.assert_array_equal(idx, ref_idx, err_msg=str(plan))
+        np.testing.assert_array_equal(sims, ref_sims, err_msg=str(plan))
 
 
 def test_leave_one_out_drops_self_among_duplicates():
@@ -196,7 +200,6 @@ def test_float16_memmap_and_threads(tmp_path):
     train = np.load(path, mmap_mode="r")
     threads = torch.get_num_threads()
     in_memory = np.asarray(train, np.float32)
-    clear = clear_rows(in_memory, x_query, 10, exclude_self=False, standardize=True)
     reference = knn_neighbors(in_memory, x_query, 10, standardize=True)
     torch.set_float32_matmul_precision("high")  # as training code may leave it (TF32 on CUDA)
     try:
@@ -205,7 +208,7 @@ def test_float16_memmap_and_threads(tmp_path):
         assert torch.get_float32_matmul_precision() == "high"  # set to "highest" only while searching
     finally:
         torch.set_float32_matmul_precision("highest")
-    assert_same_neighbors(reference, ours, clear)
+    assert_same_neighbors(reference, ours)
     assert torch.get_num_threads() == threads  # restored
 
 
@@ -236,9 +239,10 @@ def test_cuda_equals_faiss(plan):
     x_train, y_train, x_query, y_query = spectrum_features()
     torch.set_float32_matmul_precision("high")  # as training code leaves it: the search must still be exact
     try:
-        clear = clear_rows(x_train, x_query, 20, exclude_self=False, standardize=False)
-        assert_same_neighbors(knn_neighbors(x_train, x_query, 20),
-                              knn_neighbors(x_train, x_query, 20, device="cuda", **plan), clear)
+        reference = knn_neighbors(x_train, x_query, 20)
+        sims, idx = knn_neighbors(x_train, x_query, 20, device="cuda", **plan)
+        np.testing.assert_array_equal(idx, reference[1])  # float64 re-ranking on the device: ties only at 1e-16
+        np.testing.assert_allclose(sims, reference[0], rtol=0, atol=1e-7)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision("highest")
