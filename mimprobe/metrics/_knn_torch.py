@@ -82,7 +82,9 @@ def plan_torch_search(n_train: int, n_query: int, dim: int, max_k: int, *, sourc
     the rest, else the (n_query, max_k) merged results are set aside and the rest split evenly between a bank shard
     and a query chunk with its similarity tile. A query row costs its float32 copy (and the source row being
     read), its results and merge temporaries, ``extra_row_bytes`` (the caller's class votes), and 8 bytes per
-    tile column. Explicit sizes are upper bounds.
+    tile column. Explicit sizes are upper bounds. Outside the budget: torch's own start-up, once per process (its
+    first CPU matmul and topk raised RSS by about 50 MiB here; measured: float16 memory-mapped bank of twice a
+    48 MiB budget, peak RSS 42 MiB above the RSS after that start-up; FAISS 32 MiB), and on CUDA the context.
 
     Raises:
         BadInputError: A size below 1, or a budget too small for one row.
