@@ -126,7 +126,8 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store of these settings (damaged, or to "
                                    "start again) and extract it anew."),
     verify: bool = typer.Option(False, "--verify", help="Before reusing or resuming the store, read every value "
-                                "(finite, no lost writes) and compare its labels with the data's."),
+                                "(finite, no lost writes), compare its labels with the data's and extract the first "
+                                "batch of every split again to compare."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),

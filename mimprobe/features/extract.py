@@ -194,8 +194,9 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         wait: When another run is writing the same store, wait for it (then reuse or resume its store) instead of
             raising `LockedError` (exit code 2) naming its pid.
         overwrite: Delete an existing store of the same key (damaged, or to start again) and extract anew.
-        verify: Before reusing or resuming a store, read every recorded value (finite, no lost writes) and compare
-            its labels with the data's (the structure of a store is always checked when it is opened).
+        verify: Before reusing or resuming a store, read every recorded value (finite, no lost writes), compare its
+            labels with the data's and extract the first batch of every split again to compare (the structure of a
+            store is always checked when it is opened).
 
     Raises:
         BadInputError: Bad paths, names, options or images (the message says what to fix).
@@ -261,7 +262,11 @@ def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], lo
         manifest = FeatureStore.open(store_dir, verify=verify).manifest  # damaged: one line naming the file
         if verify:
             _check_labels(store_dir, manifest, source)
-            say(f"verified feature store {store_dir}: every file and value checked")
+            _check_first_batches(store_dir, manifest, source=source, loaded=loaded, structure=structure,
+                                 data_config=data_config, device=device, precision=precision, config=config, key=key,
+                                 key_fields=key_fields, blocks=blocks, feature_dims=feature_dims)
+            say(f"verified feature store {store_dir}: every file and value checked, and the first batch of every "
+                "split recomputed")
         if manifest.get("key") != key:
             raise MimprobeError(f"{store_dir} holds a store with another key (hash prefix collision); "
                                 "move it away and run again")
@@ -292,6 +297,51 @@ def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], lo
         say(f"skipped {len(manifest['bad_images'])} unreadable images (listed in {manifest_path})")
     return ExtractResult(FeatureStore(store_dir, manifest), reused=False, resumed=resumed, images=images,
                          seconds=seconds, messages=messages)
+
+
+VERIFY_TOLERANCE = 1e-2  # of the largest stored magnitude: float16 rounding and another device's kernels stay below
+
+
+def _check_first_batches(store_dir: Path, manifest: dict[str, Any], *, source: DataSource, loaded: LoadedModel,
+                         structure: dict[str, Any], data_config: dict[str, Any], device: torch.device, precision: str,
+                         config: ExtractConfig, key: str, key_fields: dict[str, Any], blocks: list[int],
+                         feature_dims: dict[str, int]) -> None:
+    """Extract the first recorded batch of every split again (the store's batch size, so the same batch) into a
+    scratch store beside it, through the same code, and compare: rows that no longer match the images and weights
+    of the key (edited, or written by another version) fail here.
+
+    Raises:
+        DamagedStoreError: A feature file whose first rows differ from the fresh ones, named with the difference.
+    """
+    batch = manifest["batch_size"]
+    firsts = {name: min(batch, manifest["progress"][name]) for name in source.splits if manifest["progress"][name]}
+    if not firsts:
+        return
+    subset = replace(source, splits={
+        name: replace(split, labels=split.labels[:firsts[name]],
+                      paths=split.paths[:firsts[name]] if split.paths is not None else None,
+                      images=split.images[:firsts[name]] if split.images is not None else None)
+        for name, split in source.splits.items() if name in firsts})
+    scratch_config = replace(config, batch_size=batch, skip_bad_images=True)  # skipped rows are zeros in both
+    with tempfile.TemporaryDirectory(dir=store_dir.parent, prefix=".verify-") as scratch:
+        scratch_dir = Path(scratch) / store_dir.name
+        scratch_manifest = _new_store(scratch_dir, key=key, key_fields=key_fields, loaded=loaded, structure=structure,
+                                      source=subset, data_config=data_config, blocks=blocks, config=scratch_config,
+                                      precision=precision, feature_dims=feature_dims)
+        _run(scratch_manifest, scratch_dir, source=subset, loaded=loaded, structure=structure, data_config=data_config,
+             device=device, precision=precision, config=scratch_config, progress=False, on_batch=None)
+        for name, rows in firsts.items():
+            for block in manifest["blocks"]:
+                for pooling in manifest["poolings"]:
+                    file = f"{name}/{feature_filename(block, pooling)}"
+                    stored = np.load(store_dir / file, mmap_mode="r")[:rows].astype(np.float32)
+                    fresh = np.load(scratch_dir / file).astype(np.float32)
+                    scale = max(float(np.abs(fresh).max()), 1e-6)
+                    difference = float(np.abs(stored - fresh).max())
+                    if difference > VERIFY_TOLERANCE * scale:
+                        raise DamagedStoreError(store_dir, file, f"rows 0-{rows - 1} differ from the same images "
+                                                f"extracted again (max difference {difference:.3g}, values up to "
+                                                f"{scale:.3g}): the images or weights changed under the same key")
 
 
 def _check_labels(store_dir: Path, manifest: dict[str, Any], source: DataSource) -> None:

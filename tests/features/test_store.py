@@ -121,6 +121,23 @@ def test_verify_reads_every_value(store, tmp_path, damage, message):
     assert extract("test_vit", DATA, out=tmp_path / "features", verify=True, **OPTIONS).reused
 
 
+def test_verify_extracts_the_first_batch_again_and_compares(store, tmp_path):
+    """Rows edited to other plausible values (finite, not zero, sizes intact) differ from the images' features."""
+    features = np.load(store.path / "train" / "block05_cls.npy", mmap_mode="r+")
+    features[1] *= 1.5
+    features.flush()
+    del features
+    with pytest.raises(DamagedStoreError, match=r"train/block05_cls.npy rows 0-3 differ from the same images extracted "
+                                                r"again \(max difference [0-9.]+, values up to [0-9.]+\)"):
+        extract("test_vit", DATA, out=tmp_path / "features", verify=True, **OPTIONS)
+    assert sorted(path.name for path in (tmp_path / "features").iterdir()) == [f".{store.path.name}.lock",
+                                                                                store.path.name]  # scratch removed
+    extract("test_vit", DATA, out=tmp_path / "features", overwrite=True, **OPTIONS)
+    messages: list[str] = []
+    assert extract("test_vit", DATA, out=tmp_path / "features", verify=True, log=messages.append, **OPTIONS).reused
+    assert messages[0].endswith("every file and value checked, and the first batch of every split recomputed")
+
+
 def test_cli_damaged_store_is_one_line_exit_2_for_profile_and_extract(store, tmp_path):
     os.truncate(store.path / "test" / "labels.npy", 150)
     profile = CliRunner().invoke(app, ["profile", str(store.path), "--out", str(tmp_path / "p"), "--no-progress"])
