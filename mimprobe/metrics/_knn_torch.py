@@ -46,20 +46,23 @@ class TorchSearchPlan:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device from "cpu", "cuda", "cuda:1" or a device.
+    """A torch device from "auto", "cpu", "cuda", "cuda:1" (`mimprobe._device.resolve_device`) or a device.
 
     Raises:
         BadInputError: Unknown device, or CUDA asked for where torch sees no GPU.
     """
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise BadInputError(f"unknown device {device!r}: use cpu or cuda (cuda:N)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu")
-    if resolved.type not in ("cpu", "cuda"):
-        raise BadInputError(f"k-NN runs on cpu or cuda, not {resolved.type!r}")
-    return resolved
+    from .._device import resolve_device as resolve_name
+
+    if not isinstance(device, torch.device):
+        try:
+            return resolve_name(str(device))
+        except RuntimeError as error:  # torch.device("cuda:x")
+            raise BadInputError(f"unknown device {device!r}: use auto, cpu or cuda (cuda:N)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {device} asked for but no CUDA device is visible: use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"k-NN runs on cpu or cuda, not {device.type!r}")
+    return device
 
 
 def device_budget(device: torch.device, memory_budget: int | None) -> int | None:

@@ -314,7 +314,7 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, 
         threads: FAISS (OpenMP) or torch CPU threads; None keeps the library's default.
         backend: "faiss" (CPU) or "torch" (CPU or CUDA: chunked matmul + topk); None: "faiss" on the CPU,
             "torch" elsewhere. Both prepare bit-identical rows; neighbours agree except on exact ties.
-        device: "cpu", "cuda" or "cuda:N" (a torch.device too); CUDA implies the torch backend.
+        device: "cpu", "cuda", "cuda:N", "auto" (CUDA when visible) or a torch.device; CUDA implies torch.
         process_group: A torch.distributed group: the bank is sharded across its ranks, each searches its shard
             and the top-k lists are merged (DINOv2); every rank must call with the same arrays and arguments and
             gets the same result. None: this process alone (`default_process_group` gives torchrun's group).
@@ -452,20 +452,28 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
 
 
 def resolve_backend(backend: str | None, device: str | Any = "cpu") -> str:
-    """The search backend: ``backend`` if given, else "faiss" on the CPU and "torch" on any other device.
+    """The search backend: ``backend`` if given, else "faiss" on the CPU and "torch" on CUDA.
+
+    ``device``: "cpu", "cuda", "cuda:N", "auto" (CUDA when visible) or a torch.device.
 
     Raises:
-        BadInputError: Unknown backend, or FAISS asked for on a GPU (only faiss-cpu is a dependency).
+        BadInputError: Unknown backend or device, or FAISS asked for on a GPU (only faiss-cpu is a dependency).
     """
-    on_cpu = str(getattr(device, "type", device)).split(":")[0] == "cpu"
-    if backend is None:
-        return "faiss" if on_cpu else "torch"
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise BadInputError(f"unknown k-NN backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    gpu_named = str(getattr(device, "type", device)).startswith("cuda")
+    if isinstance(device, str) and device == "cpu":
+        on_cpu = True  # the default: no torch import for FAISS-only use
+    elif backend == "faiss" and gpu_named:
+        on_cpu = False  # the FAISS message below, whether or not a GPU is visible
+    else:
+        from ._knn_torch import resolve_device
+
+        on_cpu = resolve_device(device).type == "cpu"
     if backend == "faiss" and not on_cpu:
         raise BadInputError(f"the FAISS k-NN backend runs on the CPU, not on {device}: use the torch backend "
                             "(or leave the backend unset)")
-    return backend
+    return backend or ("faiss" if on_cpu else "torch")
 
 
 def default_process_group() -> Any:

@@ -215,7 +215,8 @@ def test_float16_memmap_and_threads(tmp_path):
 def test_backend_choice_and_bad_devices():
     assert resolve_backend(None, "cpu") == "faiss"
     assert resolve_backend(None, torch.device("cpu")) == "faiss"
-    assert resolve_backend(None, "cuda") == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend(None, "cuda") == resolve_backend(None, "auto") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
     x_train, _, x_query, _ = random_features(n_train=50, n_query=5)
     with pytest.raises(BadInputError, match="unknown k-NN backend 'annoy'"):
@@ -225,8 +226,9 @@ def test_backend_choice_and_bad_devices():
     with pytest.raises(BadInputError, match="unknown device"):
         knn_neighbors(x_train, x_query, 3, device="gpu0")
     if not torch.cuda.is_available():
-        with pytest.raises(BadInputError, match="no CUDA GPU"):
+        with pytest.raises(BadInputError, match="no CUDA device is visible"):
             knn_neighbors(x_train, x_query, 3, device="cuda")
+        assert resolve_backend(None, "auto") == "faiss"  # auto is the CPU here
     with pytest.raises(BadInputError, match="NaN or Inf"):
         bad = x_train.copy()
         bad[3, 1] = np.nan
