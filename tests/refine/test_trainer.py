@@ -163,12 +163,13 @@ def _write_placement(path: Path, blocks: list[int], num_blocks: int) -> Path:
 
 
 COMMON = [MODEL, DATA, "--img-size", "32", "--head-dims", "32,16,32", "--no-progress", "--threads", "1",
-          "--epochs-heads", "1", "--epochs", "0"]
+          "--epochs-heads", "1", "--epochs", "0", "--topk", "4"]  # --topk at most the 16-long queues below
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--queue-size", "1000", "--batch-size", "16"], "larger than the training set"),
     (["--queue-size", "16", "--batch-size", "1"], "at least 2"),
+    (["--queue-size", "8", "--topk", "20", "--batch-size", "8"], "--topk 20 is larger than --queue-size 8"),
     (["--queue-size", "16", "--batch-size", "16", "--checkpoint", "MISSING"], "checkpoint"),
     (["--queue-size", "16", "--batch-size", "16", "--placement", "BIG"], "block 20"),
     (["--queue-size", "16", "--batch-size", "16", "--placement", "SMALL", "--auto"], "not both"),
