@@ -35,6 +35,35 @@ def default_group() -> dist.ProcessGroup | None:
     return None
 
 
+class RowWindow:
+    """Rows [first, last) of a lazy row source (a `RowSubset`, anything sliced row-wise), read only when sliced.
+
+    ``source[first:last]`` would read the whole shard at once for sources that copy on slicing; numpy arrays and
+    memory maps do not need this (their slices are views).
+    """
+
+    ndim = 2
+
+    def __init__(self, source, first: int, last: int):
+        self.source, self.first = source, int(first)
+        self.shape = (int(last) - int(first), int(source.shape[1]))
+        self.dtype = source.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("RowWindow is read by contiguous row slices")
+        start, stop, _ = index.indices(self.shape[0])
+        return self.source[self.first + start:self.first + max(start, stop)]
+
+
+def shard_rows(x, first: int, last: int):
+    """Rows [first, last) of ``x`` without reading them: a view of an array or memory map, else a `RowWindow`."""
+    return x[first:last] if isinstance(x, np.ndarray) else RowWindow(x, first, last)
+
+
 def shard_bounds(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rows [start, stop) of ``rank``'s contiguous shard; sizes differ by at most one row."""
     return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
@@ -63,7 +92,7 @@ def sharded_neighbor_chunks(train: np.ndarray, query: np.ndarray, search_k: int,
     start_row, stop_row = shard_bounds(len(train), rank, world_size)
     local_k = min(search_k, stop_row - start_row)
     n_query = len(query)
-    local = shard_search(train[start_row:stop_row], local_k, start_row) if local_k > 0 else iter(())
+    local = shard_search(shard_rows(train, start_row, stop_row), local_k, start_row) if local_k > 0 else iter(())
     for start in range(0, n_query, chunk_rows):
         rows = min(start + chunk_rows, n_query) - start
         sims = np.full((rows, search_k), -np.inf)  # float64, as the local searches' re-ranked similarities

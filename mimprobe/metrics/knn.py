@@ -528,8 +528,9 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
     stats = None
     if standardize:
         first, last = distributed.shard_bounds(n_train, dist.get_rank(process_group), world_size)
-        moments = distributed.merged_moments(lambda: _moments(train[first:last], chunk_size=plan.chunk_rows,
-                                                              name=name, first_row=first), dim, process_group)
+        moments = distributed.merged_moments(lambda: _moments(distributed.shard_rows(train, first, last),
+                                                              chunk_size=plan.chunk_rows, name=name,
+                                                              first_row=first), dim, process_group)
         stats = _finish_stats(*moments, name=name)
 
     def shard_search(shard: np.ndarray, local_k: int, first_row: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:

@@ -42,6 +42,23 @@ def make_inputs(folder: Path) -> None:
     np.save(folder / "bad.npy", bad)
 
 
+class LazyRows:
+    """A bank that copies on slicing (as the profile's lazy row subsets do) and records the rows it was asked for."""
+
+    ndim = 2
+
+    def __init__(self, source):
+        self.source, self.shape, self.dtype, self.reads = source, source.shape, source.dtype, []
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        start, stop, _ = index.indices(self.shape[0])
+        self.reads.append((start, stop))
+        return np.array(self.source[index])
+
+
 def run_cases(folder: Path, process_group=None) -> dict[str, object]:
     """Every case, as arrays and JSON-able rows, with or without a process group."""
     train = np.load(folder / "train.npy", mmap_mode="r")
@@ -71,6 +88,10 @@ def run_cases(folder: Path, process_group=None) -> dict[str, object]:
     out["twins-idx"] = knn_neighbors(twins, twins, 1, exclude_self=True, **group)[1]
     out["tiny-idx"] = knn_neighbors(twins[:3], twins[3:9], 3, backend="torch", **group)[1]  # 1 + 2 bank rows
     out["one-row-sims"] = knn_neighbors(twins[:1], twins[3:9], 1, **group)[0]  # rank 0's shard is empty
+    lazy = LazyRows(train)
+    out["lazy-idx"] = knn_neighbors(lazy, query, 9, standardize=True, backend="torch", chunk_size=40, **group)[1]
+    spans = np.array(lazy.reads)
+    out["lazy-reads"] = np.array([spans[:, 0].min(), spans[:, 1].max(), (spans[:, 1] - spans[:, 0]).max()])
     bad = np.load(folder / "bad.npy", mmap_mode="r")
     for case, standardize in (("bad", False), ("bad-standardize", True)):  # fails in the search / the moments
         try:
@@ -100,6 +121,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         for key, expected in single.items():
             if key.endswith("-rows"):
                 assert [tuple(row) for row in rows[key]] == expected, key
+            elif key == "lazy-reads":  # each rank read its own shard only, never all of it at once
+                first, last = (0, 150) if rank == 0 else (150, 301)
+                assert sharded[key][0] == first and sharded[key][1] == last
+                assert sharded[key][2] < last - first, "the shard was read in one piece"
+                np.testing.assert_array_equal(expected[:2], [0, 301])
             elif key.startswith("bad"):
                 where = "" if rank == 1 else "k-NN failed on rank 1 of the process group: "
                 assert rows[key] == where + expected, key
