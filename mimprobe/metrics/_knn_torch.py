@@ -129,9 +129,9 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
                  threads: int | None, name: str, first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first query row, (rows, k) float64 similarities, (rows, k) int64 train indices) chunk by chunk.
 
-    The contract of `knn._search`: decreasing similarities, leave-one-out drops each query's own row by index.
-    Fewer than ``k`` bank rows: the missing neighbours are similarity -inf, index -1. ``first_row``: the index
-    of ``train``'s first row in the whole bank (a process' shard), for messages.
+    The contract of `knn._search` (``k`` at most the bank's rows): decreasing float64 similarities of the
+    re-ranked candidates, leave-one-out drops each query's own row by index. ``first_row``: the index of
+    ``train``'s first row in the whole bank (a process' shard), for messages.
     """
     from .knn import RESCORE_MARGIN, _drop_self, _prepare
 
