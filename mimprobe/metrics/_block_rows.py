@@ -19,6 +19,51 @@ from ..errors import BadInputError
 ArrayLike = np.ndarray | torch.Tensor
 
 
+class RowSubset:
+    """Rows ``rows`` of a 2-D array or memory map, read only when sliced: a lazy ``source[rows]``.
+
+    Behaves as the (len(rows), d) array for what the metrics do with their inputs (``shape``, ``dtype``, ``len``,
+    slices and integer-array indexing, each returning a copy); read pages of a read-only memory map are dropped
+    from the resident set after each read, so that scanning a split holds one chunk, not the split.
+
+    Args:
+        source: (n, d) array or memory map.
+        rows: (m,) sorted int indices into ``source``.
+    """
+
+    ndim = 2
+
+    def __init__(self, source: np.ndarray, rows: np.ndarray):
+        self.source = source
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), int(source.shape[1]))
+        self.dtype = source.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        from .knn import _release_pages
+
+        rows = self.rows[index]
+        if np.ndim(rows) == 0:
+            rows = rows[None]
+        if len(rows) == 0:
+            return np.empty((0, self.shape[1]), self.dtype)
+        first, last = int(rows.min()), int(rows.max()) + 1
+        window = self.source[first:last]
+        selected = np.array(window[rows - first])
+        _release_pages(window)
+        return selected
+
+
+def lazy_rows(source: np.ndarray, rows: np.ndarray | None) -> "np.ndarray | RowSubset":
+    """``source`` itself when ``rows`` is every row in order (or None), else a `RowSubset`."""
+    if rows is None or (len(rows) == source.shape[0] and np.array_equal(rows, np.arange(source.shape[0]))):
+        return source
+    return RowSubset(source, rows)
+
+
 class BlockRows:
     """Rows ``rows`` of the blocks ``blocks`` of ``{block: (n, d) features}``, as float32 chunks.
 
@@ -66,7 +111,7 @@ class BlockRows:
                 chunk[:, i] = source[index].to("cpu", torch.float32)
                 continue
             if self.rows is None:
-                window, selected = source[start:stop], source[start:stop]
+                window = selected = source[start:stop]
             else:
                 rows = self.rows[start:stop]
                 first, last = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)

@@ -11,17 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .headlines import select_headline  # noqa: E402
+
 
 def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, title: str, path: Path) -> None:
     """Draw the block curves of every headline (blocks 0-based, as timm's ``blocks.{i}``)."""
-    from .profile import _select
-
     count = max(len(headlines), 1)
     columns = min(3, count)
     rows = math.ceil(count / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.3 * rows), squeeze=False)
     for axis, headline in zip(axes.flat, headlines):
-        selected = _select(table, headline)
+        selected = select_headline(table, headline)
         for pooling, group in selected.groupby("pooling", sort=False):
             curve = group.groupby("block")["value"].mean()
             line, = axis.plot(curve.index, curve.values, marker="o", markersize=3, label=pooling)

@@ -30,11 +30,11 @@ from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
 from ._rows import MetricRow, carve_validation
+from .headlines import PRIMARY_K, Headline, best_blocks, headlines, select_headline  # noqa: F401 (re-exported)
 
 METRICS = ("knn", "linear", "lowshot", "cluster", "rank")
 LABEL_FREE = ("rank",)
 PRESETS = ("mim-refiner", "dino", "dinov2")
-PRIMARY_K = {"mim-refiner": 10, "dino": 20, "dinov2": 20}
 COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
 HOLDOUT_FRACTION = 0.2
 PREDICTIONS_FILE = "predictions.npz"
@@ -52,19 +52,21 @@ class ProfileConfig:
     val_fraction: float = 0.1                # of train, for k-NN on val and the probes' selection
     seed: int = 0
     threads: int | None = None               # FAISS / BLAS threads (None: library default)
-    device: str = "auto"                     # for the batched linear probe
+    device: str = "auto"                     # k-NN (cuda: torch search) and the batched linear probe
+    # Bytes of feature rows any metric holds at once (k-NN bank/query chunks, the probe's rows): the store's
+    # memory maps are read chunk by chunk, so RSS does not grow with the number of rows. 2 GiB holds, e.g.,
+    # 60,000 rows of 24 ViT-L blocks (1024 wide, float32) for the probe; None: every split read into memory.
+    memory_budget: int | None = 2 * 1024 ** 3
     rank_samples: int = 20000                # rows used for the effective rank (seeded subsample)
+    # Evaluation rows for low-shot and clustering (seeded subsample when the split is larger; None: all). Their
+    # fits read only the rows they choose from train (n shots or 1 % per class).
+    eval_samples: int | None = 50000
 
-
-@dataclass(frozen=True)
-class Headline:
-    """A curve worth plotting and ranking: one metric on one split with fixed parameters."""
-
-    title: str
-    metric: str
-    split: str
-    params: dict[str, Any] = field(default_factory=dict)
-    higher_is_better: bool = True
+    def __post_init__(self) -> None:
+        for name in ("memory_budget", "rank_samples", "eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass
@@ -171,7 +173,9 @@ def plan_from_labels(labels: np.ndarray, *, labelled: bool, eval_split: str | No
                          knn_loo=False)
     train_index, holdout = (carve_validation(labels, fraction=HOLDOUT_FRACTION, seed=seed) if labelled
                             else (np.arange(len(labels)),) * 2)
-    fit, val = np.intersect1d(fit, train_index), np.intersect1d(val, train_index)
+    if labelled:  # the validation split is carved from the rows outside the hold-out, as the probes carve theirs
+        fit, val = (train_index[part] for part in carve_validation(labels[train_index], fraction=val_fraction,
+                                                                   seed=seed))
     return SplitPlan("train", "train-holdout", train_index, "train", holdout, fit, val, knn_loo=True)
 
 
@@ -196,58 +200,6 @@ def check_knn_fits(preset: str, plan: SplitPlan) -> None:
     fits = [f"{name} (k={max(p.ks)})" for name, p in KNN_PRESETS.items() if max(p.ks) <= smallest]
     choices = (f"--preset {' or '.join(fits)}, " if fits else "") + "more train images, or --metrics without knn"
     raise BadInputError(f"k-NN preset {preset} needs k={k} neighbours but the smallest bank is {where}: use {choices}")
-
-
-def headlines(preset: str, table: pd.DataFrame) -> list[Headline]:
-    """The curves of the plot and the best-block table, those present in ``table``."""
-    eval_splits = [s for s in ("test", "val", "train-holdout") if s in set(table["split"])]
-    eval_split = eval_splits[0] if eval_splits else "train"
-    knn_eval = "train-loo" if "train-loo" in set(table["split"]) else eval_split
-    k = PRIMARY_K[preset]
-    candidates = [
-        Headline(f"k-NN top-1 ({preset}, k={k}), {knn_eval}", "knn_top1", knn_eval, {"preset": preset, "k": k}),
-        Headline(f"k-NN top-1 ({preset}, k={k}), val (placement)", "knn_top1", "val", {"preset": preset, "k": k}),
-        Headline(f"linear probe top-1, {eval_split}", "linear_top1", eval_split),
-        Headline(f"1-shot top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"shots": 1}),
-        Headline(f"5-shot top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"shots": 5}),
-        Headline(f"1% labels top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"percent": 1}),
-        Headline(f"k-means ACC, {eval_split}", "cluster_acc", eval_split),
-        Headline(f"k-means NMI, {eval_split}", "cluster_nmi", eval_split),
-        Headline("effective rank (RankMe), train", "rankme", "train"),
-    ]
-    return [h for h in candidates if not _select(table, h).empty]
-
-
-def _select(table: pd.DataFrame, headline: Headline) -> pd.DataFrame:
-    rows = table[(table["metric"] == headline.metric) & (table["split"] == headline.split)]
-    if headline.params and not rows.empty:
-        params = rows["params"].map(json.loads)
-        keep = params.map(lambda p: all(p.get(key) == value for key, value in headline.params.items()))
-        rows = rows[keep]
-    return rows
-
-
-def best_blocks(table: pd.DataFrame, preset: str) -> pd.DataFrame:
-    """Per headline and pooling: the best block, its value, and the last block's value."""
-    records = []
-    for headline in headlines(preset, table):
-        rows = _select(table, headline)
-        for pooling, group in rows.groupby("pooling", sort=False):
-            curve = group.groupby("block")["value"].mean()
-            best = curve.idxmax() if headline.higher_is_better else curve.idxmin()
-            records.append({"metric": headline.title, "pooling": pooling, "best_block": int(best),
-                            "best_value": float(curve[best]), "last_block": int(curve.index.max()),
-                            "last_value": float(curve[curve.index.max()])})
-    return pd.DataFrame.from_records(records, columns=["metric", "pooling", "best_block", "best_value", "last_block",
-                                                        "last_value"])
-
-
-def _check_finite(features: np.ndarray, *, split: str, block: int, pooling: str) -> None:
-    for start in range(0, len(features), 65536):
-        if not np.isfinite(features[start:start + 65536]).all():
-            raise BadInputError(
-                f"block {block} ({pooling}) of split {split} has NaN or Inf features: re-extract with "
-                "--store-dtype float32 (float16 overflows above 65504) or --precision fp32")
 
 
 def _resolve_metrics(config: ProfileConfig, store: FeatureStore, labels: np.ndarray) -> tuple[str, ...]:
@@ -301,10 +253,12 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     plan = plan_splits(store, val_fraction=config.val_fraction, seed=config.seed)
     if "knn" in metrics:
         check_knn_fits(config.preset, plan)
-    eval_labels_all = store.labels(plan.eval_source)
-    classes = store.classes
+    views = StoreViews(store, plan)
     rows: list[tuple[int, str, MetricRow]] = []
     blocks = store.blocks
+    device = resolve_device(config.device)
+    knn_device = {"device": device} if str(device).startswith("cuda") else {}
+    eval_subset = _seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed)
     steps = {m: len(blocks) * len(poolings) for m in metrics}
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -313,64 +267,68 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                   disable=not progress) as bar:
         tasks = {m: bar.add_task(m, total=steps[m]) for m in metrics}
         for pooling in poolings:
-            train_blocks: dict[int, np.ndarray] = {}
-            eval_blocks: dict[int, np.ndarray] = {}
             for block in blocks:
-                train = np.asarray(store.features("train", block, pooling), dtype=np.float32)
-                _check_finite(train, split="train", block=block, pooling=pooling)
-                evaluation = (train if plan.eval_source == "train"
-                              else np.asarray(store.features(plan.eval_source, block, pooling), dtype=np.float32))
-                if plan.eval_source != "train":
-                    _check_finite(evaluation, split=plan.eval_source, block=block, pooling=pooling)
+                views.check_finite(block, pooling)
                 name = f"block {block} ({pooling})"
-                x_train, y_train = train[plan.train_index], train_labels_all[plan.train_index]
-                x_eval, y_eval = evaluation[plan.eval_index], eval_labels_all[plan.eval_index]
                 if "knn" in metrics:
-                    common = dict(preset=config.preset, class_names=classes, threads=config.threads, name=name)
+                    common = dict(preset=config.preset, class_names=store.classes, threads=config.threads,
+                                  memory_budget=config.memory_budget, name=name, **knn_device)
                     if plan.knn_loo:
-                        found, hits = knn.evaluate_knn_with_hits(train, train_labels_all, train, train_labels_all,
-                                                                 split="train-loo", exclude_self=True, **common)
-                        _record_knn(predictions, found, hits, source="train", rows=np.arange(len(train)),
+                        found, hits = knn.evaluate_knn_with_hits(
+                            views.rows("train", block, pooling), views.labels("train"),
+                            views.rows("train", block, pooling), views.labels("train"), split="train-loo",
+                            exclude_self=True, **common)
+                        _record_knn(predictions, found, hits, source="train", rows=views.positions("train"),
                                     block=block, pooling=pooling)
                     else:
-                        found, hits = knn.evaluate_knn_with_hits(x_train, y_train, x_eval, y_eval,
-                                                                 split=plan.eval_split, **common)
+                        found, hits = knn.evaluate_knn_with_hits(
+                            views.rows("bank", block, pooling), views.labels("bank"),
+                            views.rows("eval", block, pooling), views.labels("eval"), split=plan.eval_split,
+                            **common)
                         _record_knn(predictions, found, hits, source=plan.eval_source, rows=plan.eval_index,
                                     block=block, pooling=pooling)
                     val_found, val_hits = knn.evaluate_knn_with_hits(
-                        train[plan.fit_index], train_labels_all[plan.fit_index], train[plan.val_index],
-                        train_labels_all[plan.val_index], split="val", **common)
+                        views.rows("fit", block, pooling), views.labels("fit"), views.rows("val", block, pooling),
+                        views.labels("val"), split="val", **common)
                     _record_knn(predictions, val_found, val_hits, source="train", rows=plan.val_index, block=block,
                                 pooling=pooling)
-                    found += val_found
-                    rows += [(block, pooling, row) for row in found]
+                    rows += [(block, pooling, row) for row in found + val_found]
                     bar.advance(tasks["knn"])
                 if "lowshot" in metrics:
-                    largest = int(np.bincount(y_train[y_train >= 0]).max())
+                    y_bank = views.labels("bank")
+                    largest = int(np.bincount(y_bank[y_bank >= 0]).max())
                     shots = tuple(n for n in lowshot.DEFAULT_SHOTS if n <= largest)  # tiny data: fewer settings
-                    found = lowshot.evaluate_lowshot(x_train, y_train, x_eval, y_eval, shots=shots,
+                    found = lowshot.evaluate_lowshot(views.rows("bank", block, pooling), y_bank,
+                                                     views.sample("eval", eval_subset, block, pooling),
+                                                     views.labels("eval")[eval_subset], shots=shots,
                                                      split=plan.eval_split, name=name)
-                    rows += [(block, pooling, row) for row in found]
+                    rows += [(block, pooling, _with_sample(row, "eval_samples", eval_subset, plan.eval_index))
+                             for row in found]
                     bar.advance(tasks["lowshot"])
                 if "cluster" in metrics:
-                    found = cluster.evaluate_clustering(x_eval, y_eval, split=plan.eval_split, seed=config.seed,
-                                                        name=name)
-                    rows += [(block, pooling, row) for row in found]
+                    found = cluster.evaluate_clustering(views.sample("eval", eval_subset, block, pooling),
+                                                        views.labels("eval")[eval_subset], split=plan.eval_split,
+                                                        seed=config.seed, name=name)
+                    rows += [(block, pooling, _with_sample(row, "eval_samples", eval_subset, plan.eval_index))
+                             for row in found]
                     bar.advance(tasks["cluster"])
                 if "rank" in metrics:
-                    found = rank.evaluate_rank(train, split="train", max_samples=config.rank_samples,
-                                               seed=config.seed, name=name)
+                    found = rank.evaluate_rank(views.rows("train", block, pooling), split="train",
+                                               max_samples=config.rank_samples, seed=config.seed, name=name)
                     rows += [(block, pooling, row) for row in found]
                     bar.advance(tasks["rank"])
-                if "linear" in metrics:
-                    train_blocks[block], eval_blocks[block] = x_train, x_eval
             if "linear" in metrics:
-                evaluate = (linear.evaluate_linear_with_hits if config.probe == "batched"
-                            else linear.evaluate_linear_sklearn_with_hits)
-                kwargs = {"device": resolve_device(config.device)} if config.probe == "batched" else {}
-                found_by_block, hits_by_block = evaluate(train_blocks, y_train, eval_blocks, y_eval,
-                                                         split=plan.eval_split, seed=config.seed,
-                                                         val_fraction=config.val_fraction, **kwargs)
+                train_blocks = {block: views.rows("bank", block, pooling) for block in blocks}
+                eval_blocks = {block: views.rows("eval", block, pooling) for block in blocks}
+                if config.probe == "batched":
+                    found_by_block, hits_by_block = linear.evaluate_linear_with_hits(
+                        train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
+                        seed=config.seed, val_fraction=config.val_fraction, device=device,
+                        config=linear.LinearProbeConfig(memory_budget=config.memory_budget))
+                else:
+                    found_by_block, hits_by_block = linear.evaluate_linear_sklearn_with_hits(
+                        train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
+                        seed=config.seed, val_fraction=config.val_fraction)
                 for block, found in found_by_block.items():
                     rows += [(block, pooling, row) for row in found]
                     if predictions is not None:
@@ -389,6 +347,76 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     table = pd.DataFrame.from_records(records, columns=COLUMNS)
     table["seed"] = table["seed"].astype("Int64")
     return table
+
+
+class StoreViews:
+    """The reading layer of `profile_store`: which rows of which store split each metric sees, read lazily.
+
+    Row sets (`SplitPlan`): ``train`` (every valid train row: rank, leave-one-out k-NN), ``bank`` (the k-NN bank
+    and the probes' training rows), ``eval`` (the evaluation rows), ``fit`` and ``val`` (the carved validation
+    split and the rest of the bank). `rows` returns the store's memory map itself or a lazy `RowSubset` of it,
+    never a copy of a split: the metrics read them chunk by chunk under the memory budget. Rows of images the
+    store skipped (label -1) are left out, as `FeatureStore.features` would.
+    """
+
+    def __init__(self, store: FeatureStore, plan: SplitPlan):
+        self.store, self.plan = store, plan
+        valid = {split: np.flatnonzero(store.valid_mask(split)) for split in {"train", plan.eval_source}}
+        labels = {split: store.labels(split) for split in valid}
+        index = {"train": np.arange(len(labels["train"])), "bank": plan.train_index, "eval": plan.eval_index,
+                 "fit": plan.fit_index, "val": plan.val_index}
+        self._source = {"train": "train", "bank": "train", "eval": plan.eval_source, "fit": "train", "val": "train"}
+        self._positions = index
+        self._store_rows = {name: valid[self._source[name]][rows] for name, rows in index.items()}
+        self._labels = {name: labels[self._source[name]][rows] for name, rows in index.items()}
+
+    def labels(self, name: str) -> np.ndarray:
+        """(m,) labels of row set ``name``."""
+        return self._labels[name]
+
+    def positions(self, name: str) -> np.ndarray:
+        """(m,) indices of row set ``name`` among its split's valid rows (as the table's predictions record)."""
+        return self._positions[name]
+
+    def rows(self, name: str, block: int, pooling: str) -> np.ndarray:
+        """(m, d) features of row set ``name``: the memory map, or a lazy `RowSubset` of it."""
+        from ._block_rows import lazy_rows
+
+        source = self.store.features(self._source[name], block, pooling, valid_only=False)
+        return lazy_rows(source, self._store_rows[name])
+
+    def sample(self, name: str, subset: np.ndarray, block: int, pooling: str) -> np.ndarray:
+        """(len(subset), d) float32 copy of the rows at positions ``subset`` of row set ``name``."""
+        return np.asarray(self.rows(name, block, pooling)[subset], dtype=np.float32)
+
+    def check_finite(self, block: int, pooling: str, *, chunk_rows: int = 65536) -> None:
+        """Fail with a one-line message on NaN/Inf in the block's train or evaluation rows (read chunk by chunk)."""
+        from .knn import _release_pages
+
+        for split in dict.fromkeys(("train", self.plan.eval_source)):
+            features = self.rows("train" if split == "train" else "eval", block, pooling)
+            for start in range(0, len(features), chunk_rows):
+                window = features[start:start + chunk_rows]
+                finite = np.isfinite(window).all()
+                _release_pages(window)
+                if not finite:
+                    raise BadInputError(
+                        f"block {block} ({pooling}) of split {split} has NaN or Inf features: re-extract with "
+                        "--store-dtype float32 (float16 overflows above 65504) or --precision fp32")
+
+
+def _seeded_subset(n: int, size: int | None, *, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded random subset of ``size`` of ``n`` rows (every row when ``size`` >= n)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _with_sample(row: MetricRow, key: str, subset: np.ndarray, whole: np.ndarray) -> MetricRow:
+    """The row with ``params[key]`` = the rows it was measured on, when a subsample (recorded, else absent)."""
+    if len(subset) == len(whole):
+        return row
+    return MetricRow(row.split, row.metric, row.value, {**row.params, key: int(len(subset))}, row.seed)
 
 
 def _record_knn(predictions: SamplePredictions | None, found: list[MetricRow],

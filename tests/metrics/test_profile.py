@@ -127,3 +127,84 @@ def test_store_from_another_dataset(store_dir, tmp_path):
 def test_unknown_metric_and_preset(store_dir, tmp_path):
     assert "unknown metric 'knm'" in _bad([str(store_dir), "--out", str(tmp_path), "--metrics", "knm"])
     assert "unknown preset" in _bad([str(store_dir), "--out", str(tmp_path), "--preset", "byol"])
+
+
+def test_a_small_memory_budget_gives_the_same_table(store_dir):
+    """Every metric reads the store's memory maps in chunks under the budget; the numbers do not change."""
+    from mimprobe.features.store import FeatureStore
+    from mimprobe.metrics.profile import profile_store
+
+    store = FeatureStore.open(store_dir)
+    config = dict(metrics=("knn", "linear", "lowshot", "cluster", "rank"), poolings=("cls",))
+    whole = profile_store(store, ProfileConfig(memory_budget=None, **config), progress=False)
+    budget = 20 * 6 * 64 * 4 * 3  # 20 rows of the 6 blocks at a time, for 120 train rows
+    chunked = profile_store(store, ProfileConfig(memory_budget=budget, **config), progress=False)
+    def values(table):  # the probe records the budget in its params: leave it out of the key
+        return {(r.split, r.block, r.pooling, r.metric,
+                 json.dumps({k: v for k, v in json.loads(r.params).items() if k != "memory_budget"}, sort_keys=True),
+                 r.seed):
+                r.value for r in table.itertuples()}
+
+    whole_values, chunked_values = values(whole), values(chunked)
+    assert len(whole_values) == len(whole) and sorted(whole_values) == sorted(chunked_values)
+    for key, value in whole_values.items():
+        assert chunked_values[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_subsample_sizes_are_options_recorded_in_the_rows(store_dir):
+    from mimprobe.features.store import FeatureStore
+    from mimprobe.metrics.profile import profile_store
+
+    store = FeatureStore.open(store_dir)
+    table = profile_store(store, ProfileConfig(metrics=("cluster", "lowshot"), poolings=("cls",), eval_samples=25),
+                          progress=False)
+    assert all(json.loads(p)["eval_samples"] == 25 for p in table["params"])
+    full = profile_store(store, ProfileConfig(metrics=("cluster",), poolings=("cls",)), progress=False)
+    assert all("eval_samples" not in json.loads(p) for p in full["params"])  # 40 test rows < 50,000: all used
+    with pytest.raises(Exception, match="--eval-samples must be >= 1"):
+        ProfileConfig(eval_samples=0)
+
+
+def test_a_labelled_train_only_folder_profiles_with_leave_one_out(tmp_path):
+    """A labelled dataset without a test split: k-NN leave-one-out on train, the rest on a 20 % hold-out, and the
+    placement's val curve from a validation split outside the hold-out (it used to be empty: a crash)."""
+    from mimprobe.features.store import FeatureStore
+    from mimprobe.metrics.profile import plan_splits, profile_store
+
+    folder = make_image_folder(tmp_path / "images", {"a": 12, "b": 12, "c": 12}, size=16)
+    store = extract("test_vit", str(folder), out=tmp_path / "stores", img_size=32, progress=False).store
+    store = FeatureStore.open(store.path)
+    plan = plan_splits(store, val_fraction=0.1, seed=0)
+    assert len(plan.val_index) > 0 and not set(plan.val_index) & set(plan.eval_index)
+    assert not set(plan.val_index) & set(plan.fit_index) and set(plan.fit_index) | set(plan.val_index) == set(
+        plan.train_index)
+    table = profile_store(store, ProfileConfig(metrics=("knn", "linear")), progress=False)
+    assert {"train-loo", "val", "train-holdout"} <= set(table["split"])
+
+
+def test_the_placement_val_curve_never_searches_the_val_rows(store_dir):
+    """k-NN on val uses the fit rows alone as its bank: with the val rows in the bank every image would find
+    itself (similarity 1) and the curve would read about 100 %."""
+    from mimprobe.features.store import FeatureStore
+    from mimprobe.metrics import knn
+    from mimprobe.metrics.profile import plan_splits, profile_store
+
+    store = FeatureStore.open(store_dir)
+    table = profile_store(store, ProfileConfig(metrics=("knn",), poolings=("cls",)), progress=False)
+    plan = plan_splits(store, val_fraction=0.1, seed=0)
+    labels = store.labels("train")
+    differs = []
+    for block in range(6):
+        train = np.asarray(store.features("train", block, "cls"), dtype=np.float32)
+        rows = table[(table["metric"] == "knn_top1") & (table["split"] == "val") & (table["block"] == block)
+                     & table["params"].str.contains('"k":10')]
+        expected = knn.evaluate_knn(train[plan.fit_index], labels[plan.fit_index], train[plan.val_index],
+                                    labels[plan.val_index], preset="mim-refiner", split="val",
+                                    class_names=store.classes)
+        leaked = knn.evaluate_knn(train, labels, train[plan.val_index], labels[plan.val_index],
+                                  preset="mim-refiner", split="val", class_names=store.classes)
+        value = lambda found: next(r.value for r in found if r.metric == "knn_top1" and r.params["k"] == 10)
+        assert rows["value"].item() == pytest.approx(value(expected))
+        assert value(leaked) == 1.0  # every val image finds itself
+        differs.append(value(expected) < 1.0)
+    assert any(differs)
