@@ -199,6 +199,13 @@ def profile(
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
                                                "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
     threads: Optional[int] = typer.Option(None, "--threads", help="FAISS threads."),
+    memory_budget: str = typer.Option("2G", "--memory-budget", help="Feature rows any metric holds at once, e.g. "
+                                      "512M, 2G, or none (read every split into memory). The store's memory maps "
+                                      "are read in chunks, so memory does not grow with the number of images."),
+    eval_samples: int = typer.Option(50000, "--eval-samples", help="Evaluation rows for low-shot and clustering "
+                                     "(a seeded subset when the split is larger; recorded in the rows' params)."),
+    rank_samples: int = typer.Option(20000, "--rank-samples", help="Train rows for the effective rank (seeded "
+                                     "subset)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation split, k-means and probes."),
     json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -206,11 +213,12 @@ def profile(
 ) -> None:
     """Measure every block with k-NN, linear probes, low-shot, clustering and effective rank; find the best blocks."""
     from .blocks import parse_block_spec
-    from .metrics.profile import ProfileConfig, iter_best_lines, parse_metrics, run_profile
+    from .metrics.profile import ProfileConfig, iter_best_lines, parse_bytes, parse_metrics, run_profile
 
     def body() -> None:
         config = ProfileConfig(metrics=parse_metrics(metrics), preset=preset, probe=probe, seed=seed,
-                               threads=threads, device=device)
+                               threads=threads, device=device, memory_budget=parse_bytes(memory_budget),
+                               eval_samples=eval_samples, rank_samples=rank_samples)
         extract_options = dict(blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm,
                                batch_size=batch_size, workers=workers, device=device, img_size=img_size,
                                store_dtype=store_dtype,

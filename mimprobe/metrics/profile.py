@@ -548,6 +548,25 @@ def _title(store: FeatureStore) -> str:
     return f"{model['name']} ({weights}) on {Path(store.manifest['dataset']['name']).name}"
 
 
+def parse_bytes(text: str | None) -> int | None:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (binary units); ``"none"`` -> None.
+
+    Raises:
+        BadInputError: Not a size.
+    """
+    if text is None or text.strip().lower() in ("none", "all", ""):
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise BadInputError(f"--memory-budget {text!r} is not a size: use e.g. 512M, 2G or none")
+    value = float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+    if value < 1:
+        raise BadInputError(f"--memory-budget {text!r} must be at least 1 byte")
+    return int(value)
+
+
 def parse_metrics(text: str | None) -> tuple[str, ...] | None:
     if text is None or text.strip() in ("", "all"):
         return None

@@ -208,3 +208,16 @@ def test_the_placement_val_curve_never_searches_the_val_rows(store_dir):
         assert value(leaked) == 1.0  # every val image finds itself
         differs.append(value(expected) < 1.0)
     assert any(differs)
+
+
+def test_cli_memory_budget_and_subset_options(store_dir, tmp_path):
+    result = runner.invoke(app, ["profile", str(store_dir), "--out", str(tmp_path / "p"), "--metrics", "knn,cluster",
+                                 "--memory-budget", "64K", "--eval-samples", "20", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert payload["config"]["memory_budget"] == 65536 and payload["config"]["eval_samples"] == 20
+    table = pd.read_csv(tmp_path / "p" / "profile.csv")
+    assert all(json.loads(p)["eval_samples"] == 20 for p in table[table["metric"] == "cluster_acc"]["params"])
+    bad = runner.invoke(app, ["profile", str(store_dir), "--out", str(tmp_path / "q"), "--memory-budget", "lots"])
+    assert bad.exit_code == 2 and "--memory-budget 'lots' is not a size" in bad.output
+    assert not (tmp_path / "q").exists()
