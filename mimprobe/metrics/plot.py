@@ -1,43 +1,98 @@
-"""profile.png: one panel per headline metric, the block curves per pooling, the best block marked."""
+"""profile.png: one panel per headline metric, the block curves per pooling with their uncertainty, the best block
+marked, the blocks not distinguishable from it ringed, and the chance level of accuracies drawn."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .headlines import select_headline  # noqa: E402
+from .headlines import Headline, headline_curve, select_headline  # noqa: E402
+
+MARKERS = ("o", "s", "^", "D", "v")
+LINESTYLES = ("-", "--", "-.", ":")
+_BAND = {"wilson": "95 % Wilson interval", "seed-sd": "± 1 s.d. over seeds"}
 
 
-def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, title: str, path: Path) -> None:
-    """Draw the block curves of every headline (blocks 0-based, as timm's ``blocks.{i}``)."""
+def is_accuracy(headline: Headline) -> bool:
+    """Top-1 accuracies and k-means ACC: fractions drawn in percent, with a chance level."""
+    return "top1" in headline.metric or headline.metric == "cluster_acc"
+
+
+def y_label(headline: Headline) -> str:
+    """The panel's y-axis label: what is drawn and in which unit."""
+    if is_accuracy(headline):
+        return "k-means ACC (%)" if headline.metric == "cluster_acc" else "top-1 accuracy (%)"
+    return {"cluster_nmi": "NMI (0-1)", "rankme": "effective rank"}.get(headline.metric, headline.metric)
+
+
+def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, title: str, path: Path,
+                 predictions: Any = None, num_classes: int | None = None) -> None:
+    """Draw the block curves of every headline (blocks 0-based, as timm's ``blocks.{i}``).
+
+    Args:
+        table: The profile's long table.
+        headlines: The `Headline` curves to draw, one panel each.
+        best: `best_blocks` output (best block and ``tied_blocks`` per headline title and pooling).
+        title: Figure title.
+        path: The PNG to write.
+        predictions: The profile's `SamplePredictions`, for the binomial intervals (None: low-shot bands only).
+        num_classes: Classes of the data: chance level 1 / num_classes is drawn on accuracy panels.
+    """
     count = max(len(headlines), 1)
     columns = min(3, count)
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.3 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 3.6 * rows), squeeze=False)
     for axis, headline in zip(axes.flat, headlines):
-        selected = select_headline(table, headline)
-        for pooling, group in selected.groupby("pooling", sort=False):
-            curve = group.groupby("block")["value"].mean()
-            line, = axis.plot(curve.index, curve.values, marker="o", markersize=3, label=pooling)
+        scale = 100.0 if is_accuracy(headline) else 1.0
+        poolings = list(dict.fromkeys(select_headline(table, headline)["pooling"]))
+        bands = set()
+        for index, pooling in enumerate(poolings):
+            curve = headline_curve(table, headline, pooling, predictions=predictions)
+            if curve.empty:
+                continue
+            x, y = curve["block"].to_numpy(), curve["value"].to_numpy() * scale
+            # distinct marker and dash per pooling, so identical curves stay visible on top of each other
+            line, = axis.plot(x, y, marker=MARKERS[index % len(MARKERS)], markersize=4,
+                              linestyle=LINESTYLES[index % len(LINESTYLES)], label=pooling, zorder=3)
+            low, high = curve["low"].to_numpy() * scale, curve["high"].to_numpy() * scale
+            if np.isfinite(low).any():
+                axis.fill_between(x, low, high, color=line.get_color(), alpha=0.18, linewidth=0, zorder=2)
+                bands.update(curve["interval"].loc[np.isfinite(low)])
             best_row = best[(best["metric"] == headline.title) & (best["pooling"] == pooling)]
-            if not best_row.empty:
-                block, value = int(best_row["best_block"].iloc[0]), float(best_row["best_value"].iloc[0])
-                axis.plot([block], [value], marker="*", markersize=13, color=line.get_color(),
-                          markeredgecolor="black", zorder=5)
-        axis.set_title(headline.title, fontsize=9)
-        axis.set_xlabel("block (0-based)", fontsize=8)
+            if best_row.empty:
+                continue
+            block = int(best_row["best_block"].iloc[0])
+            tied = [int(b) for b in str(best_row["tied_blocks"].iloc[0]).split(",") if b and int(b) != block] \
+                if "tied_blocks" in best_row else []
+            at = dict(zip(x.tolist(), y.tolist()))
+            if tied:
+                axis.plot(tied, [at[b] for b in tied], marker="o", markersize=9, linestyle="none",
+                          markerfacecolor="none", markeredgecolor=line.get_color(), zorder=4)
+            axis.plot([block], [at[block]], marker="*", markersize=13, color=line.get_color(),
+                      markeredgecolor="black", zorder=5, linestyle="none")
+        if is_accuracy(headline) and num_classes:
+            axis.axhline(100.0 / num_classes, color="grey", linestyle=(0, (4, 3)), linewidth=1,
+                         label=f"chance (1/{num_classes})", zorder=1)
+        what = "; band: " + ", ".join(_BAND[b] for b in sorted(bands)) if bands else ""
+        axis.set_title(headline.title + what, fontsize=9, wrap=True)
+        axis.set_xlabel("block (0-based)", fontsize=9)
+        axis.set_ylabel(y_label(headline), fontsize=9)
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.grid(alpha=0.3)
         axis.tick_params(labelsize=8)
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(headlines):]:
         axis.axis("off")
-    figure.suptitle(f"{title}  (best block per pooling: star)", fontsize=10)
+    figure.suptitle(f"{title}\nstar: best block; rings: blocks not distinguishable from it "
+                    "(paired McNemar p >= 0.05, or overlapping bands)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

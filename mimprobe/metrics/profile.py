@@ -520,14 +520,15 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
     except OSError as error:
         raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
             from None
-    best = best_blocks(table, config.preset)
+    best = best_blocks(table, config.preset, predictions=predictions)
     files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),
              "json": str(out / "profile.json"), "png": str(out / "profile.png"),
              "predictions": str(out / PREDICTIONS_FILE)}
     table.to_csv(files["csv"], index=False)
     table.to_parquet(files["parquet"], index=False)
     predictions.save(files["predictions"])
-    plot_profile(table, headlines(config.preset, table), best, title=_title(store), path=Path(files["png"]))
+    plot_profile(table, headlines(config.preset, table), best, title=_title(store), path=Path(files["png"]),
+                 predictions=predictions, num_classes=len(store.classes) if store.labelled else None)
     seconds = time.perf_counter() - started
     payload = {
         "config": asdict(config), "store": str(store.path), "store_key": store.key,
@@ -574,6 +575,18 @@ def parse_metrics(text: str | None) -> tuple[str, ...] | None:
 
 
 def iter_best_lines(best: pd.DataFrame) -> Iterable[str]:
+    """One console line per best block: accuracies in percent with 1 decimal (as the report), their interval, and
+    the blocks not distinguishable from the best."""
     for record in best.to_dict(orient="records"):
-        yield (f"{record['metric']:<48} {record['pooling']:<9} block {record['best_block']:>2}  "
-               f"{record['best_value']:.4g}  (last block {record['last_block']}: {record['last_value']:.4g})")
+        percent = "top-1" in record["metric"] or "ACC" in record["metric"]  # the accuracy headlines' titles
+        shown = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3g}")
+        text = (f"{record['metric']:<48} {record['pooling']:<9} block {record['best_block']:>2}  "
+                f"{shown(record['best_value'])}")
+        low, high = record.get("best_low"), record.get("best_high")
+        if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+            how = (f"95 % CI, n={record['n']}" if record.get("interval") == "wilson" else "± 1 s.d. over seeds")
+            text += f" [{shown(low)}, {shown(high)}; {how}]"
+        tied = str(record.get("tied_blocks") or "")
+        if "," in tied:
+            text += f"  not distinguishable: blocks {tied}"
+        yield text + f"  (last block {record['last_block']}: {shown(record['last_value'])})"
