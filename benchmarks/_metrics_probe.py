@@ -54,32 +54,17 @@ DEFAULTS = {"probe_train": 10_000, "probe_test": 2_000, "probe_width": 192, "pro
 QUICK = {"probe_train": 3_000, "probe_test": 1_000, "probe_blocks": 6, "probe_repeats": 1}
 
 
-def decaying_spectrum_blocks(*, n_train: int, n_test: int, width: int, num_blocks: int, num_classes: int, seed: int,
-                             alpha: float = 2.0, beta: float = 0.25):
+def decaying_spectrum_blocks(*, n_train: int, n_test: int, width: int, num_blocks: int, num_classes: int, seed: int):
     """{block: (n, width) float16} for train and test, plus labels; separability grows with the block index.
 
-    Shaped like real transformer features (the generator of tests/metrics/test_linear.py): noise with a power-law
-    spectrum (variance i^-alpha along a random basis), class means spread over the whole spectrum and relatively
-    stronger in its weak directions (scale i^-(alpha * beta)), random per-dimension scales and offsets. The weak
-    directions carry signal, so a solver that does not converge along them loses accuracy.
+    Shaped like real transformer features (`mimprobe.metrics.synthetic.decaying_spectrum_features`, as in
+    tests/metrics/test_linear.py): a power-law spectrum, class signal in its weak directions too.
     """
-    rng = np.random.default_rng(seed)
-    train_labels = rng.permutation(np.arange(n_train) % num_classes)
-    test_labels = rng.permutation(np.arange(n_test) % num_classes)
-    spectrum = (1.0 + np.arange(width)) ** -alpha
-    train, test = {}, {}
-    for block in range(num_blocks):
-        separation = 0.003 * 12.0 ** (block / max(num_blocks - 1, 1))  # test top-1 from ~15 % to ~99 %
-        basis = np.linalg.qr(rng.normal(size=(width, width)))[0]
-        means = rng.normal(size=(num_classes, width)) * spectrum ** beta * separation * np.sqrt(width) / 4
-        scale, offset = np.exp(rng.normal(size=width)), rng.normal(size=width) * 2.0
+    from mimprobe.metrics.synthetic import decaying_spectrum_features
 
-        def draw(labels):
-            latent = means[labels] + rng.normal(size=(len(labels), width)) * np.sqrt(spectrum)
-            return ((latent @ basis.T) * scale + offset).astype(np.float16)
-
-        train[block], test[block] = draw(train_labels), draw(test_labels)
-    return train, train_labels, test, test_labels
+    separations = [0.003 * 12.0 ** (block / max(num_blocks - 1, 1)) for block in range(num_blocks)]  # ~15-99 %
+    return decaying_spectrum_features(n_train=n_train, n_test=n_test, width=width, separations=separations,
+                                      num_classes=num_classes, seed=seed, dtype=np.float16)
 
 
 def _settings(args: argparse.Namespace) -> dict:
