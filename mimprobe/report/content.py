@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..metrics.headlines import Headline, headline_curve
 from ..metrics.knn import PRESETS as KNN_PRESETS
 from .comparison import CompareConfig, PairComparison
 from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
@@ -125,18 +126,36 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
     tables = {profile.label: curve_rows(profile.table) for profile in profiles}
     parts: list[Paragraph | Table | Image] = [Paragraph(
         "Every metric and pooling, block by block, all profiles on one axis; a star marks each curve's best block, "
-        "dotted lines the blocks that carried refinement heads." + (
+        "shading the blocks that carried refinement heads, the dashed grey line the chance level (1 / classes). "
+        "Bands: 95 % Wilson intervals over the evaluation images (k-NN and linear top-1 from predictions.npz, "
+        "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
             " The x axis is the relative depth (block + 1) / depth, since the models have different depths."
             if relative else " Blocks are 0-based."))]
+    classes = {len(profile.meta.get("classes") or []) for profile in profiles}
+    chance = 1.0 / classes.pop() if len(classes) == 1 and 0 not in classes else None
     for key in keys:
         sides = [SideCurve(profile.label, {p: curve(tables[profile.label], key, p) for p in poolings},
-                           profile.num_blocks, placements.get(profile.label)) for profile in profiles]
+                           profile.num_blocks, placements.get(profile.label),
+                           {p: band for p in poolings if (band := curve_band(profile, key, p)) is not None})
+                 for profile in profiles]
         png, svg = plot_curves(key, poolings, sides, relative=relative, stem=out / f"curve_{key.slug}",
-                               higher_is_better=key.higher_is_better)
+                               higher_is_better=key.higher_is_better, chance=chance)
         figures += [png, svg]
         parts.append(Image(png, key.title + (" (higher is better)" if key.higher_is_better else
                                              " (lower is better)"), svg))
     return Section("Block curves", "curves", tuple(parts))
+
+
+def curve_band(profile: ProfileInput, key: CurveKey, pooling: str) -> tuple[pd.Series, pd.Series, str] | None:
+    """(block → low, block → high, what the band is) of one profile's curve, from its table and predictions.npz
+    (`mimprobe.metrics.headlines.headline_curve`); None when the curve has no interval."""
+    headline = Headline(key.title, key.metric, key.split, key.param_dict)
+    found = headline_curve(profile.table, headline, pooling, predictions=profile.predictions)
+    found = found[np.isfinite(found["low"].to_numpy(dtype=float))]
+    if found.empty:
+        return None
+    what = {"wilson": "95 % Wilson interval", "seed-sd": "± 1 s.d. over seeds"}[found["interval"].iloc[0]]
+    return found.set_index("block")["low"], found.set_index("block")["high"], what
 
 
 def _best_section(index: int, pair: PairComparison, suffix: str, config: CompareConfig) -> Section:

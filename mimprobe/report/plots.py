@@ -6,7 +6,7 @@ timm's ``blocks.{i}``; curves of models of different depths are drawn against re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,22 @@ COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da
 
 @dataclass(frozen=True)
 class SideCurve:
-    """One profile's curves of a key: {pooling: (block → value)}, its depth, and its placement (if any)."""
+    """One profile's curves of a key: {pooling: (block → value)}, its depth, its placement (if any), and the
+    uncertainty of each curve: {pooling: (block → low, block → high, what the band is)} (absent: no band)."""
 
     label: str
     by_pooling: dict[str, pd.Series]
     num_blocks: int
     placement: Placement | None = None
+    bands: dict[str, tuple[pd.Series, pd.Series, str]] = field(default_factory=dict)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", "-.", ":")
+# Rendered text must stay >= 10 CSS px when a figure is scaled to a 390 px phone column (about 350 px of image):
+# a figure of width W inches needs fonts of at least 2.1 W points (pt * 110/72 px * 350 / (110 W) >= 10).
+CURVE_WIDTH_IN = 4.6
+FONT_PT = 10
 
 
 def save(figure: Figure, stem: Path) -> tuple[Path, Path]:
@@ -48,12 +58,15 @@ def _x(blocks: np.ndarray, num_blocks: int, relative: bool) -> np.ndarray:
 
 
 def plot_curves(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, relative: bool, stem: Path,
-                higher_is_better: bool = True) -> tuple[Path, Path]:
-    """One panel per pooling, every profile's curve on it; each curve's best block starred, head blocks of each
-    placement drawn as dotted vertical lines in the colour of the profile that was refined with it."""
-    figure = Figure(figsize=(min(4.4 * len(poolings), 13.2), 3.4), layout="constrained")
-    axes = figure.subplots(1, len(poolings), squeeze=False)[0]
+                higher_is_better: bool = True, chance: float | None = None) -> tuple[Path, Path]:
+    """One panel per pooling (stacked, so that the text stays readable on a phone), every profile's curve on it
+    with its uncertainty band; each curve's best block starred, the blocks that carried refinement heads shaded in
+    the colour of the profile refined with them, and the chance level (``chance``, a fraction) on accuracies.
+    Profiles differ by colour, marker and dash, so identical curves stay visible on top of each other."""
+    figure = Figure(figsize=(CURVE_WIDTH_IN, 0.6 + 3.0 * len(poolings)), layout="constrained")
+    axes = figure.subplots(len(poolings), 1, squeeze=False)[:, 0]
     scale = 100.0 if key.is_percent else 1.0
+    bands_used: set[str] = set()
     for axis, pooling in zip(axes, poolings):
         for index, side in enumerate(sides):
             color = COLORS[index % len(COLORS)]
@@ -61,25 +74,51 @@ def plot_curves(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, r
             if series is None or series.empty:
                 continue
             x = _x(series.index.to_numpy(), side.num_blocks, relative)
-            axis.plot(x, series.to_numpy() * scale, marker="o", markersize=3, color=color, label=side.label)
+            if side.placement is not None:
+                _shade_heads(axis, side.placement.head_blocks, side.num_blocks, relative, color,
+                             label=f"head blocks ({side.label})")
+            band = side.bands.get(pooling)
+            if band is not None:
+                low, high = (band[0].reindex(series.index).to_numpy() * scale,
+                             band[1].reindex(series.index).to_numpy() * scale)
+                if np.isfinite(low).any():
+                    axis.fill_between(x, low, high, color=color, alpha=0.16, linewidth=0, zorder=2)
+                    bands_used.add(band[2])
+            axis.plot(x, series.to_numpy() * scale, marker=MARKERS[index % len(MARKERS)], markersize=4 + 1.5 * index,
+                      markerfacecolor="none" if index else color, linestyle=LINESTYLES[index % len(LINESTYLES)],
+                      color=color, label=side.label, zorder=3 + index)
             best = int(np.argmax(series.to_numpy()) if higher_is_better else np.argmin(series.to_numpy()))
             axis.plot([x[best]], [series.to_numpy()[best] * scale], marker="*", markersize=13, color=color,
-                      markeredgecolor="black", zorder=5, linestyle="none")
-            if side.placement is not None:
-                heads = _x(np.asarray(side.placement.head_blocks), side.num_blocks, relative)
-                for position, head in enumerate(heads):
-                    axis.axvline(head, color=color, linestyle=":", linewidth=1.1, alpha=0.8,
-                                 label=f"heads ({side.label})" if position == 0 else None)
-        axis.set_title(f"{pooling}", fontsize=9)
-        axis.set_xlabel("relative depth (block + 1) / depth" if relative else "block (0-based)", fontsize=8)
-        axis.set_ylabel(key.short_name + (" (%)" if key.is_percent else ""), fontsize=8)
+                      markeredgecolor="black", zorder=8, linestyle="none")
+        if chance is not None and key.is_percent:
+            axis.axhline(chance * scale, color="grey", linestyle=(0, (4, 3)), linewidth=1, label="chance", zorder=1)
+        axis.set_title(f"{pooling} pooling", fontsize=FONT_PT)
+        axis.set_xlabel("relative depth (block + 1) / depth" if relative else "block (0-based)", fontsize=FONT_PT)
+        axis.set_ylabel(key.short_name + (" (%)" if key.is_percent else ""), fontsize=FONT_PT)
         axis.grid(alpha=0.3)
-        axis.tick_params(labelsize=8)
-        axis.legend(fontsize=7)
+        axis.tick_params(labelsize=FONT_PT)
+        axis.legend(fontsize=FONT_PT, framealpha=0.85)
         if not relative:
             axis.xaxis.get_major_locator().set_params(integer=True)
-    figure.suptitle(f"{key.title}  (star: best block)", fontsize=10)
+    what = "; band: " + ", ".join(sorted(bands_used)) if bands_used else ""
+    figure.suptitle(f"{key.title}\n(star: best block{what})", fontsize=FONT_PT)
     return save(figure, stem)
+
+
+def _shade_heads(axis, head_blocks, num_blocks: int, relative: bool, color: str, *, label: str) -> None:
+    """Shade each run of consecutive head blocks (half a block either side), one legend entry per profile."""
+    heads = sorted(int(b) for b in head_blocks)
+    runs: list[list[int]] = []
+    for block in heads:
+        if runs and block == runs[-1][-1] + 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    step = 1.0 / num_blocks if relative else 1.0
+    for position, run in enumerate(runs):
+        left, right = _x(np.array([run[0], run[-1]]), num_blocks, relative)
+        axis.axvspan(left - step / 2, right + step / 2, color=color, alpha=0.10, linewidth=0, zorder=0,
+                     label=label if position == 0 else None)
 
 
 def plot_deltas(key: CurveKey, deltas: pd.DataFrame, *, label: str, stem: Path, level: float) -> tuple[Path, Path]:
