@@ -17,7 +17,7 @@ from ..metrics.knn import PRESETS as KNN_PRESETS
 from .comparison import CompareConfig, PairComparison
 from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
 from .document import Bullets, Document, Image, Paragraph, Section, Table
-from .inputs import ProfileInput
+from .inputs import ProfileInput, find_refine_run, weights_phrase
 from .plots import SideCurve, plot_cka, plot_class_gains, plot_curves, plot_deltas
 
 CLASS_ROWS = 20   # per-class table: all classes up to this many, else the 10 largest gains and 10 largest losses
@@ -89,6 +89,10 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
                     text += (f"; largest drop at block {int(worst['block'])}: {format_delta(worst['delta'], key)}"
                              f"{points}")
                 lines.append(text + ".")
+        lines += _chance_lines(pair, config, prefix)
+        run = find_refine_run(pair.after)
+        if run is not None:
+            lines.append(f"{prefix}{run.describe()}.")
         if pair.placement is not None:
             placement = pair.placement
             lines.append(f"{prefix}refinement heads were on blocks {_blocks(placement.head_blocks)} (of "
@@ -100,9 +104,30 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
         if pair.relative_depth:
             lines.append(f"{prefix}the models have different depths ({pair.before.num_blocks} and "
                          f"{pair.after.num_blocks} blocks): curves are compared by relative depth.")
+    randoms = dict.fromkeys(p.label for pair in pairs for p in (pair.before, pair.after) if p.weights == "random")
+    for label in randoms:
+        lines.append(f"{label}: random initialisation (no pretrained weights): its curves describe an untrained "
+                     "network.")
     lines.append("Blocks are numbered from 0, as in timm's parameter names (blocks.0, blocks.1, ...): block 0 is "
                  "the first transformer block, block L-1 the last of L.")
     return lines
+
+
+def _chance_lines(pair: PairComparison, config: CompareConfig, prefix: str) -> list[str]:
+    """How many per-block intervals exclude 0, against how many would by chance if nothing had changed."""
+    if pair.deltas.empty:
+        return []
+    rows = pair.deltas[np.isfinite(pair.deltas["low"].to_numpy(dtype=float))
+                       & np.isfinite(pair.deltas["high"].to_numpy(dtype=float))]
+    if rows.empty:
+        return []
+    excluded = int(((rows["low"] > 0) | (rows["high"] < 0)).sum())
+    level = round(config.level * 100)
+    expected = (1 - config.level) * len(rows)
+    return [f"{prefix}{excluded} of the {len(rows)} per-block {level} % intervals exclude 0 "
+            f"({int(((rows['low'] > 0)).sum())} above, {int((rows['high'] < 0).sum())} below); if nothing had "
+            f"changed, about {expected:.1f} ({100 - level} %) would by chance alone, so count the blocks rather "
+            "than trust any single one (neighbouring blocks' intervals are correlated)."]
 
 
 def _interval_text(low: float, high: float, key: CurveKey, config: CompareConfig) -> str:
@@ -303,7 +328,7 @@ def _config_section(profiles: list[ProfileInput]) -> Section:
     configs = [m.get("config") or {} for m in metas]
     put("profile folder", [str(p.folder) for p in profiles])
     put("model", [p.model_name for p in profiles])
-    put("weights", [m.get("weights") for m in models])
+    put("weights", [weights_phrase(p) for p in profiles])
     put("checkpoint", [m.get("checkpoint") for m in models])
     put("checkpoint format", [m.get("checkpoint_format") for m in models])
     put("checkpoint sha256", [m.get("checkpoint_sha256") for m in models])

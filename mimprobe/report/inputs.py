@@ -113,6 +113,66 @@ def find_placement(after: ProfileInput, explicit: str | Path | None = None) -> t
     return load_placement(candidate), str(candidate)
 
 
+@dataclass(frozen=True)
+class RefineRun:
+    """The settings and outcome of the refinement that made a profiled checkpoint (its run folder's config.json and
+    log.csv, as `mimprobe refine` writes them)."""
+
+    folder: Path
+    epochs_heads: int
+    epochs: int
+    steps: int
+    batch_size: int
+    lr_heads: float
+    lr: float
+    final_loss: float | None
+    base_weights: str
+
+    def describe(self) -> str:
+        """One sentence: stages, steps, batch, learning rates, final loss and what was refined."""
+        loss = f", final loss {self.final_loss:.3f}" if self.final_loss is not None else ", no logged step"
+        base = ("a random initialisation (no pretrained weights)" if self.base_weights == "random"
+                else f"{self.base_weights} weights")
+        return (f"refinement ({self.folder}): {self.epochs_heads} heads-only + {self.epochs} full epochs, "
+                f"{self.steps:,} steps of batch {self.batch_size}, peak lr {self.lr_heads:g} (heads) and {self.lr:g} "
+                f"(full) per 256 images{loss}; it refined {base}")
+
+
+def find_refine_run(profile: ProfileInput) -> RefineRun | None:
+    """The refine run whose exported checkpoint the profile was made from (config.json beside the checkpoint), or
+    None when the checkpoint does not sit in a refine run folder."""
+    import csv
+    import json
+
+    checkpoint = profile.checkpoint
+    if not checkpoint:
+        return None
+    folder = Path(checkpoint).parent
+    try:
+        resolved = json.loads((folder / "config.json").read_text())
+        config = resolved["config"]
+        run = RefineRun(folder=folder, epochs_heads=int(config["epochs_heads"]), epochs=int(config["epochs"]),
+                        steps=int(resolved.get("total_steps", 0)), batch_size=int(config["batch_size"]),
+                        lr_heads=float(config["lr_heads"]), lr=float(config["lr"]), final_loss=None,
+                        base_weights=str((resolved.get("model") or {}).get("weights") or "?"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        with open(folder / "log.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows:
+            run = RefineRun(**{**run.__dict__, "final_loss": float(rows[-1]["loss"]),
+                               "steps": int(rows[-1]["step"]) if rows[-1].get("step") else run.steps})
+    except (OSError, ValueError, KeyError):
+        pass
+    return run
+
+
+def weights_phrase(profile: ProfileInput) -> str:
+    """How the profile's weights read in prose: "random initialisation" for a random init, else the file or tag."""
+    return "random initialisation (no pretrained weights)" if profile.weights == "random" else profile.weights
+
+
 def _first(table: pd.DataFrame, column: str) -> str:
     return str(table[column].iloc[0]) if column in table and len(table) else "?"
 

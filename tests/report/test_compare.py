@@ -159,3 +159,41 @@ def test_different_depths_are_compared_by_relative_depth(profiles, tmp_path, rea
     table = pd.read_parquet(tmp_path / "compare.parquet")
     last = table[(table["label"] == "deeper") & (table["block"] == 7)]
     assert (last["relative_depth"] == 1.0).all()
+
+
+def test_summary_counts_intervals_excluding_zero_and_names_random_init(report, profiles):
+    from mimprobe.report.content import summary_lines
+
+    pair = report.pairs[0]
+    rows = pair.deltas[pair.deltas["low"].notna()]
+    excluded = int(((rows["low"] > 0) | (rows["high"] < 0)).sum())
+    lines = summary_lines(report.pairs, CONFIG)
+    count = next(line for line in lines if "per-block 95 % intervals exclude 0" in line)
+    assert count.startswith(f"{excluded} of the {len(rows)} per-block")
+    assert f"about {0.05 * len(rows):.1f} (5 %) would by chance" in count
+    # the base profile is test_vit with seeded random weights; the refined one loads a checkpoint
+    assert any(line.startswith("base: random initialisation") for line in lines)
+    assert not any(line.startswith("refined: random initialisation") for line in lines)
+    html = (report.out / "report.html").read_text()
+    assert "random initialisation" in html and "per-block 95 % intervals exclude 0" in html
+
+
+def test_curve_bands_are_wilson_intervals_of_the_predictions(report, profiles):
+    from mimprobe.metrics.intervals import wilson_interval
+    from mimprobe.report.content import curve_band
+    from mimprobe.report.curves import CurveKey
+
+    after = report.profiles[1]
+    key = next(k for k in report.pairs[0].keys if k.metric == "knn_top1" and k.split == "test")
+    low, high, what = curve_band(after, key, "cls")
+    assert what == "95 % Wilson interval" and list(low.index) == list(range(6))
+    table = after.table
+    for block in range(6):
+        row = table[(table["metric"] == "knn_top1") & (table["split"] == "test") & (table["pooling"] == "cls")
+                    & (table["block"] == block)].iloc[0]
+        hits = after.predictions.get(metric="knn_top1", split="test", block=block, pooling="cls",
+                                     params=row["params"])
+        expected = wilson_interval(hits.sum(), len(hits))
+        assert (low[block], high[block]) == pytest.approx(tuple(map(float, expected)))
+        assert low[block] <= row["value"] <= high[block]
+    assert curve_band(after, CurveKey("rankme", "train"), "cls") is None

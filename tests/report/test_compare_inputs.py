@@ -69,3 +69,27 @@ def test_bad_inputs(profiles, tmp_path):
     pair = compare(load_profile(profiles.before), load_profile(other),
                    config=CompareConfig(resamples=50, allow_different_data=True))
     assert pair.cka is None and "different data" in pair.cka_note and pair.deltas["low"].isna().all()
+
+
+def test_refine_run_settings_come_from_the_run_folder(profiles, tmp_path):
+    """config.json (as `run_refine` writes it, from RefineConfig.to_dict) and the last log.csv row."""
+    from dataclasses import replace
+
+    from mimprobe.refine.config import RefineConfig
+    from mimprobe.report.inputs import find_refine_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = RefineConfig(epochs_heads=2, epochs=3, batch_size=64, lr_heads=1e-4, lr=3e-4, head_blocks=(4, 5))
+    (run / "config.json").write_text(json.dumps({"config": config.to_dict(), "total_steps": 50,
+                                                 "model": {"name": "test_vit", "weights": "random"}}))
+    (run / "log.csv").write_text("step,stage,epoch,loss,lr\n1,1,0,5.5,1e-5\n2,1,0,4.25,2e-5\n")
+    after = load_profile(profiles.after)
+    moved = replace(after, meta={**after.meta, "model": {**after.meta["model"],
+                                                         "checkpoint": str(run / "refined.safetensors")}})
+    found = find_refine_run(moved)
+    assert (found.epochs_heads, found.epochs, found.batch_size, found.steps) == (2, 3, 64, 2)
+    assert found.final_loss == 4.25 and found.base_weights == "random"
+    text = found.describe()
+    assert "2 heads-only + 3 full epochs" in text and "final loss 4.250" in text and "random initialisation" in text
+    assert find_refine_run(after) is None  # the fixture's run folder holds no config.json
