@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from timm.models._features import feature_take_indices  # timm does not re-export it
-
 from .errors import BadInputError
 
 BlockSpec = None | int | Sequence[int]
@@ -44,6 +42,9 @@ def resolve_blocks(spec: BlockSpec, num_blocks: int) -> list[int]:
                 f"unknown block index {bad[0]}: the model has {num_blocks} blocks, "
                 f"numbered 0..{num_blocks - 1} (negative indices count from the end)")
         spec = [int(i) for i in spec]
+    # timm (hence torch) loads here, not at import: `mimprobe place` parses --blocks without it
+    from timm.models._features import feature_take_indices  # timm does not re-export it
+
     take_indices, _ = feature_take_indices(num_blocks, spec)
     return sorted(set(int(i) for i in take_indices))
 

@@ -145,6 +145,8 @@ def extract(
             overwrite=overwrite, verify=verify,
             **_preprocessing_options(mean, std, interpolation, crop_pct, model_kwargs),
             log=lambda message: typer.echo(message, err=True))
+        if result.rank != 0:  # under torchrun rank 0 reports for every rank
+            return
         summary = result.summary()
         if json_output:
             typer.echo(json.dumps(summary, indent=1))
@@ -227,6 +229,8 @@ def profile(
                              checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
                              progress=not no_progress and not json_output,
                              log=lambda message: typer.echo(message, err=True))
+        if result.rank != 0:  # under torchrun rank 0 reports for every rank
+            return
         if json_output:
             typer.echo(json.dumps(result.summary(), indent=1))
             return
@@ -330,8 +334,9 @@ def place(
     pooling: str = typer.Option("cls", "--pooling", "-p", help="Pooling of the curve: cls, mean or cls+mean."),
     max_heads: Optional[int] = typer.Option(None, "--max-heads", help="Peak rule: at most N heads, spaced evenly "
                                                                       "to the last block (which always gets one)."),
-    plateau: float = typer.Option(0.005, "--plateau", help="Peak rule: blocks within this accuracy fraction of the "
-                                                           "peak belong to its plateau (0.005 = half a point)."),
+    plateau: Optional[float] = typer.Option(None, "--plateau", help="Peak rule: blocks within this accuracy "
+                                            "fraction of the peak belong to its plateau (0.005 = half a point) "
+                                            "[default: 1.96 sqrt(2) standard errors of the validation curve]."),
     n: Optional[int] = typer.Option(None, "--n", help="Rule last-n: heads on the last N blocks."),
     blocks: Optional[str] = typer.Option(None, "--blocks", "-b", help="Explicit 0-based blocks such as 8,9,10,11 "
                                                                       "or 8-11 (negative from the end), or last:N."),
@@ -371,7 +376,10 @@ def place(
                                                  if result.freeze_blocks else ""))
         typer.echo(f"  {result.reason}")
         for note in result.notes:
-            typer.echo(f"  note: {note}")
+            if note.startswith("warning: "):
+                typer.echo(note, err=True)
+            else:
+                typer.echo(f"  note: {note}")
         typer.echo(f"wrote {target}")
 
     _guarded(debug, body)

@@ -51,7 +51,7 @@ def test_peak_rule_starts_heads_at_the_plateau_start():
     assert placement.freeze_blocks == 0 and placement.model == "vit_test"
     assert placement.inputs.split == "val" and placement.inputs.metric_name == "knn_top1"
     assert dict(placement.inputs.curve) == pytest.approx(dict(enumerate(PLATEAU_CURVE)))
-    assert placement.reason == ("k-NN top-1 on the validation split (cls) peaks at block 8 (0.903); the plateau "
+    assert placement.reason == ("k-NN top-1 on the validation split (cls) peaks at block 8 (90.3 %); the plateau "
                                 "within 0.5 points starts at block 7, so heads go on every block from 7 to 11 "
                                 "(5 heads).")
 
@@ -65,6 +65,83 @@ def test_plateau_is_contiguous_and_its_tolerance_is_inclusive():
     assert place(table(rows(boundary)), num_blocks=12).plateau_start == 6
     assert place(table(rows(PLATEAU_CURVE)), num_blocks=12, plateau=0.0).head_blocks == (8, 9, 10, 11)
     assert place(table(rows(PLATEAU_CURVE)), num_blocks=12, plateau=0.06).plateau_start == 6
+
+
+def test_a_plateau_from_the_first_block_puts_a_head_on_every_block():
+    """A model whose curve is flat within the tolerance from block 0 (the features are as good from the start):
+    the plateau starts at block 0 and every block gets a head; the walk must reach block 0."""
+    flat = [0.898, 0.899, 0.900, 0.903, 0.901, 0.900]
+    placement = place(table(rows(flat)), num_blocks=6)
+    assert placement.plateau_start == 0 and placement.head_blocks == (0, 1, 2, 3, 4, 5)
+    assert "starts at block 0" in placement.reason
+    # block 1 starts it when block 0 is below the tolerance
+    assert place(table(rows([0.5, *flat[1:]])), num_blocks=6).plateau_start == 1
+
+
+def test_the_plateau_follows_the_standard_error_of_the_validation_split():
+    """Without --plateau the tolerance is 1.96 sqrt(2) binomial standard errors at the peak on the validation
+    images; --plateau overrides it; without the split size the fixed default applies, with a note."""
+    se = np.sqrt(0.903 * 0.097 / 5000)
+    placement = place(table(rows(PLATEAU_CURVE)), num_blocks=12, val_images=5000)
+    assert placement.inputs.plateau == pytest.approx(1.959963984540054 * np.sqrt(2) * se)
+    assert placement.inputs.plateau_from == "standard error" and placement.inputs.val_images == 5000
+    assert placement.head_blocks == (7, 8, 9, 10, 11)  # a clear peak: as with the fixed half point
+    assert "1.96 sqrt(2) standard errors on 5,000 images" in placement.reason
+    assert not any(note.startswith("warning") for note in placement.notes)
+    # 500 images: SE 1.3 points, tolerance 3.7 points: block 6 (0.85, 5.3 below) stays out, nothing is flat
+    wide = place(table(rows(PLATEAU_CURVE)), num_blocks=12, val_images=500)
+    assert wide.plateau_start == 7 and any("500 images" in note and "warning" in note for note in wide.notes)
+    fixed = place(table(rows(PLATEAU_CURVE)), num_blocks=12, val_images=50, plateau=0.0)
+    assert fixed.head_blocks == (8, 9, 10, 11) and fixed.inputs.plateau_from == "fixed"
+    unknown = place(table(rows(PLATEAU_CURVE)), num_blocks=12)
+    assert unknown.inputs.plateau == DEFAULT_PLATEAU and any("size of the validation split is unknown" in note
+                                                             for note in unknown.notes)
+    assert Placement.from_dict(json.loads(json.dumps(placement.to_dict()))) == placement
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_flat_noisy_curve_places_few_heads_and_warns(seed):
+    """The issue's case: 200 validation images (one image = half a point), a curve that does not change with depth
+    beyond binomial noise. The fixed half-point plateau lets noise decide; the standard-error plateau sees that no
+    block differs from the peak, warns, and puts heads on the last third of the blocks only."""
+    rng = np.random.default_rng(seed)
+    noisy = rng.binomial(200, 0.62, size=12) / 200
+    placement = place(table(rows(noisy)), num_blocks=12, val_images=200)
+    assert placement.head_blocks == (8, 9, 10, 11)
+    warnings = [note for note in placement.notes if note.startswith("warning: ")]
+    assert any("200 images" in note for note in warnings)
+    assert any("does not vary with depth beyond its binomial noise" in note for note in warnings)
+    # --max-heads is the user's choice: kept, spaced from the plateau start to the last block
+    chosen = place(table(rows(noisy)), num_blocks=12, val_images=200, max_heads=3)
+    assert 1 <= len(chosen.head_blocks) <= 3 and chosen.head_blocks[-1] == 11
+    # the same noisy curve on 20,000 images would be a real curve: no flat-curve fallback
+    assert not any("binomial noise" in note for note in place(table(rows(noisy)), num_blocks=12,
+                                                               val_images=20000).notes)
+
+
+def test_a_clear_peak_on_a_small_split_places_as_before():
+    """A tent with 6-point steps: even on 200 images (tolerance about 8 points at 90 %) the peak is clear."""
+    curve = tent(12, 8)
+    before = place(table(rows(curve)), num_blocks=12, plateau=DEFAULT_PLATEAU)
+    after = place(table(rows(curve)), num_blocks=12, val_images=200)
+    assert after.head_blocks == before.head_blocks == (8, 9, 10, 11)
+    assert not any("binomial noise" in note for note in after.notes)
+
+
+def test_head_size_note_matches_the_refine_heads():
+    """The torch-free parameter count equals the real head's, and 12 default heads on a ViT-Tiny (the issue's
+    1.15 GB checkpoint) are flagged."""
+    from mimprobe.placement.run import HEAD_DIMS, head_parameters, head_size_note
+    from mimprobe.refine.config import RefineConfig
+    from mimprobe.refine.heads import HeadConfig, NNAHead
+
+    defaults = RefineConfig()
+    assert HEAD_DIMS == (defaults.head_hidden_dim, defaults.head_proj_dim, defaults.head_predictor_dim)
+    head = NNAHead(192, HeadConfig(hidden_dim=HEAD_DIMS[0], proj_dim=HEAD_DIMS[1], predictor_hidden_dim=HEAD_DIMS[2]))
+    assert head_parameters(192) == sum(p.numel() for p in head.parameters())
+    note = head_size_note(12, {"embed_dim": 192, "num_params": 5_487_552})
+    assert note.startswith("warning: 12 heads") and "1.1 GiB" in note
+    assert head_size_note(4, {"embed_dim": 192, "num_params": 5_487_552}) is None
 
 
 def test_ties_take_the_first_peak():
@@ -339,3 +416,45 @@ def test_place_cli_on_a_profile_without_knn(real_profile, tmp_path):
     table_[table_["metric"] != "knn_top1"].to_csv(copy / "profile.csv", index=False)
     line = _error_line(runner.invoke(app, ["place", str(copy)]))
     assert "no knn_top1 rows" in line and "--metrics knn" in line
+
+
+def test_flat_curve_pvalue_is_scipys_chi_square():
+    from scipy.stats import chi2
+
+    from mimprobe.placement.rules import flat_curve_pvalue
+
+    values = np.array([0.60, 0.62, 0.65, 0.58, 0.61])
+    mean = values.mean()
+    statistic = ((values - mean) ** 2).sum() / (mean * (1 - mean) / 200)
+    assert flat_curve_pvalue(values, 200) == pytest.approx(chi2.sf(statistic, 4))
+    assert flat_curve_pvalue(values, 20000) < 1e-6 and flat_curve_pvalue([1.0, 1.0], 10) == 1.0
+
+
+def test_place_cli_reads_the_validation_size_and_imports_no_torch(tmp_path):
+    """`mimprobe place` only reads a table: it must not load torch or timm (26-35 s on a loaded machine), and it
+    takes the validation split's size from predictions.npz for the standard-error plateau."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    noisy = np.random.default_rng(0).binomial(200, 0.62, size=12) / 200
+    table(rows(noisy)).to_csv(folder / "profile.csv", index=False)
+    (folder / "profile.json").write_text(json.dumps({"model": {"structure": {"num_blocks": 12, "embed_dim": 192,
+                                                                              "num_params": 5_487_552}}}))
+    np.savez(folder / "predictions.npz", format_version=np.array(1), rows__val=np.arange(200))
+    code = ("import sys\nfrom mimprobe.cli import app\n"
+            f"sys.argv = ['mimprobe', 'place', {str(folder)!r}, '--out', {str(tmp_path / 'peak.json')!r}]\n"
+            "try:\n    app()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+            "print('IMPORTED', 'torch' in sys.modules, 'timm' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "IMPORTED False False" in result.stdout
+    result = runner.invoke(app, ["place", str(folder)])
+    assert result.exit_code == 0, result.output
+    placement = load_placement(folder)
+    assert placement.inputs.val_images == 200 and placement.head_blocks == (8, 9, 10, 11)
+    assert "warning: the validation split holds 200 images" in result.stderr
+    assert "does not vary with depth" in result.stderr
+    twelve = runner.invoke(app, ["place", str(folder), "--plateau", "0.5"])
+    assert twelve.exit_code == 0 and "warning: 12 heads of the default size" in twelve.stderr

@@ -38,7 +38,7 @@ from ..errors import BadInputError
 from ..features.pooling import POOLINGS
 from ..features.store import STORE_DTYPES
 from ..metrics.profile import METRICS, PRESETS, ProfileConfig
-from ..placement import DEFAULT_PLATEAU, PLACEMENT_METRICS, RULES
+from ..placement import PLACEMENT_METRICS, RULES
 from ..pretrain import MaeConfig
 from ..refine import RefineConfig
 from ..refine.config import HEAD_INITS
@@ -110,7 +110,7 @@ class PlaceSpec:
     metric: str = field(default="knn", metadata=_choices(*PLACEMENT_METRICS))
     pooling: str = field(default="cls", metadata=_choices(*POOLINGS))
     max_heads: int | None = None
-    plateau: float = DEFAULT_PLATEAU
+    plateau: float | None = None                   # None: follows the validation curve's standard error
     freeze: int | float | None = None              # first blocks kept frozen: a count (6) or a fraction (0.25)
     blocks: tuple[int, ...] | None = None
     n: int | None = None

@@ -27,6 +27,8 @@ class PlacementInputs:
     n: int | None = None
     blocks: tuple[int, ...] | None = None        # as requested (before resolving negative indices)
     freeze: int | float | None = None            # as requested (count or fraction)
+    plateau_from: str = "fixed"                  # "standard error" (from val_images) or "fixed" (--plateau, default)
+    val_images: int | None = None                # images of the curve's split (predictions.npz), when known
 
     @property
     def params(self) -> dict[str, Any]:
@@ -36,7 +38,8 @@ class PlacementInputs:
         return {"metric": self.metric, "metric_name": self.metric_name, "split": self.split, "pooling": self.pooling,
                 "params": self.params, "plateau": self.plateau, "max_heads": self.max_heads, "n": self.n,
                 "blocks": None if self.blocks is None else list(self.blocks), "freeze": self.freeze,
-                "curve": {str(block): value for block, value in self.curve}}
+                "curve": {str(block): value for block, value in self.curve}, "plateau_from": self.plateau_from,
+                "val_images": self.val_images}
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> PlacementInputs:
@@ -46,7 +49,9 @@ class PlacementInputs:
                    params_json=json.dumps(payload.get("params") or {}, sort_keys=True, separators=(",", ":")),
                    curve=tuple((int(block), float(value)) for block, value in (payload.get("curve") or {}).items()),
                    max_heads=payload.get("max_heads"), n=payload.get("n"),
-                   blocks=None if blocks is None else tuple(int(b) for b in blocks), freeze=payload.get("freeze"))
+                   blocks=None if blocks is None else tuple(int(b) for b in blocks), freeze=payload.get("freeze"),
+                   plateau_from=str(payload.get("plateau_from") or "fixed"),
+                   val_images=_optional(payload.get("val_images"), int))
 
 
 @dataclass(frozen=True)

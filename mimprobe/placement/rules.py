@@ -17,13 +17,28 @@ from .record import RULES, Placement, PlacementInputs
 # thousand images: the binomial standard error of an accuracy near 80 % on 5,000 images is
 # sqrt(0.8 * 0.2 / 5000) = 0.0057, so a smaller tolerance would let noise decide where the plateau starts.
 DEFAULT_PLATEAU = 0.005
+# Without --plateau the tolerance follows the curve's noise: a block is on the plateau unless it is significantly
+# below the peak by a two-sided 95 % two-proportion test, |peak - value| > 1.96 sqrt(2) SE with the binomial
+# SE = sqrt(p (1 - p) / n) at the peak on the n validation images (sqrt(2): the difference of two accuracies; the
+# blocks share their images, so this is conservative). 5,000 images at 80 % give 1.6 points; 200 at 50 % give 9.8.
+SE_MULTIPLIER = 1.959963984540054 * math.sqrt(2)
+# A validation curve whose standard error exceeds a point cannot place heads block by block: warn.
+NOISY_SE = 0.01
+# When no block is distinguishable from the peak (a flat curve within its noise) the curve says nothing about where
+# the plateau starts: heads then go on the last third of the blocks, MIM-Refiner's ViT-L layout (8 heads on blocks
+# 17-24 of 24, arXiv 2402.10093), instead of on every block.
+FLAT_SHARE = 1 / 3
+# "Flat": a chi-square test of homogeneity of the block accuracies (each on the same n images, treated as
+# independent binomials) does not reject equal accuracy at 5 %, or no block falls outside the plateau.
+FLAT_PVALUE = 0.05
 _TIE = 1e-9  # float slack when comparing accuracies with peak - plateau (e.g. 0.875 vs 0.88 - 0.005)
 
 
 def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", metric: str = "knn",
-          pooling: str = "cls", max_heads: int | None = None, plateau: float = DEFAULT_PLATEAU,
+          pooling: str = "cls", max_heads: int | None = None, plateau: float | None = None,
           freeze: int | float | None = None, blocks: Sequence[int] | None = None, n: int | None = None,
-          preset: str | None = None, k: int | None = None, source: str | None = None) -> Placement:
+          preset: str | None = None, k: int | None = None, source: str | None = None,
+          val_images: int | None = None) -> Placement:
     """Choose the head blocks (and frozen blocks) of a refinement from a profile table.
 
     Args:
@@ -35,12 +50,15 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         pooling: Pooling of the curve (the heads read the CLS token; ``cls`` is MIM-Refiner's signal).
         max_heads: Rule ``peak``: at most this many heads, spaced evenly from the plateau start to the last block.
         plateau: Rule ``peak``: blocks within this accuracy fraction of the peak count as the peak (0.005 = half a
-            point; see `DEFAULT_PLATEAU` for why).
+            point). None (default): 1.96 sqrt(2) binomial standard errors of the peak on ``val_images`` images
+            (`SE_MULTIPLIER`), or `DEFAULT_PLATEAU` when ``val_images`` is unknown; a curve flat within that noise
+            gets heads on its last third of blocks (`FLAT_SHARE`) and a warning.
         freeze: Number of first blocks to freeze (int), or a fraction of the depth in (0, 1).
         blocks: Rule ``explicit``: block indices, negative from the end.
         n: Rule ``last-n``: how many last blocks.
         preset, k: The k-NN protocol when the profile holds several.
         source: Where the table came from (recorded).
+        val_images: Images of the curve's validation split (``predictions.npz``'s rows), for the standard error.
 
     Raises:
         BadInputError: An unknown rule, options that do not belong to the rule, a missing metric or validation
@@ -57,7 +75,7 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
                                 f"--rule {owner}")
     if max_heads is not None and (isinstance(max_heads, bool) or int(max_heads) != max_heads or max_heads < 1):
         raise BadInputError(f"--max-heads must be a whole number of at least 1, got {max_heads!r}")
-    if isinstance(plateau, bool) or not math.isfinite(float(plateau)) or not 0 <= plateau < 1:
+    if plateau is not None and (isinstance(plateau, bool) or not math.isfinite(float(plateau)) or not 0 <= plateau < 1):
         raise BadInputError(f"--plateau {plateau!r} must be an accuracy fraction in [0, 1), e.g. 0.005 for half a "
                             "point")
     if rule == "last-n" and n is None:
@@ -79,8 +97,29 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
     notes += list(curve.notes) if curve else []
 
     peak_block = peak_value = plateau_start = None
+    plateau_from, flat = ("fixed" if plateau is not None or not val_images else "standard error"), False
+    homogeneity = 1.0
     if curve is not None:
-        peak_block, peak_value, plateau_start = _peak_and_plateau(curve.values, plateau)
+        tolerance = plateau
+        if plateau is None:
+            peak = max(value for _, value in curve.values)
+            tolerance = SE_MULTIPLIER * binomial_se(peak, val_images) if val_images else DEFAULT_PLATEAU
+            if not val_images and rule == "peak":
+                notes.append(f"the size of the validation split is unknown (no predictions.npz beside the profile): "
+                             f"fixed plateau {DEFAULT_PLATEAU * 100:g} points; re-run `mimprobe profile` to get one "
+                             "that follows the curve's standard error")
+        peak_block, peak_value, plateau_start = _peak_and_plateau(curve.values, tolerance)
+        plateau = float(tolerance)
+        if val_images:
+            se = binomial_se(peak_value, val_images)
+            if se > NOISY_SE:
+                notes.append(f"warning: the validation split holds {val_images:,} images: one image moves the curve "
+                             f"{100 / val_images:.2g} points and its standard error at the peak is {100 * se:.1f} "
+                             f"points, so blocks within {100 * SE_MULTIPLIER * se:.1f} points of the peak cannot be "
+                             "told apart; profile with more images or a larger --val-fraction")
+        if plateau_from == "standard error" and len(curve.values) > 1:
+            homogeneity = flat_curve_pvalue([value for _, value in curve.values], val_images)
+            flat = plateau_start == curve.values[0][0] or homogeneity >= FLAT_PVALUE
         if curve.values[-1][0] >= num_blocks:
             raise BadInputError(f"the profile has block {curve.values[-1][0]} but the model has {num_blocks} blocks: "
                                 "give the profile of this model")
@@ -90,11 +129,23 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
                          "all blocks to know")
 
     if rule == "peak":
-        heads = _spaced(plateau_start, num_blocks - 1, max_heads)
         label, where = LABELS[metric], _split_phrase(curve.split)
-        how = _heads_phrase(heads, plateau_start, num_blocks - 1)
-        reason = (f"{label} on {where} ({pooling}) peaks at block {peak_block} ({peak_value:.3f}); the plateau "
-                  f"within {plateau * 100:g} points starts at block {plateau_start}, so {how}")
+        within = (f"{plateau * 100:.1f} points (1.96 sqrt(2) standard errors on {val_images:,} images)"
+                  if plateau_from == "standard error" else f"{plateau * 100:g} points")
+        start = plateau_start
+        if flat and max_heads is None:
+            start = num_blocks - math.ceil(FLAT_SHARE * num_blocks)
+            notes.append(f"warning: the validation curve does not vary with depth beyond its binomial noise "
+                         f"(homogeneity test p = {homogeneity:.2f} over {len(curve.values)} blocks; peak-to-block "
+                         f"tolerance {plateau * 100:.1f} points): it cannot say where the plateau starts, so "
+                         f"heads go on the last third of the blocks ({start}-{num_blocks - 1}, MIM-Refiner's ViT-L "
+                         "layout) instead of all; profile more validation images, or choose with --plateau, "
+                         "--max-heads or --rule last-n")
+        heads = _spaced(start, num_blocks - 1, max_heads)
+        how = _heads_phrase(heads, start, num_blocks - 1)
+        reason = (f"{label} on {where} ({pooling}) peaks at block {peak_block} ({100 * peak_value:.1f} %); the "
+                  f"plateau within {within} starts at block {plateau_start}, so " + (
+                      "the curve is flat within its noise and " if flat and max_heads is None else "") + how)
     else:
         heads = _requested_blocks(rule, n=n, blocks=blocks, num_blocks=num_blocks)
         reason = (f"rule last-n: heads on the last {len(heads)} blocks ({_span(heads)})" if rule == "last-n" else
@@ -109,7 +160,9 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         reason += f"; the first {freeze_blocks} blocks (0-{freeze_blocks - 1}{share}) stay frozen"
     models = sorted(set(table["model"].dropna().astype(str))) if table is not None and "model" in table else []
     inputs = PlacementInputs(
-        metric=metric, pooling=pooling, plateau=float(plateau), metric_name=curve.metric_name if curve else None,
+        metric=metric, pooling=pooling, plateau=float(DEFAULT_PLATEAU if plateau is None else plateau),
+        plateau_from=plateau_from, val_images=None if val_images is None else int(val_images),
+        metric_name=curve.metric_name if curve else None,
         split=curve.split if curve else None,
         params_json=json.dumps(curve.params if curve else {}, sort_keys=True, separators=(",", ":")),
         curve=curve.values if curve else (), max_heads=None if max_heads is None else int(max_heads),
@@ -119,6 +172,25 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
                      reason=reason + ".", inputs=inputs, peak_block=peak_block, peak_value=peak_value,
                      plateau_start=plateau_start, notes=tuple(notes), model=models[0] if len(models) == 1 else None,
                      source=source)
+
+
+def flat_curve_pvalue(values: Sequence[float], n: int) -> float:
+    """p-value of Pearson's chi-square test that every block has the same accuracy, each value a proportion of
+    ``n`` images: sum((x - mean)^2) / (mean (1 - mean) / n) ~ chi2(blocks - 1) (1.0 for a curve at 0 or 1)."""
+    from scipy.special import gammaincc  # chi2 survival function: Q(dof / 2, x / 2); scipy.stats is slower to import
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if mean <= 0 or mean >= 1:
+        return 1.0
+    statistic = float(((values - mean) ** 2).sum() / (mean * (1 - mean) / n))
+    return float(gammaincc((len(values) - 1) / 2, statistic / 2))
+
+
+def binomial_se(p: float, n: int) -> float:
+    """sqrt(p (1 - p) / n): the standard error of an accuracy p on n images (here, not `mimprobe.metrics`, whose
+    package import would load the feature store and torch into `place`)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
 def _requested_blocks(rule: str, *, n: int | None, blocks: Sequence[int] | None, num_blocks: int) -> tuple[int, ...]:

@@ -77,9 +77,14 @@ def run_place(profile: str | Path, *, out: str | Path | None = None, **options: 
     table, meta, folder = read_profile(profile)
     num_blocks, depth_source = model_depth(meta, table)
     options.setdefault("preset", (meta.get("config") or {}).get("preset"))
+    options.setdefault("val_images", validation_images(folder, split="train-loo" if not (
+        (table["split"] == "val").any()) else "val"))
     placement = place(table, num_blocks=num_blocks, source=str(folder.resolve()), **options)
     if depth_source != "profile.json":
         placement = _with_note(placement, f"the model depth ({num_blocks} blocks) comes from {depth_source}")
+    size_note = head_size_note(len(placement.head_blocks), (meta.get("model") or {}).get("structure") or {})
+    if size_note:
+        placement = _with_note(placement, size_note)
     target = placement_path(folder, out)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,49 @@ def run_place(profile: str | Path, *, out: str | Path | None = None, **options: 
     except OSError as error:
         raise BadInputError(f"cannot write {target}: {error.strerror or error}; choose a writable --out") from None
     return placement
+
+
+def validation_images(folder: Path, *, split: str) -> int | None:
+    """Images of the profile's ``split`` (the rows predictions.npz recorded for it), or None without the file."""
+    import numpy as np
+
+    path = folder / "predictions.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:  # lazy: reads only the one array
+            return int(len(data[f"rows__{split}"])) if f"rows__{split}" in data.files else None
+    except (OSError, ValueError):
+        return None
+
+
+# Default head of `mimprobe refine` (RefineConfig.head_hidden_dim / head_proj_dim / head_predictor_dim, from
+# MIM-Refiner's NNCLR head; tests/test_placement.py checks they agree): kept here so `place` needs no torch.
+HEAD_DIMS = (2048, 256, 4096)
+HEAD_NOTE_BYTES = 1024 ** 3   # say what the heads cost once checkpoint-last.pth would pass 1 GiB
+
+
+def head_parameters(embed_dim: int, hidden: int = HEAD_DIMS[0], proj: int = HEAD_DIMS[1],
+                    predictor: int = HEAD_DIMS[2]) -> int:
+    """Trainable parameters of one NNA head on a block of width ``embed_dim`` (`mimprobe.refine.heads`: bias-free
+    Linears d-H-H-P and P-Q-P, each followed by an affine BatchNorm)."""
+    linears = embed_dim * hidden + hidden * hidden + hidden * proj + proj * predictor + predictor * proj
+    norms = 2 * (hidden + hidden + proj + predictor + proj)
+    return linears + norms
+
+
+def head_size_note(heads: int, structure: dict[str, Any]) -> str | None:
+    """A note on the checkpoint size the heads imply when it passes `HEAD_NOTE_BYTES` (None below, or without the
+    model's width): weights and the two AdamW moments in float32 for the heads, and for the encoder also its EMA."""
+    width, encoder = structure.get("embed_dim"), structure.get("num_params")
+    if not width or not heads:
+        return None
+    per_head = head_parameters(int(width))
+    size = 4 * (3 * heads * per_head + 4 * int(encoder or 0))
+    if size < HEAD_NOTE_BYTES:
+        return None
+    share = f", {heads * per_head / int(encoder):.0f}x the encoder's {int(encoder) / 1e6:.1f} M" if encoder else ""
+    return (f"warning: {heads} heads of the default size hold {heads * per_head / 1e6:.1f} M parameters{share}: "
+            f"refine's checkpoint-last.pth will be about {size / 1024 ** 3:.1f} GiB; use --max-heads or smaller "
+            "refine --head-dims")
 
 
 def placement_path(profile: str | Path, out: str | Path | None = None) -> Path:
