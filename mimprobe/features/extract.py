@@ -3,11 +3,13 @@ resumable FeatureStore."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,16 +21,18 @@ from torch.utils.data import DataLoader, Subset
 from .._device import autocast, resolve_device, resolve_precision
 from .._lock import exclusive_lock
 from .._messages import status_logger
+from .._ranks import Ranks, all_succeeded, barrier, join, total
 from .._versions import software_versions
 from ..blocks import BlockSpec, resolve_blocks
 from ..data import DataSource, SplitDataset, build_eval_transform, load_data
 from ..errors import BadImageError, BadInputError, MimprobeError
 from ..models import LoadedModel, describe_model, load_model
 from ..models.families import block_layout
+from . import progress as batch_progress
 from .blockwise import BlockOutputs
 from .pooling import POOLINGS, pool_tokens
-from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, DamagedStoreError, FeatureStore, RowWriter, create_npy,
-                    feature_filename, store_key, write_json_atomic)
+from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, DamagedStoreError, FeatureStore, RowWriter,
+                    create_store, feature_filename, store_key, write_json_atomic)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class ExtractResult:
     images: int = 0                   # images run through the model in this call
     seconds: float = 0.0
     messages: list[str] = field(default_factory=list)
+    rank: int = 0                     # this process's rank under torchrun (images: the sum over ranks)
 
     def summary(self) -> dict[str, Any]:
         manifest = self.store.manifest
@@ -212,6 +217,9 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     _check_out(out)
     source = data if isinstance(data, DataSource) else load_data(data)
     device = resolve_device(config.device)
+    ranks, device = join(device)  # torchrun: every rank writes its share of the batches (`_extract_ranks`)
+    if not ranks.is_main:
+        say = status_logger(lambda message: None, progress=False, messages=messages)
     precision = resolve_precision(config.precision, device)
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
@@ -239,22 +247,114 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     feature_dims = {p: (_feature_dim(structure, blocks[-1], p) if len(widths) == 1 else None) for p in config.poolings}
 
     _prepare_out(out)
+    lock = out / f".{store_dir.name}.lock"
+    options = dict(key=key, key_fields=key_fields, loaded=loaded, structure=structure, source=source,
+                   data_config=data_config, blocks=blocks, config=config, precision=precision,
+                   feature_dims=feature_dims, device=device, progress=progress, on_batch=on_batch, say=say,
+                   messages=messages, overwrite=overwrite, verify=verify)
+    if ranks.distributed:
+        return _extract_ranks(store_dir, lock, ranks=ranks, wait=wait, **options)
     # One writer per store: a second run waits (or refuses), then finds the store complete or resumes it.
-    with exclusive_lock(out / f".{store_dir.name}.lock", what=f"feature store {store_dir}", wait=wait, say=say):
-        return _extract_locked(store_dir, key=key, key_fields=key_fields, loaded=loaded, structure=structure,
-                               source=source, data_config=data_config, blocks=blocks, config=config,
-                               precision=precision, feature_dims=feature_dims, device=device, progress=progress,
-                               on_batch=on_batch, say=say, messages=messages, overwrite=overwrite, verify=verify)
+    with exclusive_lock(lock, what=f"feature store {store_dir}", wait=wait, say=say):
+        manifest, state = _open_or_create(store_dir, **options)
+        if state == "reused":
+            return ExtractResult(FeatureStore(store_dir, manifest), reused=True, resumed=False, messages=messages)
+        images, seconds = _run(manifest, store_dir, ranks=ranks, **_run_options(options))
+        return _finish(store_dir, manifest, resumed=state == "resumed", images=images, seconds=seconds, say=say,
+                       messages=messages)
 
 
-def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded: LoadedModel,
+def _run_options(options: dict[str, Any]) -> dict[str, Any]:
+    names = ("source", "loaded", "structure", "data_config", "device", "precision", "config", "progress", "on_batch")
+    return {name: options[name] for name in names}
+
+
+def _finish(store_dir: Path, manifest: dict[str, Any], *, resumed: bool, images: int, seconds: float,
+            say: Callable[[str], None], messages: list[str]) -> ExtractResult:
+    """Mark the store complete (every batch is written and recorded)."""
+    manifest_path = store_dir / MANIFEST
+    order = {split: position for position, split in enumerate(manifest["dataset"]["splits"])}
+    manifest["bad_images"].sort(key=lambda e: (order[e["split"]], e["index"]))  # as one uninterrupted process
+    manifest["complete"] = True
+    write_json_atomic(manifest_path, manifest)
+    if manifest["bad_images"]:
+        say(f"skipped {len(manifest['bad_images'])} unreadable images (listed in {manifest_path})")
+    return ExtractResult(FeatureStore(store_dir, manifest), reused=False, resumed=resumed, images=images,
+                         seconds=seconds, messages=messages)
+
+
+def _extract_ranks(store_dir: Path, lock: Path, *, ranks: Ranks, wait: bool, say: Callable[[str], None],
+                   messages: list[str], **options: Any) -> ExtractResult:
+    """Extraction by every rank of a torchrun launch, each writing its share of the batches in place.
+
+    Rank 0 alone takes the store's lock (the others wait at a collective, so no lock has to work between
+    machines), reuses, resumes or creates the store, and seeds the attempt in the manifest; every rank then reads
+    the manifest from the filesystem, derives the same plan (`batch_progress.rank_items`) and writes its rows and
+    its own progress file; after a barrier rank 0 folds the progress files into the manifest and marks it complete.
+    Ranks share only the filesystem and torch.distributed collectives.
+    """
+    holding = exclusive_lock(lock, what=f"feature store {store_dir}", wait=wait, say=say) if ranks.is_main \
+        else nullcontext()
+    with holding:
+        failure: BaseException | None = None
+        state = "new"
+        if ranks.is_main:
+            try:
+                manifest, state = _open_or_create(store_dir, say=say, messages=messages, **options)
+                if state != "reused":
+                    batch_progress.start_attempt(manifest, ranks.world_size)
+                    write_json_atomic(store_dir / MANIFEST, manifest)
+                    say(f"{ranks.world_size} processes extract {len(batch_progress.pending(manifest))} batches of "
+                        f"{manifest['batch_size']} images, batch b of the pending ones by rank b % "
+                        f"{ranks.world_size}")
+            except BaseException as error:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+                failure = error
+        if not all_succeeded(ranks, failure is None):
+            if failure is not None:
+                raise failure
+            raise MimprobeError(f"rank {ranks.rank}: stopping because rank 0 could not prepare feature store "
+                                f"{store_dir} (its message says why)")
+        if not ranks.is_main:
+            manifest = FeatureStore.open(store_dir).manifest
+        if manifest["complete"]:
+            if ranks.is_main:
+                return ExtractResult(FeatureStore(store_dir, manifest), reused=True, resumed=False,
+                                     messages=messages)
+            return ExtractResult(FeatureStore(store_dir, manifest), reused=True, resumed=False, rank=ranks.rank)
+        run_options = _run_options(options)
+        if not ranks.is_main:
+            run_options["progress"] = False
+        try:
+            images, seconds = _run(manifest, store_dir, ranks=ranks, **run_options)
+        except BaseException:
+            all_succeeded(ranks, False)
+            raise
+        if not all_succeeded(ranks, True):
+            raise MimprobeError(f"rank {ranks.rank}: stopping because another rank failed (its message says why); "
+                                "run the same command again to resume")
+        images = total(ranks, images)
+        if ranks.is_main:
+            batch_progress.consolidate(store_dir, manifest)
+            result = _finish(store_dir, manifest, resumed=state == "resumed", images=images, seconds=seconds,
+                             say=say, messages=messages)
+            batch_progress.remove_rank_files(store_dir)
+        barrier(ranks)  # the store is complete for every rank from here
+        if ranks.is_main:
+            return result
+        manifest = FeatureStore.open(store_dir).manifest
+        return ExtractResult(FeatureStore(store_dir, manifest), reused=False, resumed=state == "resumed",
+                             images=images, seconds=seconds, rank=ranks.rank)
+
+
+def _open_or_create(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded: LoadedModel,
                     structure: dict[str, Any], source: DataSource, data_config: dict[str, Any], blocks: list[int],
                     config: ExtractConfig, precision: str, feature_dims: dict[str, int], device: torch.device,
-                    progress: bool, on_batch: BatchCallback | None, say: Callable[[str], None],
-                    messages: list[str], overwrite: bool, verify: bool) -> ExtractResult:
-    """Reuse, resume or create the store (the caller holds its lock)."""
+                    say: Callable[[str], None], overwrite: bool, verify: bool,
+                    **_: Any) -> tuple[dict[str, Any], str]:
+    """Open the store to reuse or resume it, or create it (the caller holds its lock); returns its manifest and
+    "reused", "resumed" or "new". The progress of an interrupted run of several processes is folded into the
+    manifest first (`batch_progress.consolidate`), so it resumes with any number of processes."""
     manifest_path = store_dir / MANIFEST
-    resumed = False
     if overwrite and store_dir.exists():
         say(f"--overwrite: deleting feature store {store_dir}")
         shutil.rmtree(store_dir)
@@ -271,12 +371,18 @@ def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], lo
             raise MimprobeError(f"{store_dir} holds a store with another key (hash prefix collision); "
                                 "move it away and run again")
         if manifest["complete"]:
+            batch_progress.remove_rank_files(store_dir)  # left by a kill just after the store was completed
             say(f"reusing feature store {store_dir} (same key {key[:12]}: same model, data, transform, "
                 f"blocks, pooling, norm and dtype)")
-            return ExtractResult(FeatureStore(store_dir, manifest), reused=True, resumed=False, messages=messages)
-        resumed = True
-        done = ", ".join(f"{s} {manifest['progress'][s]}/{n}" for s, n in manifest["dataset"]["splits"].items())
-        say(f"resuming feature store {store_dir}: {done}")
+            return manifest, "reused"
+        if batch_progress.consolidate(store_dir, manifest):
+            write_json_atomic(manifest_path, manifest)
+            batch_progress.remove_rank_files(store_dir)
+        done = batch_progress.done_batches(manifest)
+        rows = {s: sum(len(batch_progress.batch_rows(int(b), manifest["batch_size"], n))
+                       for b in np.flatnonzero(done[s])) for s, n in manifest["dataset"]["splits"].items()}
+        say(f"resuming feature store {store_dir}: " + ", ".join(
+            f"{s} {rows[s]}/{n}" for s, n in manifest["dataset"]["splits"].items()))
         if manifest["batch_size"] != config.batch_size:
             say(f"note: using the store's batch size {manifest['batch_size']} (not {config.batch_size}) so that "
                 "the resumed rows match an uninterrupted run")
@@ -287,16 +393,8 @@ def _extract_locked(store_dir: Path, *, key: str, key_fields: dict[str, Any], lo
                               source=source, data_config=data_config, blocks=blocks, config=config,
                               precision=precision, feature_dims=feature_dims)
         say(f"new feature store {store_dir} (key {key[:12]}); {source.summary()}")
-
-    images, seconds = _run(manifest, store_dir, source=source, loaded=loaded, structure=structure,
-                           data_config=data_config, device=device, precision=precision, config=config,
-                           progress=progress, on_batch=on_batch)
-    manifest["complete"] = True
-    write_json_atomic(manifest_path, manifest)
-    if manifest["bad_images"]:
-        say(f"skipped {len(manifest['bad_images'])} unreadable images (listed in {manifest_path})")
-    return ExtractResult(FeatureStore(store_dir, manifest), reused=False, resumed=resumed, images=images,
-                         seconds=seconds, messages=messages)
+        return manifest, "new"
+    return manifest, "resumed"
 
 
 VERIFY_TOLERANCE = 1e-2  # of the largest stored magnitude: float16 rounding and another device's kernels stay below
@@ -328,8 +426,9 @@ def _check_first_batches(store_dir: Path, manifest: dict[str, Any], *, source: D
         scratch_manifest = _new_store(scratch_dir, key=key, key_fields=key_fields, loaded=loaded, structure=structure,
                                       source=subset, data_config=data_config, blocks=blocks, config=scratch_config,
                                       precision=precision, feature_dims=feature_dims)
-        _run(scratch_manifest, scratch_dir, source=subset, loaded=loaded, structure=structure, data_config=data_config,
-             device=device, precision=precision, config=scratch_config, progress=False, on_batch=None)
+        _run(scratch_manifest, scratch_dir, ranks=Ranks(), source=subset, loaded=loaded, structure=structure,
+             data_config=data_config, device=device, precision=precision, config=scratch_config, progress=False,
+             on_batch=None)
         for name, rows in firsts.items():
             for block in manifest["blocks"]:
                 for pooling in manifest["poolings"]:
@@ -361,14 +460,6 @@ def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded:
                structure: dict[str, Any], source: DataSource, data_config: dict[str, Any], blocks: list[int],
                config: ExtractConfig, precision: str, feature_dims: dict[str, int]) -> dict[str, Any]:
     """Create labels and zero-filled feature files, then the manifest (last: its presence means ready)."""
-    store_dir.mkdir(parents=True)
-    for split_name, split in source.splits.items():
-        (store_dir / split_name).mkdir()
-        np.save(store_dir / split_name / "labels.npy", split.labels.astype(np.int64))
-        for block in blocks:
-            for pooling in config.poolings:
-                create_npy(store_dir / split_name / feature_filename(block, pooling),
-                           (len(split), _feature_dim(structure, block, pooling)), config.store_dtype)
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -396,7 +487,7 @@ def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded:
         "complete": False,
         "versions": software_versions(),
     }
-    write_json_atomic(store_dir / MANIFEST, manifest)
+    create_store(store_dir, manifest, {name: split.labels for name, split in source.splits.items()})
     return manifest
 
 
@@ -414,30 +505,42 @@ def _progress_bar(enabled: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loaded: LoadedModel,
+def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: DataSource, loaded: LoadedModel,
          structure: dict[str, Any], data_config: dict[str, Any], device: torch.device, precision: str,
          config: ExtractConfig, progress: bool, on_batch: BatchCallback | None) -> tuple[int, float]:
+    """Write this process's pending batches (all of them alone, its share under torchrun) and record each one:
+    alone in the manifest, as a rank in its own progress file (`batch_progress`). Returns (images, seconds)."""
     model = loaded.model.to(device).eval()
     transform = build_eval_transform(data_config)
     outputs = BlockOutputs(model, manifest["blocks"], norm=manifest["norm"], layout=block_layout(model, loaded.name))
     dtype = np.dtype(manifest["dtype"])
     batch_size = manifest["batch_size"]
+    items = batch_progress.rank_items(manifest, ranks.rank, ranks.world_size)
+    done = batch_progress.done_batches(manifest)
+    my_bad: list[dict[str, Any]] = []
+    finished = 0
+    # seconds to sleep after each recorded batch: only to make a kill mid-way testable (tests, benchmarks)
+    delay = float(os.environ.get("MIMPROBE_EXTRACT_BATCH_DELAY", "0") or 0)
     images_done, started = 0, time.perf_counter()
     with _progress_bar(progress) as bar, torch.inference_mode():
         for split_name, split in source.splits.items():
-            total, done = len(split), manifest["progress"][split_name]
-            task = bar.add_task(f"extract {split_name}", total=total, completed=done)
-            if done >= total:
+            total_rows = len(split)
+            mine = [batch for name, batch in items if name == split_name]
+            if not mine:
                 continue
+            rows_of = [list(batch_progress.batch_rows(batch, batch_size, total_rows)) for batch in mine]
+            label = f"extract {split_name}" + (f" (rank {ranks.rank} of {ranks.world_size})"
+                                               if ranks.distributed else "")
+            task = bar.add_task(label, total=sum(map(len, rows_of)), completed=0)
             dataset = SplitDataset(split, transform, tuple(data_config["input_size"]))
-            loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size, shuffle=False,
-                                num_workers=config.workers, pin_memory=device.type == "cuda")
+            loader = DataLoader(dataset, batch_sampler=rows_of, num_workers=config.workers,
+                                pin_memory=device.type == "cuda")
             writers = {(block, pooling): RowWriter(store_dir / split_name / feature_filename(block, pooling),
                                                    _feature_dim(structure, block, pooling) * dtype.itemsize)
                        for block in manifest["blocks"] for pooling in manifest["poolings"]}
             label_writer = RowWriter(store_dir / split_name / "labels.npy", 8)
             try:
-                for images, indices, errors in loader:
+                for batch, (images, indices, errors) in zip(mine, loader):
                     start = int(indices[0])
                     bad_rows = [row for row, error in enumerate(errors) if error]
                     for row in bad_rows:
@@ -450,7 +553,8 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loade
                     for block, block_tokens in tokens.items():
                         block_tokens = block_tokens.float()
                         for pooling in manifest["poolings"]:
-                            pooled = pool_tokens(block_tokens, pooling, num_prefix_tokens=structure["num_prefix_tokens"],
+                            pooled = pool_tokens(block_tokens, pooling,
+                                                 num_prefix_tokens=structure["num_prefix_tokens"],
                                                  has_class_token=structure["has_class_token"],
                                                  norm=outputs.pooled_norm)
                             pooled = pooled.cpu().numpy().astype(dtype)
@@ -458,15 +562,28 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, source: DataSource, loade
                             writers[(block, pooling)].write(start, pooled)
                     for row in bad_rows:
                         label_writer.write(start + row, np.array([-1], dtype=np.int64))
-                        manifest["bad_images"].append({"split": split_name, "index": start + row,
-                                                       "image": split.describe(start + row), "error": errors[row]})
-                    manifest["progress"][split_name] = start + len(indices)
-                    write_json_atomic(store_dir / MANIFEST, manifest)
+                        my_bad.append({"split": split_name, "index": start + row,
+                                       "image": split.describe(start + row), "error": errors[row]})
+                    finished += 1
+                    if ranks.distributed:
+                        batch_progress.write_rank_progress(store_dir, manifest, ranks.rank, finished, my_bad)
+                        recorded = start + len(indices)
+                    else:
+                        manifest["bad_images"] += my_bad
+                        my_bad = []
+                        done[split_name][batch] = True
+                        batch_progress.record(manifest, done)
+                        write_json_atomic(store_dir / MANIFEST, manifest)
+                        recorded = manifest["progress"][split_name]
                     images_done += len(indices)
-                    bar.update(task, completed=start + len(indices))
+                    bar.update(task, advance=len(indices))
                     if on_batch is not None:
-                        on_batch(split_name, start + len(indices), total)
+                        on_batch(split_name, recorded, total_rows)
+                    if delay:
+                        time.sleep(delay)
             finally:
                 for writer in [*writers.values(), label_writer]:
+                    if ranks.distributed:  # on the disk (a shared filesystem's server) before rank 0 completes
+                        os.fsync(writer.fd)
                     writer.close()
     return images_done, time.perf_counter() - started

@@ -70,6 +70,39 @@ def create_npy(path: Path, shape: tuple[int, ...], dtype: str) -> int:
     return offset
 
 
+def create_store(store_dir: str | os.PathLike, manifest: dict[str, Any], labels: dict[str, np.ndarray]) -> Path:
+    """Create a store's folders, ``labels.npy`` files and zero-filled (sparse) feature files for the splits,
+    blocks, poolings, widths and dtype of ``manifest``, then write the manifest (last: its presence means every
+    file exists). Rows are then written in place with `RowWriter` (or ``np.load(..., mmap_mode="r+")``).
+
+    Args:
+        store_dir: The new store's folder (must not exist).
+        manifest: A manifest as `extract` writes it (the schema `verify_structure` checks).
+        labels: Per split, the (rows,) integer labels.
+
+    Raises:
+        DamagedStoreError: The manifest's fields do not fit together (nothing is written).
+        BadInputError: Labels missing for a split or of the wrong length.
+    """
+    store_dir = Path(store_dir)
+    problem = _schema_problem(manifest)
+    if problem:
+        raise DamagedStoreError(store_dir, MANIFEST, problem)
+    for split, rows in manifest["dataset"]["splits"].items():
+        if split not in labels or len(labels[split]) != rows:
+            raise BadInputError(f"create_store: labels of split {split!r} must have {rows} entries")
+    store_dir.mkdir(parents=True)
+    for split, rows in manifest["dataset"]["splits"].items():
+        (store_dir / split).mkdir()
+        np.save(store_dir / split / "labels.npy", np.asarray(labels[split]).astype(np.int64))
+        for block in manifest["blocks"]:
+            for pooling in manifest["poolings"]:
+                create_npy(store_dir / split / feature_filename(block, pooling),
+                           (rows, _declared_dim(manifest, block, pooling)), manifest["dtype"])
+    write_json_atomic(store_dir / MANIFEST, manifest)
+    return store_dir
+
+
 def npy_data_offset(path: Path) -> int:
     """Byte offset of the data in an existing ``.npy`` file."""
     return np.load(path, mmap_mode="r").offset

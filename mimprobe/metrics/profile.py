@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from .._device import resolve_device
+from .._ranks import current as current_ranks
+from .._ranks import join as join_ranks
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
@@ -258,6 +260,12 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     blocks = store.blocks
     device = resolve_device(config.device)
     knn_device = {"device": device} if str(device).startswith("cuda") else {}
+    # Under torchrun every rank runs the k-NN calls, each searching its shard of the bank (merged top-k lists);
+    # the linear probe, low-shot, clustering and rank run on rank 0 alone: the probe is memory-bandwidth bound on
+    # one GPU and its heads are tiny, so data-parallel would add an all-reduce per step for no gain at this size.
+    knn_group = knn.default_process_group()
+    if knn_group is not None and not current_ranks().is_main:
+        metrics = tuple(m for m in metrics if m == "knn")
     eval_subset = _seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed)
     steps = {m: len(blocks) * len(poolings) for m in metrics}
 
@@ -272,7 +280,8 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                 name = f"block {block} ({pooling})"
                 if "knn" in metrics:
                     common = dict(preset=config.preset, class_names=store.classes, threads=config.threads,
-                                  memory_budget=config.memory_budget, name=name, **knn_device)
+                                  memory_budget=config.memory_budget, name=name, process_group=knn_group,
+                                  **knn_device)
                     if plan.knn_loo:
                         found, hits = knn.evaluate_knn_with_hits(
                             views.rows("train", block, pooling), views.labels("train"),
@@ -440,6 +449,7 @@ class ProfileResult:
     files: dict[str, str]
     seconds: float
     predictions: SamplePredictions | None = None
+    rank: int = 0                               # under torchrun, ranks other than 0 write nothing
 
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.out), "store": str(self.store.path), "store_key": self.store.key,
@@ -510,11 +520,17 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
                 n_eval=len(data.splits[eval_split]) if eval_split else 0, val_fraction=config.val_fraction,
                 seed=config.seed))
     started = time.perf_counter()
+    ranks, _ = join_ranks(resolve_device(config.device))  # torchrun: all ranks extract and search; rank 0 writes
+    if not ranks.is_main:
+        progress, log = False, None
     store = open_or_extract(target, data, features_dir=Path(features_dir) if features_dir else out / "features",
                             checkpoint=checkpoint, pretrained=pretrained, extract_options=extract_options,
                             progress=progress, log=log)
     predictions = SamplePredictions()
     table = profile_store(store, config, progress=progress, log=log, predictions=predictions)
+    if not ranks.is_main:  # its k-NN rows only; rank 0 has the whole table and writes the files
+        return ProfileResult(table=table, best=pd.DataFrame(), out=out, store=store, files={},
+                             seconds=time.perf_counter() - started, predictions=predictions, rank=ranks.rank)
     try:  # only now: every check has passed
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -1,0 +1,99 @@
+"""Where this process stands among the processes ``torchrun`` started, for the commands every rank runs
+(`extract`, `profile`): join the process group (NCCL on CUDA, gloo on CPU) only when launched by torchrun.
+
+Ranks share nothing but the filesystem and these collectives: a barrier, an agreement (did every rank succeed?)
+and a sum. (`mimprobe.refine.distributed` has the refinement's own helpers; importing it would import the
+trainer, so the few lines that join the group are repeated here.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 alone takes the store lock (possibly waiting for another run) and, in `profile`, runs the probes while the
+# other ranks wait at a collective: far longer than torch's default 10-30 min timeout.
+TIMEOUT = datetime.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's ``rank`` of ``world_size``, and the device its collectives use."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 takes locks, creates and finalises stores, writes reports and prints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun's environment with more than one process (one process behaves as a plain run)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def join(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group (once per process), or run alone.
+
+    Args:
+        device: The resolved device; on CUDA each process takes ``cuda:LOCAL_RANK``.
+
+    Returns:
+        (ranks, the device this process computes on).
+    """
+    if not launched_by_torchrun():
+        return Ranks(device=torch.device("cpu")), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    collective_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), device=collective_device), device
+
+
+def current() -> Ranks:
+    """The process group already joined (by `join`), or a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+            torch.device("cpu")
+        return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+    return Ranks()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier()
+
+
+def all_succeeded(ranks: Ranks, ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (a rank that fails says so before it raises, so the
+    others stop instead of waiting for it at the next barrier)."""
+    if not ranks.distributed:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=ranks.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def total(ranks: Ranks, value: int) -> int:
+    """The sum of an integer over ranks."""
+    if not ranks.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=ranks.device)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
+__all__ = ["Ranks", "all_succeeded", "barrier", "current", "join", "launched_by_torchrun", "total"]
