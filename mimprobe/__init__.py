@@ -2,8 +2,9 @@
 
 Public API::
 
-    from mimprobe import extract, FeatureStore, load_model, load_data
+    from mimprobe import extract, FeatureStore, load_model, load_data, profile
     result = extract("vit_tiny_patch16_224", "digits", out="features", img_size=32)
+    profiled = profile(result.store.path, out="profiles/digits")   # = run_profile: every block, every metric
     x = FeatureStore.open(result.store.path).features("train", block=11, pooling="cls")
 
 Names are imported lazily, so ``mimprobe --help`` does not wait for torch.
@@ -32,6 +33,10 @@ _EXPORTS = {
     "LoadedModel": "models",
     "describe_model": "models",
     "load_model": "models",
+    "ProfileConfig": "metrics",
+    "ProfileResult": "metrics",
+    "profile_store": "metrics",
+    "run_profile": "metrics",
     "MaeConfig": "pretrain",
     "pretrain_mae": "pretrain",
     "Placement": "placement",
@@ -49,10 +54,16 @@ _EXPORTS = {
     "run_pipeline": "pipeline",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+# Verb-named entry points beside extract/place/compare: ``mimprobe.profile(model, data, out=...)`` is run_profile.
+_ALIASES = {"profile": ("metrics", "run_profile")}
+
+__all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(_import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _ALIASES:
+        module, attribute = _ALIASES[name]
+        return getattr(_import_module(f".{module}", __name__), attribute)
     raise AttributeError(f"module 'mimprobe' has no attribute {name!r}")

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 
 DEBUG_HELP = "Show the full traceback on errors."
+THREADS_HELP = ("CPU threads of torch, BLAS/OpenMP (threadpoolctl) and FAISS for the whole command [default: the "
+                "libraries' own]; on a busy machine 1 is often the fastest.")
 
 
 def _fail(message: str, code: int) -> None:
@@ -30,11 +32,16 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
+def _guarded(debug: bool, action: Callable[[], Any], *, threads: int | None = None) -> Any:
     """Run a command body: mimprobe errors become one line and their exit code (2 for bad input), anything
-    else exit 1 with one line; ``--debug`` shows tracebacks."""
+    else exit 1 with one line; ``--debug`` shows tracebacks. ``threads``: `mimprobe._threads.cpu_threads`."""
     try:
-        return action()
+        if threads is None:
+            return action()
+        from ._threads import cpu_threads
+
+        with cpu_threads(threads):
+            return action()
     except typer.Exit:
         raise
     except MimprobeError as error:
@@ -130,6 +137,7 @@ def extract(
                                 "batch of every split again to compare."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Extract every block's features in one forward pass into a resumable feature store."""
@@ -157,7 +165,7 @@ def extract(
                        f"{', '.join(summary['poolings'])} ({summary['dtype']}); splits: {splits}; "
                        f"{summary['images_processed']:,} images extracted in {summary['seconds']:.1f} s{rate}")
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 
 @app.command(epilog="""
@@ -200,7 +208,7 @@ def profile(
                                              "--img-size]."),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
                                                "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="FAISS threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     memory_budget: str = typer.Option("2G", "--memory-budget", help="Feature rows any metric holds at once, e.g. "
                                       "512M, 2G, or none (read every split into memory). The store's memory maps "
                                       "are read in chunks, so memory does not grow with the number of images."),
@@ -240,7 +248,7 @@ def profile(
         typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} to {out} "
                    f"({len(result.table):,} rows, {result.seconds:.1f} s)")
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 
 @app.command(epilog="""
@@ -464,7 +472,7 @@ def refine(
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), fp32, bf16 or fp16."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of data order, augmentations, heads and neighbour picks."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an OUT that holds another run."),
@@ -511,7 +519,7 @@ def refine(
         else:
             typer.echo(f"refined in {result.seconds:.1f} s ({result.steps} steps); wrote {result.export}")
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 
 # ---- command: run ----
@@ -537,6 +545,7 @@ def run_command(
     json_output: bool = typer.Option(False, "--json", help="Print the steps, the report's path and the headline "
                                                            "numbers as JSON on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run the whole pipeline from a TOML spec: pretrain, profile, place, refine, profile again, compare."""
@@ -549,7 +558,7 @@ def run_command(
         if json_output:
             typer.echo(json.dumps(result.summary(), indent=1))
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 # ---- command: demo ----
 
@@ -573,6 +582,7 @@ def demo(
     json_output: bool = typer.Option(False, "--json", help="Print the steps, the report's path and the headline "
                                                            "numbers as JSON on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """The whole pipeline on built-in data, offline, on a CPU, in minutes: MAE, profile, place, refine, compare."""
@@ -584,7 +594,7 @@ def demo(
         if json_output:
             typer.echo(json.dumps(result.summary(), indent=1))
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 # ---- command: compare ----
 @app.command(epilog="""
@@ -616,6 +626,7 @@ def compare(
                                               "datasets (no intervals, no CKA)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds other files."),
     json_output: bool = typer.Option(False, "--json", help="Print machine-readable results on stdout."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Before/after report: block curves, per-block deltas with bootstrap intervals, best blocks, CKA, per-class gains."""
@@ -634,7 +645,7 @@ def compare(
             typer.echo(line)
         typer.echo(f"wrote {result.files['html']} and {len(result.files) - 1} more files ({result.seconds:.1f} s)")
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 
 # ---- command: pretrain-mae ----
@@ -670,8 +681,7 @@ def pretrain_mae(
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, augmentation and masks."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often the fastest for "
-                                          "small models on a busy machine)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in OUT."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -699,17 +709,22 @@ def pretrain_mae(
         typer.echo(f"mae.pth: {result.export} ({result.epochs} epochs, {result.steps} steps{trend}){timing}\n"
                    f"profile it: {result.profile_command()}")
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from . import __version__
 
         typer.echo(f"mimprobe {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    """Eager: runs while the arguments are parsed, before Typer asks for a command."""
 
 
 def main() -> None:
