@@ -141,6 +141,20 @@ def test_cache_reused_for_same_key_and_not_for_changes(tmp_path):
     assert not np.array_equal(from_a.store.features("train", 0), from_b.store.features("train", 0))
 
 
+def test_bf16_and_fp32_features_live_in_different_stores(tmp_path):
+    """The autocast precision changes the numbers, so it is part of the key: a bf16 extraction never reuses (or
+    is reused as) the fp32 store of the same model and data."""
+    base = dict(out=tmp_path, img_size=32, progress=False, store_dtype="float32")
+    fp32 = extract("test_vit", SMALL, precision="fp32", **base)
+    bf16 = extract("test_vit", SMALL, precision="bf16", **base)
+    assert not bf16.reused and bf16.store.path != fp32.store.path
+    assert bf16.store.manifest["precision"] == "bf16" and fp32.store.manifest["precision"] == "fp32"
+    a, b = (np.asarray(r.store.features("train", 5)) for r in (fp32, bf16))
+    assert not np.array_equal(a, b) and np.allclose(a, b, atol=0.1)
+    again = extract("test_vit", SMALL, precision="fp32", **base)
+    assert again.reused and again.store.path == fp32.store.path
+
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file's bytes; the manifest's git sha is masked (other work may commit while the test runs)."""
     files = {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
@@ -214,6 +228,11 @@ def test_corrupt_image_stops_naming_the_file_and_skip_records_it(tmp_path):
     assert store.labels("train").tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert store.labels("train", valid_only=False)[6] == -1
     assert store.features("train", 5).shape == (7, 64)
+    # the skipped image's row holds zeros (documented; a resumed store is byte-identical whatever was in the batch)
+    for block in store.blocks:
+        for pooling in store.poolings:
+            rows = np.asarray(store.features("train", block, pooling, valid_only=False))
+            assert not rows[6].any() and rows[7].any(), (block, pooling)
 
 
 def test_bad_extract_options(tmp_path):

@@ -94,6 +94,22 @@ def test_silhouette_uses_every_row_when_the_sample_is_large():
         skm.silhouette_score(normalize(features), assignments, metric="cosine"), rel=1e-5)
 
 
+def test_the_silhouette_sample_follows_the_seed():
+    """With more rows than the silhouette sample, ``seed`` picks the sample: each seed equals scikit-learn's
+    ``silhouette_score(sample_size, random_state=seed)`` on that seed's clustering, and two seeds differ."""
+    features, labels = blobs(noise=0.6, seed=2)
+    values = {}
+    for seed in (1, 2):
+        assignments = kmeans_assign(features, 4, seed=seed)
+        rows = {row.metric: row.value for row in evaluate_clustering(features, labels, seed=seed,
+                                                                     silhouette_sample=40)}
+        expected = skm.silhouette_score(normalize(features), assignments, metric="cosine", sample_size=40,
+                                        random_state=seed)
+        assert rows["cluster_silhouette"] == pytest.approx(expected, rel=1e-5)
+        values[seed] = rows["cluster_silhouette"]
+    assert values[1] != values[2]
+
+
 def test_seeded_runs_are_identical():
     features, labels = blobs(noise=0.8, seed=3)
     first = evaluate_clustering(features, labels, seed=5)

@@ -161,6 +161,28 @@ def test_leave_one_out_excludes_self_among_duplicates(plan):
         == labels.tolist()
 
 
+@pytest.mark.parametrize("plan", [{}, {"shard_size": 17, "chunk_size": 10}])
+@pytest.mark.parametrize("k", [1, 2])
+def test_leave_one_out_keeps_the_best_ranked_others_when_twins_push_self_out(plan, k):
+    """Four copies of each image, each copy with another label: a query's k + 1 best are often all twins without
+    itself (exact ties). Leave-one-out must then keep the k best-ranked others, i.e. the plain search's ranking
+    with self removed, not skip the best one, and the k=1 prediction is the best-ranked twin's label."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((30, 8)).astype(np.float32)
+    x = np.concatenate([base] * 4)
+    labels = np.repeat(np.arange(4), 30)  # the twins of an image all have different labels
+    rows = np.arange(len(x))
+    _, plain = knn_neighbors(x, x, k + 1, **plan)
+    _, ours = knn_neighbors(x, x, k, exclude_self=True, **plan)
+    pushed_out = ~(plain == rows[:, None]).any(axis=1)
+    assert pushed_out.sum() >= 30  # the fallback (self not among the k + 1) is reached
+    expected = np.stack([[j for j in plain[i] if j != i][:k] for i in rows])
+    np.testing.assert_array_equal(ours, expected)
+    if k == 1:
+        predicted = knn_predict(x, labels, x, ks=(1,), num_classes=4, exclude_self=True, **plan).predictions(1, 0.07)
+        np.testing.assert_array_equal(predicted, labels[expected[:, 0]])
+
+
 def test_chunked_and_sharded_equal_unchunked():
     x_train, y_train, x_query, _ = make_data(n_train=500, n_query=130, seed=6)
     common = dict(ks=(3, 30), temperatures=(0.07, 0.3), num_classes=6, keep_scores=True)

@@ -142,6 +142,25 @@ def test_each_head_reaches_the_regularised_optimum(decaying_blocks):
             assert agreement > 0.95  # near-ties may flip within 0.005 nats
 
 
+def test_the_bias_is_not_decayed_and_carries_the_class_priors():
+    """scikit-learn's objective leaves the intercept unpenalised: under strong regularisation (C = 1e-3) the
+    weights shrink to ~0 and the bias alone must predict the class frequencies (70/20/10 %), i.e. the head's mean
+    predicted probabilities are the priors and its intercept differences are scikit-learn's (a decayed bias would
+    shrink towards equal probabilities)."""
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.repeat([0, 1, 2], [1400, 400, 200]))
+    x = (rng.normal(size=(2000, 8)) + 0.3 * np.eye(3, 8)[labels]).astype(np.float32)
+    c = 1e-3
+    probes = fit_probes(x[None], labels, weight_decays=[1 / (c * len(labels))])
+    z = (x - x.mean(0)) / x.std(0)
+    exact = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(z, labels)
+    probabilities = torch.softmax(probes.decision_function(x[None])[0, 0], dim=1).numpy()
+    np.testing.assert_allclose(probabilities.mean(0), [0.7, 0.2, 0.1], atol=0.01)
+    np.testing.assert_allclose(probabilities, exact.predict_proba(z), atol=0.01)
+    intercept = probes.intercept_[0, 0].numpy()
+    np.testing.assert_allclose(intercept - intercept[0], exact.intercept_ - exact.intercept_[0], atol=0.05)
+
+
 def test_the_grid_widens_past_an_edge(decaying_blocks):
     """A grid whose best C is at its edge is extended there (at its own spacing) until the best is inside."""
     train, train_labels, test, test_labels = decaying_blocks

@@ -180,6 +180,24 @@ def test_a_labelled_train_only_folder_profiles_with_leave_one_out(tmp_path):
         plan.train_index)
     table = profile_store(store, ProfileConfig(metrics=("knn", "linear")), progress=False)
     assert {"train-loo", "val", "train-holdout"} <= set(table["split"])
+    # leave-one-out: each image is searched among the others, never finding itself (which would read 100 %)
+    from mimprobe.metrics import knn
+
+    labels = store.labels("train")
+    value = lambda found: next(r.value for r in found if r.metric == "knn_top1" and r.params["k"] == 10)
+    below_one = []
+    for block in store.blocks:
+        train = np.asarray(store.features("train", block, "cls"), dtype=np.float32)
+        row = table[(table["metric"] == "knn_top1") & (table["split"] == "train-loo") & (table["block"] == block)
+                    & (table["pooling"] == "cls") & table["params"].str.contains('"k":10')]
+        expected = knn.evaluate_knn(train, labels, train, labels, preset="mim-refiner", split="train-loo",
+                                    exclude_self=True, class_names=store.classes)
+        finds_itself = knn.evaluate_knn(train, labels, train, labels, preset="mim-refiner", split="train-loo",
+                                        class_names=store.classes)
+        assert row["value"].item() == pytest.approx(value(expected))
+        assert value(finds_itself) == 1.0
+        below_one.append(value(expected) < 1.0)
+    assert any(below_one)
 
 
 def test_the_placement_val_curve_never_searches_the_val_rows(store_dir):

@@ -394,6 +394,18 @@ def test_convert_reads_num_classes_and_pooling_from_a_fine_tuned_head():
     assert converted.model_kwargs == {"num_classes": 10, "global_pool": "avg"}
 
 
+def test_a_final_norm_beside_fc_norm_keeps_token_pooling():
+    """Only a file without a final ``norm`` is a fine-tuned average-pooling model (MAE's ``global_pool``, which
+    deletes ``norm``): with ``norm`` present its features are the normed tokens, so pooling stays timm's default
+    (class token) and ``norm`` is kept, not dropped by a model built without it."""
+    state_dict = {**encoder_keys(), "fc_norm.weight": tensor(WIDTH), "fc_norm.bias": tensor(WIDTH),
+                  "head.weight": tensor(10, WIDTH), "head.bias": tensor(10)}
+    assert "norm.weight" in state_dict
+    converted = convert_checkpoint(state_dict)
+    assert "global_pool" not in converted.model_kwargs and converted.model_kwargs["num_classes"] == 10
+    assert "norm.weight" in converted.state_dict
+
+
 def test_ibot_masked_embed_is_dropped_with_a_note():
     from mimprobe.models import convert_checkpoint
 

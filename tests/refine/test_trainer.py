@@ -102,7 +102,24 @@ def test_stage_two_changes_the_encoder_and_logs_every_step(tmp_path):
     # 2 heads, each near log(batch) for untrained heads: far from 0 and from the 16-way chance upper range
     assert 2 * 0.5 * math.log(16) < loss < 2 * 2 * math.log(16)
     assert [r["block"] for r in result.monitor] == [4, 5, 4, 5]
-    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in result.monitor)
+    assert [r["encoder"] for r in result.monitor] == ["encoder", "encoder", "ema", "ema"]
+    # the last epoch's monitor is k-NN (k=10, T=0.07, standardised) of the exported EMA encoder's block-4 CLS
+    # tokens: 24 seeded train images as the bank, 6 seeded test images as queries; recomputed from an extraction
+    import numpy as np
+
+    from mimprobe import extract
+    from mimprobe.metrics.knn import KnnPreset, evaluate_knn
+
+    store = extract(MODEL, DATA, out=tmp_path / "features", checkpoint=str(tmp_path / "run" / EXPORT), img_size=32,
+                    blocks=[4], poolings=("cls",), store_dtype="float32", progress=False).store
+    rng = np.random.default_rng(TINY.seed)
+    bank, query = rng.permutation(48)[:24], rng.permutation(16)[:6]
+    train, test = np.asarray(store.features("train", 4)), np.asarray(store.features("test", 4))
+    found = evaluate_knn(train[bank], store.labels("train")[bank], test[query], store.labels("test")[query],
+                         preset=KnnPreset(name="mim-refiner", ks=(10,), temperatures=(0.07,), standardize=True,
+                                          weighting="exp"), split="monitor", class_names=store.classes)
+    expected = next(row.value for row in found if row.metric == "knn_top1")
+    assert result.monitor[2]["knn_top1"] == pytest.approx(expected)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["config"]["head_blocks"] == [4, 5] and config["total_steps"] == 6
 
@@ -145,6 +162,12 @@ def test_export_loads_strictly_into_timm_and_mimprobe(tmp_path):
         assert torch.equal(loaded.model.state_dict()[key], value), key
     info = json.loads((tmp_path / "run" / "refined.json").read_text())
     assert info["encoder"] == "ema" and info["head_blocks"] == [4, 5]
+    # the exported tensors are the EMA's (MIM-Refiner evaluates and releases the EMA), not the trained encoder's
+    checkpoint = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    ema, encoder = checkpoint["ema"], checkpoint["encoder"]
+    for key, value in state.items():
+        assert torch.equal(value, ema[f"module.{key}"]), key
+    assert any(not torch.equal(state[key], encoder[key]) for key in ("blocks.5.mlp.fc1.weight", "norm.weight"))
     # the data config it was refined with travels in the file: profiling it uses the same normalisation
     config, source = loaded.eval_data_config(img_size=32)
     assert source.startswith("recorded in the checkpoint by mimprobe")
@@ -265,13 +288,14 @@ def test_local_crops_are_predicted_views(tmp_path):
     assert not torch.equal(after["blocks.5.mlp.fc1.weight"], before["blocks.5.mlp.fc1.weight"])
 
 
+@pytest.mark.parametrize("epochs_heads", [0, 1])
 @pytest.mark.parametrize("warmup", [False, True])
-def test_ema_after_the_first_stage_two_step(tmp_path, warmup):
+def test_ema_after_the_first_stage_two_step(tmp_path, warmup, epochs_heads):
     """Default: ema = d * w0 + (1 - d) * w1 after the first update (no warmup); --ema-warmup: timm's warmup, whose
-    first update copies the weights (decay 0)."""
-    config = replace(TINY, epochs_heads=0, epochs=1, lr=0.1, warmup_fraction=0.0, ema_decay=0.9,
+    first update copies the weights (decay 0), counted from the start of stage 2 (after 3 heads-only steps too)."""
+    config = replace(TINY, epochs_heads=epochs_heads, epochs=1, lr=0.1, warmup_fraction=0.0, ema_decay=0.9,
                      ema_warmup=warmup)
-    refine(tmp_path / "run", config, stop_after_steps=1)
+    refine(tmp_path / "run", config, stop_after_steps=3 * epochs_heads + 1)
     state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     w0 = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
     w1, ema = state["encoder"], state["ema"]
@@ -279,3 +303,30 @@ def test_ema_after_the_first_stage_two_step(tmp_path, warmup):
         assert (w1[key] - w0[key]).abs().max() > 1e-4, key      # the step moved the weights (Adam: ~lr each)
         expected = w1[key] if warmup else 0.9 * w0[key] + 0.1 * w1[key]
         assert torch.allclose(ema[f"module.{key}"], expected, atol=1e-6), key
+
+
+def test_stage_one_takes_the_nearest_neighbour_whatever_topk(tmp_path):
+    """The heads-only stage uses the top-1 neighbour (the official stage 2); --topk acts in stage 2 only: the same
+    run with --topk 4 and --topk 1 logs the same stage-1 losses and different stage-2 losses."""
+    losses = {}
+    for topk in (1, 4):
+        refine(tmp_path / f"top{topk}", replace(TINY, topk=topk))
+        with open(tmp_path / f"top{topk}" / "log.csv", newline="") as handle:
+            losses[topk] = [(int(r["stage"]), float(r["loss"])) for r in csv.DictReader(handle)]
+    stage1 = [[loss for stage, loss in losses[t] if stage == 1] for t in (1, 4)]
+    stage2 = [[loss for stage, loss in losses[t] if stage == 2] for t in (1, 4)]
+    assert len(stage1[0]) == 3 and stage1[0] == stage1[1]
+    assert len(stage2[0]) == 3 and stage2[0] != stage2[1]
+
+
+def test_resume_with_another_option_is_refused_and_keeps_the_checkpoint(tmp_path):
+    from mimprobe.errors import BadInputError
+
+    out = tmp_path / "run"
+    refine(out, TINY, stop_after_steps=2)
+    saved = (out / CHECKPOINT).read_bytes()
+    for changed, name in ((replace(TINY, lr=2e-3), "lr"), (replace(TINY, topk=2), "topk")):
+        with pytest.raises(BadInputError, match=rf"--resume with other config .*{name}: "):
+            refine(out, changed, resume=True)
+    assert (out / CHECKPOINT).read_bytes() == saved  # nothing lost
+    assert refine(out, TINY, resume=True).steps == 6

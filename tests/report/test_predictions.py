@@ -52,15 +52,16 @@ def test_knn_hits_are_the_top1_rows():
     preset = knn.KnnPreset("grid", ks=(5, 10), temperatures=(0.07, 0.5), weighting="exp", standardize=True)
     rows, hits = knn.evaluate_knn_with_hits(train, y_train, query, y_query, preset=preset, split="test",
                                             class_names=["a", "b", "c"])
-    assert rows == knn.evaluate_knn(train, y_train, query, y_query, preset=preset, split="test",
-                                    class_names=["a", "b", "c"])
     top1 = [row for row in rows if row.metric == "knn_top1"]
     assert len(top1) == len(hits) == 4  # every (k, T)
     for row in top1:
-        assert hits[(row.params["k"], row.params["T"])].mean() == row.value
-    predicted = knn.knn_predict(train, y_train, query, ks=(10,), temperatures=(0.5,),
-                                standardize=True).predictions(10, 0.5)
-    assert np.array_equal(hits[(10, 0.5)], predicted == y_query)
+        k, temperature = row.params["k"], row.params["T"]
+        assert hits[(k, temperature)].mean() == row.value
+        # each (k, T)'s own predictions, from the plain k-NN classifier, not one setting's copied to all
+        predicted = knn.knn_predict(train, y_train, query, ks=(k,), temperatures=(temperature,),
+                                    standardize=True).predictions(k, temperature)
+        assert np.array_equal(hits[(k, temperature)], predicted == y_query)
+    assert len({hits[key].tobytes() for key in hits}) > 1  # the settings disagree somewhere on these blobs
 
 
 @pytest.mark.parametrize("refit", [True, False])
@@ -74,7 +75,17 @@ def test_linear_hits_average_to_the_reported_accuracy(refit):
                                                   refit=refit)
     for block in (0, 1):
         assert hits[block].shape == (40,) and hits[block].mean() == rows[block][0].value
-    assert rows == linear.evaluate_linear(blocks_train, y_train, blocks_test, y_test, config=config, refit=refit)
+    # the hits are the reported head's: a probe trained at the reported weight decay on the reported rows (all of
+    # train with refit, the fit split without) classifies the test samples exactly so
+    from mimprobe.metrics._rows import carve_validation
+
+    rows_used = np.arange(80) if refit else carve_validation(y_train, fraction=0.1, seed=0)[0]
+    for block in (0, 1):
+        params = rows[block][0].params
+        assert params["weight_decay"] == pytest.approx(1 / (params["C"] * len(rows_used)))
+        head = linear.fit_probes({0: blocks_train[block][rows_used]}, y_train[rows_used],
+                                 weight_decays=[params["weight_decay"]], epochs=5, min_steps=50)
+        np.testing.assert_array_equal(head.correct(blocks_test[block][None], y_test)[0, 0], hits[block])
     sk_rows, sk_hits = linear.evaluate_linear_sklearn_with_hits(blocks_train, y_train, blocks_test, y_test,
                                                                 c_values=(0.1, 1.0), refit=refit)
     for block in (0, 1):
