@@ -70,6 +70,12 @@ def _preprocessing_options(mean: str | None, std: str | None, interpolation: str
     return options
 
 
+def _say_random_init(model: str, checkpoint: Path | None, pretrained: bool) -> None:
+    """Say so on stderr when a model name runs without weights: its numbers then describe an untrained network."""
+    if checkpoint is None and not pretrained and not (Path(model) / "manifest.json").is_file():
+        typer.echo(f"weights: random init (seeded) of {model}: no --checkpoint or --pretrained given", err=True)
+
+
 def _parse_poolings(text: str) -> tuple[str, ...]:
     from .errors import BadInputError
     from .features import POOLINGS
@@ -145,6 +151,7 @@ def extract(
     from .features import extract as run_extract
 
     def body() -> None:
+        _say_random_init(model, checkpoint, pretrained)
         result = run_extract(
             model, data, out=out, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
             blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm, batch_size=batch_size,
@@ -226,6 +233,7 @@ def profile(
     from .metrics.profile import ProfileConfig, iter_best_lines, parse_bytes, parse_metrics, run_profile
 
     def body() -> None:
+        _say_random_init(target, checkpoint, pretrained)
         config = ProfileConfig(metrics=parse_metrics(metrics), preset=preset, probe=probe, seed=seed,
                                threads=threads, device=device, memory_budget=parse_bytes(memory_budget),
                                eval_samples=eval_samples, rank_samples=rank_samples)
@@ -488,6 +496,7 @@ def refine(
     from .refine import RefineConfig, run_refine
 
     def body() -> None:
+        _say_random_init(model, checkpoint, pretrained)
         try:
             hidden, proj, predictor = (int(part) for part in head_dims.split(","))
         except ValueError:

@@ -80,3 +80,14 @@ def test_profile_is_exported_at_the_top_level():
 
     assert mimprobe.profile is run_profile and mimprobe.run_profile is run_profile
     assert mimprobe.ProfileConfig is ProfileConfig and {"profile", "run_profile"} <= set(mimprobe.__all__)
+
+
+def test_the_console_says_random_init_when_no_weights_are_given(tmp_path):
+    result = runner.invoke(app, ["extract", "test_vit", "synthetic:classes=2,train=4,test=2,size=16", "--out",
+                                 str(tmp_path), "--img-size", "32", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "weights: random init (seeded) of test_vit" in result.stderr
+    store = next(path for path in tmp_path.iterdir() if (path / "manifest.json").is_file())
+    again = runner.invoke(app, ["profile", str(store), "--out", str(tmp_path / "profile"), "--metrics", "rank",
+                                "--no-progress"])
+    assert again.exit_code == 0 and "random init" not in again.stderr  # a store: its manifest names its weights

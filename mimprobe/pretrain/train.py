@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._device import autocast, resolve_device, resolve_precision
-from .._messages import status_logger
+from .._messages import progress_display, status_logger
 from .._versions import software_versions
 from ..data import DataSource, Split, SplitDataset, load_data
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
@@ -279,9 +279,11 @@ def _progress_bar(enabled: bool):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+    return progress_display(  # plain periodic lines when the output is not a terminal
+        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
+                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+        enabled=enabled)
 
 
 def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: str | Path,

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .._device import autocast, resolve_device, resolve_precision
-from .._messages import status_logger
+from .._messages import progress_display, status_logger
 from .._versions import software_versions
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
@@ -245,9 +245,11 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+    return progress_display(  # plain periodic lines when the output is not a terminal
+        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+        enabled=enabled)
 
 
 class _CsvLog:
