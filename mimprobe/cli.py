@@ -101,6 +101,10 @@ Run the same command again to resume an interrupted extraction or to reuse a fin
 the same store take turns: the second waits for the first (or stops with `--no-wait`) and then reuses its store;
 a run that was killed leaves nothing locked. A store is checked whenever it is opened (its manifest, and every
 file's shape, dtype and size); `--verify` also reads every value, and `--overwrite` extracts a damaged store anew.
+
+Across processes or machines: `torchrun --nproc_per_node N -m mimprobe.cli extract ...` (gloo on CPU, NCCL on GPU)
+gives every process every N-th batch, written in place into the same store (a shared filesystem across machines):
+the files are byte-identical to one process's, and a killed run resumes with any number of processes.
 """)
 def extract(
     model: str = typer.Argument(..., help="timm model name, e.g. vit_base_patch16_224 (add a tag such as .mae "
@@ -184,6 +188,10 @@ def extract(
 
 TARGET is a timm model name (then DATA is required and the features are extracted, or reused, under
 --features) or a feature store folder from `mimprobe extract`.
+
+Under `torchrun --nproc_per_node N -m mimprobe.cli profile ...` every process extracts its share of the batches
+and searches its shard of the k-NN bank (merged top-k lists); the probes, low-shot, clustering and rank run on
+rank 0, which alone writes the files.
 """)
 def profile(
     target: str = typer.Argument(..., help="timm model name, or a feature store folder."),

@@ -32,14 +32,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(out: Path, dtype: str, nproc: int = 2, *, delay: float = 0.0, **popen) -> subprocess.Popen:
+def _torchrun(out: Path, dtype: str, nproc: int = 2, *, delay: float = 0.0, extra: tuple[str, ...] = (),
+              **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if delay:
         env["MIMPROBE_EXTRACT_BATCH_DELAY"] = str(delay)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                "127.0.0.1", "--master_port", str(_free_port()), "-m", "mimprobe.cli", "extract", "test_vit", DATA,
-               "--out", str(out), "--store-dtype", dtype, "--json", *CLI_OPTIONS]
+               "--out", str(out), "--store-dtype", dtype, "--json", *CLI_OPTIONS, *extra]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
 
@@ -185,3 +186,20 @@ def test_consolidate_folds_rank_files_of_the_attempt_only(tmp_path):
     assert manifest["batches_done"] == {"train": [[5, 6]]}
     assert manifest["bad_images"] == [bad]
     assert batch_progress.pending(manifest) == [("train", 4), ("test", 0), ("test", 1), ("test", 2)]
+
+
+def test_rank_0_refusing_stops_every_rank(tmp_path):
+    """--no-wait while another run holds the store's lock: rank 0 refuses (exit 2, naming the holder) and the other
+    rank stops too instead of waiting at a barrier (told by a collective, or ended by torchrun when rank 0 exits
+    first); nothing is written."""
+    from mimprobe._lock import exclusive_lock
+
+    name = _reference(tmp_path / "one", "float32").path.name
+    out = tmp_path / "two"
+    out.mkdir()
+    with exclusive_lock(out / f".{name}.lock", what="test holder", wait=False):
+        process = _torchrun(out, "float32", extra=("--no-wait",))
+        stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode != 0
+    assert "is being written by pid" in stderr and "exitcode  : 2" in stderr  # rank 0's one-line refusal
+    assert not (out / name).exists()
