@@ -330,3 +330,26 @@ def test_resume_with_another_option_is_refused_and_keeps_the_checkpoint(tmp_path
             refine(out, changed, resume=True)
     assert (out / CHECKPOINT).read_bytes() == saved  # nothing lost
     assert refine(out, TINY, resume=True).steps == 6
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_follows_its_schedule_over_steps_and_resumes(tmp_path, warmup):
+    """Three stage-2 updates, each run resumed from the last (the EMA is rebuilt from the checkpoint each time):
+    without warmup ema_t = d ema_(t-1) + (1 - d) w_t from ema_0 = w0 (d = 0.9); with --ema-warmup timm's decay per
+    update u (from the stage start) is 0, 0, then 1 - 2^(-2/3) (capped at d)."""
+    config = replace(TINY, epochs_heads=0, epochs=1, lr=0.05, warmup_fraction=0.0, ema_decay=0.9, ema_warmup=warmup)
+    out = tmp_path / "run"
+    weights = [load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()]
+    emas = []
+    for step in (1, 2, 3):
+        refine(out, config, stop_after_steps=step, resume=step > 1)
+        state = torch.load(out / CHECKPOINT, weights_only=True)
+        assert state["step"] == step
+        weights.append(state["encoder"])
+        emas.append(state["ema"])
+    decays = [0.0, 0.0, min(0.9, 1 - 2 ** (-2 / 3))] if warmup else [0.9, 0.9, 0.9]
+    for key in ("blocks.5.mlp.fc1.weight", "blocks.1.attn.proj.weight", "norm.weight"):
+        expected = weights[0][key]
+        for step, decay in enumerate(decays, start=1):
+            expected = decay * expected + (1 - decay) * weights[step][key]
+            assert torch.allclose(emas[step - 1][f"module.{key}"], expected, atol=1e-6), (key, step)
