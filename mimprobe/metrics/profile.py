@@ -263,7 +263,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     # Under torchrun every rank runs the k-NN calls, each searching its shard of the bank (merged top-k lists);
     # the linear probe, low-shot, clustering and rank run on rank 0 alone: the probe is memory-bandwidth bound on
     # one GPU and its heads are tiny, so data-parallel would add an all-reduce per step for no gain at this size.
-    knn_group = knn.default_process_group()
+    knn_group = knn.default_process_group() if current_ranks().distributed else None
     if knn_group is not None and not current_ranks().is_main:
         metrics = tuple(m for m in metrics if m == "knn")
     eval_subset = _seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed)

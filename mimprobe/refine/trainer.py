@@ -100,12 +100,14 @@ def resolve_placement(*, placement: Any, auto: bool, model: str, data: str, out:
                             "(profile the model, then place the heads)")
     target = out / "placement.json"
     if ctx.is_main and not target.exists():
+        from .._ranks import this_process_only
         from ..metrics.profile import ProfileConfig, run_profile
 
         log("--auto: profiling every block with k-NN (cls tokens) to place the heads")
-        run_profile(model, data, out=out / "profile", checkpoint=checkpoint, pretrained=pretrained,
-                    config=ProfileConfig(metrics=("knn",), poolings=("cls",)),
-                    extract_options={"img_size": img_size, "poolings": ("cls",)}, log=log)
+        with this_process_only():  # rank 0 alone: no collectives while the other ranks wait at the barrier
+            run_profile(model, data, out=out / "profile", checkpoint=checkpoint, pretrained=pretrained,
+                        config=ProfileConfig(metrics=("knn",), poolings=("cls",)),
+                        extract_options={"img_size": img_size, "poolings": ("cls",)}, log=log)
         run_place(out / "profile", out=target, **place_options)
     _barrier(ctx)
     return load_placement(target)
