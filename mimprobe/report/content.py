@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.headlines import Headline, headline_curve
+from ..metrics.headlines import PRIMARY_K, Headline, headline_curve
 from ..metrics.knn import PRESETS as KNN_PRESETS
 from .comparison import CompareConfig, PairComparison
 from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
@@ -156,6 +156,7 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
         "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
             " The x axis is the relative depth (block + 1) / depth, since the models have different depths."
             if relative else " Blocks are 0-based."))]
+    more: list[Image] = []
     classes = {len(profile.meta.get("classes") or []) for profile in profiles}
     chance = 1.0 / classes.pop() if len(classes) == 1 and 0 not in classes else None
     for key in keys:
@@ -163,12 +164,29 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
                            profile.num_blocks, placements.get(profile.label),
                            {p: band for p in poolings if (band := curve_band(profile, key, p)) is not None})
                  for profile in profiles]
-        png, svg = plot_curves(key, poolings, sides, relative=relative, stem=out / f"curve_{key.slug}",
-                               higher_is_better=key.higher_is_better, chance=chance)
+        saved = plot_curves(key, poolings, sides, relative=relative, stem=out / f"curve_{key.slug}",
+                            higher_is_better=key.higher_is_better, chance=chance)
+        png, svg = saved
         figures += [png, svg]
-        parts.append(Image(png, key.title + (" (higher is better)" if key.higher_is_better else
-                                             " (lower is better)"), svg))
-    return Section("Block curves", "curves", tuple(parts))
+        image = Image(png, key.title + (" (higher is better)" if key.higher_is_better else " (lower is better)"),
+                      svg, saved.font_px)
+        (parts if is_leading(key, profiles[0].preset) else more).append(image)
+    folded = (Section(f"More curves ({len(more)}: other k-NN settings, validation splits, cluster scores, rank)",
+                      "curves-more", tuple(more), folded=True),) if more else ()
+    return Section("Block curves", "curves", tuple(parts), folded)
+
+
+LEADING = ("knn_top1", "linear_top1", "lowshot_top1_mean", "cluster_acc")
+
+
+def is_leading(key: CurveKey, preset: str) -> bool:
+    """The curves that carry the result and lead the report (k-NN of the preset's k, linear probe, low-shot,
+    k-means ACC) on the evaluation split; the others are folded."""
+    if key.metric not in LEADING or key.split == "val":
+        return False
+    params = key.param_dict
+    return key.metric != "knn_top1" or (params.get("preset", preset) == preset
+                                        and params.get("k") == PRIMARY_K.get(preset, params.get("k")))
 
 
 def curve_band(profile: ProfileInput, key: CurveKey, pooling: str) -> tuple[pd.Series, pd.Series, str] | None:
@@ -189,12 +207,12 @@ def _best_section(index: int, pair: PairComparison, suffix: str, config: Compare
         key: CurveKey = row["key"]
         records.append({
             "metric": key.title, "pooling": row["pooling"],
-            f"{pair.before.label} block": str(row["before_block"]),
-            f"{pair.before.label} value": format_value(row["before_value"], key) + unit(key),
-            f"{pair.after.label} block": str(row["after_block"]),
-            f"{pair.after.label} value": format_value(row["after_value"], key) + unit(key),
-            "difference": format_delta(row["delta"], key),
-            f"{round(config.level * 100)} % CI": _ci(row["low"], row["high"], key)})
+            f"{pair.before.label}: block, value": f"{row['before_block']}: "
+                                                 f"{format_value(row['before_value'], key)}{unit(key)}",
+            f"{pair.after.label}: block, value": f"{row['after_block']}: "
+                                                f"{format_value(row['after_value'], key)}{unit(key)}",
+            f"difference [{round(config.level * 100)} % CI]": format_delta(row["delta"], key)
+            + (f" {_ci(row['low'], row['high'], key)}" if np.isfinite(row["low"]) else "")})
     text = ("The best block of each curve on each side (0-based) and its value; the difference is best against "
             "best, with a paired bootstrap interval where per-sample results exist (accuracy differences in "
             "percentage points).")
@@ -211,38 +229,42 @@ def _delta_section(index: int, pair: PairComparison, suffix: str, config: Compar
         f"accuracies in %, differences in points), with {round(config.level * 100)} % paired bootstrap intervals "
         f"over the same evaluation images ({config.resamples:,} resamples, seed {config.seed}) for k-NN and "
         "linear-probe accuracies.")]
-    subsections = []
+    subsections, more = [], []
     for key in pair.keys:
         rows = pair.deltas[pair.deltas["key"] == key]
         if rows.empty:
             continue
         body: list[Paragraph | Table | Image] = []
         if rows["low"].notna().any():
-            png, svg = plot_deltas(key, rows, label=f"{pair.after.label} − {pair.before.label}",
-                                   stem=out / f"delta_{index}_{key.slug}", level=config.level)
+            saved = plot_deltas(key, rows, label=f"{pair.after.label} − {pair.before.label}",
+                                stem=out / f"delta_{index}_{key.slug}", level=config.level)
+            png, svg = saved
             figures += [png, svg]
-            body.append(Image(png, f"{key.title}: per-block differences with their intervals", svg))
+            body.append(Image(png, f"{key.title}: per-block differences with their intervals", svg, saved.font_px))
             source = pair.interval_sources.get(key.title)
             if source:
                 body.append(Paragraph(f"Per-sample results: {source}."))
-        body.append(Table(_wide_deltas(rows, key, pair, config), f"deltas-{index}-{key.slug}"))
-        subsections.append(Section(key.title, f"differences-{index}-{key.slug}", tuple(body)))
+        for pooling in dict.fromkeys(rows["pooling"]):
+            body.append(Table(_pooling_deltas(rows[rows["pooling"] == pooling], key, pair, config),
+                              f"deltas-{index}-{key.slug}-{pooling}", caption=f"{pooling} pooling"))
+        section = Section(key.title, f"differences-{index}-{key.slug}", tuple(body))
+        (subsections if is_leading(key, pair.before.preset) else more).append(section)
+    if more:
+        subsections.append(Section(f"More differences ({len(more)})", f"differences-{index}-more", (),
+                                   tuple(more), folded=True))
     return Section(f"Per-block differences{suffix}", f"differences-{index}", tuple(parts), tuple(subsections))
 
 
-def _wide_deltas(rows: pd.DataFrame, key: CurveKey, pair: PairComparison, config: CompareConfig) -> pd.DataFrame:
-    blocks = sorted(set(rows["block"]))
-    frame = pd.DataFrame({"block": [str(b) for b in blocks]})
-    has_interval = rows["low"].notna().any()
+def _pooling_deltas(rows: pd.DataFrame, key: CurveKey, pair: PairComparison, config: CompareConfig) -> pd.DataFrame:
+    """One pooling's blocks: before, after, difference and interval (five columns: they fit a phone's width)."""
+    rows = rows.sort_values("block")
     suffix = " (%)" if key.is_percent else ""
-    for pooling in dict.fromkeys(rows["pooling"]):
-        part = rows[rows["pooling"] == pooling].set_index("block").reindex(blocks)
-        frame[f"{pooling} {pair.before.label}{suffix}"] = [format_value(v, key) for v in part["before"]]
-        frame[f"{pooling} {pair.after.label}{suffix}"] = [format_value(v, key) for v in part["after"]]
-        frame[f"{pooling} difference"] = [format_delta(v, key) for v in part["delta"]]
-        if has_interval:
-            frame[f"{pooling} {round(config.level * 100)} % CI"] = [_ci(lo, hi, key) for lo, hi in
-                                                                  zip(part["low"], part["high"])]
+    frame = pd.DataFrame({"block": [str(b) for b in rows["block"]],
+                          f"{pair.before.label}{suffix}": [format_value(v, key) for v in rows["before"]],
+                          f"{pair.after.label}{suffix}": [format_value(v, key) for v in rows["after"]],
+                          "difference": [format_delta(v, key) for v in rows["delta"]]})
+    if rows["low"].notna().any():
+        frame[f"{round(config.level * 100)} % CI"] = [_ci(lo, hi, key) for lo, hi in zip(rows["low"], rows["high"])]
     return frame
 
 
@@ -256,12 +278,13 @@ def _cka_section(index: int, pair: PairComparison, suffix: str, out: Path, figur
     if pair.cka is None:
         return Section(f"Similarity of blocks (CKA){suffix}", f"cka-{index}",
                        (Paragraph(pair.cka_note or "CKA was not computed.", kind="note"),))
-    png, svg = plot_cka(pair.cka, label_x=pair.before.label, label_y=pair.after.label, stem=out / f"cka_{index}")
+    saved = plot_cka(pair.cka, label_x=pair.before.label, label_y=pair.after.label, stem=out / f"cka_{index}")
+    png, svg = saved
     figures += [png, svg]
     parts: list[Paragraph | Table | Image] = [
         Paragraph(f"Block-by-block {pair.cka_note}: 1 means the two blocks represent the images identically up to "
                   "rotation and scale. Rows: blocks of " f"{pair.before.label}; columns: blocks of {pair.after.label}."),
-        Image(png, f"linear CKA, {pair.before.label} (rows) vs {pair.after.label} (columns)", svg)]
+        Image(png, f"linear CKA, {pair.before.label} (rows) vs {pair.after.label} (columns)", svg, saved.font_px)]
     if pair.same_depth:
         blocks = [b for b in pair.cka.blocks_x if b in pair.cka.blocks_y]
         values = [pair.cka.values[pair.cka.blocks_x.index(b), pair.cka.blocks_y.index(b)] for b in blocks]
@@ -286,8 +309,9 @@ def _class_section(index: int, pair: PairComparison, suffix: str, out: Path, fig
         text += f" {len(ordered)} classes: the 10 largest gains and the 10 largest losses are listed (all in " \
                 "class_gains.csv)."
         ordered = pd.concat([ordered.head(CLASS_ROWS // 2), ordered.tail(CLASS_ROWS // 2)])
-    png, svg = plot_class_gains(gains, title=f"{pair.after.label} − {pair.before.label}, per class",
-                                stem=out / f"classes_{index}")
+    saved = plot_class_gains(gains, title=f"{pair.after.label} − {pair.before.label}, per class",
+                             stem=out / f"classes_{index}")
+    png, svg = saved
     figures += [png, svg]
     key = pair.headline
     table = pd.DataFrame({
@@ -296,7 +320,8 @@ def _class_section(index: int, pair: PairComparison, suffix: str, out: Path, fig
         f"{pair.after.label} (%)": [format_value(v, key) for v in ordered["after"]],
         "gain (points)": [format_delta(v, key) for v in ordered["gain"]]})
     return Section(title, f"classes-{index}", (Paragraph(text), Table(table, f"class-gains-{index}"),
-                                               Image(png, "per-class gain in k-NN top-1 (points)", svg)))
+                                               Image(png, "per-class gain in k-NN top-1 (points)", svg,
+                                                     saved.font_px)))
 
 
 def _placement_section(index: int, pair: PairComparison, suffix: str) -> Section:

@@ -39,6 +39,7 @@ class Image:
     png: Path
     caption: str
     svg: Path | None = None
+    font_px: float | None = None          # the figure's smallest text, in pixels of the PNG (the page checks it)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Section:
     anchor: str
     parts: tuple[Paragraph | Bullets | Table | Image, ...]
     subsections: tuple["Section", ...] = ()
+    folded: bool = False                  # shown closed (HTML <details>): secondary content under the headline
 
 
 @dataclass(frozen=True)

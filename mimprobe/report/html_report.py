@@ -3,7 +3,9 @@
 Responsive: a max-width column, tables that scroll sideways on narrow screens, images scaled to the column.
 A tiny inline script records, once the page has loaded, how many images decoded (``data-images-ok="N/M"`` on
 ``<body>``), how many errors were raised (``data-errors``) and whether the page is wider than the window
-(``data-overflow``), so a headless browser can check the page.
+(``data-overflow``), the smallest plot text as rendered (``data-min-plot-font``, CSS px: each figure's smallest font
+times the image's scale) and which tables are wider than their box (``data-clipped-tables``, ids), with every
+folded ``<details>`` opened while measuring, so a headless browser can check the page.
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ figcaption { font-size: .85rem; color: #555e6b; }
 table { border-collapse: collapse; font-size: .86rem; font-variant-numeric: tabular-nums; background: #fff; }
 caption { caption-side: top; text-align: left; font-size: .85rem; color: #555e6b; padding: .2rem 0; }
 th, td { border-bottom: 1px solid #e3e6ea; padding: .25rem .65rem; text-align: right; white-space: nowrap; }
-th { background: #eef1f5; font-weight: 600; }
-th.text, td.text { text-align: left; white-space: normal; min-width: 6rem; }
+th { background: #eef1f5; font-weight: 600; white-space: normal; }
+th.text, td.text { text-align: left; white-space: normal; min-width: 6rem; overflow-wrap: anywhere; }
+details { margin: 1rem 0; }
+summary { cursor: pointer; font-weight: 600; padding: .3rem 0; color: #2d4a7a; }
 .summary { background: #fff; border-left: 4px solid #4c72b0; padding: .5rem 1rem; margin: .8rem 0; }
 .note { background: #fff8e1; border-left: 4px solid #d9a400; padding: .35rem .9rem; margin: .6rem 0;
         font-size: .92rem; }
 @media (max-width: 640px) {
   body { font-size: 14px; }
   .wrap { padding: .6rem .7rem 2rem; }
-  th, td { padding: .2rem .4rem; }
+  th, td { padding: .2rem .3rem; white-space: normal; }
+  th.text, td.text { min-width: 0; }
   h1 { font-size: 1.3rem; }
 }
 """
@@ -59,6 +64,29 @@ CHECK_SCRIPT = """
     document.body.setAttribute("data-errors", String(errors));
     var page = document.documentElement;
     document.body.setAttribute("data-overflow", String(page.scrollWidth > page.clientWidth + 1));
+    document.body.setAttribute("data-viewport", String(page.clientWidth));
+    // Folded parts are opened while measuring, as a reader would open them, then closed again.
+    var folds = document.querySelectorAll("details:not([open])"), f;
+    for (f = 0; f < folds.length; f++) { folds[f].open = true; }
+    // The smallest plot text as rendered: the figure's smallest font (PNG pixels) times the image's scale.
+    var smallest = Infinity;
+    for (i = 0; i < images.length; i++) {
+      var px = parseFloat(images[i].getAttribute("data-font-px"));
+      if (px > 0 && images[i].naturalWidth > 0) {
+        smallest = Math.min(smallest, px * images[i].getBoundingClientRect().width / images[i].naturalWidth);
+      }
+    }
+    document.body.setAttribute("data-min-plot-font", isFinite(smallest) ? smallest.toFixed(2) : "none");
+    // Tables wider than their box hide columns behind a sideways scroll: count them.
+    var boxes = document.querySelectorAll(".scroll"), clipped = [];
+    for (i = 0; i < boxes.length; i++) {
+      if (boxes[i].scrollWidth > boxes[i].clientWidth + 1) {
+        var table = boxes[i].querySelector("table");
+        clipped.push(table && table.id ? table.id : "table");
+      }
+    }
+    document.body.setAttribute("data-clipped-tables", clipped.join(" "));
+    for (f = 0; f < folds.length; f++) { folds[f].open = false; }
   }
   window.addEventListener("load", function () { loaded = true; mark(); });
 })();
@@ -81,6 +109,9 @@ def render_html(document: Document) -> str:
 def _section(section: Section, *, level: int) -> str:
     inner = "".join(_part(part) for part in section.parts)
     inner += "".join(_section(sub, level=min(level + 1, 6)) for sub in section.subsections)
+    if section.folded:
+        return (f'<details id="{html.escape(section.anchor)}">\n<summary>{_text(section.title)}</summary>\n{inner}'
+                "</details>\n")
     return (f'<section id="{html.escape(section.anchor)}">\n<h{level}>{_text(section.title)}</h{level}>\n{inner}'
             "</section>\n")
 
@@ -96,7 +127,7 @@ def _part(part: Paragraph | Bullets | Table | Image) -> str:
     if isinstance(part, Table):
         return _table(part)
     if isinstance(part, Image):
-        return _image(part.png, part.caption)
+        return _image(part.png, part.caption, part.font_px)
     raise TypeError(f"unknown document part {type(part).__name__}")
 
 
@@ -116,9 +147,10 @@ def _table(table: Table) -> str:
             f"\n<tbody>\n{rows}</tbody></table></div>\n")
 
 
-def _image(path: Path, caption: str) -> str:
+def _image(path: Path, caption: str, font_px: float | None = None) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption, quote=True)}">'
+    font = f' data-font-px="{font_px:.2f}"' if font_px else ""
+    return (f'<figure><img src="data:image/png;base64,{data}"{font} alt="{html.escape(caption, quote=True)}">'
             f"<figcaption>{_text(caption)}</figcaption></figure>\n")
 
 

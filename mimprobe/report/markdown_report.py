@@ -17,12 +17,15 @@ def render_markdown(document: Document) -> str:
 
 
 def _section(section: Section, *, level: int) -> list[str]:
-    lines = [f'<a id="{section.anchor}"></a>', "", f"{'#' * level} {_inline(section.title)}", ""]
+    if section.folded:  # GitHub renders <details> closed, the Markdown inside it as usual
+        lines = [f'<details id="{section.anchor}"><summary>{_inline(section.title)}</summary>', ""]
+    else:
+        lines = [f'<a id="{section.anchor}"></a>', "", f"{'#' * level} {_inline(section.title)}", ""]
     for part in section.parts:
         lines += _part(part)
     for sub in section.subsections:
         lines += _section(sub, level=min(level + 1, 6))
-    return lines
+    return lines + (["</details>", ""] if section.folded else [])
 
 
 def _part(part: Paragraph | Bullets | Table | Image) -> list[str]:

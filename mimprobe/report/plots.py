@@ -39,9 +39,21 @@ LINESTYLES = ("-", "--", "-.", ":")
 # a figure of width W inches needs fonts of at least 2.1 W points (pt * 110/72 px * 350 / (110 W) >= 10).
 CURVE_WIDTH_IN = 4.6
 FONT_PT = 10
+CKA_ANNOTATED_COLUMNS = 8   # 4.6 in / 8 columns leaves room for "0.93" at 10 pt
 
 
-def save(figure: Figure, stem: Path) -> tuple[Path, Path]:
+class SavedFigure(tuple):
+    """``(png, svg)`` of a saved figure, with ``font_px``: its smallest visible text in pixels of the PNG."""
+
+    font_px: float | None
+
+    def __new__(cls, png: Path, svg: Path, font_px: float | None) -> "SavedFigure":
+        saved = super().__new__(cls, (png, svg))
+        saved.font_px = font_px
+        return saved
+
+
+def save(figure: Figure, stem: Path) -> SavedFigure:
     """Write ``stem.png`` and ``stem.svg`` (without a date, so that reruns give the same SVG)."""
     png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
     engine = figure.get_layout_engine()
@@ -50,7 +62,18 @@ def save(figure: Figure, stem: Path) -> tuple[Path, Path]:
         figure.set_layout_engine("none")
     figure.savefig(png, dpi=DPI, metadata={"Software": None})
     figure.savefig(svg, metadata={"Date": None})
-    return png, svg
+    return SavedFigure(png, svg, smallest_text_px(figure))
+
+
+def smallest_text_px(figure: Figure) -> float | None:
+    """The smallest font size among the figure's visible, non-empty texts (titles, labels, ticks, legends,
+    annotations), in pixels at the PNG's DPI; None without text."""
+    from matplotlib.text import Text
+
+    sizes = [text.get_fontsize() for text in figure.findobj(Text)
+             if text.get_visible() and text.get_text().strip()]  # ticks off view share their axis' size
+    return min(sizes) * DPI / 72 if sizes else None
+
 
 
 def _x(blocks: np.ndarray, num_blocks: int, relative: bool) -> np.ndarray:
@@ -123,7 +146,7 @@ def _shade_heads(axis, head_blocks, num_blocks: int, relative: bool, color: str,
 
 def plot_deltas(key: CurveKey, deltas: pd.DataFrame, *, label: str, stem: Path, level: float) -> tuple[Path, Path]:
     """Per-block differences (after minus before) per pooling, with their bootstrap intervals as error bars."""
-    figure = Figure(figsize=(6.4, 3.2), layout="constrained")
+    figure = Figure(figsize=(CURVE_WIDTH_IN, 3.4), layout="constrained")
     axis = figure.subplots()
     scale = 100.0 if key.is_percent else 1.0
     poolings = list(dict.fromkeys(deltas["pooling"]))
@@ -138,35 +161,35 @@ def plot_deltas(key: CurveKey, deltas: pd.DataFrame, *, label: str, stem: Path, 
         axis.bar(x, y, width=width, color=COLORS[index % len(COLORS)], alpha=0.75, label=pooling)
         axis.errorbar(x, y, yerr=error, fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
     axis.axhline(0, color="black", linewidth=0.8)
-    axis.set_xlabel("block (0-based)", fontsize=8)
+    axis.set_xlabel("block (0-based)", fontsize=FONT_PT)
     axis.set_ylabel(("difference (points)" if key.is_percent else "difference")
-                    + f", {round(level * 100)} % CI", fontsize=8)
+                    + f", {round(level * 100)} % CI", fontsize=FONT_PT)
     axis.xaxis.get_major_locator().set_params(integer=True)
     axis.grid(alpha=0.3, axis="y")
-    axis.tick_params(labelsize=8)
-    axis.legend(fontsize=7)
-    axis.set_title(f"{label}: {key.title}", fontsize=9)
+    axis.tick_params(labelsize=FONT_PT)
+    axis.legend(fontsize=FONT_PT)
+    axis.set_title(f"{label}: {key.title}", fontsize=FONT_PT)
     return save(figure, stem)
 
 
 def plot_cka(cka: StoreCka, *, label_x: str, label_y: str, stem: Path) -> tuple[Path, Path]:
     """Heatmap of CKA(block i of ``label_x``, block j of ``label_y``), values printed on small grids."""
     rows, columns = cka.values.shape
-    figure = Figure(figsize=(min(2.4 + 0.42 * columns, 12), min(1.8 + 0.36 * rows, 10)), layout="constrained")
+    figure = Figure(figsize=(CURVE_WIDTH_IN, min(1.8 + 0.3 * rows, 6.0)), layout="constrained")
     axis = figure.subplots()
     image = axis.imshow(cka.values, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-    axis.set_xticks(range(columns), [str(b) for b in cka.blocks_y], fontsize=7)
-    axis.set_yticks(range(rows), [str(b) for b in cka.blocks_x], fontsize=7)
-    axis.set_xlabel(f"{label_y}: block (0-based)", fontsize=8)
-    axis.set_ylabel(f"{label_x}: block (0-based)", fontsize=8)
-    if rows * columns <= 400:
+    axis.set_xticks(range(columns), [str(b) for b in cka.blocks_y], fontsize=FONT_PT)
+    axis.set_yticks(range(rows), [str(b) for b in cka.blocks_x], fontsize=FONT_PT)
+    axis.set_xlabel(f"{label_y}: block (0-based)", fontsize=FONT_PT)
+    axis.set_ylabel(f"{label_x}: block (0-based)", fontsize=FONT_PT)
+    if columns <= CKA_ANNOTATED_COLUMNS:  # values in the cells only while they stay readable on a phone
         for i in range(rows):
             for j in range(columns):
                 value = cka.values[i, j]
-                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=FONT_PT,
                           color="white" if value < 0.6 else "black")
     figure.colorbar(image, ax=axis, label="linear CKA")
-    axis.set_title(f"linear CKA, {cka.pooling} features, {len(cka.rows):,} {cka.split} images", fontsize=9)
+    axis.set_title(f"linear CKA, {cka.pooling} features,\n{len(cka.rows):,} {cka.split} images", fontsize=FONT_PT)
     return save(figure, stem)
 
 
@@ -176,14 +199,14 @@ def plot_class_gains(gains: pd.DataFrame, *, title: str, stem: Path, limit: int 
     frame = gains.sort_values("gain")
     if len(frame) > limit:
         frame = pd.concat([frame.head(limit // 2), frame.tail(limit // 2)])
-    figure = Figure(figsize=(6.4, 1.2 + 0.22 * len(frame)), layout="constrained")
+    figure = Figure(figsize=(CURVE_WIDTH_IN, 1.4 + 0.26 * len(frame)), layout="constrained")
     axis = figure.subplots()
     values = frame["gain"].to_numpy() * 100
     axis.barh(range(len(frame)), values, color=[COLORS[2] if v >= 0 else COLORS[3] for v in values])
-    axis.set_yticks(range(len(frame)), [str(c) for c in frame["class"]], fontsize=7)
+    axis.set_yticks(range(len(frame)), [str(c) for c in frame["class"]], fontsize=FONT_PT)
     axis.axvline(0, color="black", linewidth=0.8)
-    axis.set_xlabel("gain in k-NN top-1 (points)", fontsize=8)
+    axis.set_xlabel("gain in k-NN top-1 (points)", fontsize=FONT_PT)
     axis.grid(alpha=0.3, axis="x")
-    axis.tick_params(labelsize=8)
-    axis.set_title(title, fontsize=9)
+    axis.tick_params(labelsize=FONT_PT)
+    axis.set_title(title, fontsize=FONT_PT)
     return save(figure, stem)

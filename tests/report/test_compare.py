@@ -36,24 +36,24 @@ def test_report_tables_hold_the_profiles_numbers(report, profiles, read_tables):
     tables = read_tables((report.out / "report.html").read_text())
     for metric, split, slug in (("knn_top1", "test", "knn_top1-test-k10"), ("linear_top1", "test", "linear_top1-test"),
                                 ("knn_top1", "val", "knn_top1-val-k10")):
-        frame = _table(tables, f"deltas-0-{slug}")
-        assert frame["block"].tolist() == [str(b) for b in range(6)]
         for pooling in ("cls", "mean"):
+            frame = _table(tables, f"deltas-0-{slug}-{pooling}")
+            assert frame["block"].tolist() == [str(b) for b in range(6)]
             before, after = _curve(profiles.before, metric, split, pooling), _curve(profiles.after, metric, split,
                                                                                     pooling)
-            assert frame[f"{pooling} base (%)"].tolist() == [f"{100 * v:.1f}" for v in before]
-            assert frame[f"{pooling} refined (%)"].tolist() == [f"{100 * v:.1f}" for v in after]
-            assert frame[f"{pooling} difference"].tolist() == [f"{100 * (a - b):+.1f}" for a, b in zip(after, before)]
-            for text, delta in zip(frame[f"{pooling} 95 % CI"], after - before):
+            assert frame["base (%)"].tolist() == [f"{100 * v:.1f}" for v in before]
+            assert frame["refined (%)"].tolist() == [f"{100 * v:.1f}" for v in after]
+            assert frame["difference"].tolist() == [f"{100 * (a - b):+.1f}" for a, b in zip(after, before)]
+            for text, delta in zip(frame["95 % CI"], after - before):
                 low, high = (float(x) for x in re.fullmatch(r"\[(\S+), (\S+)\]", text).groups())
                 assert low - 0.05 <= 100 * delta <= high + 0.05  # the observed difference lies in its interval
     best = _table(tables, "best-0")
     knn = best[(best["metric"] == "k-NN top-1 (mim-refiner, k=10, T=0.07), test") & (best["pooling"] == "cls")]
     before = _curve(profiles.before, "knn_top1", "test", "cls")
     after = _curve(profiles.after, "knn_top1", "test", "cls")
-    assert knn["base block"].item() == str(before.idxmax()) and knn["refined block"].item() == str(after.idxmax())
-    assert knn["base value"].item() == f"{100 * before.max():.1f}%"
-    assert knn["difference"].item() == f"{100 * (after.max() - before.max()):+.1f}"
+    assert knn["base: block, value"].item() == f"{before.idxmax()}: {100 * before.max():.1f}%"
+    assert knn["refined: block, value"].item() == f"{after.idxmax()}: {100 * after.max():.1f}%"
+    assert knn["difference [95 % CI]"].item().startswith(f"{100 * (after.max() - before.max()):+.1f} [")
 
 
 def test_markdown_has_the_same_tables(report):
@@ -154,8 +154,9 @@ def test_different_depths_are_compared_by_relative_depth(profiles, tmp_path, rea
     deeper = _curve(profiles.deeper, "knn_top1", "test", "mean")
     row = best[(best["metric"].str.startswith("k-NN top-1")) & (best["metric"].str.endswith("test"))
                & (best["pooling"] == "mean")]
-    assert row["deeper block"].item() == str(deeper.idxmax())
-    assert re.fullmatch(r"\[\S+, \S+\]", row["95 % CI"].item())  # same images: best against best has an interval
+    assert row["deeper: block, value"].item().startswith(f"{deeper.idxmax()}: ")
+    # same images: best against best has an interval
+    assert re.fullmatch(r"\S+ \[\S+, \S+\]", row["difference [95 % CI]"].item())
     table = pd.read_parquet(tmp_path / "compare.parquet")
     last = table[(table["label"] == "deeper") & (table["block"] == 7)]
     assert (last["relative_depth"] == 1.0).all()
