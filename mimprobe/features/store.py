@@ -7,7 +7,9 @@ Layout::
     {split}/block{BB}_{pooling}.npy   (n, dim) float16 or float32; pooling "cls+mean" is written "cls_mean"
 
 Rows are written in place at their dataset index (``os.pwrite`` into pre-sized ``.npy`` files), so memory is
-bounded by the batch and an interrupted run resumes at the last recorded row. The manifest holds no timestamps:
+bounded by the batch and an interrupted run resumes at the last recorded row. Under torchrun several processes
+write disjoint batches of the same files, each recording its progress in ``progress.rank{R}.json`` until rank 0
+folds them into the manifest (`mimprobe.features.progress`). The manifest holds no timestamps:
 a resumed store ends byte-identical to an uninterrupted one.
 
 A store is checked every time it is opened (`verify_structure`: the manifest's schema and key, and every file's
