@@ -392,12 +392,13 @@ def headline_lines(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         if row["table_metric"] not in ("knn_top1", "linear_top1") or row["split"] == "val":
             continue
-        delta = row["after_last"] - row["before_last"]
-        interval = (f", interval {row['last_delta_low']:+.3f} to {row['last_delta_high']:+.3f}"
+        delta = 100 * (row["after_last"] - row["before_last"])  # percent and points, as the report and console
+        interval = (f", interval {100 * row['last_delta_low']:+.1f} to {100 * row['last_delta_high']:+.1f}"
                     if row["last_delta_low"] is not None else "")
-        lines.append(f"{row['metric']} [{row['pooling']}]: last block {row['last_block']} {row['before_last']:.3f} "
-                     f"-> {row['after_last']:.3f} ({delta:+.3f}{interval}); best block {row['before_best_block']} "
-                     f"({row['before_best']:.3f}) -> block {row['after_best_block']} ({row['after_best']:.3f})")
+        lines.append(f"{row['metric']} [{row['pooling']}]: last block {row['last_block']} "
+                     f"{100 * row['before_last']:.1f} % -> {100 * row['after_last']:.1f} % ({delta:+.1f} points"
+                     f"{interval}); best block {row['before_best_block']} ({100 * row['before_best']:.1f} %) -> "
+                     f"block {row['after_best_block']} ({100 * row['after_best']:.1f} %)")
     return lines
 
 

@@ -461,7 +461,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                 for row in rows:
                     monitor_log.write(row)
                 say("k-NN monitor, epoch {}: {}".format(
-                    trainer.epoch - 1, ", ".join(f"block {r['block']} {r['knn_top1']:.4f}" for r in rows)))
+                    trainer.epoch - 1, ", ".join(f"block {r['block']} {100 * r['knn_top1']:.1f} %" for r in rows)))
     _barrier(ctx)
 
     export = None
