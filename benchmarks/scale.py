@@ -3,7 +3,8 @@
 Run from the repository root::
 
     python benchmarks/scale.py                                  # 20,000 and 200,000 train rows, extraction ratio
-    python benchmarks/scale.py --rows 20000 100000 --knn-rows 20000   # k-NN (rows x queries) only at 20,000
+    python benchmarks/scale.py --rows 20000 100000 --knn-rows 20000 60000   # k-NN (rows x queries) at other sizes
+    python benchmarks/scale.py --parts profile --metrics knn --rows 60000 --merge /tmp/mimprobe-scale/scale-results.json
     python benchmarks/scale.py --rows 2000 4000 --extract-images 400 --no-report    # a smoke run, printed
 
 Profile part: for every size in ``--rows`` a synthetic FeatureStore is written with the store API
@@ -131,7 +132,9 @@ def run_with_rss(command: list[str], env: dict[str, str]) -> dict[str, float]:
 def profile_part(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
     results = []
     work = Path(args.work)
-    for rows in args.rows:
+    knn_rows = args.rows if args.knn_rows is None else args.knn_rows
+    for rows in sorted(set(args.rows) | (set(knn_rows) if "knn" in args.metrics else set())):
+        metrics = [m for m in args.metrics if rows in (knn_rows if m == "knn" else args.rows)]
         store = work / f"store-{rows}"
         shutil.rmtree(store, ignore_errors=True)
         n_test = max(1, int(round(rows * args.test_fraction)))
@@ -139,9 +142,7 @@ def profile_part(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
         write_synthetic_store(store, n_train=rows, n_test=n_test, blocks=args.blocks, dim=args.dim,
                               classes=args.classes)
         log(f"wrote {store} ({rows:,} + {n_test:,} rows, {time.perf_counter() - started:.0f} s)")
-        for metric in args.metrics:
-            if metric == "knn" and args.knn_rows is not None and rows not in args.knn_rows:
-                continue
+        for metric in metrics:
             out = work / f"profile-{rows}-{metric}"
             command = [sys.executable, "-m", "mimprobe.cli", "profile", str(store), "--out", str(out), "--metrics",
                        metric, "--memory-budget", args.memory_budget, "--no-progress"]
@@ -150,7 +151,7 @@ def profile_part(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
             results.append({"rows": rows, "test_rows": n_test, "metric": metric, **measured})
             log(f"{rows:,} rows, {metric}: {measured['wall_s']:.1f} s, peak RSS {measured['peak_rss_mib']:.0f} MiB "
                 f"(load {measured['load_before']:.1f} -> {measured['load_after']:.1f})")
-            write_json_atomic(work / "scale-results.json", {"profile": results})  # partial results survive
+            write_json_atomic(work / "scale-partial.json", {"profile": results})  # survives an interruption
         if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
     return results
@@ -242,8 +243,10 @@ def parse_budget_mib(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000], help="train rows per store")
-    parser.add_argument("--knn-rows", type=int, nargs="+", default=None, help="sizes at which k-NN runs "
-                        "[default: all of --rows]")
+    parser.add_argument("--knn-rows", type=int, nargs="+", default=None, help="sizes at which k-NN runs (may differ "
+                        "from --rows) [default: --rows]")
+    parser.add_argument("--merge", default=None, help="raw results JSON of an earlier run (scale-results.json) to "
+                        "report with this run's (this run's figures replace the same size and metric)")
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--dim", type=int, default=384)
@@ -266,9 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
     info = machine_info()
     profile = profile_part(args, env) if "profile" in args.parts else []
     extraction = extract_part(args, env) if "extract" in args.parts else None
+    if earlier:  # figures of an earlier run (its raw JSON) not measured again now
+        measured = {(r["rows"], r["metric"]) for r in profile}
+        profile = [r for r in earlier.get("profile", []) if (r["rows"], r["metric"]) not in measured] + profile
+        profile.sort(key=lambda r: (r["rows"], METRICS.index(r["metric"])))
+        extraction = extraction or earlier.get("extraction")
+    write_json_atomic(Path(args.work) / "scale-results.json", {"profile": profile, "extraction": extraction})
     body = render(args, profile, extraction, info)
     publish(SECTION, body, {"profile": profile, "extraction": extraction}, report=args.report,
             no_report=args.no_report, total_seconds=time.perf_counter() - started)
