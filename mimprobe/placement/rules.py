@@ -133,19 +133,19 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         within = (f"{plateau * 100:.1f} points (1.96 sqrt(2) standard errors on {val_images:,} images)"
                   if plateau_from == "standard error" else f"{plateau * 100:g} points")
         start = plateau_start
-        if flat and max_heads is None:
+        if flat:  # --max-heads still caps the count, spaced over these blocks
             start = num_blocks - math.ceil(FLAT_SHARE * num_blocks)
             notes.append(f"warning: the validation curve does not vary with depth beyond its binomial noise "
                          f"(homogeneity test p = {homogeneity:.2f} over {len(curve.values)} blocks; peak-to-block "
                          f"tolerance {plateau * 100:.1f} points): it cannot say where the plateau starts, so "
                          f"heads go on the last third of the blocks ({start}-{num_blocks - 1}, MIM-Refiner's ViT-L "
-                         "layout) instead of all; profile more validation images, or choose with --plateau, "
-                         "--max-heads or --rule last-n")
+                         "layout) instead of all; profile more validation images, or choose with --plateau or "
+                         "--rule last-n")
         heads = _spaced(start, num_blocks - 1, max_heads)
         how = _heads_phrase(heads, start, num_blocks - 1)
         reason = (f"{label} on {where} ({pooling}) peaks at block {peak_block} ({100 * peak_value:.1f} %); the "
                   f"plateau within {within} starts at block {plateau_start}, so " + (
-                      "the curve is flat within its noise and " if flat and max_heads is None else "") + how)
+                      "the curve is flat within its noise and " if flat else "") + how)
     else:
         heads = _requested_blocks(rule, n=n, blocks=blocks, num_blocks=num_blocks)
         reason = (f"rule last-n: heads on the last {len(heads)} blocks ({_span(heads)})" if rule == "last-n" else
