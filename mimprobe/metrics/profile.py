@@ -454,7 +454,7 @@ class ProfileResult:
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.out), "store": str(self.store.path), "store_key": self.store.key,
                 "rows": len(self.table), "files": self.files, "seconds": round(self.seconds, 2),
-                "best_blocks": self.best.to_dict(orient="records")}
+                "best_blocks": json.loads(self.best.to_json(orient="records"))}  # NaN -> null
 
 
 def open_or_extract(target: str | Path, data: str | None, *, features_dir: Path, checkpoint: str | None = None,
@@ -551,8 +551,8 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
         "model": store.manifest["model"], "dataset": {k: v for k, v in store.manifest["dataset"].items()
                                                       if k != "classes"},
         "classes": store.classes, "blocks": store.blocks, "poolings": list(config.poolings or store.poolings),
-        "columns": COLUMNS, "best_blocks": best.to_dict(orient="records"), "versions": software_versions(),
-        "seconds": round(seconds, 2),
+        "columns": COLUMNS, "best_blocks": json.loads(best.to_json(orient="records")),  # NaN -> null
+        "versions": software_versions(), "seconds": round(seconds, 2),
     }
     Path(files["json"]).write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return ProfileResult(table=table, best=best, out=out, store=store, files=files, seconds=seconds,

@@ -131,8 +131,9 @@ class RefineRun:
     def describe(self) -> str:
         """One sentence: stages, steps, batch, learning rates, final loss and what was refined."""
         loss = f", final loss {self.final_loss:.3f}" if self.final_loss is not None else ", no logged step"
-        base = ("a random initialisation (no pretrained weights)" if self.base_weights == "random"
-                else f"{self.base_weights} weights")
+        base = {"random": "a random initialisation (no pretrained weights)",
+                "checkpoint": "weights loaded from a checkpoint",
+                "pretrained": "timm's pretrained weights"}.get(self.base_weights, f"{self.base_weights} weights")
         return (f"refinement ({self.folder}): {self.epochs_heads} heads-only + {self.epochs} full epochs, "
                 f"{self.steps:,} steps of batch {self.batch_size}, peak lr {self.lr_heads:g} (heads) and {self.lr:g} "
                 f"(full) per 256 images{loss}; it refined {base}")
