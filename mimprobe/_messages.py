@@ -30,7 +30,8 @@ def status_logger(log: Callable[[str], None] | None, *, progress: bool,
 
 
 def progress_display(make_rich: Callable[[], Any], *, enabled: bool, interactive: bool | None = None,
-                     every: float = PLAIN_EVERY_SECONDS, write: Callable[[str], None] | None = None) -> Any:
+                     every: float = PLAIN_EVERY_SECONDS, write: Callable[[str], None] | None = None,
+                     unit: str | None = None) -> Any:
     """The progress display of a long command: ``make_rich()`` (a rich ``Progress``) on a terminal, else a
     `PlainProgress` that prints one plain line now and then, as DINO's ``MetricLogger`` does in a log file.
 
@@ -40,6 +41,7 @@ def progress_display(make_rich: Callable[[], Any], *, enabled: bool, interactive
         interactive: Whether the output is a terminal (default: rich's view of stdout, where its bars go).
         every: Seconds between plain lines.
         write: Where plain lines go (default: stderr, as the status messages).
+        unit: What a task counts, when its rate should be shown (``"img"``: ``312 img/s``).
     """
     if not enabled:
         return make_rich()
@@ -49,7 +51,7 @@ def progress_display(make_rich: Callable[[], Any], *, enabled: bool, interactive
         interactive = Console().is_terminal
     if interactive:
         return make_rich()
-    return PlainProgress(every=every, write=write)
+    return PlainProgress(every=every, write=write, unit=unit)
 
 
 class PlainProgress:
@@ -58,8 +60,8 @@ class PlainProgress:
     at most every ``every`` seconds and once when a task completes."""
 
     def __init__(self, *, every: float = PLAIN_EVERY_SECONDS, write: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.every, self.clock = every, clock
+                 clock: Callable[[], float] = time.monotonic, unit: str | None = None) -> None:
+        self.every, self.clock, self.unit = every, clock, unit
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self.tasks: dict[int, dict[str, Any]] = {}
 
@@ -108,8 +110,10 @@ class PlainProgress:
                 text += f"  {value} img/s"
             elif value not in (None, "--"):
                 text += f"  {name} {value}"
-        text += f"  elapsed {timedelta(seconds=round(elapsed))}"
         rate = (completed - state["start_completed"]) / elapsed if elapsed > 0 else 0.0
+        if self.unit:
+            text += f"  {rate:,.0f} {self.unit}/s"
+        text += f"  elapsed {timedelta(seconds=round(elapsed))}"
         if total and rate > 0:
             text += f"  ETA {timedelta(seconds=round((total - completed) / rate))}"
         return text

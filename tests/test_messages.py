@@ -45,3 +45,14 @@ def test_the_display_is_rich_on_a_terminal_and_plain_otherwise():
     assert progress_display(lambda: rich, enabled=True, interactive=True) is rich
     assert progress_display(lambda: rich, enabled=False, interactive=False) is rich  # disabled: rich's no-op
     assert isinstance(progress_display(lambda: rich, enabled=True, interactive=False), PlainProgress)
+
+
+def test_a_counted_unit_shows_its_rate():
+    clock, lines = Clock(), []
+    bar = PlainProgress(every=10, write=lines.append, clock=clock, unit="img")
+    task = bar.add_task("extract train", total=1000)
+    for _ in range(5):
+        clock.now += 10
+        bar.update(task, advance=100)
+    assert lines[0] == "extract train 100/1,000 (10 %)  10 img/s  elapsed 0:00:10  ETA 0:01:30"
+    assert len(lines) == 5

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._device import autocast, resolve_device, resolve_precision
 from .._lock import exclusive_lock
-from .._messages import status_logger
+from .._messages import progress_display, status_logger
 from .._ranks import Ranks, all_succeeded, barrier, join, total
 from .._versions import software_versions
 from ..blocks import BlockSpec, resolve_blocks
@@ -501,8 +501,10 @@ def _progress_bar(enabled: bool):
             speed = task.finished_speed or task.speed
             return Text(f"{speed:,.1f} img/s" if speed else "-- img/s")
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+    return progress_display(  # plain periodic lines when the output is not a terminal
+        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
+                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+        enabled=enabled, unit="img")
 
 
 def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: DataSource, loaded: LoadedModel,
