@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.headlines import PRIMARY_K, Headline, headline_curve
+from ..metrics.headlines import PRIMARY_K, Headline, headline_curve, indistinguishable_blocks
 from ..metrics.knn import PRESETS as KNN_PRESETS
 from .comparison import CompareConfig, PairComparison
 from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
@@ -72,6 +72,12 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
             f"at {format_value(row['before_value'], key)}{unit(key)}, {pair.after.label} block {row['after_block']} at "
             f"{format_value(row['after_value'], key)}{unit(key)}: {format_delta(row['delta'], key)}"
             f"{' points' if key.is_percent else ''}{interval}.")
+        ties = [(profile.label, _tied(profile, key, row["pooling"], int(block)))
+                for profile, block in ((pair.before, row["before_block"]), (pair.after, row["after_block"]))]
+        ties = [(label, blocks) for label, blocks in ties if blocks and len(blocks) > 1]
+        if ties:
+            lines.append(f"{prefix}blocks not distinguishable from the best (exact McNemar test on the same images, "
+                         "p >= 0.05): " + "; ".join(f"{label} {_blocks(blocks)}" for label, blocks in ties) + ".")
         if pair.same_depth and not pair.deltas.empty:
             rows = pair.deltas[(pair.deltas["key"] == key) & (pair.deltas["pooling"] == row["pooling"])]
             if not rows.empty:
@@ -111,6 +117,15 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
     lines.append("Blocks are numbered from 0, as in timm's parameter names (blocks.0, blocks.1, ...): block 0 is "
                  "the first transformer block, block L-1 the last of L.")
     return lines
+
+
+def _tied(profile: ProfileInput, key: CurveKey, pooling: str, best_block: int) -> list[int] | None:
+    """The blocks of a profile's curve not distinguishable from ``best_block`` (`indistinguishable_blocks`)."""
+    found = headline_curve(profile.table, Headline(key.title, key.metric, key.split, key.param_dict), pooling,
+                           predictions=profile.predictions)
+    if found.empty or best_block not in set(found["block"]) or found["hits"].isna().all():
+        return None
+    return indistinguishable_blocks(found, best_block)
 
 
 def _chance_lines(pair: PairComparison, config: CompareConfig, prefix: str) -> list[str]:

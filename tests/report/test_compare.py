@@ -198,3 +198,21 @@ def test_curve_bands_are_wilson_intervals_of_the_predictions(report, profiles):
         assert (low[block], high[block]) == pytest.approx(tuple(map(float, expected)))
         assert low[block] <= row["value"] <= high[block]
     assert curve_band(after, CurveKey("rankme", "train"), "cls") is None
+
+
+def test_summary_names_the_blocks_not_distinguishable_from_the_best(report):
+    from mimprobe.metrics.headlines import Headline, headline_curve, indistinguishable_blocks
+    from mimprobe.report.content import summary_lines
+
+    pair = report.pairs[0]
+    row = pair.best[(pair.best["key"] == pair.headline) & (pair.best["pooling"] == pair.class_pooling)].iloc[0]
+    key = pair.headline
+    curve = headline_curve(pair.before.table, Headline(key.title, key.metric, key.split, key.param_dict), "cls",
+                           predictions=pair.before.predictions)
+    expected = indistinguishable_blocks(curve, int(row["before_block"]))
+    lines = summary_lines(report.pairs, CONFIG)
+    tied = [line for line in lines if line.startswith("blocks not distinguishable from the best")]
+    if len(expected) > 1:  # 32 test images: most blocks tie
+        assert f"base {', '.join(map(str, expected))}" in tied[0]
+    else:
+        assert not tied or "base" not in tied[0]
