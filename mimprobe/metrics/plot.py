@@ -75,7 +75,7 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
             at = dict(zip(x.tolist(), y.tolist()))
             if tied:
                 axis.plot(tied, [at[b] for b in tied], marker="o", markersize=9, linestyle="none",
-                          markerfacecolor="none", markeredgecolor=line.get_color(), zorder=4)
+                          color=line.get_color(), markerfacecolor="none", zorder=4)  # color: keep the cycle
             axis.plot([block], [at[block]], marker="*", markersize=13, color=line.get_color(),
                       markeredgecolor="black", zorder=5, linestyle="none")
         if is_accuracy(headline) and num_classes:
