@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -293,13 +293,12 @@ def _extract_ranks(store_dir: Path, lock: Path, *, ranks: Ranks, wait: bool, say
     its own progress file; after a barrier rank 0 folds the progress files into the manifest and marks it complete.
     Ranks share only the filesystem and torch.distributed collectives.
     """
-    holding = exclusive_lock(lock, what=f"feature store {store_dir}", wait=wait, say=say) if ranks.is_main \
-        else nullcontext()
-    with holding:
+    with ExitStack() as held:
         failure: BaseException | None = None
         state = "new"
         if ranks.is_main:
-            try:
+            try:  # a refusal here (--no-wait on a held lock, a damaged store) is told to every rank below
+                held.enter_context(exclusive_lock(lock, what=f"feature store {store_dir}", wait=wait, say=say))
                 manifest, state = _open_or_create(store_dir, say=say, messages=messages, **options)
                 if state != "reused":
                     batch_progress.start_attempt(manifest, ranks.world_size)
