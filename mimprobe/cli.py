@@ -70,10 +70,13 @@ def _preprocessing_options(mean: str | None, std: str | None, interpolation: str
     return options
 
 
-def _say_random_init(model: str, checkpoint: Path | None, pretrained: bool) -> None:
-    """Say so on stderr when a model name runs without weights: its numbers then describe an untrained network."""
-    if checkpoint is None and not pretrained and not (Path(model) / "manifest.json").is_file():
-        typer.echo(f"weights: random init (seeded) of {model}: no --checkpoint or --pretrained given", err=True)
+def _say_random_init(manifest: dict[str, Any]) -> None:
+    """Say so on stderr when a store's weights are a random init: its numbers then describe an untrained network.
+    (After the command ran: bad input still ends with its one-line error only.)"""
+    model = manifest.get("model") or {}
+    if model.get("weights") == "random":
+        typer.echo(f"weights: random init (seeded) of {model.get('name')}: no --checkpoint or --pretrained was "
+                   "given, so these numbers describe an untrained network", err=True)
 
 
 def _parse_poolings(text: str) -> tuple[str, ...]:
@@ -155,7 +158,6 @@ def extract(
     from .features import extract as run_extract
 
     def body() -> None:
-        _say_random_init(model, checkpoint, pretrained)
         result = run_extract(
             model, data, out=out, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
             blocks=parse_block_spec(blocks), poolings=_parse_poolings(pool), norm=norm, batch_size=batch_size,
@@ -166,6 +168,7 @@ def extract(
             log=lambda message: typer.echo(message, err=True))
         if result.rank != 0:  # under torchrun rank 0 reports for every rank
             return
+        _say_random_init(result.store.manifest)
         summary = result.summary()
         if json_output:
             typer.echo(json.dumps(summary, indent=1))
@@ -241,7 +244,6 @@ def profile(
     from .metrics.profile import ProfileConfig, iter_best_lines, parse_bytes, parse_metrics, run_profile
 
     def body() -> None:
-        _say_random_init(target, checkpoint, pretrained)
         config = ProfileConfig(metrics=parse_metrics(metrics), preset=preset, probe=probe, seed=seed,
                                threads=threads, device=device, memory_budget=parse_bytes(memory_budget),
                                eval_samples=eval_samples, rank_samples=rank_samples)
@@ -255,6 +257,7 @@ def profile(
                              log=lambda message: typer.echo(message, err=True))
         if result.rank != 0:  # under torchrun rank 0 reports for every rank
             return
+        _say_random_init(result.store.manifest)
         if json_output:
             typer.echo(json.dumps(result.summary(), indent=1))
             return
@@ -504,7 +507,6 @@ def refine(
     from .refine import RefineConfig, run_refine
 
     def body() -> None:
-        _say_random_init(model, checkpoint, pretrained)
         try:
             hidden, proj, predictor = (int(part) for part in head_dims.split(","))
         except ValueError:

@@ -90,4 +90,6 @@ def test_the_console_says_random_init_when_no_weights_are_given(tmp_path):
     store = next(path for path in tmp_path.iterdir() if (path / "manifest.json").is_file())
     again = runner.invoke(app, ["profile", str(store), "--out", str(tmp_path / "profile"), "--metrics", "rank",
                                 "--no-progress"])
-    assert again.exit_code == 0 and "random init" not in again.stderr  # a store: its manifest names its weights
+    assert again.exit_code == 0 and "random init" in again.stderr  # the store's manifest says how it was made
+    bad = runner.invoke(app, ["extract", "test_vit", "synthetic", "--out", str(tmp_path), "--img-size", "30"])
+    assert bad.exit_code == 2 and "random init" not in bad.output  # bad input: its one-line error only

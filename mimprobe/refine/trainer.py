@@ -424,6 +424,8 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         step_log.truncate_after(trainer.step)
         monitor_log.truncate_after(trainer.step)
         say(f"resuming at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+    if loaded.weights == "random":
+        say("weights: random init (seeded): no --checkpoint or --pretrained was given")
     say(f"refining {model} on {source.summary()}: heads on blocks {list(config.head_blocks)} "
         f"({placement.rule} rule), {config.freeze_blocks} frozen blocks, {plan.total_steps} steps "
         f"({config.epochs_heads} heads-only + {config.epochs} full epochs of {steps_per_epoch}), "
