@@ -298,6 +298,7 @@ def info(
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
                                                "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Print a model's blocks and their widths, prefix tokens, patch size, final norm and data config (and why)."""
@@ -320,7 +321,7 @@ def info(
             if value is not None and value != []:
                 typer.echo(f"{key:<{width}}  {value}")
 
-    _guarded(debug, body)
+    _guarded(debug, body, threads=threads)
 
 
 # ---- command: place ----

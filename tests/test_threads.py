@@ -47,7 +47,8 @@ def test_cpu_threads_sets_every_pool_and_restores_them():
                                      ["pretrain-mae", "test_vit", "synthetic", "--out", "x"],
                                      ["compare", "a", "b", "--out", "x"],
                                      ["run", "spec.toml"],
-                                     ["demo", "--out", "x"]])
+                                     ["demo", "--out", "x"],
+                                     ["info", "test_vit"]])
 def test_every_compute_command_takes_threads_with_one_meaning(command, monkeypatch):
     """Each command's body runs under cpu_threads(--threads) (here a stand-in that records the count and refuses
     to start, so no command runs), and every --help says the same thing."""
