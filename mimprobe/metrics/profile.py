@@ -269,14 +269,27 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     eval_subset = _seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed)
     steps = {m: len(blocks) * len(poolings) for m in metrics}
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
-        tasks = {m: bar.add_task(m, total=steps[m]) for m in metrics}
+    # Each bar shows the seconds spent in its own metric: the metrics take turns block by block, so a wall clock
+    # per bar would count the others' time too.
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), disable=not progress) as bar:
+        tasks = {m: bar.add_task(m, total=steps[m], seconds=0.0) for m in metrics}
+        spent = dict.fromkeys(metrics, 0.0)
+        clock = [time.perf_counter()]
+
+        def advance(metric: str, count: int = 1) -> None:
+            """Charge the time since the last metric finished to ``metric`` and move its bar."""
+            now = time.perf_counter()
+            spent[metric] += now - clock[0]
+            clock[0] = now
+            bar.update(tasks[metric], advance=count, seconds=spent[metric])
+
         for pooling in poolings:
             for block in blocks:
                 views.check_finite(block, pooling)
+                clock[0] = time.perf_counter()
                 name = f"block {block} ({pooling})"
                 if "knn" in metrics:
                     common = dict(preset=config.preset, class_names=store.classes, threads=config.threads,
@@ -302,7 +315,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                     _record_knn(predictions, val_found, val_hits, source="train", rows=plan.val_index, block=block,
                                 pooling=pooling)
                     rows += [(block, pooling, row) for row in found + val_found]
-                    bar.advance(tasks["knn"])
+                    advance("knn")
                 if "lowshot" in metrics:
                     y_bank = views.labels("bank")
                     largest = int(np.bincount(y_bank[y_bank >= 0]).max())
@@ -313,20 +326,21 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                                                      split=plan.eval_split, name=name)
                     rows += [(block, pooling, _with_sample(row, "eval_samples", eval_subset, plan.eval_index))
                              for row in found]
-                    bar.advance(tasks["lowshot"])
+                    advance("lowshot")
                 if "cluster" in metrics:
                     found = cluster.evaluate_clustering(views.sample("eval", eval_subset, block, pooling),
                                                         views.labels("eval")[eval_subset], split=plan.eval_split,
                                                         seed=config.seed, name=name)
                     rows += [(block, pooling, _with_sample(row, "eval_samples", eval_subset, plan.eval_index))
                              for row in found]
-                    bar.advance(tasks["cluster"])
+                    advance("cluster")
                 if "rank" in metrics:
                     found = rank.evaluate_rank(views.rows("train", block, pooling), split="train",
                                                max_samples=config.rank_samples, seed=config.seed, name=name)
                     rows += [(block, pooling, row) for row in found]
-                    bar.advance(tasks["rank"])
+                    advance("rank")
             if "linear" in metrics:
+                clock[0] = time.perf_counter()
                 train_blocks = {block: views.rows("bank", block, pooling) for block in blocks}
                 eval_blocks = {block: views.rows("eval", block, pooling) for block in blocks}
                 if config.probe == "batched":
@@ -345,7 +359,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                         predictions.add(split=plan.eval_split, source=plan.eval_source, rows=plan.eval_index,
                                         metric="linear_top1", block=block, pooling=pooling,
                                         params=test_row.params_json(), hits=hits_by_block[block])
-                bar.advance(tasks["linear"], len(blocks))
+                advance("linear", len(blocks))
     manifest = store.manifest
     identity = {"model": manifest["model"]["name"],
                 "checkpoint": manifest["model"].get("checkpoint") or manifest["model"]["weights"],
