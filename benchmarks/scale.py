@@ -221,13 +221,17 @@ def extract_part(args: argparse.Namespace, env: dict[str, str]) -> dict:
     return runs
 
 
-def render(args: argparse.Namespace, profile: list[dict], extraction: dict | None, info: dict[str, str]) -> str:
+def render(args: argparse.Namespace, profile: list[dict], extraction: dict | None, info: dict[str, str],
+           earlier_command: str | None = None) -> str:
     budget = args.memory_budget
     lines = ["## Scale: profile memory and time per metric, extraction across processes (`benchmarks/scale.py`)",
              "", f"Machine: {machine_line(info)}.", "",
              f"Command: `python benchmarks/scale.py {shlex.join(sys.argv[1:])}`; every process with "
              f"OMP_NUM_THREADS={args.threads}. Load: the 1-minute load average before -> after each figure "
              "(2 CPUs, shared with other work, so times are noisy)."]
+    if args.merge:
+        lines += ["", f"Figures this command did not measure come from `--merge {args.merge}`: the raw output of an "
+                  f"earlier run of this script, `{earlier_command}` (its own load figures are given)."]
     if profile:
         sizes = sorted({r["rows"] for r in profile})
         lines += ["", f"### `mimprobe profile STORE --metrics M --memory-budget {budget}`, one fresh process each",
@@ -321,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         profile = [r for r in earlier.get("profile", []) if (r["rows"], r["metric"]) not in measured] + profile
         profile.sort(key=lambda r: (r["rows"], METRICS.index(r["metric"])))
         extraction = extraction or earlier.get("extraction")
-    write_json_atomic(Path(args.work) / "scale-results.json", {"profile": profile, "extraction": extraction})
-    body = render(args, profile, extraction, info)
+    command = shlex.join(["python", "benchmarks/scale.py", *sys.argv[1:]])
+    write_json_atomic(Path(args.work) / "scale-results.json", {"command": command, "profile": profile,
+                                                               "extraction": extraction})
+    body = render(args, profile, extraction, info, (earlier or {}).get("command", "unknown"))
     publish(SECTION, body, {"profile": profile, "extraction": extraction}, report=args.report,
             no_report=args.no_report, total_seconds=time.perf_counter() - started)
     return 0
