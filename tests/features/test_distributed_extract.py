@@ -203,3 +203,31 @@ def test_rank_0_refusing_stops_every_rank(tmp_path):
     assert "is being written by pid" in stderr  # rank 0's one-line refusal (exit 2)
     assert "rank 1: stopping because rank 0 could not prepare" in stderr
     assert not (out / name).exists()
+
+
+def test_a_killed_one_process_run_resumes_with_two(tmp_path):
+    dtype = "float32"
+    reference = _reference(tmp_path / "one", dtype)
+    store = tmp_path / "run" / reference.path.name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIMPROBE_EXTRACT_BATCH_DELAY": "0.4",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "mimprobe.cli", "extract", "test_vit", DATA, "--out",
+                                str(tmp_path / "run"), "--store-dtype", dtype, *CLI_OPTIONS], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        try:
+            if json.loads((store / "manifest.json").read_text())["progress"]["train"] >= 12:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert not manifest["complete"] and 12 <= manifest["progress"]["train"] < 21
+    resumed = _torchrun(tmp_path / "run", dtype)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert json.loads(stdout)["images_processed"] == 30 - manifest["progress"]["train"]
+    assert _tree_bytes(store) == _tree_bytes(reference.path)
