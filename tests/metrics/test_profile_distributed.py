@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["profile", "test_vit", "synthetic:classes=3,train=12,test=4,size=16", "--img-size", "32", "--batch-size", "8",
@@ -23,7 +22,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow  # three processes start (torch, timm, FAISS): about 20 s idle, 45 s under load here
 def test_two_process_profile_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
