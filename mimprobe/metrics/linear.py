@@ -665,10 +665,14 @@ def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike
 
 
 def _check_finite(features: ArrayLike, block: int, split: str) -> None:
-    """Fail fast on NaN/Inf, in the stored dtype (float16 overflow is Inf there), chunk by chunk."""
+    """Fail fast on NaN/Inf, in the stored dtype (float16 overflow is Inf there), chunk by chunk; read pages of a
+    memory map leave the resident set after each chunk (`knn._release_pages`)."""
+    from .knn import _release_pages
+
     for start in range(0, len(features), 65536):
         chunk = features[start:start + 65536]
         finite = torch.isfinite(chunk).all() if isinstance(chunk, torch.Tensor) else np.isfinite(chunk).all()
+        _release_pages(chunk)
         if not finite:
             raise BadInputError(f"block {block}: {split} features contain NaN or Inf; re-extract the block, or "
                                 "use float32 storage if float16 overflowed")
