@@ -33,7 +33,7 @@ def _extract_after(barrier, out: str, report, slow: bool) -> None:
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # see _killed_mid_way: no parallel region of the parent's OpenMP pool in a fork
     messages: list[str] = []
     barrier.wait(60)
     try:
@@ -79,6 +79,12 @@ def test_no_wait_refuses_naming_the_pid_and_writes_nothing(tmp_path):
 
 
 def _killed_mid_way(out: str) -> None:
+    import torch
+
+    # A forked child must not enter an OpenMP parallel region of the parent's pool (libgomp is not fork-safe once
+    # its threads exist: the child waits on a futex forever, as CI saw with torch's default 2 threads).
+    torch.set_num_threads(1)
+
     def die(split: str, done: int, total: int) -> None:
         if split == "train" and done == 12:
             os.kill(os.getpid(), signal.SIGKILL)
