@@ -40,8 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DEFAULT_CIFAR_TAR, DEFAULT_REPORT, REPO, cifar_subsets, log, machine_info,  # noqa: E402
                      machine_line, write_section)

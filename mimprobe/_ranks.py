@@ -2,8 +2,8 @@
 (`extract`, `profile`): join the process group (NCCL on CUDA, gloo on CPU) only when launched by torchrun.
 
 Ranks share nothing but the filesystem and these collectives: a barrier, an agreement (did every rank succeed?)
-and a sum. (`mimprobe.refine.distributed` has the refinement's own helpers; importing it would import the
-trainer, so the few lines that join the group are repeated here.)
+and a sum. `mimprobe.refine.distributed` joins the group through `join` too and adds the refinement's own
+helpers (gathers, SyncBatchNorm).
 """
 
 from __future__ import annotations

@@ -93,6 +93,18 @@ def _parse_poolings(text: str) -> tuple[str, ...]:
     return poolings
 
 
+# The preprocessing and model options shared by extract, profile and info (one definition, one help text).
+MEAN_OPTION = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint family's "
+                           "evaluation preprocessing, else timm's data config of the model].")
+STD_OPTION = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean].")
+INTERPOLATION_OPTION = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, bilinear, ... "
+                                    "[default: as --mean].")
+CROP_PCT_OPTION = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct then crop "
+                               "(0.875 = resize 256, crop 224) [default: as --mean; 1.0 with --img-size].")
+MODEL_KWARGS_OPTION = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: key=value,... or "
+                                   "JSON, e.g. class_token=false,global_pool=avg.")
+
+
 @app.command(epilog="""
 **Examples**
 
@@ -129,16 +141,11 @@ def extract(
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images "
                                            "(resized whole, no crop), e.g. 32 for CIFAR."),
     store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint "
-                                       "family's evaluation preprocessing, else timm's data config of the model]."),
-    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean]."),
-    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, "
-                                                "bilinear, ... [default: as --mean]."),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct "
-                                             "then crop (0.875 = resize 256, crop 224) [default: as --mean; 1.0 with "
-                                             "--img-size]."),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
-                                               "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
+    mean: Optional[str] = MEAN_OPTION,
+    std: Optional[str] = STD_OPTION,
+    interpolation: Optional[str] = INTERPOLATION_OPTION,
+    crop_pct: Optional[float] = CROP_PCT_OPTION,
+    model_kwargs: Optional[str] = MODEL_KWARGS_OPTION,
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip undecodable images (recorded in "
                                          "the manifest) instead of stopping."),
     no_wait: bool = typer.Option(False, "--no-wait", help="When another run is writing the same store, stop "
@@ -216,16 +223,11 @@ def profile(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (extraction and linear probes)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images."),
     store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 or float32."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint "
-                                       "family's evaluation preprocessing, else timm's data config of the model]."),
-    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean]."),
-    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, "
-                                                "bilinear, ... [default: as --mean]."),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct "
-                                             "then crop (0.875 = resize 256, crop 224) [default: as --mean; 1.0 with "
-                                             "--img-size]."),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
-                                               "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
+    mean: Optional[str] = MEAN_OPTION,
+    std: Optional[str] = STD_OPTION,
+    interpolation: Optional[str] = INTERPOLATION_OPTION,
+    crop_pct: Optional[float] = CROP_PCT_OPTION,
+    model_kwargs: Optional[str] = MODEL_KWARGS_OPTION,
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     memory_budget: str = typer.Option("2G", "--memory-budget", help="Feature rows any metric holds at once, e.g. "
                                       "512M, 2G, or none (read every split into memory). The store's memory maps "
@@ -287,16 +289,11 @@ def info(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file to load strictly."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size override."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: the checkpoint "
-                                       "family's evaluation preprocessing, else timm's data config of the model]."),
-    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B [default: as --mean]."),
-    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Resize interpolation: bicubic, "
-                                                "bilinear, ... [default: as --mean]."),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction: resize to size/crop_pct "
-                                             "then crop (0.875 = resize 256, crop 224) [default: as --mean; 1.0 with "
-                                             "--img-size]."),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments: "
-                                               "key=value,... or JSON, e.g. class_token=false,global_pool=avg."),
+    mean: Optional[str] = MEAN_OPTION,
+    std: Optional[str] = STD_OPTION,
+    interpolation: Optional[str] = INTERPOLATION_OPTION,
+    crop_pct: Optional[float] = CROP_PCT_OPTION,
+    model_kwargs: Optional[str] = MODEL_KWARGS_OPTION,
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from .._device import autocast, resolve_device, resolve_precision
 from .._lock import exclusive_lock

@@ -1,7 +1,8 @@
 """Block-wise metrics on a FeatureStore: k-NN (FAISS), linear probes, low-shot, clustering, effective rank."""
 
 from ._rows import MetricRow, carve_validation
-from .profile import METRICS, PRESETS, ProfileConfig, ProfileResult, best_blocks, profile_store, run_profile
+from .headlines import best_blocks
+from .profile import METRICS, PRESETS, ProfileConfig, ProfileResult, profile_store, run_profile
 
 __all__ = ["METRICS", "PRESETS", "MetricRow", "ProfileConfig", "ProfileResult", "best_blocks", "carve_validation",
            "profile_store", "run_profile"]

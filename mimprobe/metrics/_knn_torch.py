@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._threads import cpu_threads
 from ..errors import BadInputError
 
 DEFAULT_CHUNK_SIZE = 8192         # query rows per matmul, as the FAISS path
@@ -252,7 +253,7 @@ def _as_numpy(sims: torch.Tensor, idx: torch.Tensor) -> tuple[np.ndarray, np.nda
 @contextlib.contextmanager
 def _settings(threads: int | None) -> Iterator[None]:
     """Exact float32 matmuls and ``threads`` CPU threads inside the block; gradients are never recorded."""
-    with _exact_float32(), _torch_threads(threads), torch.no_grad():
+    with _exact_float32(), cpu_threads(threads), torch.no_grad():
         yield
 
 
@@ -266,19 +267,3 @@ def _exact_float32() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op thread count inside the block (restored after); None leaves it alone."""
-    if threads is None:
-        yield
-        return
-    if int(threads) < 1:
-        raise BadInputError(f"threads must be a positive number, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -39,7 +39,6 @@ Presets (`PRESETS`), recorded in every row's params:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 from collections.abc import Iterator, Sequence
@@ -49,6 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .._threads import cpu_threads
 from ..errors import BadInputError
 from ._rows import MetricRow
 
@@ -435,22 +435,6 @@ def evaluate_knn_with_hits(train: np.ndarray, train_labels: np.ndarray, query: n
     return rows, top1_hits
 
 
-@contextlib.contextmanager
-def faiss_threads(threads: int | None) -> Iterator[None]:
-    """FAISS' OpenMP thread count inside the block (restored after); None leaves it alone."""
-    if threads is None:
-        yield
-        return
-    if int(threads) < 1:
-        raise BadInputError(f"threads must be a positive number, got {threads}")
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
-
-
 def resolve_backend(backend: str | None, device: str | Any = "cpu") -> str:
     """The search backend: ``backend`` if given, else "faiss" on the CPU and "torch" on CUDA.
 
@@ -562,7 +546,7 @@ def _local_chunks(engine: str, train: np.ndarray, query: np.ndarray, k: int, *, 
                   stats: tuple[np.ndarray, np.ndarray] | None, plan: Any, device: Any, threads: int | None,
                   name: str, first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     if engine == "faiss":
-        with faiss_threads(threads):
+        with cpu_threads(threads):  # FAISS, BLAS and torch pools: one meaning of --threads (mimprobe._threads)
             yield from _search(train, query, k, exclude_self=exclude_self, stats=stats, plan=plan, name=name,
                                first_row=first_row)
         return

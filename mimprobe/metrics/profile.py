@@ -32,7 +32,7 @@ from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
 from ._rows import MetricRow, carve_validation
-from .headlines import PRIMARY_K, Headline, best_blocks, headlines, select_headline  # noqa: F401 (re-exported)
+from .headlines import best_blocks, headlines
 
 METRICS = ("knn", "linear", "lowshot", "cluster", "rank")
 LABEL_FREE = ("rank",)

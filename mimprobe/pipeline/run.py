@@ -332,12 +332,12 @@ def _record_status(run_dir: Path, record: StepRecord) -> None:
 
 def headline_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """The headline curves of both profiles side by side: per curve and pooling, the best block and its value and
-    the last block's value, before and after (`mimprobe.metrics.profile.best_blocks`), with the paired interval of
+    the last block's value, before and after (`mimprobe.metrics.headlines.best_blocks`), with the paired interval of
     the last block's change from the report's table (compare/compare.csv) where the report has one. Empty until
     both profiles exist."""
     import pandas as pd
 
-    from ..metrics.profile import best_blocks, headlines
+    from ..metrics.headlines import best_blocks, headlines
     from ..placement import read_profile
 
     run_dir = Path(run_dir)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .._ranks import join
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -34,26 +36,19 @@ class DistContext:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-
-
 def init_distributed(device: torch.device) -> DistContext:
-    """Join the process group torchrun set up (backend NCCL for CUDA, gloo for CPU), or run alone.
+    """Join the process group torchrun set up (backend NCCL for CUDA, gloo for CPU), or run alone: the one
+    joining mechanism of every command (`mimprobe._ranks.join`, whose long timeout also covers rank 0 profiling
+    alone for ``refine --auto`` while the others wait).
 
     Args:
         device: The resolved device; for CUDA each process takes ``cuda:LOCAL_RANK``.
     """
-    if not launched_by_torchrun():
+    ranks, device = join(device)
+    if not ranks.distributed:
         return DistContext(device=device)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistContext(rank=ranks.rank, world_size=ranks.world_size, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                       device=device)
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

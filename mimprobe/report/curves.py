@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..metrics.profile import PRIMARY_K
+from ..metrics.headlines import PRIMARY_K
 
 CHOSEN_PER_BLOCK = ("lr", "weight_decay", "C", "grid_c_searched")  # chosen per block on validation: not a curve's identity
 LOWER_IS_BETTER = ("cluster_davies_bouldin",)
@@ -94,7 +94,7 @@ def curve_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The table's curve rows with a ``curve_params`` column, one value per (key, pooling, block).
 
     Per-seed rows of metrics that have a ``_mean`` row, ``_std`` rows and per-class rows are left out; a duplicate
-    (key, pooling, block) is averaged, as `mimprobe.metrics.profile.best_blocks` does.
+    (key, pooling, block) is averaged, as `mimprobe.metrics.headlines.best_blocks` does.
     """
     metrics = set(table["metric"])
     drop = {m for m in metrics if m.endswith("_std") or f"{m}_mean" in metrics} | {CLASS_METRIC}

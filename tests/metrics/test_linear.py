@@ -11,9 +11,8 @@ from sklearn.linear_model import LogisticRegression
 from mimprobe.errors import BadInputError
 from mimprobe.metrics._rows import carve_validation
 from mimprobe.metrics.synthetic import decaying_spectrum_features
-from mimprobe.metrics.linear import (BlockwiseLinearProbes, LinearProbeConfig, constant_then_linear_decay,
-                                     evaluate_linear,
-                                     evaluate_linear_sklearn, fit_probes, select_grid_point)
+from mimprobe.metrics.linear import (BlockwiseLinearProbes, LinearProbeConfig, best_c, constant_then_linear_decay,
+                                     evaluate_linear, evaluate_linear_sklearn, fit_probes, select_grid_point)
 
 NUM_CLASSES = 10
 WIDTHS = (32, 48, 64, 32, 48, 64)
@@ -384,3 +383,32 @@ def test_cuda_matches_cpu(blocks):
     for b in (0, 3):
         for row, other in zip(on_cpu[b], on_gpu[b]):
             assert row.value == pytest.approx(other.value, abs=0.01)
+
+
+def test_widen_grid_follows_a_curve_still_rising_at_an_edge_only():
+    from mimprobe.metrics.linear import widen_grid
+
+    rising_up = {0.1: (0.50, 1.0), 1.0: (0.60, 0.9), 10.0: (0.70, 0.8)}
+    assert widen_grid(rising_up, ratio=10.0, points=2) == pytest.approx([100.0, 1000.0])
+    rising_down = {0.1: (0.70, 0.8), 1.0: (0.60, 0.9), 10.0: (0.50, 1.0)}
+    assert widen_grid(rising_down, ratio=10.0, points=2) == pytest.approx([0.001, 0.01])
+    inside = {0.1: (0.50, 1.0), 1.0: (0.70, 0.9), 10.0: (0.60, 0.8)}
+    assert widen_grid(inside, ratio=10.0, points=2) == []
+    flat = {0.1: (1.0, 0.3), 1.0: (1.0, 0.2), 10.0: (1.0, 0.1)}  # the loss alone prefers the largest C
+    assert best_c(flat) == 10.0 and widen_grid(flat, ratio=10.0, points=2) == []
+    assert widen_grid(rising_up, ratio=10.0, points=0) == []
+
+
+def test_statistics_survive_a_large_common_offset_across_chunks():
+    """Mean, scale and covariance are accumulated over 4,096-row chunks about the first chunk's mean: an offset of
+    3,000 on unit-variance float32 features (E[x^2] - E[x]^2 would cancel 7 digits) still gives the exact values."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(9000, 6)) * np.array([1, 2, 3, 0.5, 1, 1]) + 3000.0).astype(np.float32)
+    labels = np.arange(9000) % 3
+    probes = fit_probes(x[None], labels, weight_decays=(1e-3,), epochs=1, min_steps=1)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(probes.mean_[0].numpy(), x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(probes.scale_[0].numpy(), x64.std(0), rtol=1e-3)
+    z = (x64 - x64.mean(0)) / x64.std(0)
+    np.testing.assert_allclose(np.sort(probes.eigenvalues_[0].numpy()), np.linalg.eigvalsh(z.T @ z / len(z)),
+                               atol=2e-3)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from mimprobe import extract
 from mimprobe.cli import app
-from mimprobe.metrics.profile import COLUMNS, ProfileConfig, best_blocks, run_profile
+from mimprobe.metrics.headlines import best_blocks
+from mimprobe.metrics.profile import COLUMNS, ProfileConfig, run_profile
 from tests.conftest import make_image_folder
 
 runner = CliRunner()
