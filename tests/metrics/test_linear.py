@@ -310,6 +310,21 @@ def test_streamed_probe_equals_the_in_memory_probe(tmp_path, decaying_blocks):
     whole = BlockwiseLinearProbes(weight_decays=(1e-3,)).fit(rows, train_labels[fit_idx])
     assert whole.resident_
     torch.testing.assert_close(probes.coef_, whole.coef_, rtol=1e-4, atol=1e-5)
+    # the budget reaches the probes: evaluate_linear trains them from the maps, not from a copy of the split
+    fitted = []
+    original_fit = BlockwiseLinearProbes.fit
+
+    def recording_fit(self, *args, **kwargs):
+        fitted.append(original_fit(self, *args, **kwargs))
+        return fitted[-1]
+
+    import mimprobe.metrics.linear as linear_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear_module.BlockwiseLinearProbes, "fit", recording_fit)
+        evaluate_linear(maps["train"], train_labels, maps["test"], test_labels,
+                        config=LinearProbeConfig(memory_budget=budget, max_widenings=0))
+    assert fitted and not any(probe.resident_ for probe in fitted)
     with pytest.raises(BadInputError, match="memory-budget"):
         evaluate_linear(maps["train"], train_labels, maps["test"], test_labels,
                         config=LinearProbeConfig(memory_budget=1000))

@@ -240,3 +240,27 @@ def test_cli_memory_budget_and_subset_options(store_dir, tmp_path):
     bad = runner.invoke(app, ["profile", str(store_dir), "--out", str(tmp_path / "q"), "--memory-budget", "lots"])
     assert bad.exit_code == 2 and "--memory-budget 'lots' is not a size" in bad.output
     assert not (tmp_path / "q").exists()
+
+
+def test_skipped_images_are_left_out_of_every_metric(tmp_path):
+    """A store with an undecodable image (its row zeroed, label -1): the profile reads the valid rows only, so its
+    k-NN and low-shot rows equal the metrics run on `FeatureStore.features` (which drops the skipped rows)."""
+    from mimprobe.features.store import FeatureStore
+    from mimprobe.metrics import knn
+    from mimprobe.metrics.profile import profile_store
+
+    folder = make_image_folder(tmp_path / "imgs" / "train", {"a": 12, "b": 12, "c": 12}, size=16)
+    make_image_folder(tmp_path / "imgs" / "test", {"a": 4, "b": 4, "c": 4}, size=16, seed=1)
+    (folder / "a" / "001.png").write_bytes(b"\x89PNG broken")  # row 1 of train
+    store = extract("test_vit", str(tmp_path / "imgs"), out=tmp_path / "stores", img_size=32, skip_bad_images=True,
+                    progress=False).store
+    store = FeatureStore.open(store.path)
+    assert len(store.manifest["bad_images"]) == 1
+    table = profile_store(store, ProfileConfig(metrics=("knn",), poolings=("cls",), preset="dino"), progress=False)
+    for block in (0, 5):
+        expected = knn.evaluate_knn(store.features("train", block), store.labels("train"),
+                                    store.features("test", block),
+                                    store.labels("test"), preset="dino", split="test", class_names=store.classes)
+        value = next(r.value for r in expected if r.metric == "knn_top1")
+        rows = table[(table["metric"] == "knn_top1") & (table["split"] == "test") & (table["block"] == block)]
+        assert rows["value"].item() == pytest.approx(value)
