@@ -256,6 +256,15 @@ def test_skipped_images_are_left_out_of_every_metric(tmp_path):
                     progress=False).store
     store = FeatureStore.open(store.path)
     assert len(store.manifest["bad_images"]) == 1
+    from mimprobe.metrics.profile import StoreViews, plan_splits
+
+    plan = plan_splits(store, val_fraction=0.1, seed=0)
+    views = StoreViews(store, plan)
+    train, test = np.asarray(store.features("train", 3)), np.asarray(store.features("test", 3))
+    for name, source, index in (("train", train, np.arange(len(train))), ("bank", train, plan.train_index),
+                                ("fit", train, plan.fit_index), ("val", train, plan.val_index),
+                                ("eval", test, plan.eval_index)):
+        np.testing.assert_array_equal(np.asarray(views.rows(name, 3, "cls")[:]), source[index], err_msg=name)
     table = profile_store(store, ProfileConfig(metrics=("knn",), poolings=("cls",), preset="dino"), progress=False)
     for block in (0, 5):
         expected = knn.evaluate_knn(store.features("train", block), store.labels("train"),
