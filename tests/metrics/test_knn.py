@@ -298,3 +298,27 @@ def test_bad_inputs_raise():
         knn_predict(x_train, y_train, x_query, ks=(5,), weighting="distance")
     with pytest.raises(BadInputError, match="leave-one-out"):
         knn_predict(x_train, y_train, x_query, ks=(5,), exclude_self=True)
+
+
+def test_threads_bound_faiss_during_the_search_and_are_restored(monkeypatch):
+    """``threads`` holds FAISS (and the BLAS/torch pools, `mimprobe._threads.cpu_threads`) to that many threads
+    while it searches, and the previous counts come back afterwards."""
+    import faiss
+
+    from mimprobe.metrics import knn as knn_module
+
+    seen = []
+    original = faiss.knn
+
+    def recording(*args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(knn_module.faiss, "knn", recording)
+    before = faiss.omp_get_max_threads()
+    rng = np.random.default_rng(0)
+    bank, query = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
+    target = 1 if before != 1 else 2
+    knn_neighbors(bank, query, 3, threads=target)
+    assert seen and set(seen) == {target}
+    assert faiss.omp_get_max_threads() == before
