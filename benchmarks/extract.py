@@ -83,7 +83,8 @@ def speed_benchmark(args: argparse.Namespace, data_dir: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from mimprobe import extract, load_data, load_model
-    from mimprobe.data import SplitDataset, build_eval_transform, resolve_eval_data_config
+    from mimprobe.data import SplitDataset, build_eval_transform
+    from mimprobe.models.preprocessing import resolve_eval_data_config
 
     loaded = load_model(args.speed_model)
     model = loaded.model.eval()
@@ -108,7 +109,7 @@ def speed_benchmark(args: argparse.Namespace, data_dir: Path) -> dict:
     def run_extract() -> tuple[float, float, dict[int, np.ndarray]]:
         with tempfile.TemporaryDirectory(prefix="mimprobe-bench-") as out:  # fresh: no store to reuse
             started = time.perf_counter()
-            result = extract(loaded, source, out=out, blocks=None, poolings=("cls",), batch_size=batch_size,
+            result = extract(loaded, source, out=out, blocks=None, pool=("cls",), batch_size=batch_size,
                              workers=0, device="cpu", progress=False)
             wall = time.perf_counter() - started
             assert not result.reused and not result.resumed and result.images == n_images, result.summary()
@@ -203,7 +204,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     result = extract(args.memory_model, data, out=out, img_size=args.memory_img_size, blocks=None,
-                     poolings=("cls",), batch_size=args.memory_batch_size, workers=0, device="cpu", progress=False)
+                     pool=("cls",), batch_size=args.memory_batch_size, workers=0, device="cpu", progress=False)
     wall = time.perf_counter() - started
     assert not result.reused and result.store.complete, result.summary()
     print(json.dumps({

@@ -96,7 +96,7 @@ def part_extract(size: dict, folder: Path, work: Path) -> dict:
 
     def ours() -> float:
         with tempfile.TemporaryDirectory(dir=work, prefix="extract-") as out:
-            result = extract(loaded, source, out=out, poolings=("cls",), batch_size=size["batch"],
+            result = extract(loaded, source, out=out, pool=("cls",), batch_size=size["batch"],
                              workers=size["workers"], device=str(device), precision="bf16", progress=False)
             assert result.images == n and len(result.store.blocks) == len(model.blocks), result.summary()
             return result.seconds  # the extraction loop: decode, forward, pooling, host copy, writes

@@ -86,7 +86,7 @@ def build(args: argparse.Namespace):
     depth = len(encoder.blocks)
     blocks = list(range(depth - args.heads, depth))
     config = RefineConfig(epochs_heads=0, epochs=1, batch_size=args.batch_size, queue_size=args.queue_size,
-                          topk=args.topk, head_hidden_dim=hidden, head_proj_dim=proj, head_predictor_dim=predictor,
+                          topk=args.topk, head_dims=(hidden, proj, predictor),
                           head_blocks=tuple(blocks), img_size=args.img_size, precision=precision)
     network = RefineNetwork(encoder, blocks, HeadConfig(hidden, proj, predictor)).to(device)
     queues = torch.nn.ModuleDict({str(b): NNQueue(args.queue_size, proj) for b in blocks}).to(device)

@@ -2,10 +2,14 @@
 
 Public API::
 
-    from mimprobe import extract, FeatureStore, load_model, load_data, profile
-    result = extract("vit_tiny_patch16_224", "digits", out="features", img_size=32)
-    profiled = profile(result.store.path, out="profiles/digits")   # = run_profile: every block, every metric
-    x = FeatureStore.open(result.store.path).features("train", block=11, pooling="cls")
+    import mimprobe
+    result = mimprobe.extract("vit_tiny_patch16_224", "digits", out="features", img_size=32)
+    profiled = mimprobe.profile(result.store.path, out="profiles/digits", metrics="knn,linear", threads=1)
+    placement = mimprobe.place("profiles/digits", max_heads=4)
+    x = mimprobe.FeatureStore.open(result.store.path).features("train", block=11, pooling="cls")
+
+Each verb is the command of the same name (`mimprobe.pipeline.api`): the same options as keywords (the CLI's names,
+Python values or the CLI's text forms), the same validation, the same result.
 
 Names are imported lazily, so ``mimprobe --help`` does not wait for torch.
 """
@@ -29,33 +33,33 @@ _EXPORTS = {
     "ExtractConfig": "features",
     "ExtractResult": "features",
     "FeatureStore": "features",
-    "extract": "features",
     "LoadedModel": "models",
     "describe_model": "models",
     "load_model": "models",
     "ProfileConfig": "metrics",
     "ProfileResult": "metrics",
     "profile_store": "metrics",
-    "run_profile": "metrics",
     "MaeConfig": "pretrain",
-    "pretrain_mae": "pretrain",
+    "run_pretrain_mae": "pretrain",
     "Placement": "placement",
     "RefineConfig": "refine",
     "RefineResult": "refine",
     "run_refine": "refine",
+    "PlaceConfig": "placement",
     "load_placement": "placement",
-    "place": "placement",
     "run_place": "placement",
     "CompareConfig": "report",
     "CompareResult": "report",
-    "compare": "report",
     "run_compare": "report",
     "run_demo": "pipeline",
     "run_pipeline": "pipeline",
 }
 
-# Verb-named entry points beside extract/place/compare: ``mimprobe.profile(model, data, out=...)`` is run_profile.
-_ALIASES = {"profile": ("metrics", "run_profile")}
+# The commands' Python entry points (`mimprobe.pipeline.api`): ``mimprobe.profile(target, data, out=..., ...)``.
+_ALIASES = {name: ("pipeline.api", name) for name in ("extract", "profile", "place", "refine", "compare",
+                                                      "pretrain_mae", "info")}
+_ALIASES.update({"run_extract": ("features", "extract"), "run_profile": ("pipeline.profiling", "run_profile"),
+                 "place_table": ("placement", "place")})
 
 __all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +18,6 @@ import torch.distributed as dist
 # Rank 0 alone takes the store lock (possibly waiting for another run) and, in `profile`, runs the probes while the
 # other ranks wait at a collective: far longer than torch's default 10-30 min timeout.
 TIMEOUT = datetime.timedelta(hours=24)
-_alone = False  # inside `this_process_only`
 
 
 @dataclass(frozen=True)
@@ -41,21 +38,9 @@ class Ranks:
         return self.rank == 0
 
 
-@contextmanager
-def this_process_only() -> Iterator[None]:
-    """Within it, `join` and `current` see a single process even under torchrun: for a call that one rank makes
-    alone while the others wait (``refine --auto`` profiles on rank 0), which must not start collectives."""
-    global _alone
-    before, _alone = _alone, True
-    try:
-        yield
-    finally:
-        _alone = before
-
-
 def launched_by_torchrun() -> bool:
     """torchrun's environment with more than one process (one process behaves as a plain run)."""
-    return not _alone and "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
 def join(device: torch.device) -> tuple[Ranks, torch.device]:
@@ -80,7 +65,7 @@ def join(device: torch.device) -> tuple[Ranks, torch.device]:
 
 def current() -> Ranks:
     """The process group already joined (by `join`), or a single process."""
-    if not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
             torch.device("cpu")
         return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
@@ -111,5 +96,4 @@ def total(ranks: Ranks, value: int) -> int:
     return int(tensor.item())
 
 
-__all__ = ["Ranks", "all_succeeded", "barrier", "current", "join", "launched_by_torchrun", "this_process_only",
-           "total"]
+__all__ = ["Ranks", "all_succeeded", "barrier", "current", "join", "launched_by_torchrun", "total"]

@@ -362,12 +362,11 @@ def test_run_place_reads_the_depth_and_writes_json(tmp_path):
 @pytest.fixture(scope="module")
 def real_profile(tmp_path_factory):
     """A k-NN profile of a random-init 12-block ViT (vit_tiny at 32 px) on tiny synthetic data."""
-    from mimprobe.metrics.profile import ProfileConfig, run_profile
+    import mimprobe
 
     out = tmp_path_factory.mktemp("profile")
-    run_profile("vit_tiny_patch16_224", "synthetic:classes=3,train=8,test=2,size=16", out=out,
-                config=ProfileConfig(metrics=("knn",)), extract_options={"img_size": 32, "poolings": ("cls",)},
-                progress=False)
+    mimprobe.profile("vit_tiny_patch16_224", "synthetic:classes=3,train=8,test=2,size=16", out=str(out),
+                     metrics="knn", img_size=32, pool="cls", progress=False)
     return out
 
 

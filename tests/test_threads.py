@@ -76,11 +76,14 @@ def test_version_prints_the_package_version():
     assert result.exit_code == 0 and result.output.strip() == f"mimprobe {mimprobe.__version__}"
 
 
-def test_profile_is_exported_at_the_top_level():
-    from mimprobe.metrics.profile import ProfileConfig, run_profile
+def test_the_commands_are_exported_at_the_top_level():
+    from mimprobe.metrics.profile import ProfileConfig
+    from mimprobe.pipeline import api
+    from mimprobe.pipeline.profiling import run_profile
 
-    assert mimprobe.profile is run_profile and mimprobe.run_profile is run_profile
-    assert mimprobe.ProfileConfig is ProfileConfig and {"profile", "run_profile"} <= set(mimprobe.__all__)
+    for name in ("extract", "profile", "place", "refine", "compare", "pretrain_mae", "info"):
+        assert getattr(mimprobe, name) is getattr(api, name) and name in mimprobe.__all__
+    assert mimprobe.run_profile is run_profile and mimprobe.ProfileConfig is ProfileConfig
 
 
 def test_the_console_says_random_init_when_no_weights_are_given(tmp_path):

@@ -1,7 +1,7 @@
-"""Image data sources behind one function, and the model-derived evaluation transform."""
+"""Image data sources behind one function, and the evaluation transform of a data config."""
 
 from .sources import DataSource, Split, load_data
-from .transforms import build_eval_transform, resolve_eval_data_config
+from .transforms import build_eval_transform
 from .dataset import SplitDataset
 
 __all__ = [
@@ -10,5 +10,4 @@ __all__ = [
     "SplitDataset",
     "build_eval_transform",
     "load_data",
-    "resolve_eval_data_config",
 ]

@@ -23,38 +23,75 @@ from .._lock import exclusive_lock
 from .._messages import progress_display, status_logger
 from .._ranks import Ranks, all_succeeded, barrier, join, total
 from .._versions import software_versions
-from ..blocks import BlockSpec, resolve_blocks
+from .._device import PRECISIONS
+from ..blocks import BlockSpec, parse_block_spec, resolve_blocks
 from ..data import DataSource, SplitDataset, build_eval_transform, load_data
 from ..errors import BadImageError, BadInputError, MimprobeError
 from ..models import LoadedModel, describe_model, load_model
+from ..models.preprocessing import parse_channel_values
+from ..options import build_config, check_options, device_option, img_size_option, option
 from ..models.families import block_layout
 from . import progress as batch_progress
 from .blockwise import BlockOutputs
-from .pooling import POOLINGS, pool_tokens
+from .pooling import POOLINGS, parse_poolings, pool_tokens
 from .store import (FORMAT_VERSION, MANIFEST, STORE_DTYPES, DamagedStoreError, FeatureStore, RowWriter,
                     create_store, feature_filename, store_key, write_json_atomic)
 
 
+def _channels(option_name: str) -> Callable[[str], tuple[float, ...]]:
+    def parse(text: str) -> tuple[float, ...]:
+        return tuple(parse_channel_values(text, option_name))
+    return parse
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Options of one extraction. Everything here that changes the numbers goes into the store key."""
+    """Options of one extraction (`mimprobe extract`, and the extraction inside `mimprobe profile`). Everything here
+    that changes the numbers goes into the store key."""
 
-    blocks: BlockSpec = None          # None: all blocks; int n: last n; list: indices (negative from the end)
-    poolings: tuple[str, ...] = ("cls",)
-    norm: str = "raw"                 # raw block outputs (MIM-Refiner) or "final": the model's last norm applied
-    batch_size: int = 64              # on resume, the store's own batch size is used (same batches, same bytes)
-    workers: int = 0                  # DataLoader worker processes
-    device: str = "auto"
-    precision: str = "auto"           # bf16 autocast on GPU, fp32 on CPU
-    img_size: int | None = None       # square input size override (crop_pct becomes 1.0)
-    store_dtype: str = "float16"
-    skip_bad_images: bool = False     # record and skip undecodable images instead of stopping
+    blocks: BlockSpec = option(None, "all, last:N, or a 0-based list such as 0,5,11 or 4-11 (negative indices count "
+                               "from the end).", short="-b", parse=parse_block_spec, show_default="all")
+    poolings: tuple[str, ...] = option(("cls",), "cls, mean (patch tokens only), cls+mean, a comma list, or all.",
+                                       flag="pool", short="-p", parse=parse_poolings, choices=POOLINGS)
+    norm: str = option("raw", "raw block outputs (MIM-Refiner), or final: the model's last norm applied.",
+                       choices=("raw", "final"))
+    # on resume, the store's own batch size is used (same batches, same bytes)
+    batch_size: int = option(64, "Images per forward pass.", minimum=1)
+    workers: int = option(0, "DataLoader worker processes for decoding images.", minimum=0)
+    device: str = device_option()
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)
+    img_size: int | None = img_size_option()
+    store_dtype: str = option("float16", "float16 or float32.", choices=STORE_DTYPES)
+    skip_bad_images: bool = option(False, "Skip undecodable images (recorded in the manifest, label -1) instead of "
+                                          "stopping.")
     # evaluation preprocessing overrides (default: the checkpoint family's, else the timm model's data config)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    interpolation: str | None = None
-    crop_pct: float | None = None
-    model_kwargs: dict[str, Any] | None = None  # timm.create_model arguments (--model-kwargs), part of the key
+    mean: tuple[float, ...] | None = option(None, "Normalisation mean R,G,B [default: the checkpoint family's "
+                                            "evaluation preprocessing, else timm's data config of the model].",
+                                            parse=_channels("--mean"))
+    std: tuple[float, ...] | None = option(None, "Normalisation std R,G,B [default: as --mean].",
+                                           parse=_channels("--std"))
+    interpolation: str | None = option(None, "Resize interpolation: bicubic, bilinear, ... [default: as --mean].")
+    crop_pct: float | None = option(None, "Centre-crop fraction: resize to size/crop_pct then crop (0.875 = resize "
+                                          "256, crop 224) [default: as --mean; 1.0 with --img-size].")
+    wait: bool = option(True, "When another run is writing the same store, wait for it (then reuse it); "
+                              "--no-wait stops instead (exit 2, naming its pid).", spec=False)
+    overwrite: bool = option(False, "Delete the store of these settings (damaged, or to start again) and extract "
+                                    "it anew.", spec=False)
+    verify: bool = option(False, "Before reusing or resuming the store, read every value (finite, no lost writes), "
+                                 "compare its labels with the data's and extract the first batch of every split "
+                                 "again to compare.", spec=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.poolings, str):
+            object.__setattr__(self, "poolings", (self.poolings,))
+        object.__setattr__(self, "poolings", tuple(dict.fromkeys(self.poolings)))  # unique, in the order given
+        if not self.poolings:
+            raise BadInputError(f"--pool needs at least one pooling: use {', '.join(POOLINGS)}")
+        if self.mean is not None:
+            object.__setattr__(self, "mean", tuple(self.mean))
+        if self.std is not None:
+            object.__setattr__(self, "std", tuple(self.std))
+        check_options(self)
 
 
 @dataclass
@@ -87,22 +124,6 @@ BatchCallback = Callable[[str, int, int], None]  # (split, rows done, rows in sp
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "data"
-
-
-def _validate(config: ExtractConfig) -> None:
-    unknown = [p for p in config.poolings if p not in POOLINGS]
-    if unknown or not config.poolings:
-        raise BadInputError(f"unknown pooling {unknown[0] if unknown else '(none)'}: use {', '.join(POOLINGS)}")
-    if config.norm not in ("raw", "final"):
-        raise BadInputError(f"unknown norm mode {config.norm!r}: use raw or final")
-    if config.store_dtype not in STORE_DTYPES:
-        raise BadInputError(f"unknown store dtype {config.store_dtype!r}: use {' or '.join(STORE_DTYPES)}")
-    if config.batch_size < 1:
-        raise BadInputError(f"--batch-size must be at least 1 (got {config.batch_size})")
-    if config.workers < 0:
-        raise BadInputError(f"--workers must be 0 or more (got {config.workers})")
-    if config.img_size is not None and config.img_size < 1:
-        raise BadInputError(f"--img-size must be positive (got {config.img_size})")
 
 
 def _check_out(out: Path) -> None:
@@ -176,9 +197,9 @@ def _check_block_outputs(loaded: LoadedModel, blocks: list[int], norm: str, data
 
 
 def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path, checkpoint: str | None = None,
-            pretrained: bool = False, config: ExtractConfig | None = None, progress: bool = True,
-            on_batch: BatchCallback | None = None, log: Callable[[str], None] | None = None, wait: bool = True,
-            overwrite: bool = False, verify: bool = False, **options: Any) -> ExtractResult:
+            pretrained: bool = False, model_kwargs: dict[str, Any] | None = None, config: ExtractConfig | None = None, progress: bool = True,
+            on_batch: BatchCallback | None = None, log: Callable[[str], None] | None = None,
+            **options: Any) -> ExtractResult:
     """Extract every chosen block's pooled features into a FeatureStore under ``out``.
 
     The store lives in ``out/<model>__<data>__<key[:12]>``. A complete store with the same key is reused; an
@@ -191,25 +212,17 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         out: Folder that holds feature stores.
         checkpoint: Checkpoint file for the model.
         pretrained: Use timm's pretrained weights.
-        config: Extraction options; keyword ``options`` override its fields (``blocks=4``, ``poolings=...``).
+        model_kwargs: ``timm.create_model`` arguments (part of the store key through the model's identity).
+        config: Extraction options; keyword ``options`` override its fields, named as the CLI's options
+            (``blocks="last:4"`` or ``blocks=4``, ``pool="cls,mean"``, ``wait=False``; see `ExtractConfig`).
         progress: Show a progress bar (images per second) on stderr.
         on_batch: Called after every batch is recorded in the manifest (a kill after this loses nothing; no fsync,
             so a power loss may), with (split, rows done, rows in split).
         log: Receives one-line status messages (default: print to stderr when ``progress``).
-        wait: When another run is writing the same store, wait for it (then reuse or resume its store) instead of
-            raising `LockedError` (exit code 2) naming its pid.
-        overwrite: Delete an existing store of the same key (damaged, or to start again) and extract anew.
-        verify: Before reusing or resuming a store, read every recorded value (finite, no lost writes), compare its
-            labels with the data's and extract the first batch of every split again to compare (the structure of a
-            store is always checked when it is opened).
-
     Raises:
         BadInputError: Bad paths, names, options or images (the message says what to fix).
     """
-    config = replace(config or ExtractConfig(), **options)
-    poolings = (config.poolings,) if isinstance(config.poolings, str) else config.poolings
-    config = replace(config, poolings=tuple(dict.fromkeys(poolings)))  # unique, in the order given
-    _validate(config)
+    config = build_config(ExtractConfig, options, base=config or ExtractConfig())
     messages: list[str] = []
     say = status_logger(log, progress=progress, messages=messages)
 
@@ -222,8 +235,7 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         say = status_logger(lambda message: None, progress=False, messages=messages)
     precision = resolve_precision(config.precision, device)
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
-        model_kwargs=config.model_kwargs)
+        model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size, model_kwargs=model_kwargs)
     structure = describe_model(loaded.model, loaded.name)
     blocks = resolve_blocks(config.blocks, structure["num_blocks"])
     if not structure["has_class_token"] and any(p in ("cls", "cls+mean") for p in config.poolings):
@@ -251,11 +263,11 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
     options = dict(key=key, key_fields=key_fields, loaded=loaded, structure=structure, source=source,
                    data_config=data_config, blocks=blocks, config=config, precision=precision,
                    feature_dims=feature_dims, device=device, progress=progress, on_batch=on_batch, say=say,
-                   messages=messages, overwrite=overwrite, verify=verify)
+                   messages=messages, overwrite=config.overwrite, verify=config.verify)
     if ranks.distributed:
-        return _extract_ranks(store_dir, lock, ranks=ranks, wait=wait, **options)
+        return _extract_ranks(store_dir, lock, ranks=ranks, wait=config.wait, **options)
     # One writer per store: a second run waits (or refuses), then finds the store complete or resumes it.
-    with exclusive_lock(lock, what=f"feature store {store_dir}", wait=wait, say=say):
+    with exclusive_lock(lock, what=f"feature store {store_dir}", wait=config.wait, say=say):
         manifest, state = _open_or_create(store_dir, **options)
         if state == "reused":
             return ExtractResult(FeatureStore(store_dir, manifest), reused=True, resumed=False, messages=messages)

@@ -2,7 +2,7 @@
 
 from ._rows import MetricRow, carve_validation
 from .headlines import best_blocks
-from .profile import METRICS, PRESETS, ProfileConfig, ProfileResult, profile_store, run_profile
+from .profile import METRICS, PRESETS, ProfileConfig, ProfileResult, measure_store, profile_store
 
 __all__ = ["METRICS", "PRESETS", "MetricRow", "ProfileConfig", "ProfileResult", "best_blocks", "carve_validation",
-           "profile_store", "run_profile"]
+           "measure_store", "profile_store"]

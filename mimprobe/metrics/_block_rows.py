@@ -4,7 +4,7 @@ A FeatureStore keeps one ``(n, d)`` memory map per block; the batched probes nee
 chunks of the same rows of every block. `BlockRows` reads them chunk by chunk from the maps (or from arrays in
 memory), so that no more than one chunk of all blocks is ever held: on ImageNet-1k with ViT-L that is the difference
 between 126 GB (every block's train split as float32) and the chunk size the memory budget allows. Read pages of
-read-only memory maps are dropped from the resident set after each chunk (`knn._release_pages`).
+read-only memory maps are dropped from the resident set after each chunk (`knn.release_pages`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class RowSubset:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        from .knn import _release_pages
+        from ._memory import release_pages
 
         rows = self.rows[index]
         if np.ndim(rows) == 0:
@@ -53,7 +53,7 @@ class RowSubset:
         first, last = int(rows.min()), int(rows.max()) + 1
         window = self.source[first:last]
         selected = np.array(window[rows - first])
-        _release_pages(window)
+        release_pages(window)
         return selected
 
 
@@ -100,7 +100,7 @@ class BlockRows:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """(stop - start, num_blocks, d) float32, sample-major: rows ``start:stop`` of the selection."""
-        from .knn import _release_pages
+        from ._memory import release_pages
 
         stop = min(stop, self.num_rows)
         chunk = torch.empty(stop - start, len(self.blocks), self.dim, dtype=torch.float32)
@@ -118,13 +118,13 @@ class BlockRows:
                 window = source[first:last]
                 selected = window[rows - first] if len(rows) != last - first else window
             np.copyto(chunk[:, i].numpy(), selected, casting="unsafe")
-            _release_pages(window)
+            release_pages(window)
         return chunk.to(self.device)
 
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """(len(positions), num_blocks, d) float32: the rows at sorted ``positions`` of the selection (a
         mini-batch), read from each map by index; the maps' pages are dropped from the resident set afterwards."""
-        from .knn import _release_pages
+        from ._memory import release_pages
 
         positions = positions.cpu().numpy()
         rows = positions if self.rows is None else self.rows[positions]
@@ -135,7 +135,7 @@ class BlockRows:
                 batch[:, i] = source[torch.as_tensor(rows)].to("cpu", torch.float32)
                 continue
             np.copyto(batch[:, i].numpy(), source[rows], casting="unsafe")
-            _release_pages(source)
+            release_pages(source)
         return batch.to(self.device)
 
     def chunks(self, chunk_rows: int):

@@ -1,6 +1,6 @@
 """Exact k-NN search in torch (CPU or CUDA): chunked float32 matmul of normalised rows + ``torch.topk``.
 
-The same search as `knn._search` (FAISS): queries and bank are prepared by `knn._prepare` (read as float32,
+The same search as `knn._search` (FAISS): queries and bank are prepared by `knn.prepare` (read as float32,
 standardised with the train statistics if asked, L2-normalised by ``faiss.normalize_L2``), so both backends see
 bit-identical rows, and the float32 GEMM's k + 8 candidates are re-ranked by their float64 similarity
 (`rescore_tensors`, `knn.rescore`), so both return the same neighbours although their GEMMs round differently.
@@ -134,14 +134,14 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
     re-ranked candidates, leave-one-out drops each query's own row by index. ``first_row``: the index of
     ``train``'s first row in the whole bank (a process' shard), for messages.
     """
-    from .knn import RESCORE_MARGIN, _drop_self, _prepare
+    from ._knn_rows import RESCORE_MARGIN, drop_self, prepare
 
     n_train, n_query, dim = len(train), len(query), train.shape[1]
     search_k = k + int(exclude_self)
     # thread count and matmul precision are set around each computation, never held across a yield
     if not plan.sharded(n_train):
         with _settings(threads):
-            bank = _to_device(_prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name, first_row),
+            bank = _to_device(prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name, first_row),
                               device)
         same_rows = query is train  # leave-one-out on one array: its prepared rows are the bank's
         buffer = None if same_rows else np.empty((min(plan.chunk_rows, n_query), dim), np.float32)
@@ -149,12 +149,12 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
             stop = min(start + plan.chunk_rows, n_query)
             with _settings(threads):
                 chunk = bank[start:stop] if same_rows else _to_device(
-                    _prepare(query, start, stop, buffer, stats, plan.chunk_rows, "query", name), device)
+                    prepare(query, start, stop, buffer, stats, plan.chunk_rows, "query", name), device)
                 _, candidates = chunk_topk(chunk, bank, min(search_k + RESCORE_MARGIN, n_train),
                                            tile_rows=plan.tile_rows)
                 sims, idx = _as_numpy(*rescore_tensors(chunk, bank, candidates, search_k,
                                                        workspace_bytes=len(chunk) * plan.tile_rows * _SCORE_BYTES))
-            yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+            yield (start, *drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
         return
     # The bank does not fit: each shard goes to the device once and meets every query chunk.
     best_sims = torch.full((n_query, search_k), -torch.inf, dtype=torch.float64, device=device)
@@ -164,11 +164,11 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
     with _settings(threads):
         for shard_start in range(0, n_train, plan.shard_rows):
             shard_stop = min(shard_start + plan.shard_rows, n_train)
-            shard = _to_device(_prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows,
+            shard = _to_device(prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows,
                                         "train", name, first_row), device)
             for start in range(0, n_query, plan.chunk_rows):
                 stop = min(start + plan.chunk_rows, n_query)
-                chunk = _to_device(_prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query",
+                chunk = _to_device(prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query",
                                             name), device)
                 _, candidates = chunk_topk(chunk, shard, min(search_k + RESCORE_MARGIN, len(shard)),
                                            tile_rows=plan.tile_rows)
@@ -182,7 +182,7 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
     for start in range(0, n_query, plan.chunk_rows):
         stop = min(start + plan.chunk_rows, n_query)
         sims, idx = _as_numpy(best_sims[start:stop], best_idx[start:stop])
-        yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+        yield (start, *drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
 
 
 def chunk_topk(chunk: torch.Tensor, bank: torch.Tensor, k: int, *, tile_rows: int,
@@ -216,7 +216,7 @@ def rescore_tensors(chunk: torch.Tensor, bank: torch.Tensor, candidates: torch.T
     Returns:
         (rows, keep) float64 similarities, decreasing, and (rows, keep) int64 indices.
     """
-    from .knn import rescore
+    from ._knn_rows import rescore
 
     if chunk.device.type == "cpu":
         sims, idx = rescore(chunk.numpy(), bank.numpy(), candidates.numpy(), keep)

@@ -49,11 +49,8 @@ def finite_float32(features: np.ndarray, *, name: str) -> np.ndarray:
     Raises:
         BadInputError: Not a non-empty 2-D array, or NaN/Inf values (named by ``name``, e.g. "block 5 (cls)").
     """
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise BadInputError(f"{name}: expected a non-empty (n_samples, dim) array, got shape {x.shape}")
-    finite = np.isfinite(x)
-    if not finite.all():
-        raise BadInputError(f"{name}: {x.size - int(finite.sum())} NaN/Inf values in the features; re-extract "
-                            f"the store (with --store-dtype float32 if float16 overflowed)")
-    return x
+    from ._finite import finite_copy
+
+    if np.ndim(features) != 2 or np.shape(features)[0] == 0:
+        raise BadInputError(f"{name}: expected a non-empty (n_samples, dim) array, got shape {np.shape(features)}")
+    return finite_copy(features, dtype=np.float32, what=name)

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from .intervals import DEFAULT_LEVEL, mcnemar_pvalue, wilson_interval
+from .knn_presets import PRESETS
 
-PRIMARY_K = {"mim-refiner": 10, "dino": 20, "dinov2": 20}
+PRIMARY_K = {name: preset.headline_k for name, preset in PRESETS.items()}  # the k each preset's curve reports
 
 
 @dataclass(frozen=True)

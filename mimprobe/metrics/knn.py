@@ -39,8 +39,6 @@ Presets (`PRESETS`), recorded in every row's params:
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,68 +48,19 @@ import numpy as np
 
 from .._threads import cpu_threads
 from ..errors import BadInputError
+from ._knn_rows import (RESCORE_MARGIN, check_k, check_labels, check_matrix, check_pair, drop_self, largest_itemsize,
+                        merge_into, prepare, read_rows)
+from ._knn_rows import rescore  # noqa: F401  (part of this module's API: backends re-rank with it)
 from ._rows import MetricRow
+from .knn_presets import MIN_TEMPERATURE, PRESETS, WEIGHTINGS, KnnPreset, check_protocol, get_preset  # noqa: F401
 
-WEIGHTINGS = ("exp", "softmax", "uniform")
 BACKENDS = ("faiss", "torch")  # exact search: FAISS on the CPU; torch (matmul + topk) on the CPU or CUDA
 DEFAULT_CHUNK_SIZE = 8192       # query rows per search: a multiple of faiss' 4096-row BLAS tile
 STD_EPS = 1e-6                  # added to the train std, as MIM-Refiner's eval_knn_torchhub.py
-MIN_TEMPERATURE = 0.0015        # exp(1 / T) overflows float64 below 1/709
 TOP = 5                         # ranked classes kept per query (top-5 accuracy)
 _RESULT_BYTES = 8 + 8           # one neighbour: float64 (re-ranked) similarity + int64 index
 _LIBRARY_BYTES = 8 * 2 ** 20    # BLAS packing buffers, OpenMP stacks: 2-7 MiB measured on first faiss.knn calls
 _FAISS_TILE_COLUMNS = 1024      # faiss' BLAS similarity tile: 4096 queries x 1024 bank rows (blas_*_bs)
-RESCORE_MARGIN = 8              # float32 candidates beyond k, re-ranked by float64 similarity (see `rescore`)
-_RESCORE_BYTES = 2 * 2 ** 20    # candidate rows gathered at a time by `rescore` (within _LIBRARY_BYTES)
-
-
-def _check_protocol(ks: Sequence[int], temperatures: Sequence[float], weighting: str) -> None:
-    if weighting not in WEIGHTINGS:
-        raise BadInputError(f"unknown k-NN weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
-    if not ks or any(int(k) != k or k < 1 for k in ks):
-        raise BadInputError(f"k must be positive integers, got {tuple(ks)}")
-    # exp(sim / T) with sim <= 1 stays finite in float64 down to T = 1/709
-    if not temperatures or any(not np.isfinite(t) or t < MIN_TEMPERATURE for t in temperatures):
-        raise BadInputError(f"temperatures must be at least {MIN_TEMPERATURE}, got {tuple(temperatures)}")
-
-
-@dataclass(frozen=True)
-class KnnPreset:
-    """One k-NN protocol: which ks and temperatures, how neighbours vote, whether features are standardised."""
-
-    name: str
-    ks: tuple[int, ...]
-    temperatures: tuple[float, ...] = (0.07,)
-    weighting: str = "exp"
-    standardize: bool = False   # (x - train mean) / (train std + 1e-6) before L2, MIM-Refiner's protocol
-
-    def __post_init__(self) -> None:
-        _check_protocol(self.ks, self.temperatures, self.weighting)
-
-    def params(self, k: int, temperature: float) -> dict[str, Any]:
-        """What a MetricRow records about the protocol."""
-        return {"preset": self.name, "k": int(k), "T": float(temperature), "weighting": self.weighting,
-                "standardize": self.standardize}
-
-
-PRESETS: dict[str, KnnPreset] = {
-    "mim-refiner": KnnPreset("mim-refiner", ks=(10,), temperatures=(0.07,), weighting="exp", standardize=True),
-    "dino": KnnPreset("dino", ks=(20,), temperatures=(0.07,), weighting="exp"),
-    "dinov2": KnnPreset("dinov2", ks=(10, 20, 100, 200), temperatures=(0.07,), weighting="softmax"),
-}
-
-
-def get_preset(preset: str | KnnPreset) -> KnnPreset:
-    """A preset by name (or the preset itself).
-
-    Raises:
-        BadInputError: Unknown name.
-    """
-    if isinstance(preset, KnnPreset):
-        return preset
-    if preset not in PRESETS:
-        raise BadInputError(f"unknown k-NN preset {preset!r}: use one of {', '.join(PRESETS)}")
-    return PRESETS[preset]
 
 
 @dataclass(frozen=True)
@@ -220,7 +169,7 @@ def standardization_stats(train: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_
     Chunk statistics are merged with Chan et al.'s pairwise update in float64, so no float64 copy of the
     features is made.
     """
-    _check_matrix(train, "train", name)
+    check_matrix(train, "train", name)
     return _finish_stats(*_moments(train, chunk_size=chunk_size, name=name), name=name)
 
 
@@ -235,7 +184,7 @@ def _moments(train: np.ndarray, *, chunk_size: int, name: str,
     rows = max(1, chunk_size // 3)  # the float32 chunk (4 bytes a value) and its float64 deviations (8) are alive
     buffer = np.empty((min(rows, n_rows), dim), np.float32)
     for start in range(0, n_rows, rows):
-        chunk = _read_rows(train, start, min(start + rows, n_rows), buffer, "train", name, first_row)
+        chunk = read_rows(train, start, min(start + rows, n_rows), buffer, "train", name, first_row)
         chunk_mean = chunk.mean(axis=0, dtype=np.float64)
         # float64 deviations: float32 ones round at 1e-7 and make the std depend on the chunking, so backends
         # planned with other chunk sizes (and process groups) would standardise by a std one ulp apart
@@ -279,8 +228,8 @@ def knn_neighbors(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self:
     Returns:
         (n_query, k) float32 similarities, decreasing, and (n_query, k) int64 train row indices.
     """
-    n_train, n_query, dim = _check_pair(train, query, exclude_self, name)
-    _check_k(k, n_train, exclude_self)
+    n_train, n_query, dim = check_pair(train, query, exclude_self, name)
+    check_k(k, n_train, exclude_self)
     similarities = np.empty((n_query, k), np.float32)
     indices = np.empty((n_query, k), np.int64)
     for start, sims, idx in _neighbor_chunks(train, query, k, exclude_self=exclude_self, standardize=standardize,
@@ -322,12 +271,12 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, 
         name: What the features are, for error messages.
     """
     ks, temperatures = tuple(int(k) for k in ks), tuple(float(t) for t in temperatures)
-    _check_protocol(ks, temperatures, weighting)
-    n_train, n_query, dim = _check_pair(train, query, exclude_self, name)
-    labels = _check_labels(train_labels, n_train, num_classes, "train", name)
+    check_protocol(ks, temperatures, weighting)
+    n_train, n_query, dim = check_pair(train, query, exclude_self, name)
+    labels = check_labels(train_labels, n_train, num_classes, "train", name)
     num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
     max_k = max(ks)
-    _check_k(max_k, n_train, exclude_self)
+    check_k(max_k, n_train, exclude_self)
     top = min(TOP, num_classes)
     keys = [(k, t) for k in ks for t in temperatures]
     ranked = {key: np.empty((n_query, top), np.int64) for key in keys}
@@ -411,7 +360,7 @@ def evaluate_knn_with_hits(train: np.ndarray, train_labels: np.ndarray, query: n
     num_classes = len(class_names)
     if num_classes < 1:
         raise BadInputError(f"{name}: class_names is empty")
-    y_query = _check_labels(query_labels, len(query), num_classes, "query", name)
+    y_query = check_labels(query_labels, len(query), num_classes, "query", name)
     predicted = knn_predict(train, train_labels, query, ks=preset.ks, temperatures=preset.temperatures,
                             weighting=preset.weighting, num_classes=num_classes, standardize=preset.standardize,
                             exclude_self=exclude_self, chunk_size=chunk_size, shard_size=shard_size,
@@ -485,7 +434,7 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
         memory_budget = device_budget(torch_device, memory_budget)
     n_train, n_query, dim = len(train), len(query), int(train.shape[1])
     search_k = k + int(exclude_self)
-    itemsize = _itemsize(train, query)
+    itemsize = largest_itemsize(train, query)
     # per chunk row: the margin candidates (similarity + index) and the re-ranking's float64 values and order
     rescore_bytes = RESCORE_MARGIN * _RESULT_BYTES + (search_k + RESCORE_MARGIN) * 16
     if process_group is None:
@@ -523,7 +472,7 @@ def _neighbor_chunks(train: np.ndarray, query: np.ndarray, k: int, *, exclude_se
 
     for start, sims, idx in distributed.sharded_neighbor_chunks(train, query, search_k, chunk_rows=plan.chunk_rows,
                                                                 shard_search=shard_search, group=process_group):
-        yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+        yield (start, *drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
 
 
 def _plan(engine: str, n_train: int, n_query: int, dim: int, max_k: int, *, num_classes: int, source_itemsize: int,
@@ -569,17 +518,17 @@ def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
     n_train, n_query = len(train), len(query)
     search_k = k + int(exclude_self)
     if not plan.sharded(n_train):
-        bank = _prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name, first_row)
+        bank = prepare(train, 0, n_train, None, stats, plan.chunk_rows, "train", name, first_row)
         same_rows = query is train  # leave-one-out on one array: its normalised rows are the bank's
         buffer = None if same_rows else np.empty((min(plan.chunk_rows, n_query), bank.shape[1]), np.float32)
         for start in range(0, n_query, plan.chunk_rows):
             stop = min(start + plan.chunk_rows, n_query)
-            chunk = bank[start:stop] if same_rows else _prepare(query, start, stop, buffer, stats, plan.chunk_rows,
+            chunk = bank[start:stop] if same_rows else prepare(query, start, stop, buffer, stats, plan.chunk_rows,
                                                                 "query", name)
             sims, idx = faiss.knn(chunk, bank, min(search_k + RESCORE_MARGIN, n_train),
                                   metric=faiss.METRIC_INNER_PRODUCT)
             sims, idx = rescore(chunk, bank, idx, search_k)
-            yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
+            yield (start, *drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
         return
     # The bank does not fit: every shard is searched by every query chunk, the top search_k merged.
     best_sims = np.full((n_query, search_k), -np.inf)  # float64: shards merge by the re-ranked similarities
@@ -588,177 +537,17 @@ def _search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: bool,
     query_buffer = np.empty((min(plan.chunk_rows, n_query), train.shape[1]), np.float32)
     for shard_start in range(0, n_train, plan.shard_rows):
         shard_stop = min(shard_start + plan.shard_rows, n_train)
-        shard = _prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows, "train", name,
+        shard = prepare(train, shard_start, shard_stop, shard_buffer, stats, plan.chunk_rows, "train", name,
                          first_row)
         shard_k = min(search_k + RESCORE_MARGIN, len(shard))
         for start in range(0, n_query, plan.chunk_rows):
             stop = min(start + plan.chunk_rows, n_query)
-            chunk = _prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query", name)
+            chunk = prepare(query, start, stop, query_buffer, stats, plan.chunk_rows, "query", name)
             sims, idx = faiss.knn(chunk, shard, shard_k, metric=faiss.METRIC_INNER_PRODUCT)
             sims, idx = rescore(chunk, shard, idx, min(search_k, len(shard)))
-            _merge_into(best_sims[start:stop], best_idx[start:stop], sims, idx + shard_start)
+            merge_into(best_sims[start:stop], best_idx[start:stop], sims, idx + shard_start)
     del shard_buffer, query_buffer
     for start in range(0, n_query, plan.chunk_rows):
         stop = min(start + plan.chunk_rows, n_query)
         sims, idx = best_sims[start:stop], best_idx[start:stop]
-        yield (start, *_drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)
-
-
-def rescore(queries: np.ndarray, bank: np.ndarray, candidates: np.ndarray,
-            keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank each query's candidate bank rows by their float64 inner product and keep the best ``keep``.
-
-    A float32 GEMM (FAISS' BLAS, torch's CPU or CUDA kernels) rounds similarities by a few 1e-7, differently in
-    each library, so two neighbours closer than that may come out in either order. Searching ``RESCORE_MARGIN``
-    candidates more and ranking them by the float64 products of the same prepared float32 rows makes every
-    backend return the same neighbours except where the float64 similarities tie.
-
-    Args:
-        queries: (rows, dim) prepared float32 queries.
-        bank: (n_bank, dim) prepared float32 bank rows.
-        candidates: (rows, m) int64 bank rows per query, m >= keep, all valid.
-        keep: Neighbours to keep.
-
-    Returns:
-        (rows, keep) float64 similarities, decreasing, and (rows, keep) int64 indices; equal values keep the
-        candidates' order. Shard and rank merges compare these float64 values (float32 would tie neighbours
-        whose similarities differ by less than its rounding).
-    """
-    rows, m = candidates.shape
-    exact = np.empty((rows, m))
-    step = max(1, _RESCORE_BYTES // (m * queries.shape[1] * 12))  # the float32 gather and its float64 copy
-    for first in range(0, rows, step):
-        last = min(first + step, rows)
-        rows_of = bank[candidates[first:last]].astype(np.float64)  # (step, m, dim)
-        exact[first:last] = np.matmul(rows_of, queries[first:last, :, None].astype(np.float64))[:, :, 0]
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :keep]
-    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidates, order, axis=1)
-
-
-def _itemsize(*arrays: np.ndarray) -> int:
-    return max(int(x.dtype.itemsize) for x in arrays)
-
-
-def _merge_into(best_sims: np.ndarray, best_idx: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> None:
-    """Keep the best ``best_sims.shape[1]`` of the running and new neighbours (in place; earlier shards win ties)."""
-    all_sims = np.concatenate([best_sims, sims], axis=1)
-    all_idx = np.concatenate([best_idx, idx], axis=1)
-    order = np.argsort(-all_sims, axis=1, kind="stable")[:, :best_sims.shape[1]]
-    best_sims[...] = np.take_along_axis(all_sims, order, axis=1)
-    best_idx[...] = np.take_along_axis(all_idx, order, axis=1)
-
-
-def _drop_self(sims: np.ndarray, idx: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own index from its k + 1 neighbours (the last one if exact ties pushed self out)."""
-    rows, search_k = idx.shape
-    is_self = idx == np.arange(first_row, first_row + rows)[:, None]
-    is_self[~is_self.any(axis=1), -1] = True
-    keep = ~is_self
-    return sims[keep].reshape(rows, search_k - 1), idx[keep].reshape(rows, search_k - 1)
-
-
-def _prepare(x: np.ndarray, start: int, stop: int, out: np.ndarray | None,
-             stats: tuple[np.ndarray, np.ndarray] | None, step: int, role: str, name: str,
-             first_row: int = 0) -> np.ndarray:
-    """Rows [start, stop) of ``x`` as float32, standardised if ``stats``, L2-normalised, ``step`` rows at a time.
-
-    Written into ``out[:stop - start]`` (allocated if None), so a float16 memory map is never copied whole.
-    """
-    if out is None:
-        out = np.empty((stop - start, x.shape[1]), np.float32)
-    out = out[:stop - start]
-    for first in range(start, stop, step):
-        last = min(first + step, stop)
-        part = _read_rows(x, first, last, out[first - start:last - start], role, name, first_row)
-        if stats is not None:
-            part -= stats[0]
-            part /= stats[1]
-        faiss.normalize_L2(part)  # zero rows stay zero: similarity 0 to everything
-    return out
-
-
-def _read_rows(x: np.ndarray, start: int, stop: int, out: np.ndarray, role: str, name: str,
-               first_row: int = 0) -> np.ndarray:
-    """Copy rows [start, stop) into the float32 ``out`` (first rows), checking they are finite; messages number
-    the rows from ``first_row`` (a shard's place in the whole bank)."""
-    out = out[:stop - start]
-    block = x[start:stop]
-    np.copyto(out, block, casting="unsafe")
-    _release_pages(block)
-    row_sums = out.sum(axis=1, dtype=np.float64)  # NaN or Inf anywhere in a row makes its float64 sum non-finite
-    if not np.isfinite(row_sums).all():
-        bad = first_row + start + int(np.flatnonzero(~np.isfinite(row_sums))[0])
-        raise BadInputError(f"{name}: the {role} features contain NaN or Inf (first in row {bad}): extract them "
-                            "again (a diverged model or a damaged store) or leave this block out")
-    return out
-
-
-_PAGE = mmap.PAGESIZE
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True)
-    _MADVISE = _LIBC.madvise
-    _MADVISE.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-except (OSError, AttributeError, TypeError):  # not a POSIX libc: pages stay mapped, as numpy would leave them
-    _MADVISE = None
-
-
-def _release_pages(block: np.ndarray) -> None:
-    """Drop a read-only memory map's pages of ``block`` from this process' resident set (MADV_DONTNEED).
-
-    A memory map's pages count in the process' RSS once read; without this, reading a whole bank would raise RSS by
-    its size even though the data is kept only chunk by chunk. Only read-only ("r") maps are touched: their pages
-    come back from the file (page cache) if read again, so nothing can be lost.
-    """
-    if (_MADVISE is None or not isinstance(block, np.memmap) or getattr(block, "mode", None) != "r"
-            or not block.flags.c_contiguous or block.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED")):
-        return
-    begin = block.ctypes.data // _PAGE * _PAGE
-    end = block.ctypes.data + block.nbytes  # partial last page is kept: the next chunk reads it
-    length = (end - begin) // _PAGE * _PAGE
-    if length > 0:
-        _MADVISE(begin, length, mmap.MADV_DONTNEED)
-
-
-# --- validation ----------------------------------------------------------------------------------------------
-
-def _check_matrix(x: np.ndarray, role: str, name: str) -> tuple[int, int]:
-    if getattr(x, "ndim", None) != 2:
-        raise BadInputError(f"{name}: the {role} features must be a 2-D (rows, dim) array, "
-                            f"got shape {getattr(x, 'shape', None)}")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise BadInputError(f"{name}: the {role} features must be real numbers, got dtype {x.dtype}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise BadInputError(f"{name}: the {role} features are empty (shape {x.shape})")
-    return int(x.shape[0]), int(x.shape[1])
-
-
-def _check_pair(train: np.ndarray, query: np.ndarray, exclude_self: bool, name: str) -> tuple[int, int, int]:
-    n_train, dim = _check_matrix(train, "train", name)
-    n_query, query_dim = _check_matrix(query, "query", name)
-    if query_dim != dim:
-        raise BadInputError(f"{name}: train features have {dim} dimensions but query features {query_dim}")
-    if exclude_self and n_query != n_train:
-        raise BadInputError(f"{name}: leave-one-out (exclude_self) needs the query to be the train rows, "
-                            f"got {n_query} query rows for {n_train} train rows")
-    return n_train, n_query, dim
-
-
-def _check_k(k: int, n_train: int, exclude_self: bool) -> None:
-    available = n_train - int(exclude_self)
-    if k > available:
-        left_out = ", one left out per query" if exclude_self else ""
-        raise BadInputError(f"k={k} is larger than the train split (n={available}{left_out}): "
-                            "use a smaller k or more data")
-
-
-def _check_labels(labels: np.ndarray, n_rows: int, num_classes: int | None, role: str, name: str) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.shape != (n_rows,):
-        raise BadInputError(f"{name}: {role} labels have shape {labels.shape}, expected ({n_rows},)")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise BadInputError(f"{name}: {role} labels must be integers, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64, copy=False)
-    if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
-        raise BadInputError(f"{name}: {role} labels must lie in [0, {num_classes if num_classes else 'classes'}), "
-                            f"got {labels.min()}..{labels.max()}")
-    return labels
+        yield (start, *drop_self(sims, idx, start)) if exclude_self else (start, sims, idx)

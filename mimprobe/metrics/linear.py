@@ -60,6 +60,7 @@ import torch
 
 from ..errors import BadInputError
 from ._block_rows import BlockRows, as_block_rows, chunk_rows_for
+from ._finite import check_finite, finite_copy
 from ._rows import MetricRow, carve_validation
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -391,7 +392,7 @@ def fit_probes(train_blocks: Mapping[int, ArrayLike] | ArrayLike, train_labels: 
             raise BadInputError("fit_probes stacks blocks, so they must have one width; use evaluate_linear, "
                                 "which groups blocks by width")
         for block in blocks:
-            _check_finite(train_blocks[block], block, "train")
+            check_finite(train_blocks[block], what=f"block {block} of split train")
         features = BlockRows(train_blocks, blocks, None, split="train", device=device)
     else:
         features = train_blocks
@@ -436,12 +437,16 @@ def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLi
 def evaluate_linear_with_hits(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
                               test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *, split: str = "test",
                               config: LinearProbeConfig = LinearProbeConfig(), seed: int = 0,
-                              val_fraction: float = 0.1, refit: bool = True, device: str | torch.device = "cpu"
+                              val_fraction: float = 0.1, refit: bool = True, device: str | torch.device = "cpu",
+                              assume_finite: bool = False
                               ) -> tuple[dict[int, list[MetricRow]], dict[int, np.ndarray]]:
     """`evaluate_linear`'s rows and, per block, the (n_test,) bool correctness of the reported head on every
-    test sample (its mean is the ``linear_top1`` value), for paired bootstrap intervals (`mimprobe.report`)."""
+    test sample (its mean is the ``linear_top1`` value), for paired bootstrap intervals (`mimprobe.report`).
+
+    ``assume_finite``: the caller has checked every row for NaN/Inf (the profile does, once per block), so the
+    blocks are not read once more for it."""
     device = torch.device(device)
-    blocks = _check_inputs(train_blocks, train_labels, test_blocks, test_labels)
+    blocks = _check_inputs(train_blocks, train_labels, test_blocks, test_labels, assume_finite=assume_finite)
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     fit_idx, val_idx = carve_validation(train_labels, fraction=val_fraction, seed=seed)
     if len(np.unique(train_labels[fit_idx])) < 2:
@@ -635,8 +640,10 @@ def evaluate_linear_sklearn_with_hits(train_blocks: Mapping[int, ArrayLike], tra
 
 
 def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike,
-                  test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike) -> list[int]:
-    """Shapes, labels, block sets and finiteness, before any training; returns the sorted blocks."""
+                  test_blocks: Mapping[int, ArrayLike], test_labels: ArrayLike, *,
+                  assume_finite: bool = False) -> list[int]:
+    """Shapes, labels, block sets and finiteness (unless the caller checked it: ``assume_finite``), before any
+    training; returns the sorted blocks."""
     blocks = sorted(train_blocks)
     if not blocks:
         raise BadInputError("no blocks to probe: train_blocks is empty")
@@ -658,24 +665,11 @@ def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike
     for block in blocks:
         if np.shape(test_blocks[block])[1] != np.shape(train_blocks[block])[1]:
             raise BadInputError(f"block {block}: train and test features have different widths")
-    for name, features in (("train", train_blocks), ("test", test_blocks)):
-        for block in blocks:
-            _check_finite(features[block], block, name)
+    if not assume_finite:
+        for name, features in (("train", train_blocks), ("test", test_blocks)):
+            for block in blocks:
+                check_finite(features[block], what=f"block {block} of split {name}")
     return blocks
-
-
-def _check_finite(features: ArrayLike, block: int, split: str) -> None:
-    """Fail fast on NaN/Inf, in the stored dtype (float16 overflow is Inf there), chunk by chunk; read pages of a
-    memory map leave the resident set after each chunk (`knn._release_pages`)."""
-    from .knn import _release_pages
-
-    for start in range(0, len(features), 65536):
-        chunk = features[start:start + 65536]
-        finite = torch.isfinite(chunk).all() if isinstance(chunk, torch.Tensor) else np.isfinite(chunk).all()
-        _release_pages(chunk)
-        if not finite:
-            raise BadInputError(f"block {block}: {split} features contain NaN or Inf; re-extract the block, or "
-                                "use float32 storage if float16 overflowed")
 
 
 def _check_widths(blocks_by_id: Mapping[int, ArrayLike], blocks: list[int]) -> None:
@@ -696,11 +690,7 @@ def _block_groups(train_blocks: Mapping[int, ArrayLike], blocks: list[int],
 
 
 def _finite_float32(features: ArrayLike, block: int, split: str) -> np.ndarray:
-    array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
-    array = np.require(array, dtype=np.float32, requirements="W")  # a writable copy of read-only memory maps
-    if not np.isfinite(array).all():  # float64 input can overflow float32
-        raise BadInputError(f"block {block}: {split} features contain NaN or Inf as float32")
-    return array
+    return finite_copy(features, dtype=np.float32, what=f"block {block} of split {split}")
 
 
 def _standardised_eigh(read, bounds: list[tuple[int, int]], device: torch.device

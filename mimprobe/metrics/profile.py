@@ -27,48 +27,86 @@ import pandas as pd
 
 from .._device import resolve_device
 from .._ranks import current as current_ranks
-from .._ranks import join as join_ranks
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
+from ..options import check_options, device_option, option, seed_option
+from ._finite import check_finite
 from ._rows import MetricRow, carve_validation
+from .knn_presets import PRESETS as KNN_PRESETS
 from .headlines import best_blocks, headlines
 
 METRICS = ("knn", "linear", "lowshot", "cluster", "rank")
 LABEL_FREE = ("rank",)
-PRESETS = ("mim-refiner", "dino", "dinov2")
+PRESETS = tuple(KNN_PRESETS)
 COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
 HOLDOUT_FRACTION = 0.2
 PREDICTIONS_FILE = "predictions.npz"
 PREDICTIONS_FORMAT = 1
 
 
+def parse_bytes(text: str | None) -> int | None:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (binary units); ``"none"`` -> None.
+
+    Raises:
+        BadInputError: Not a size.
+    """
+    if text is None or text.strip().lower() in ("none", "all", ""):
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise BadInputError(f"--memory-budget {text!r} is not a size: use e.g. 512M, 2G or none")
+    value = float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+    if value < 1:
+        raise BadInputError(f"--memory-budget {text!r} must be at least 1 byte")
+    return int(value)
+
+
+def parse_metrics(text: str | None) -> tuple[str, ...] | None:
+    """``--metrics knn,linear`` -> ("knn", "linear"); ``all`` -> None (every metric the data allows)."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    metrics = tuple(part.strip() for part in text.split(",") if part.strip())
+    if "all" in metrics:
+        raise BadInputError("--metrics all cannot be combined with other metrics: give all or a comma list")
+    return metrics
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
-    """Options of one profile."""
+    """The metric options of a profile (`mimprobe profile`, the ``[profile]`` spec section, `mimprobe.profile`)."""
 
-    metrics: tuple[str, ...] | None = None   # None: every metric the data allows (label-free only without labels)
-    preset: str = "mim-refiner"              # k-NN protocol (k, temperature, standardisation), recorded per row
-    probe: str = "batched"                   # "batched": all blocks x grid at once; "sklearn": reference path
-    poolings: tuple[str, ...] | None = None  # None: every pooling in the store
-    val_fraction: float = 0.1                # of train, for k-NN on val and the probes' selection
-    seed: int = 0
-    threads: int | None = None               # FAISS / BLAS threads (None: library default)
-    device: str = "auto"                     # k-NN (cuda: torch search) and the batched linear probe
+    metrics: tuple[str, ...] | None = option(None, "Comma list of knn, linear, lowshot, cluster, rank, or all (those "
+                                                   "the data allows).", short="-m", parse=parse_metrics,
+                                             choices=METRICS, show_default="all")
+    preset: str = option("mim-refiner", "k-NN protocol: mim-refiner, dino or dinov2.", choices=PRESETS)
+    probe: str = option("batched", "Linear probes: batched (all blocks at once) or sklearn (the reference).",
+                        choices=("batched", "sklearn"))
+    val_fraction: float = option(0.1, "Share of train carved out (seeded, stratified) as the validation split of "
+                                      "k-NN on val, the probes' C and the placement.")
+    seed: int = seed_option("the validation split, k-means, probes and subsets")
+    device: str = device_option()  # k-NN (cuda: torch search) and the batched linear probe
     # Bytes of feature rows any metric holds at once (k-NN bank/query chunks, the probe's rows): the store's
     # memory maps are read chunk by chunk, so RSS does not grow with the number of rows. 2 GiB holds, e.g.,
     # 60,000 rows of 24 ViT-L blocks (1024 wide, float32) for the probe; None: every split read into memory.
-    memory_budget: int | None = 2 * 1024 ** 3
-    rank_samples: int = 20000                # rows used for the effective rank (seeded subsample)
+    memory_budget: int | None = option(2 * 1024 ** 3, "Feature rows any metric holds at once, e.g. 512M, 2G, or "
+                                                      "none (read every split into memory).", parse=parse_bytes,
+                                       minimum=1, show_default="2G")
+    rank_samples: int = option(20000, "Train rows for the effective rank (seeded subset).", minimum=1)
     # Evaluation rows for low-shot and clustering (seeded subsample when the split is larger; None: all). Their
     # fits read only the rows they choose from train (n shots or 1 % per class).
-    eval_samples: int | None = 50000
+    eval_samples: int | None = option(50000, "Evaluation rows for low-shot and clustering (a seeded subset when "
+                                             "the split is larger; recorded in the rows' params).", minimum=1)
+    poolings: tuple[str, ...] | None = None  # poolings measured; None: every pooling in the store
 
     def __post_init__(self) -> None:
-        for name in ("memory_budget", "rank_samples", "eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.metrics is not None:
+            object.__setattr__(self, "metrics", tuple(self.metrics))
+        check_options(self)
+        if not 0 < self.val_fraction < 1:
+            raise BadInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -292,7 +330,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                 clock[0] = time.perf_counter()
                 name = f"block {block} ({pooling})"
                 if "knn" in metrics:
-                    common = dict(preset=config.preset, class_names=store.classes, threads=config.threads,
+                    common = dict(preset=config.preset, class_names=store.classes,
                                   memory_budget=config.memory_budget, name=name, process_group=knn_group,
                                   **knn_device)
                     if plan.knn_loo:
@@ -347,7 +385,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                     found_by_block, hits_by_block = linear.evaluate_linear_with_hits(
                         train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
                         seed=config.seed, val_fraction=config.val_fraction, device=device,
-                        config=linear.LinearProbeConfig(memory_budget=config.memory_budget))
+                        config=linear.LinearProbeConfig(memory_budget=config.memory_budget), assume_finite=True)
                 else:
                     found_by_block, hits_by_block = linear.evaluate_linear_sklearn_with_hits(
                         train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
@@ -412,20 +450,12 @@ class StoreViews:
         """(len(subset), d) float32 copy of the rows at positions ``subset`` of row set ``name``."""
         return np.asarray(self.rows(name, block, pooling)[subset], dtype=np.float32)
 
-    def check_finite(self, block: int, pooling: str, *, chunk_rows: int = 65536) -> None:
-        """Fail with a one-line message on NaN/Inf in the block's train or evaluation rows (read chunk by chunk)."""
-        from .knn import _release_pages
-
+    def check_finite(self, block: int, pooling: str) -> None:
+        """Fail with a one-line message on NaN/Inf in the block's train or evaluation rows: the one read of each
+        block for it (the metrics are told the rows are checked)."""
         for split in dict.fromkeys(("train", self.plan.eval_source)):
-            features = self.rows("train" if split == "train" else "eval", block, pooling)
-            for start in range(0, len(features), chunk_rows):
-                window = features[start:start + chunk_rows]
-                finite = np.isfinite(window).all()
-                _release_pages(window)
-                if not finite:
-                    raise BadInputError(
-                        f"block {block} ({pooling}) of split {split} has NaN or Inf features: re-extract with "
-                        "--store-dtype float32 (float16 overflows above 65504) or --precision fp32")
+            check_finite(self.rows("train" if split == "train" else "eval", block, pooling),
+                         what=f"block {block} ({pooling}) of split {split}")
 
 
 def _seeded_subset(n: int, size: int | None, *, seed: int) -> np.ndarray:
@@ -471,75 +501,26 @@ class ProfileResult:
                 "best_blocks": json.loads(self.best.to_json(orient="records"))}  # NaN -> null
 
 
-def open_or_extract(target: str | Path, data: str | None, *, features_dir: Path, checkpoint: str | None = None,
-                    pretrained: bool = False, extract_options: dict[str, Any] | None = None, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> FeatureStore:
-    """A store directory (checked against ``data`` when given), or extract/reuse one for a model name."""
-    target_path = Path(str(target))
-    if (target_path / "manifest.json").is_file():
-        store = FeatureStore.open(target_path)
-        if data is not None:
-            from ..data import load_data
-
-            source = load_data(data)
-            if source.fingerprint != store.manifest["dataset"]["fingerprint"]:
-                if source.details.get("root", source.name) == store.manifest["dataset"]["details"].get(
-                        "root", store.manifest["dataset"]["name"]):
-                    raise BadInputError(f"{data} changed since store {target_path} was extracted from it (images "
-                                        "added, removed, replaced or touched): profile the model name with DATA to "
-                                        "extract it again, or drop DATA to use the store as it is")
-                raise BadInputError(f"store {target_path} was extracted from {store.manifest['dataset']['name']}, "
-                                    f"not from {data}: profile the matching store, or drop DATA to use this one")
-        return store
-    if target_path.exists() and target_path.is_dir():
-        raise BadInputError(f"{target_path} is a folder but not a feature store (no manifest.json): give a store "
-                            "from `mimprobe extract`, or a timm model name and DATA")
-    if data is None:
-        raise BadInputError(f"{target} is not a feature store: give a timm model name and DATA, or a store folder")
-    from ..features import extract
-
-    result = extract(str(target), data, out=features_dir, checkpoint=checkpoint, pretrained=pretrained,
-                     progress=progress, log=log, **(extract_options or {}))
-    return result.store
-
-
-def run_profile(target: str | Path, data: str | None = None, *, out: str | Path, config: ProfileConfig | None = None,
-                features_dir: str | Path | None = None, checkpoint: str | None = None, pretrained: bool = False,
-                extract_options: dict[str, Any] | None = None, progress: bool = True,
-                log: Callable[[str], None] | None = None) -> ProfileResult:
-    """Extract (or reuse) a FeatureStore, measure every block, and write profile.{csv,parquet,json,png} and
-    predictions.npz (`SamplePredictions`) to ``out``.
+def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig | None = None,
+                  progress: bool = True, log: Callable[[str], None] | None = None,
+                  started: float | None = None) -> ProfileResult:
+    """Measure every block of a complete store and write profile.{csv,parquet,json,png} and predictions.npz
+    (`SamplePredictions`) to ``out``. Under torchrun every rank measures (k-NN sharded) and rank 0 writes.
 
     Args:
-        target: A timm model name (with ``data``) or a FeatureStore directory.
-        data: Data spec (required with a model name; with a store, checked against the store's fingerprint).
+        store: The feature store.
         out: Output folder of the profile files.
         config: Metric options.
-        features_dir: Where stores are kept (default ``out/features``).
-        extract_options: `ExtractConfig` fields (blocks, poolings, img_size, ...).
+        started: `time.perf_counter` at the start of the whole profile (extraction included), for its seconds.
     """
     from .plot import plot_profile
 
     config = config or ProfileConfig()
     out = Path(out)
-    if data is not None and not (Path(str(target)) / "manifest.json").is_file() and \
-            (config.metrics is None or "knn" in config.metrics):
-        from ..data import load_data
-
-        data = load_data(data)  # opened once, here and for the extraction
-        eval_split = next((name for name in ("test", "val") if name in data.splits), None)
-        if "train" in data.splits and data.labelled:  # k-NN checked before anything is extracted or written
-            check_knn_fits(config.preset, plan_from_labels(
-                data.splits["train"].labels, labelled=True, eval_split=eval_split,
-                n_eval=len(data.splits[eval_split]) if eval_split else 0, val_fraction=config.val_fraction,
-                seed=config.seed))
-    started = time.perf_counter()
-    ranks, _ = join_ranks(resolve_device(config.device))  # torchrun: all ranks extract and search; rank 0 writes
+    started = time.perf_counter() if started is None else started
+    ranks = current_ranks()
     if not ranks.is_main:
         progress, log = False, None
-    store = open_or_extract(target, data, features_dir=Path(features_dir) if features_dir else out / "features",
-                            checkpoint=checkpoint, pretrained=pretrained, extract_options=extract_options,
-                            progress=progress, log=log)
     predictions = SamplePredictions()
     table = profile_store(store, config, progress=progress, log=log, predictions=predictions)
     if not ranks.is_main:  # its k-NN rows only; rank 0 has the whole table and writes the files
@@ -573,35 +554,12 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
                          predictions=predictions)
 
 
+
+
 def _title(store: FeatureStore) -> str:
     model = store.manifest["model"]
     weights = Path(model["checkpoint"]).name if model.get("checkpoint") else model["weights"]
     return f"{model['name']} ({weights}) on {Path(store.manifest['dataset']['name']).name}"
-
-
-def parse_bytes(text: str | None) -> int | None:
-    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (binary units); ``"none"`` -> None.
-
-    Raises:
-        BadInputError: Not a size.
-    """
-    if text is None or text.strip().lower() in ("none", "all", ""):
-        return None
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not match:
-        raise BadInputError(f"--memory-budget {text!r} is not a size: use e.g. 512M, 2G or none")
-    value = float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
-    if value < 1:
-        raise BadInputError(f"--memory-budget {text!r} must be at least 1 byte")
-    return int(value)
-
-
-def parse_metrics(text: str | None) -> tuple[str, ...] | None:
-    if text is None or text.strip() in ("", "all"):
-        return None
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def iter_best_lines(best: pd.DataFrame) -> Iterable[str]:

@@ -102,9 +102,6 @@ def evaluate_rank(features: np.ndarray, *, split: str, max_samples: int | None =
 
 
 def _finite_float64(array: np.ndarray, *, name: str) -> np.ndarray:
-    converted = np.asarray(array, dtype=np.float64)
-    if not np.isfinite(converted).all():
-        bad = int(converted.size - np.count_nonzero(np.isfinite(converted)))
-        raise BadInputError(f"{name}: {bad} NaN/Inf values in the features; re-extract the store "
-                            f"(with --store-dtype float32 if float16 overflowed)")
-    return converted
+    from ._finite import finite_copy
+
+    return finite_copy(array, dtype=np.float64, what=name)

@@ -67,7 +67,7 @@ class LoadedModel:
 
         Order: explicit overrides, then the preprocessing the checkpoint calls for, then timm's config of the model.
         """
-        from ..data.transforms import data_config_source, resolve_eval_data_config
+        from .preprocessing import data_config_source, resolve_eval_data_config
 
         config = resolve_eval_data_config(self.model, img_size=img_size, crop_pct=crop_pct,
                                           preprocessing=self.preprocessing, mean=mean, std=std,
@@ -87,7 +87,7 @@ def _check_name(name: str) -> None:
     raise BadInputError(f"unknown model name {name!r}: not a timm model{hint}")
 
 
-def _resolve_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+def resolve_model_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(model_kwargs)
     if kwargs.pop("post_norm_blocks", False):
         kwargs["block_fn"] = PostNormBlock
@@ -233,7 +233,7 @@ def _check_class_token(state_dict: dict[str, torch.Tensor], model: nn.Module, na
     gap = _gap_name(name)
     use = f"{gap}, or " if gap else "a *_gap_* model (e.g. vit_huge_patch14_gap_224), or "
     raise CheckpointError(f"the {family} has no CLS token but {name} has one: use {use}--model-kwargs "
-                          "class_token=false,global_pool=avg,fc_norm=false (and --pool mean)")
+                          "class_token=false,global_pool=avg,fc_norm=false (and profile it with --pool mean)")
 
 
 def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
@@ -292,7 +292,7 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
     combined_kwargs = {**converted.model_kwargs, **user_kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = _create(name, pretrained=False, kwargs={**_resolve_kwargs(combined_kwargs), **size_kwargs},
+        model = _create(name, pretrained=False, kwargs={**resolve_model_kwargs(combined_kwargs), **size_kwargs},
                         pretrained_file=None)
     _check_blocks(model, name)
     _check_class_token(converted.state_dict, model, name, converted.format)

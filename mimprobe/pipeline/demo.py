@@ -34,12 +34,14 @@ FAST_OVERRIDES: dict[str, Any] = {
 }
 
 
-def run_demo(*, out: str | Path = DEFAULT_OUT, fast: bool = False, overwrite: bool = False, progress: bool = True,
+def run_demo(*, out: str | Path | None = None, fast: bool = False, overwrite: bool = False,
+             threads: int | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> PipelineResult:
     """MAE pre-training on scikit-learn's digits → profile → place → NNA refinement → profile → report.
 
     Args:
-        out: The run folder (a re-run skips the finished steps and resumes an interrupted one).
+        out: The run folder (a re-run skips the finished steps and resumes an interrupted one) [default:
+            mimprobe-demo].
         fast: The seconds-long smoke configuration (`FAST_OVERRIDES`) instead of the demo's.
         overwrite: Start again in an ``out`` that holds another run.
         progress, log: As in `run_pipeline`.
@@ -47,4 +49,5 @@ def run_demo(*, out: str | Path = DEFAULT_OUT, fast: bool = False, overwrite: bo
     spec = load_spec(DEMO_SPEC)
     if fast:
         spec = spec.with_overrides(FAST_OVERRIDES)
-    return run_pipeline(spec, out=out, overwrite=overwrite, progress=progress, log=log)
+    return run_pipeline(spec, out=out or DEFAULT_OUT, overwrite=overwrite, threads=threads, progress=progress,
+                        log=log)

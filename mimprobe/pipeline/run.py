@@ -22,20 +22,34 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import _threads
 from .._versions import software_versions
 from ..errors import BadInputError, MimprobeError
+from ..options import option, threads_option
+from . import api
 from .spec import Spec, dump_spec, load_spec
 
 RESOLVED_FILE = "spec.resolved.toml"
 STATUS_FILE = "pipeline.json"
 README_FILE = "README.md"
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The options of `mimprobe run` and `mimprobe demo` (the analysis itself is the spec's)."""
+
+    out: str | None = option(None, "Run folder [default: the spec's out; mimprobe-demo for the demo].", short="-o")
+    overwrite: bool = option(False, "Start again from nothing in a run folder that holds a run (the pipeline's own "
+                                    "files there are deleted).")
+    fast: bool = option(False, "demo: a seconds-long smoke run on synthetic images (its numbers mean nothing).")
+    threads: int | None = threads_option()
+    progress: bool = option(True, "Progress bars on stderr; --no-progress hides them.")
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,8 @@ class PipelineResult:
 
 
 def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, overwrite: bool = False,
-                 progress: bool = True, log: Callable[[str], None] | None = None) -> PipelineResult:
+                 threads: int | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> PipelineResult:
     """Run an analysis: pretrain (with [pretrain]) → profile → place → refine → profile → compare.
 
     Args:
@@ -101,6 +116,7 @@ def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, over
         out: The run folder, instead of the spec's ``out``.
         overwrite: Start again in a run folder that holds another run (or the same one): the pipeline's own files
             and folders there are deleted first.
+        threads: CPU threads for the whole run, instead of the spec's ``threads``.
         progress: Announce every step with a rule and show the steps' progress bars (stderr).
         log: Receives one-line messages (default: printed on stderr).
 
@@ -115,6 +131,8 @@ def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, over
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if out is not None:
         spec = replace(spec, out=str(out))
+    if threads is not None:
+        spec = replace(spec, threads=threads)
     run_dir = Path(spec.out)
     console = _console()
     say = log or (lambda message: console.print(message, markup=False, highlight=False))
@@ -124,7 +142,7 @@ def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, over
     records: list[StepRecord] = []
     steps = [step for step in STEPS if step.name != "pretrain" or spec.pretrain is not None]
     stale = False  # an earlier step ran in this call: later steps' outputs are out of date
-    with _cpu_threads(spec.threads):
+    with _threads.cpu_threads(spec.threads):
         for number, step in enumerate(steps, 1):
             folder = run_dir / step.folder
             _announce(console, say, progress, f"{number}/{len(steps)} {step.name}: {step.title}")
@@ -163,15 +181,9 @@ def _starting_weights(spec: Spec, run_dir: Path) -> tuple[str | None, bool]:
 
 
 def _pretrain(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
-    from ..pretrain import run_pretrain_mae
-
-    model: Any = spec.model
-    if spec.pretrained:  # continue MAE training from timm's weights
-        from ..models import load_model
-
-        model = load_model(spec.model, pretrained=True, img_size=spec.img_size, init_seed=spec.seed)
-    result = run_pretrain_mae(model, spec.data, out=folder, config=spec.pretrain.config(spec),
-                              checkpoint=spec.checkpoint, resume=True, progress=progress, log=say)
+    result = api.pretrain_mae(spec.model, spec.data, out=str(folder), checkpoint=spec.checkpoint,
+                              pretrained=spec.pretrained, model_kwargs=spec.model_kwargs, resume=True, progress=progress, log=say,
+                              **spec.options("pretrain"))
     losses = result.epoch_losses
     detail = f"{result.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
     return ("resumed" if result.resumed else "ran"), detail
@@ -179,11 +191,8 @@ def _pretrain(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress:
 
 def _profile(spec: Spec, run_dir: Path, folder: Path, *, checkpoint: str | None, pretrained: bool,
              progress: bool, say) -> tuple[str, str]:
-    from ..metrics.profile import run_profile
-
-    result = run_profile(spec.model, spec.data, out=folder, config=spec.profile.config(spec),
-                         extract_options=spec.profile.extract_options(spec), checkpoint=checkpoint,
-                         pretrained=pretrained, progress=progress, log=say)
+    result = api.profile(spec.model, spec.data, out=str(folder), checkpoint=checkpoint, pretrained=pretrained,
+                         model_kwargs=spec.model_kwargs, progress=progress, log=say, **spec.options("profile"))
     return "ran", f"{len(result.table):,} rows"
 
 
@@ -200,30 +209,29 @@ def _profile_after(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, prog
 
 
 def _place(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
-    from ..placement import PLACEMENT_FILE, run_place
+    from ..placement import PLACEMENT_FILE
 
-    placement = run_place(run_dir / _BY_NAME["profile-before"].folder, out=folder / PLACEMENT_FILE,
-                          **spec.place.options())
+    placement = api.place(str(run_dir / _BY_NAME["profile-before"].folder), out=str(folder / PLACEMENT_FILE),
+                          **spec.options("place"))
     say(placement.reason)
     for note in placement.notes:
-        say(f"note: {note}")
+        say(note if note.startswith("warning: ") else f"note: {note}")
     frozen = f"; first {placement.freeze_blocks} blocks frozen" if placement.freeze_blocks else ""
     return "ran", f"heads on blocks {', '.join(map(str, placement.head_blocks))} (0-based){frozen}"
 
 
 def _refine(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
     from ..placement import PLACEMENT_FILE
-    from ..refine import run_refine
     from ..refine.checkpoint import CHECKPOINT
 
     checkpoint, pretrained = _starting_weights(spec, run_dir)
     resume = not fresh and (folder / CHECKPOINT).is_file()
     if resume:
         say(f"continuing the interrupted refinement from {folder / CHECKPOINT}")
-    result = run_refine(spec.model, spec.data, out=folder, config=spec.refine.config(spec), checkpoint=checkpoint,
-                        pretrained=pretrained, placement=run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE,
-                        device=spec.device, threads=spec.threads, resume=resume, overwrite=not resume,
-                        progress=progress, log=say)
+    result = api.refine(spec.model, spec.data, out=str(folder), checkpoint=checkpoint, pretrained=pretrained,
+                        model_kwargs=spec.model_kwargs,
+                        placement=str(run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE), device=spec.device,
+                        resume=resume, overwrite=not resume, progress=progress, log=say, **spec.options("refine"))
     if result.stopped_early:
         raise MimprobeError(f"refinement stopped at step {result.steps} (checkpoint saved in {folder}): rerun the "
                             "same command to resume")
@@ -233,12 +241,11 @@ def _refine(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: b
 
 def _compare(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
     from ..placement import PLACEMENT_FILE
-    from ..report import run_compare
 
-    run_compare([run_dir / _BY_NAME["profile-before"].folder, run_dir / _BY_NAME["profile-after"].folder],
-                         out=folder, labels=["base", "refined"], config=spec.compare.config(spec),
-                         placement=run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE, overwrite=True,
-                notes=spec.compare.notes, log=say)
+    api.compare([run_dir / _BY_NAME["profile-before"].folder, run_dir / _BY_NAME["profile-after"].folder],
+                out=str(folder), labels=["base", "refined"],
+                placement=str(run_dir / _BY_NAME["place"].folder / PLACEMENT_FILE), overwrite=True, log=say,
+                **spec.options("compare"))
     return "ran", f"wrote {folder / 'report.html'}"
 
 
@@ -405,8 +412,8 @@ def headline_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _write_readme(run_dir: Path, spec: Spec, *, source: str | None, headline: list[dict[str, Any]],
                   status: dict[str, Any]) -> None:
     lines = [f"# {spec.name}", ""]
-    if spec.compare.notes.strip():
-        lines += [spec.compare.notes.strip(), ""]
+    if spec.notes.strip():
+        lines += [spec.notes.strip(), ""]
     lines += [f"Run with `mimprobe run {source or run_dir / RESOLVED_FILE}`; the resolved spec is `{RESOLVED_FILE}`. "
               f"Model `{spec.model}`, data `{spec.data}`.", "",
               "| step | folder | status | seconds |", "| --- | --- | --- | ---: |"]
@@ -437,22 +444,3 @@ def _announce(console, say, progress: bool, title: str) -> None:
         console.rule(f"[bold]{title}")
     else:
         say(f"== {title}")
-
-
-@contextmanager
-def _cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch's and the BLAS/OpenMP pools' (NumPy, scikit-learn, FAISS) CPU threads for the whole run: on a busy
-    small machine one thread is often much faster than two that wait for each other."""
-    if threads is None:
-        yield
-        return
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(previous)

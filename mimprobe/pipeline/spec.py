@@ -1,4 +1,5 @@
-"""The declarative spec of `mimprobe run`: one TOML file per analysis, whose keys mirror the CLI options.
+"""The declarative spec of `mimprobe run`: one TOML file per analysis, whose keys are the options of the commands
+it runs, derived from the same config classes (`mimprobe.options`, `mimprobe.pipeline.api`).
 
 Layout (every section optional except the top-level keys ``name``, ``out``, ``model`` and ``data``)::
 
@@ -7,18 +8,18 @@ Layout (every section optional except the top-level keys ``name``, ``out``, ``mo
     model = "vit_tiny_patch16_224"    # timm name
     data = "../shared/cifar10"        # image folder, .npz, digits or synthetic[:...]
     checkpoint = "mae.pth"            # or pretrained = true; neither: random init (seeded)
-    img_size = 32                     # device, seed, threads: shared by every step
+    img_size = 32                     # img_size, device, seed, threads: shared by every step
 
-    [pretrain]   # optional: MAE pre-training first (`mimprobe pretrain-mae`); its mae.pth is the checkpoint
+    [pretrain]   # optional: MAE pre-training first (`mimprobe pretrain-mae` options); its mae.pth is the checkpoint
     [profile]    # `mimprobe profile` options (before and after refinement alike)
     [place]      # `mimprobe place` options
     [refine]     # `mimprobe refine` options
     [compare]    # `mimprobe compare` options, and notes on what the run shows
 
-`load_spec` reads and validates a file: an unknown key or a value of the wrong type is a `BadInputError` naming
-the key and its line (tomllib reports no positions, so the line is found by scanning the text for the section
-header and ``key =``). Defaults are those of the stage configurations (`MaeConfig`, `ProfileConfig`,
-`RefineConfig`, `mimprobe.placement.place`), taken from them rather than repeated.
+Keys take the TOML types of their options, or the command line's text forms (``pool = "cls,mean"``,
+``blocks = "last:4"``). `load_spec` reads and validates a file: an unknown key or a value of the wrong type is a
+`BadInputError` naming the key and its line (tomllib reports no positions, so the line is found by scanning the
+text for the section header and ``key =``).
 """
 
 from __future__ import annotations
@@ -27,180 +28,46 @@ import difflib
 import json
 import re
 import tomllib
-import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .._device import PRECISIONS
 from ..errors import BadInputError
-from ..features.pooling import POOLINGS
-from ..features.store import STORE_DTYPES
-from ..metrics.profile import METRICS, PRESETS, ProfileConfig
-from ..placement import PLACEMENT_METRICS, RULES
-from ..pretrain import MaeConfig
-from ..refine import RefineConfig
-from ..refine.config import HEAD_INITS
-from ..report import CompareConfig
+from ..features.extract import ExtractConfig
+from ..metrics.profile import ProfileConfig
+from ..options import build_config, config_values, convert_value, describe_type, option_fields, public_name
+from ..placement.config import PlaceConfig
+from ..pretrain.train import MaeConfig
+from ..refine.config import RefineConfig
+from ..report.comparison import CompareConfig
+from . import api
 
+# Each section's keys: the spec options of these classes, less the top-level keys every step shares.
+SECTIONS: dict[str, tuple[type, ...]] = {"pretrain": (MaeConfig,), "profile": (ProfileConfig, ExtractConfig),
+                                         "place": (PlaceConfig,), "refine": (RefineConfig,),
+                                         "compare": (CompareConfig,)}
+SHARED = ("img_size", "device", "seed", "threads")
+SECTION_DEFAULTS = {"profile": api.PROFILE.defaults}  # a section's command defaults over its classes'
 
-def _choices(*values: str) -> dict[str, Any]:
-    return {"choices": values}
-
-
-@dataclass(frozen=True)
-class PretrainSpec:
-    """``[pretrain]``: MAE pre-training (He et al. 2021, arXiv 2111.06377) on the train split before profiling;
-    its ``mae.pth`` becomes the checkpoint of every later step. Options of ``mimprobe pretrain-mae``."""
-
-    epochs: int = MaeConfig.epochs
-    batch_size: int = MaeConfig.batch_size
-    lr: float | None = MaeConfig.lr                 # None: 1.5e-4 x batch_size / 256 (official linear scaling)
-    warmup_epochs: float = MaeConfig.warmup_epochs
-    mask_ratio: float = MaeConfig.mask_ratio
-    decoder_dim: int = MaeConfig.decoder_dim
-    decoder_depth: int = MaeConfig.decoder_depth
-    decoder_heads: int = MaeConfig.decoder_heads
-    workers: int = MaeConfig.workers
-
-    def config(self, spec: Spec) -> MaeConfig:
-        return MaeConfig(img_size=spec.img_size, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                         warmup_epochs=self.warmup_epochs, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
-                         decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads, seed=spec.seed,
-                         device=spec.device, workers=self.workers, threads=spec.threads)
-
-
-@dataclass(frozen=True)
-class ProfileSpec:
-    """``[profile]``: how both profiles (before and after refinement) extract and measure every block."""
-
-    metrics: tuple[str, ...] | str = field(default="all", metadata=_choices("all", *METRICS))
-    preset: str = field(default=ProfileConfig.preset, metadata=_choices(*PRESETS))
-    probe: str = field(default=ProfileConfig.probe, metadata=_choices("batched", "sklearn"))
-    pool: tuple[str, ...] | str = field(default=("cls", "mean"), metadata=_choices(*POOLINGS))  # or "all"
-    blocks: str | tuple[int, ...] = "all"          # "all", "last:N", or a list of 0-based blocks
-    norm: str = field(default="raw", metadata=_choices("raw", "final"))
-    batch_size: int = 64
-    workers: int = 0
-    store_dtype: str = field(default="float16", metadata=_choices(*STORE_DTYPES))
-    val_fraction: float = ProfileConfig.val_fraction
-
-    def config(self, spec: Spec) -> ProfileConfig:
-        return ProfileConfig(metrics=None if self.metrics == "all" else self.metrics, preset=self.preset,
-                             probe=self.probe, val_fraction=self.val_fraction, seed=spec.seed, threads=spec.threads,
-                             device=spec.device)
-
-    def extract_options(self, spec: Spec) -> dict[str, Any]:
-        from ..blocks import parse_block_spec
-
-        blocks = parse_block_spec(self.blocks) if isinstance(self.blocks, str) else list(self.blocks)
-        return {"blocks": blocks, "poolings": self.pool, "norm": self.norm, "batch_size": self.batch_size,
-                "workers": self.workers, "device": spec.device, "img_size": spec.img_size,
-                "store_dtype": self.store_dtype}
-
-
-@dataclass(frozen=True)
-class PlaceSpec:
-    """``[place]``: the head placement read from the profile before refinement (`mimprobe.placement.place`).
-
-    ``rule`` defaults to ``peak``, or ``explicit`` when ``blocks`` is given, ``last-n`` when ``n`` is."""
-
-    rule: str | None = field(default=None, metadata=_choices(*RULES))
-    metric: str = field(default="knn", metadata=_choices(*PLACEMENT_METRICS))
-    pooling: str = field(default="cls", metadata=_choices(*POOLINGS))
-    max_heads: int | None = None
-    plateau: float | None = None                   # None: follows the validation curve's standard error
-    freeze: int | float | None = None              # first blocks kept frozen: a count (6) or a fraction (0.25)
-    blocks: tuple[int, ...] | None = None
-    n: int | None = None
-
-    @property
-    def resolved_rule(self) -> str:
-        return self.rule or ("explicit" if self.blocks is not None else "last-n" if self.n is not None else "peak")
-
-    def options(self) -> dict[str, Any]:
-        """Keyword options of `run_place`."""
-        return {"rule": self.resolved_rule, "metric": self.metric, "pooling": self.pooling, "max_heads": self.max_heads,
-                "plateau": self.plateau, "freeze": self.freeze,
-                "blocks": None if self.blocks is None else list(self.blocks), "n": self.n}
-
-
-@dataclass(frozen=True)
-class RefineSpec:
-    """``[refine]``: NNA refinement (MIM-Refiner, arXiv 2402.10093) on the placed blocks; `RefineConfig` fields
-    under the names of the ``mimprobe refine`` options (``head_dims`` = projector hidden, projection, predictor
-    hidden widths; ``monitor`` = labelled images of the per-epoch k-NN monitor)."""
-
-    epochs_heads: int = RefineConfig.epochs_heads
-    epochs: int = RefineConfig.epochs
-    batch_size: int = RefineConfig.batch_size
-    accumulate: int = RefineConfig.accumulate
-    lr_heads: float = RefineConfig.lr_heads
-    lr: float = RefineConfig.lr
-    min_lr: float = RefineConfig.min_lr
-    warmup_epochs: float = RefineConfig.warmup_epochs
-    warmup_fraction: float | None = RefineConfig.warmup_fraction
-    layer_decay: float = RefineConfig.layer_decay
-    weight_decay: float = RefineConfig.weight_decay
-    temperature: float = RefineConfig.temperature
-    queue_size: int | None = RefineConfig.queue_size
-    topk: int = RefineConfig.topk
-    head_dims: tuple[int, int, int] = (RefineConfig.head_hidden_dim, RefineConfig.head_proj_dim,
-                                       RefineConfig.head_predictor_dim)
-    head_init: str = field(default=RefineConfig.head_init, metadata=_choices(*HEAD_INITS))
-    local_crops: int = RefineConfig.local_crops
-    local_size: int | None = RefineConfig.local_size
-    local_scale: tuple[float, float] = RefineConfig.local_scale
-    global_scale_min: float = RefineConfig.global_scale_min  # smallest crop area of the two global views
-    ema_decay: float = RefineConfig.ema_decay
-    ema_warmup: bool = RefineConfig.ema_warmup
-    clip_grad: float | None = RefineConfig.clip_grad
-    monitor: int = RefineConfig.monitor_images
-    workers: int = RefineConfig.num_workers
-    precision: str = field(default=RefineConfig.precision, metadata=_choices(*PRECISIONS))
-
-    def config(self, spec: Spec) -> RefineConfig:
-        hidden, projection, predictor = self.head_dims
-        return RefineConfig(epochs_heads=self.epochs_heads, epochs=self.epochs, batch_size=self.batch_size,
-                            accumulate=self.accumulate, lr_heads=self.lr_heads, lr=self.lr, min_lr=self.min_lr,
-                            warmup_epochs=self.warmup_epochs, warmup_fraction=self.warmup_fraction,
-                            layer_decay=self.layer_decay, weight_decay=self.weight_decay,
-                            temperature=self.temperature, queue_size=self.queue_size, topk=self.topk,
-                            head_hidden_dim=hidden, head_proj_dim=projection, head_predictor_dim=predictor,
-                            head_init=self.head_init, local_crops=self.local_crops, local_size=self.local_size,
-                            local_scale=tuple(self.local_scale), global_scale_min=self.global_scale_min,
-                            ema_decay=self.ema_decay, ema_warmup=self.ema_warmup, clip_grad=self.clip_grad,
-                            img_size=spec.img_size,
-                            precision=self.precision, seed=spec.seed, num_workers=self.workers,
-                            monitor_images=self.monitor)
-
-
-@dataclass(frozen=True)
-class CompareSpec:
-    """``[compare]``: the before/after report (`CompareConfig` options). ``notes`` says in plain words what the
-    run does and does not show; it heads the run folder's README.md."""
-
-    notes: str = ""
-    resamples: int = CompareConfig.resamples        # paired bootstrap resamples per interval
-    level: float = CompareConfig.level              # coverage of the intervals
-    cka: bool = CompareConfig.cka                   # block-by-block CKA heatmap of before vs after
-    cka_rows: int = CompareConfig.cka_rows          # evaluation rows used for CKA (seeded subset)
-    cka_pooling: str = field(default=CompareConfig.cka_pooling, metadata=_choices(*POOLINGS))
-
-    def config(self, spec: Spec) -> CompareConfig:
-        return CompareConfig(resamples=self.resamples, level=self.level, seed=spec.seed, cka_rows=self.cka_rows,
-                             cka_pooling=self.cka_pooling, cka=self.cka)
-
-
-SECTIONS: dict[str, type] = {"pretrain": PretrainSpec, "profile": ProfileSpec, "place": PlaceSpec,
-                             "refine": RefineSpec, "compare": CompareSpec}
 REQUIRED = ("name", "out", "model", "data")
+
+
+def section_keys(section: str) -> dict[str, tuple[type, Any]]:
+    """{key: (class, field)} of a section's keys."""
+    keys: dict[str, tuple[type, Any]] = {}
+    for cls in SECTIONS[section]:
+        for f, info in option_fields(cls):
+            name = public_name(f)
+            if not info.spec or name in SHARED or name in keys:
+                continue
+            keys[name] = (cls, f)
+    return keys
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One analysis: the model and data, shared options, and one section per pipeline step."""
+    """One analysis: the model and data, shared options, and per section the options given (validated)."""
 
     name: str
     out: str                                        # the run folder
@@ -208,23 +75,54 @@ class Spec:
     data: str                                       # image folder, .npz, digits, synthetic[:...]
     checkpoint: str | None = None                   # starting weights (any format mimprobe reads)
     pretrained: bool = False                        # timm's pretrained weights (needs the network once)
+    model_kwargs: dict[str, Any] | None = None      # timm.create_model arguments (an inline table)
     img_size: int | None = None                     # square input size for small images, in every step
     device: str = "auto"
     seed: int = 0                                   # every step's seed
     threads: int | None = None                      # torch, BLAS and FAISS CPU threads (None: library defaults)
-    pretrain: PretrainSpec | None = None            # None: no pre-training step
-    profile: ProfileSpec = field(default_factory=ProfileSpec)
-    place: PlaceSpec = field(default_factory=PlaceSpec)
-    refine: RefineSpec = field(default_factory=RefineSpec)
-    compare: CompareSpec = field(default_factory=CompareSpec)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # options given per section ([pretrain]: run)
+
+    @property
+    def pretrain(self) -> dict[str, Any] | None:
+        return self.sections.get("pretrain")
+
+    @property
+    def notes(self) -> str:
+        return self.sections.get("compare", {}).get("notes", "")
+
+    def options(self, section: str) -> dict[str, Any]:
+        """The keywords of the section's command (`mimprobe.pipeline.api`): the shared keys its classes take, then
+        the section's own."""
+        names = {public_name(f) for cls in SECTIONS[section] for f, _ in option_fields(cls)}
+        shared = {key: getattr(self, key) for key in SHARED if key in names and getattr(self, key) is not None}
+        return {**shared, **self.sections.get(section, {})}
+
+    def config(self, section: str, cls: type) -> Any:
+        """A section's config of class ``cls`` (the command's defaults where the spec says nothing)."""
+        keys = section_keys(section)
+        names = {public_name(f) for f, _ in option_fields(cls)}
+        given = {key: value for key, value in {**SECTION_DEFAULTS.get(section, {}), **self.options(section)}.items()
+                 if key in names and (key in keys or key in SHARED)}
+        return build_config(cls, given)
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value, defaults filled in, as JSON types (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sections"}
+        for section in SECTIONS:
+            if section == "pretrain" and self.pretrain is None:
+                continue
+            keys = section_keys(section)
+            resolved: dict[str, Any] = {}
+            for cls in SECTIONS[section]:
+                built = config_values(self.config(section, cls))
+                resolved.update({key: value for key, value in built.items() if key in keys and key not in resolved})
+            values[section] = resolved
+        return json.loads(json.dumps(values))
 
     def with_overrides(self, overrides: dict[str, Any]) -> Spec:
         """A copy with top-level keys or ``{"section": {key: value}}`` replaced (validated like a file's)."""
-        values = self.resolved()
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sections"}
+        values.update({name: dict(options) for name, options in self.sections.items()})
         for key, value in overrides.items():
             if key in SECTIONS and isinstance(value, dict):
                 values[key] = {**(values.get(key) or {}), **value}
@@ -260,6 +158,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str) and "\n" in value and "'''" not in value \
             and all(char >= " " or char in "\n\t" for char in value):
         return "'''\n" + value + "'''"  # a multi-line literal string: notes stay readable
+    if isinstance(value, dict):  # model_kwargs: an inline table
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
     # JSON's strings (with \n, \" and \uXXXX escapes), numbers, booleans and arrays are valid TOML
     return json.dumps(value, ensure_ascii=False)
 
@@ -304,6 +204,9 @@ class _Source:
     text: str
 
 
+_TOP_TYPES = {f.name: f for f in fields(Spec) if f.name != "sections"}
+
+
 def spec_from_dict(values: dict[str, Any], *, source: _Source | None = None) -> Spec:
     """Validate parsed TOML (or an equivalent dict) into a `Spec`; see `load_spec`."""
 
@@ -312,7 +215,7 @@ def spec_from_dict(values: dict[str, Any], *, source: _Source | None = None) -> 
         line = _find_line(source.text, section, key) if source else None
         raise BadInputError(f"{where} line {line}: {message}" if line else f"{where}: {message}")
 
-    top_names = [f.name for f in fields(Spec) if f.name not in SECTIONS]
+    top_names = list(_TOP_TYPES)
     for key, value in values.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
@@ -327,131 +230,62 @@ def spec_from_dict(values: dict[str, Any], *, source: _Source | None = None) -> 
     if missing:
         fail(None, None, f'missing key "{missing[0]}" at the top level: add {missing[0]} = "..." (the required keys '
                          f"are {', '.join(REQUIRED)})")
-    top = _convert(Spec, {k: v for k, v in values.items() if k not in SECTIONS}, None, fail)
-    sections = {name: _convert(cls, values[name], name, fail) for name, cls in SECTIONS.items() if name in values}
-    spec = Spec(**top, **sections)
+    hints = typing.get_type_hints(Spec)
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS:
+            continue
+        from ..options import coerce
+
+        ok, converted = coerce(value, hints[key])
+        if not ok:
+            fail(None, key, f"{key} must be {describe_type(hints[key])}, got {_show(value)}")
+        top[key] = converted
+    sections: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        if section in values:
+            sections[section] = _convert_section(section, values[section], fail)
+        elif section != "pretrain":
+            sections[section] = {}
+    spec = Spec(**top, sections=sections)
     _check(spec, fail)
     return spec
 
 
-def _convert(cls: type, values: dict[str, Any], section: str | None, fail) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if section is not None or f.name not in SECTIONS}
-    label = f"[{section}] " if section else ""
+def _convert_section(section: str, values: dict[str, Any], fail) -> dict[str, Any]:
+    keys = section_keys(section)
     converted: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in known:
-            where = f"in [{section}]" if section else "at the top level"
-            fail(section, key, f'unknown key "{key}" {where}{_suggest(key, list(known))}')
-        ok, result = _coerce(value, hints[key])
-        if not ok:
-            fail(section, key, f"{label}{key} must be {_describe(hints[key])}, got {_show(value)}")
-        result = _normalise(key, result)
-        choices = known[key].metadata.get("choices")
-        if choices:
-            for item in (result if isinstance(result, tuple) else (result,)):
-                if item not in choices:
-                    fail(section, key, f"{label}{key} must be one of {', '.join(choices)}, got {_show(item)}"
-                                       f"{_suggest(str(item), list(choices))}")
-        converted[key] = result
-    if section is None:
-        return converted
-    return cls(**converted)
-
-
-def _normalise(key: str, value: Any) -> Any:
-    """The CLI's forms of ``[profile]`` lists: ``pool = "cls,mean"`` or ``"all"``, ``metrics = "knn,linear"``
-    become tuples; ``metrics = "all"`` (or ``["all"]``) stays ``"all"``."""
-    if key not in ("pool", "metrics"):
-        return value
-    items = tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
-    if items == ("all",):
-        return "all" if key == "metrics" else POOLINGS
-    return items
+        if key not in keys:
+            shared = " (it is a top-level key: move it above the first section)" if key in SHARED else ""
+            fail(section, key, f'unknown key "{key}" in [{section}]{shared or _suggest(key, list(keys))}')
+        cls, f = keys[key]
+        try:
+            converted[key] = convert_value(f, value, typing.get_type_hints(cls)[f.name])
+        except BadInputError as error:
+            fail(section, key, f"[{section}] {key}: {error}")
+    return converted
 
 
 def _check(spec: Spec, fail) -> None:
-    """Checks across keys, and the stage configurations' own validation, with the key's line where possible."""
+    """Each section's configs built as its command builds them (every value checked before any step runs)."""
     if spec.pretrained and spec.checkpoint:
         fail(None, "pretrained", "use either pretrained = true or checkpoint = \"...\", not both")
     for key in ("img_size", "threads"):
         value = getattr(spec, key)
         if value is not None and value < 1:
             fail(None, key, f"{key} must be at least 1, got {value}")
-    profile = spec.profile
-    if profile.metrics != "all" and "all" in profile.metrics:
-        fail("profile", "metrics", 'metrics = "all" cannot be combined with other metrics: give "all" or a list')
-    if isinstance(profile.blocks, str):
-        try:
-            from ..blocks import parse_block_spec
-
-            parse_block_spec(profile.blocks)
-        except BadInputError as error:
-            fail("profile", "blocks", f"[profile] {error}")
-    place = spec.place
-    for key, owner in (("max_heads", "peak"), ("n", "last-n"), ("blocks", "explicit")):
-        rule = place.resolved_rule
-        if getattr(place, key) is not None and rule != owner:
-            fail("place", key, f"[place] {key} belongs to rule {owner}, not {rule}: drop it or set rule = \"{owner}\"")
-    if place.blocks is not None and place.n is not None:
-        fail("place", "n", "[place] give either blocks (rule explicit) or n (rule last-n), not both")
-    try:
-        spec.refine.config(spec)  # RefineConfig validates itself: fail now, not after pre-training and profiling
-    except BadInputError as error:
-        fail("refine", None, f"[refine] {error}")
-
-
-# ------------------------------------------------------------------------------------------------- type checks
-
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Whether a TOML value fits a type hint, and the value converted (int → float, list → tuple)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            if option is type(None):
-                continue
-            ok, result = _coerce(value, option)
-            if ok:
-                return True, result
-        return False, None
-    if origin is tuple:
-        if not isinstance(value, list):
-            return False, None
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [_coerce(item, args[0]) for item in value]
-        elif len(value) == len(args):
-            items = [_coerce(item, arg) for item, arg in zip(value, args)]
-        else:
-            return False, None
-        if not all(ok for ok, _ in items):
-            return False, None
-        return True, tuple(result for _, result in items)
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, None
-    if hint is str:
-        return isinstance(value, str), value
-    raise TypeError(f"spec field type {hint!r} is not supported")
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option) for option in args if option is not type(None))
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_plural(args[0])}"
-        return f"a list of {len(args)} {_plural(args[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-
-
-def _plural(hint: Any) -> str:
-    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}[hint]
+    for section, classes in SECTIONS.items():
+        if section not in spec.sections:
+            continue
+        for cls in classes:
+            try:
+                spec.config(section, cls)
+            except BadInputError as error:
+                message = str(error)
+                key = next((name for name in spec.sections[section]
+                            if f"--{name.replace('_', '-')}" in message), None)
+                fail(section, key, f"[{section}] {message}")
 
 
 def _show(value: Any) -> str:

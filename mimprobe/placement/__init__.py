@@ -22,11 +22,12 @@ Modules: `record` (the `Placement` and its JSON form), `curve` (the validation c
 ``placement.json``; `load_placement` reads it back). The CLI command is ``mimprobe place`` in `mimprobe.cli`.
 """
 
+from .config import PlaceConfig
 from .curve import PLACEMENT_METRICS, ValidationCurve, validation_curve
 from .record import FORMAT_VERSION, RULES, Placement, PlacementInputs
 from .rules import DEFAULT_PLATEAU, place
 from .run import PLACEMENT_FILE, load_placement, placement_path, read_profile, run_place
 
-__all__ = ["DEFAULT_PLATEAU", "FORMAT_VERSION", "PLACEMENT_FILE", "PLACEMENT_METRICS", "RULES", "Placement",
+__all__ = ["DEFAULT_PLATEAU", "FORMAT_VERSION", "PLACEMENT_FILE", "PLACEMENT_METRICS", "RULES", "PlaceConfig", "Placement",
            "PlacementInputs", "ValidationCurve", "load_placement", "place", "placement_path", "read_profile",
            "run_place", "validation_curve"]

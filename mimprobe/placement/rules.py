@@ -151,7 +151,7 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         reason = (f"rule last-n: heads on the last {len(heads)} blocks ({_span(heads)})" if rule == "last-n" else
                   f"rule explicit: heads on the blocks given ({', '.join(map(str, heads))})")
 
-    freeze_blocks = _freeze_count(freeze, num_blocks)
+    freeze_blocks = freeze_count(freeze, num_blocks)
     if freeze_blocks > heads[0]:
         raise BadInputError(f"freeze {freeze} keeps blocks 0-{freeze_blocks - 1} frozen but block {heads[0]} has a "
                             f"head: freeze at most {heads[0]} blocks")
@@ -248,7 +248,7 @@ def _heads_phrase(heads: tuple[int, ...], start: int, last: int) -> str:
     return f"{len(heads)} heads are spaced evenly over blocks {start}-{last}, the last block included"
 
 
-def _freeze_count(freeze: int | float | None, num_blocks: int) -> int:
+def freeze_count(freeze: int | float | None, num_blocks: int) -> int:
     if freeze is None:
         return 0
     if isinstance(freeze, bool) or not isinstance(freeze, (int, float, np.integer, np.floating)):

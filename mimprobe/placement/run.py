@@ -12,6 +12,8 @@ import pandas as pd
 
 from .._versions import software_versions
 from ..errors import BadInputError
+from ..options import build_config
+from .config import PlaceConfig
 from .record import Placement
 from .rules import place
 
@@ -62,21 +64,25 @@ def model_depth(meta: dict[str, Any], table: pd.DataFrame) -> tuple[int, str]:
     return int(table["block"].max()) + 1, "the largest profiled block + 1"
 
 
-def run_place(profile: str | Path, *, out: str | Path | None = None, **options: Any) -> Placement:
+def run_place(profile: str | Path, *, out: str | Path | None = None, config: PlaceConfig | None = None,
+              preset: str | None = None, k: int | None = None, **options: Any) -> Placement:
     """Read a profile folder, place heads with `place`, write placement.json, and return the placement.
 
     Args:
         profile: The --out folder of ``mimprobe profile`` (profile.parquet or .csv, and profile.json).
         out: The placement file, or a folder to write placement.json into (default: the profile folder).
-        **options: `place`'s keyword options (rule, metric, pooling, max_heads, plateau, freeze, blocks, n, preset,
-            k). The k-NN preset defaults to the profile's.
+        config: The placement options; keyword ``options`` (named as ``mimprobe place``'s options: rule, metric,
+            pooling, max_heads, plateau, n, blocks, freeze) override its fields.
+        preset, k: The k-NN protocol of the curve when the profile holds several (default: the profile's preset).
 
     Raises:
         BadInputError: A missing profile, bad options, or an unwritable output.
     """
+    config = build_config(PlaceConfig, options, base=config or PlaceConfig())
+    options = {**config.place_options(), "preset": preset, "k": k}
     table, meta, folder = read_profile(profile)
     num_blocks, depth_source = model_depth(meta, table)
-    options.setdefault("preset", (meta.get("config") or {}).get("preset"))
+    options["preset"] = options["preset"] or (meta.get("config") or {}).get("preset")
     options.setdefault("val_images", validation_images(folder, split="train-loo" if not (
         (table["split"] == "val").any()) else "val"))
     placement = place(table, num_blocks=num_blocks, source=str(folder.resolve()), **options)

@@ -19,20 +19,21 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from .._device import autocast, resolve_device, resolve_precision
+from .._device import PRECISIONS, autocast, resolve_device, resolve_precision
 from .._messages import progress_display, status_logger
 from .._versions import software_versions
 from ..data import DataSource, Split, SplitDataset, load_data
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
 from ..features.store import write_json_atomic
 from ..models import LoadedModel, load_model, read_checkpoint, strip_prefixes, unwrap_checkpoint
+from ..options import build_config, check_options, device_option, img_size_option, option, seed_option
 from .mae import MaskedAutoencoder, num_visible
 
 CONFIG_FILE = "config.json"
@@ -43,34 +44,45 @@ RUN_FILES = (CONFIG_FILE, LOG_FILE, CHECKPOINT_FILE, EXPORT_FILE)
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_second")
 SPLIT = "train"
 # options that may change between a run and its resumption (they do not change what is trained)
-RESUMABLE_CHANGES = ("device", "precision", "workers", "threads")
+RESUMABLE_CHANGES = ("device", "precision", "workers")
 
 
 @dataclass(frozen=True)
 class MaeConfig:
-    """Options of one MAE pre-training run. The defaults are the small-model demo's; the official ViT-B recipe
+    """Options of one MAE pre-training run (`mimprobe pretrain-mae`, the ``[pretrain]`` spec section). The defaults are the small-model demo's; the official ViT-B recipe
     is decoder 512 wide, 8 blocks, 16 heads, 800–1600 epochs, 40 warmup epochs, batch 4096."""
 
-    img_size: int | None = None       # square input size; None: the model's own (timm data config)
-    epochs: int = 10
-    batch_size: int = 64              # the last incomplete batch of an epoch is dropped (official drop_last)
-    base_lr: float = 1.5e-4           # peak lr = base_lr * batch_size / 256 (official linear scaling) ...
-    lr: float | None = None           # ... unless an absolute peak lr is given
-    min_lr: float = 0.0               # end of the cosine
-    warmup_epochs: float = 1.0        # linear warmup from 0, counted in steps (official: 40 of 800 epochs)
-    weight_decay: float = 0.05        # not on norms, biases, tokens and position tables
-    betas: tuple[float, float] = (0.9, 0.95)
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True        # targets are per-patch normalised pixels (official default for results)
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
-    seed: int = 0                     # model init, decoder init, data order, augmentation and masks
-    device: str = "auto"
-    precision: str = "auto"           # bf16 autocast on GPU, fp32 on CPU
-    workers: int = 0                  # DataLoader processes (resume is bit-exact with the same number)
-    threads: int | None = None        # torch CPU threads (torch.set_num_threads) during the run
+    img_size: int | None = img_size_option()
+    epochs: int = option(10, "Passes over the train split.", minimum=1)
+    # the last incomplete batch of an epoch is dropped (official drop_last)
+    batch_size: int = option(64, "Images per step (at least 2).", minimum=2)
+    base_lr: float = option(1.5e-4, "Peak lr per 256 images (official MAE linear scaling).", cli=False)
+    lr: float | None = option(None, "Peak learning rate [default: 1.5e-4 x batch / 256].")
+    min_lr: float = option(0.0, "End of the cosine.", cli=False)
+    # linear warmup from 0, counted in steps (official: 40 of 800 epochs)
+    warmup_epochs: float = option(1.0, "Linear warmup before the cosine decay.", minimum=0)
+    # not on norms, biases, tokens and position tables
+    weight_decay: float = option(0.05, "Weight decay (official 0.05).", cli=False)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas (official 0.9, 0.95).", cli=False)
+    mask_ratio: float = option(0.75, "Fraction of patches hidden from the encoder.")
+    # targets are per-patch normalised pixels (official default for results)
+    norm_pix_loss: bool = option(True, "Per-patch normalised pixel targets (official).", cli=False)
+    decoder_dim: int = option(128, "Decoder width (official MAE: 512).", minimum=1)
+    decoder_depth: int = option(2, "Decoder blocks (official MAE: 8).", minimum=1)
+    decoder_heads: int = option(4, "Decoder attention heads (official MAE: 16).", minimum=1)
+    crop_scale: tuple[float, float] = option((0.2, 1.0), "RandomResizedCrop area range (official 0.2-1).",
+                                             cli=False)
+    seed: int = seed_option("the initialisation, data order, augmentation and masks")
+    device: str = device_option()
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16.",
+                            choices=PRECISIONS)
+    # resume is bit-exact with the same number
+    workers: int = option(0, "DataLoader worker processes.", minimum=0)
+
+    def __post_init__(self) -> None:
+        for name in ("betas", "crop_scale"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_options(self)
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
@@ -157,7 +169,6 @@ def _validate(config: MaeConfig) -> None:
         (config.base_lr > 0, f"base lr must be positive (got {config.base_lr})"),
         (config.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more (got {config.warmup_epochs})"),
         (config.workers >= 0, f"--workers must be 0 or more (got {config.workers})"),
-        (config.threads is None or config.threads >= 1, f"--threads must be at least 1 (got {config.threads})"),
         (config.decoder_depth >= 1, f"--decoder-depth must be at least 1 (got {config.decoder_depth})"),
         (config.decoder_heads >= 1 and config.decoder_dim >= 4 and config.decoder_dim % 4 == 0
          and config.decoder_dim % config.decoder_heads == 0,
@@ -309,8 +320,7 @@ def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: s
     Raises:
         BadInputError: Bad options, data, model or output folder (one line saying what to fix).
     """
-    config = replace(config or MaeConfig(), **options)
-    config = replace(config, betas=tuple(config.betas), crop_scale=tuple(config.crop_scale))
+    config = build_config(MaeConfig, options, base=config or MaeConfig())
     _validate(config)
     messages: list[str] = []
     say = status_logger(log, progress=progress, messages=messages)
@@ -325,19 +335,13 @@ def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: s
     resuming = _prepare_out(out, resume=resume, overwrite=overwrite)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(config.seed)
-            return _train(model, source, data_spec, split, out=out, config=config, checkpoint=checkpoint,
-                          resuming=resuming, device=device, precision=precision, progress=progress, say=say,
-                          messages=messages)
-    finally:
-        torch.set_num_threads(previous_threads)
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(config.seed)
+        return _train(model, source, data_spec, split, out=out, config=config, checkpoint=checkpoint,
+                      resuming=resuming, device=device, precision=precision, progress=progress, say=say,
+                      messages=messages)
 
 
 def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: Split, *, out: Path,

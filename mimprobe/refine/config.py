@@ -6,16 +6,37 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._device import PRECISIONS
 from ..errors import BadInputError
+from ..options import check_options, img_size_option, option, seed_option
 
 HEAD_INITS = ("xavier_uniform", "truncnormal")   # the official NnclrHead's init_weights choices
 OFFICIAL_QUEUE_SIZE = 65536                      # models/nnclr.yaml, base
 WARMUP_MAX_SHARE = 0.4   # the longest official warmup: 4 of 10 epochs (stage3/ablations/augmentation/minaug_localviews)
 
 
+def _widths(text: str) -> tuple[int, int, int]:
+    """``--head-dims 2048,256,4096`` -> three widths."""
+    try:
+        hidden, projection, predictor = (int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"invalid --head-dims {text!r}: give three widths, e.g. 2048,256,4096") from None
+    return hidden, projection, predictor
+
+
+def _areas(text: str) -> tuple[float, float]:
+    """``--local-scale 0.05,0.25`` -> two areas."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"invalid --local-scale {text!r}: give two areas, e.g. 0.05,0.25") from None
+    return low, high
+
+
 @dataclass(frozen=True)
 class RefineConfig:
-    """Everything that changes a refinement run's numbers. CLI options map onto these fields.
+    """Everything that changes a refinement run's numbers: the options of `mimprobe refine`, the ``[refine]`` spec
+    section and `mimprobe.refine` (`mimprobe.options`).
 
     The defaults are MIM-Refiner's main recipe (arXiv 2402.10093), read from the official stage-2 (heads) and
     stage-3 (full) configurations of github.com/ml-jku/MIM-Refiner; `mimprobe.refine.recipe.RECIPE` maps each one to
@@ -25,42 +46,67 @@ class RefineConfig:
     training set (`resolve_queue_size`).
     """
 
-    epochs_heads: int = 1              # stage 1, encoder frozen: heads only (official stage 2: 20 ImageNet epochs)
-    epochs: int = 5                    # stage 2, everything but the frozen blocks (official stage 3: 20-30 epochs)
-    batch_size: int = 256              # global batch over all processes; lrs are scaled by batch_size / 256
-    accumulate: int = 1                # micro-batches per optimiser step when a batch does not fit in memory
-    lr_heads: float = 2e-4             # stage 1 (heads only) peak lr per 256 images (official stage 2)
-    lr: float = 4e-4                   # stage 2 (everything) peak lr per 256 images (official stage 3)
-    min_lr: float = 1e-6               # end of the cosine: an absolute lr, not scaled with the batch
-    warmup_epochs: float = 4.0         # linear warmup of each stage, in epochs (at most WARMUP_MAX_SHARE of it)
-    warmup_fraction: float | None = None   # instead: warmup over this share of each stage's steps (0.1 before)
-    layer_decay: float = 0.65          # layer-wise lr decay (BEiT; trainer.layer_lr_scale)
-    weight_decay: float = 0.05         # encoder
-    head_weight_decay: float = 1e-5    # heads
-    betas: tuple[float, float] = (0.9, 0.95)
-    temperature: float = 0.2           # 0.2 for ViT-L, 0.3 for H, 0.35 for 2B in the paper
-    queue_size: int | None = None      # per head; None: 65536 (official), cut to the training set when smaller
-    topk: int = 20                     # neighbours to pick from uniformly in stage 2 (stage 1 uses the nearest)
-    head_hidden_dim: int = 2048        # projector hidden width
-    head_proj_dim: int = 256           # projection width (queue and loss space)
-    head_predictor_dim: int = 4096     # predictor hidden width
-    head_init: str = "xavier_uniform"  # linears of the heads: xavier_uniform (official) or truncnormal (std 0.02)
-    local_crops: int = 10              # extra predicted views; anchors are always the 2 global views (0: global only)
-    local_size: int | None = None      # side of local crops; None: 96/224 of the input size
-    local_scale: tuple[float, float] = (0.05, 0.25)   # area range of the local crops
-    global_scale_min: float = 0.25     # area range of the global crops is (global_scale_min, 1)
-    ema_decay: float = 0.9999          # encoder EMA, constant from the first stage-2 step
-    ema_warmup: bool = False           # timm ModelEmaV3's warmup (decay 1 - (1 + step)^-2/3, capped at ema_decay)
-    freeze_blocks: int = 0             # first blocks (and the embeddings) kept frozen in stage 2
+    epochs_heads: int = option(1, "Stage 1 epochs: heads only, encoder frozen (official stage 2: 20 ImageNet "
+                                  "epochs).", minimum=0)
+    epochs: int = option(5, "Stage 2 epochs: encoder and heads (official stage 3: 20-30 epochs).", minimum=0)
+    batch_size: int = option(256, "Global batch (all processes); the lrs are scaled by batch / 256.")
+    accumulate: int = option(1, "Micro-batches per step when a batch does not fit.", minimum=1)
+    lr_heads: float = option(2e-4, "Stage 1 (heads only) peak lr per 256 images (official 2e-4).")
+    lr: float = option(4e-4, "Stage 2 (encoder and heads) peak lr per 256 images (official 4e-4).")
+    min_lr: float = option(1e-6, "End of each stage's cosine: an absolute lr, not scaled with the batch.")
+    warmup_epochs: float = option(4.0, "Linear warmup of each stage in epochs (official 4); cut to 40 % of a stage "
+                                       "shorter than 10 epochs.")
+    warmup_fraction: float | None = option(None, "Instead: warm up over this share of each stage (0.1 before the "
+                                                 "official recipe).")
+    layer_decay: float = option(0.65, "Layer-wise lr decay (BEiT; official 0.65).")
+    weight_decay: float = option(0.05, "Weight decay of the encoder (official 0.05; heads 1e-5).")
+    head_weight_decay: float = option(1e-5, "Weight decay of the heads (official 1e-5).", cli=False)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas (official 0.9, 0.95).", cli=False)
+    temperature: float = option(0.2, "NNA temperature (0.2 ViT-L, 0.3 H, 0.35 2B).")
+    queue_size: int | None = option(None, "Neighbour queue length per head [default: 65536, cut to the training "
+                                          "set when smaller].", minimum=1)
+    topk: int = option(20, "Stage 2: pick the neighbour uniformly from the top k (stage 1: the nearest).", minimum=1)
+    head_dims: tuple[int, int, int] = option((2048, 256, 4096), "Projector hidden, projection and predictor hidden "
+                                             "widths.", parse=_widths, minimum=1)
+    head_init: str = option("xavier_uniform", "Heads' Linear init: xavier_uniform (official) or truncnormal (std "
+                                              "0.02).", choices=HEAD_INITS)
+    local_crops: int = option(10, "Local crops as extra predicted views (official 10; 0: global views only).",
+                              minimum=0)
+    local_size: int | None = option(None, "Side of the local crops [default: 96/224 of the input, rounded to the "
+                                          "patch].", minimum=1)
+    local_scale: tuple[float, float] = option((0.05, 0.25), "Area range of the local crops.", parse=_areas)
+    global_scale_min: float = option(0.25, "Smallest area of the 2 global crops (official 0.25; BYOL 0.08).")
+    ema_decay: float = option(0.9999, "EMA of the encoder, constant from stage 2's first step.")
+    ema_warmup: bool = option(False, "timm's EMA warmup instead (decay 1-(1+n)^-2/3 up to --ema-decay): short runs "
+                                     "still move.")
+    clip_grad: float | None = option(None, "Clip the gradient norm at this value [default: no clipping, as the "
+                                           "official recipe].")
+    freeze_blocks: int = 0             # first blocks (and the embeddings) kept frozen in stage 2; from the placement
     head_blocks: tuple[int, ...] = ()  # 0-based blocks with a head; from the placement
-    img_size: int | None = None
-    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 on the CPU
-    seed: int = 0
-    num_workers: int = 0
-    monitor_images: int = 0            # labelled images for the per-epoch k-NN monitor (0: off)
-    clip_grad: float | None = None
+    img_size: int | None = img_size_option()
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on the CPU), fp32, bf16 or fp16.",
+                            choices=PRECISIONS)
+    seed: int = seed_option("data order, augmentations, heads and neighbour picks")
+    num_workers: int = option(0, "DataLoader worker processes.", flag="workers", minimum=0)
+    monitor_images: int = option(0, "k-NN monitor on N labelled images every epoch (0: off).", flag="monitor",
+                                 minimum=0)
+
+    @property
+    def head_hidden_dim(self) -> int:
+        return self.head_dims[0]
+
+    @property
+    def head_proj_dim(self) -> int:
+        return self.head_dims[1]
+
+    @property
+    def head_predictor_dim(self) -> int:
+        return self.head_dims[2]
 
     def __post_init__(self) -> None:
+        for name in ("head_dims", "local_scale", "betas", "head_blocks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_options(self)
         scale = self.batch_size / 256
         checks = [
             (self.epochs_heads >= 0 and self.epochs >= 0, "--epochs and --epochs-heads must be >= 0"),
@@ -82,9 +128,7 @@ class RefineConfig:
             (self.queue_size is None or self.topk <= self.queue_size,
              f"--topk {self.topk} is larger than --queue-size {self.queue_size}: the neighbour is picked from the "
              f"top k of the queue, use --topk {self.queue_size} or less (or a longer queue)"),
-            (min(self.head_hidden_dim, self.head_proj_dim, self.head_predictor_dim) >= 1, "head sizes must be >= 1"),
-            (self.head_init in HEAD_INITS, f"--head-init {self.head_init!r} is unknown: use one of "
-                                           f"{', '.join(HEAD_INITS)}"),
+            (len(self.head_dims) == 3, "--head-dims takes three widths, e.g. 2048,256,4096"),
             (self.local_crops >= 0, "--local-crops must be >= 0"),
             (self.local_size is None or self.local_size >= 1, "--local-size must be >= 1"),
             (len(self.local_scale) == 2 and 0 < self.local_scale[0] <= self.local_scale[1] <= 1,
@@ -104,9 +148,12 @@ class RefineConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RefineConfig":
         values = dict(values)
-        for key in ("betas", "head_blocks", "local_scale"):
+        for key in ("betas", "head_blocks", "local_scale", "head_dims"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
+        old_widths = ("head_hidden_dim", "head_proj_dim", "head_predictor_dim")  # config.json before head_dims
+        if all(key in values for key in old_widths):
+            values["head_dims"] = tuple(values.pop(key) for key in old_widths)
         return cls(**values)
 
 

@@ -83,34 +83,17 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> 
                 (out / name).unlink()
 
 
-def resolve_placement(*, placement: Any, auto: bool, model: str, data: str, out: Path, checkpoint: str | None,
-                      img_size: int | None, pretrained: bool, place_options: dict[str, Any], ctx: DistContext,
-                      log: Callable[[str], None]):
-    """A `Placement` from a file, an object, or (``auto``) a k-NN profile of the model followed by the peak rule."""
-    from ..placement import Placement, load_placement, run_place
+def resolve_placement(placement: Any):
+    """A `Placement` from a placement.json path or a `Placement` (``refine --auto`` places first:
+    `mimprobe.pipeline.api.refine`)."""
+    from ..placement import Placement, load_placement
 
-    if placement is not None and auto:
-        raise BadInputError("use either --placement FILE or --auto, not both")
     if isinstance(placement, Placement):
         return placement
-    if placement is not None:
-        return load_placement(placement)
-    if not auto:
+    if placement is None:
         raise BadInputError("no placement: pass --placement FILE (from `mimprobe place PROFILE`) or --auto "
                             "(profile the model, then place the heads)")
-    target = out / "placement.json"
-    if ctx.is_main and not target.exists():
-        from .._ranks import this_process_only
-        from ..metrics.profile import ProfileConfig, run_profile
-
-        log("--auto: profiling every block with k-NN (cls tokens) to place the heads")
-        with this_process_only():  # rank 0 alone: no collectives while the other ranks wait at the barrier
-            run_profile(model, data, out=out / "profile", checkpoint=checkpoint, pretrained=pretrained,
-                        config=ProfileConfig(metrics=("knn",), poolings=("cls",)),
-                        extract_options={"img_size": img_size, "poolings": ("cls",)}, log=log)
-        run_place(out / "profile", out=target, **place_options)
-    _barrier(ctx)
-    return load_placement(target)
+    return load_placement(placement)
 
 
 def _barrier(ctx: DistContext) -> None:
@@ -282,9 +265,10 @@ class _CsvLog:
 
 
 def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig | None = None,
-               checkpoint: str | None = None, pretrained: bool = False, placement: Any = None, auto: bool = False,
-               place_options: dict[str, Any] | None = None, freeze: int | float | None = None,
-               device: str = "auto", threads: int | None = None,
+               checkpoint: str | None = None, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None,
+               placement: Any = None,
+               freeze: int | float | None = None,
+               device: str = "auto",
                resume: bool = False, overwrite: bool = False, progress: bool = True,
                stop_after_steps: int | None = None, log: Callable[[str], None] | None = None) -> RefineResult:
     """Refine a ViT with NNA heads on the placement's blocks and export the EMA encoder as a timm state dict.
@@ -296,12 +280,11 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         out: Run folder: config.json, placement.json, log.csv, monitor.csv, checkpoint-last.pth,
             refined.safetensors and refined.json.
         config: Training options (`RefineConfig`); ``head_blocks``/``freeze_blocks`` come from the placement.
-        checkpoint, pretrained: The starting weights (`mimprobe.models.load_model`).
-        placement: A placement.json path or a `Placement`; or ``auto=True`` to profile and place first.
-        place_options: `mimprobe.placement.place` options for ``auto`` (max_heads, freeze, ...).
+        checkpoint, pretrained, model_kwargs: The starting weights (`mimprobe.models.load_model`).
+        placement: A placement.json path or a `Placement` (``mimprobe.refine(auto=True)`` profiles and places
+            first).
         freeze: First blocks to freeze (a count, or a fraction of the depth), overriding the placement's.
         device: auto, cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK).
-        threads: torch CPU threads.
         resume: Continue from ``out/checkpoint-last.pth`` with the same options.
         overwrite: Start again in an ``out`` that holds another run.
         stop_after_steps: Stop (with a checkpoint) after this many optimiser steps in total, as SIGTERM does.
@@ -317,26 +300,22 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
 
     config = config or RefineConfig()
     out = Path(out)
-    if threads is not None:
-        torch.set_num_threads(int(threads))
     ctx = init_distributed(resolve_device(device))
     say = status_logger(log, progress=progress and ctx.is_main)
     _prepare_out(out, resume=resume, overwrite=overwrite, is_main=ctx.is_main)
     _barrier(ctx)
     started = time.perf_counter()
 
-    placement = resolve_placement(placement=placement, auto=auto, model=model, data=data, out=out,
-                                  checkpoint=checkpoint, img_size=config.img_size, pretrained=pretrained,
-                                  place_options=dict(place_options or {}), ctx=ctx, log=say)
+    placement = resolve_placement(placement)
     loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
-                        init_seed=config.seed)
+                        init_seed=config.seed, model_kwargs=model_kwargs)
     encoder = loaded.model
     num_blocks = len(encoder.blocks)
     _check_placement(placement, num_blocks, model)
     if freeze is not None:
-        from ..placement.rules import _freeze_count
+        from ..placement.rules import freeze_count
 
-        freeze = _freeze_count(freeze, num_blocks)
+        freeze = freeze_count(freeze, num_blocks)
     else:
         freeze = config.freeze_blocks or placement.freeze_blocks
     if freeze >= min(placement.head_blocks) + 1 and freeze > 0:
@@ -408,8 +387,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         _check_resume(state, resolved)
     elif ctx.is_main:
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
-        if not (out / "placement.json").exists():  # --auto already wrote it (with versions)
-            (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n")
+        (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n")
 
     step_columns = ["step", "stage", "epoch", "loss", *[f"loss_block{b}" for b in config.head_blocks], "lr",
                     "images_per_second", "seconds"]
@@ -501,9 +479,9 @@ def _with_dynamic_size(loaded, img_size: int | None) -> nn.Module:
     """The same weights in a model that accepts local crops of another size (timm ``dynamic_img_size``)."""
     import timm
 
-    from ..models.loading import _resolve_kwargs
+    from ..models.loading import resolve_model_kwargs
 
-    kwargs = {**_resolve_kwargs(loaded.model_kwargs), "dynamic_img_size": True}
+    kwargs = {**resolve_model_kwargs(loaded.model_kwargs), "dynamic_img_size": True}
     if img_size is not None:
         kwargs["img_size"] = img_size
     model = timm.create_model(loaded.name.split(".")[0], pretrained=False, **{"num_classes": 0, **kwargs})
@@ -722,10 +700,11 @@ class _Monitor:
             query = self._features(encoder, query_set, query_rows)
             encoder.train(was_training)
             k = min(10, len(bank_rows))
-            from ..metrics.knn import KnnPreset
+            from dataclasses import replace
 
-            preset = KnnPreset(name="mim-refiner", ks=(k,), temperatures=(0.07,), standardize=True,
-                               weighting="exp")
+            from ..metrics.knn_presets import get_preset
+
+            preset = replace(get_preset("mim-refiner"), ks=(k,), headline_k=k)  # k cut to a small bank
             for block in self.config.head_blocks:
                 found = evaluate_knn(bank[block], bank_labels, query[block], query_labels, preset=preset,
                                      split="monitor", class_names=self.class_names)

@@ -184,7 +184,8 @@ def test_split_dataset_reports_a_corrupt_file_instead_of_raising(tmp_path):
 def test_eval_transform_follows_the_model_data_config():
     import timm
 
-    from mimprobe.data import build_eval_transform, resolve_eval_data_config
+    from mimprobe.data import build_eval_transform
+    from mimprobe.models.preprocessing import resolve_eval_data_config
 
     model = timm.create_model("test_vit", num_classes=0)
     config = resolve_eval_data_config(model)

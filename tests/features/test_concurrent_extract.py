@@ -18,7 +18,7 @@ from mimprobe.features.store import MANIFEST
 
 FORK = multiprocessing.get_context("fork")
 DATA = "synthetic:classes=3,train=8,test=4,size=16"  # 24 train and 12 test images
-OPTIONS = dict(img_size=32, batch_size=4, poolings=("cls", "mean"), progress=False)
+OPTIONS = dict(img_size=32, batch_size=4, pool=("cls", "mean"), progress=False)
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

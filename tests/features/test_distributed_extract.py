@@ -22,7 +22,7 @@ from mimprobe.features import progress as batch_progress
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = "synthetic:classes=3,train=7,test=3,size=16"   # 21 + 9 rows: batches of 4 end with a short one
-OPTIONS = dict(img_size=32, batch_size=4, poolings=("cls", "mean"), progress=False)
+OPTIONS = dict(img_size=32, batch_size=4, pool=("cls", "mean"), progress=False)
 CLI_OPTIONS = ["--img-size", "32", "--batch-size", "4", "--pool", "cls,mean", "--no-progress"]
 
 

@@ -16,7 +16,8 @@ import timm
 import torch
 
 from mimprobe import FeatureStore, extract, load_data, load_model
-from mimprobe.data import build_eval_transform, resolve_eval_data_config
+from mimprobe.data import build_eval_transform
+from mimprobe.models.preprocessing import resolve_eval_data_config
 from mimprobe.errors import BadInputError
 from mimprobe.features import BlockOutputs, pool_tokens
 from tests.conftest import make_image_folder
@@ -79,7 +80,7 @@ def test_poolings_exclude_prefix_and_register_tokens():
 
 
 def test_store_round_trip_equals_direct_computation(tmp_path):
-    result = extract("test_vit", SMALL, out=tmp_path, img_size=32, poolings=("cls", "mean", "cls+mean"),
+    result = extract("test_vit", SMALL, out=tmp_path, img_size=32, pool=("cls", "mean", "cls+mean"),
                      norm="final", store_dtype="float32", batch_size=4, progress=False)
     assert not result.reused and result.images == 27
     store = FeatureStore.open(result.store.path)
@@ -116,7 +117,7 @@ def test_cache_reused_for_same_key_and_not_for_changes(tmp_path):
     assert again.reused and again.store.path == first.store.path and again.images == 0
     assert any("reusing" in message for message in again.messages)
     variants = {
-        "pooling": extract("test_vit", SMALL, poolings=("mean",), **base),
+        "pooling": extract("test_vit", SMALL, pool=("mean",), **base),
         "dtype": extract("test_vit", SMALL, store_dtype="float32", **base),
         "norm": extract("test_vit", SMALL, norm="final", **base),
         "blocks": extract("test_vit", SMALL, blocks=2, **base),
@@ -168,7 +169,7 @@ from mimprobe import extract
 def on_batch(split, done, total):
     if {condition}:
         os.kill(os.getpid(), signal.SIGKILL)
-extract("test_vit", {data!r}, out={out!r}, img_size=32, batch_size=8, poolings=("cls", "mean"), progress=False,
+extract("test_vit", {data!r}, out={out!r}, img_size=32, batch_size=8, pool=("cls", "mean"), progress=False,
         on_batch=on_batch)
 """
 
@@ -186,20 +187,20 @@ def _run_killed(out: Path, condition: str) -> int:
 ])
 def test_sigkill_then_resume_gives_byte_identical_files(tmp_path, condition):
     reference = extract("test_vit", RESUME_DATA, out=tmp_path / "ref", img_size=32, batch_size=8,
-                        poolings=("cls", "mean"), progress=False).store
+                        pool=("cls", "mean"), progress=False).store
     assert _run_killed(tmp_path / "run", condition) == -signal.SIGKILL
     partial = json.loads((tmp_path / "run" / reference.path.name / "manifest.json").read_text())
     assert not partial["complete"] and 0 < sum(partial["progress"].values()) < 120
     # resume with another batch size on purpose: the store's own batch size must be used
     resumed = extract("test_vit", RESUME_DATA, out=tmp_path / "run", img_size=32, batch_size=5,
-                      poolings=("cls", "mean"), progress=False)
+                      pool=("cls", "mean"), progress=False)
     assert resumed.resumed and resumed.images == 120 - sum(partial["progress"].values())
     assert _tree_bytes(resumed.store.path) == _tree_bytes(reference.path)
 
 
 def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path):
     reference = extract("test_vit", RESUME_DATA, out=tmp_path / "ref", img_size=32, batch_size=8,
-                        poolings=("cls", "mean"), progress=False).store
+                        pool=("cls", "mean"), progress=False).store
     script = KILL_SCRIPT.format(condition="False", data=RESUME_DATA, out=str(tmp_path / "run"))
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     store_dir = tmp_path / "run" / reference.path.name
@@ -209,7 +210,7 @@ def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path):
     process.send_signal(signal.SIGKILL)  # during the store's creation or its first batches
     process.wait()
     resumed = extract("test_vit", RESUME_DATA, out=tmp_path / "run", img_size=32, batch_size=8,
-                      poolings=("cls", "mean"), progress=False)
+                      pool=("cls", "mean"), progress=False)
     assert _tree_bytes(resumed.store.path) == _tree_bytes(reference.path)
 
 
@@ -239,8 +240,8 @@ def test_bad_extract_options(tmp_path):
     with pytest.raises(BadInputError, match="unknown block index 6"):
         extract("test_vit", SMALL, out=tmp_path, img_size=32, blocks=[6], progress=False)
     with pytest.raises(BadInputError, match="unknown pooling"):
-        extract("test_vit", SMALL, out=tmp_path, poolings=("max",), progress=False)
-    with pytest.raises(BadInputError, match="store dtype"):
+        extract("test_vit", SMALL, out=tmp_path, pool=("max",), progress=False)
+    with pytest.raises(BadInputError, match="--store-dtype"):
         extract("test_vit", SMALL, out=tmp_path, store_dtype="int8", progress=False)
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -249,7 +250,7 @@ def test_bad_extract_options(tmp_path):
 
 
 def test_real_cifar_images(cifar_subset, tmp_path):
-    result = extract("test_vit", cifar_subset, out=tmp_path, img_size=32, poolings=("cls", "mean"), batch_size=50,
+    result = extract("test_vit", cifar_subset, out=tmp_path, img_size=32, pool=("cls", "mean"), batch_size=50,
                      store_dtype="float32", progress=False)
     store = result.store
     assert store.manifest["dataset"]["splits"] == {"train": 200, "test": 100}

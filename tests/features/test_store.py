@@ -20,7 +20,7 @@ from mimprobe.features.store import MANIFEST, DamagedStoreError
 from tests.conftest import make_image_folder
 
 DATA = "synthetic:classes=3,train=6,test=3,size=16"  # 18 train and 9 test images
-OPTIONS = dict(img_size=32, batch_size=4, poolings=("cls", "mean"), progress=False)
+OPTIONS = dict(img_size=32, batch_size=4, pool=("cls", "mean"), progress=False)
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

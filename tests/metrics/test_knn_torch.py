@@ -16,7 +16,8 @@ import torch
 
 from mimprobe.errors import BadInputError
 from mimprobe.metrics._knn_torch import TorchSearchPlan, plan_torch_search, torch_search
-from mimprobe.metrics.knn import (PRESETS, _prepare, evaluate_knn_with_hits, knn_neighbors, knn_predict,
+from mimprobe.metrics._knn_rows import prepare as _prepare
+from mimprobe.metrics.knn import (PRESETS, evaluate_knn_with_hits, knn_neighbors, knn_predict,
                                   resolve_backend, standardization_stats)
 
 

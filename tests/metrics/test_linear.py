@@ -352,7 +352,7 @@ def test_non_finite_features_name_the_block(blocks, where, value):
     bad = {b: x.copy() for b, x in (train if where == "train" else test).items()}
     bad[4][7, 3] = value
     args = (bad, train_labels, test, test_labels) if where == "train" else (train, train_labels, bad, test_labels)
-    with pytest.raises(BadInputError, match=f"block 4: {where} features contain NaN or Inf"):
+    with pytest.raises(BadInputError, match=f"block 4 of split {where} has NaN or Inf"):
         evaluate_linear(*args)
     with pytest.raises(BadInputError, match="block 4"):
         evaluate_linear_sklearn(*args)

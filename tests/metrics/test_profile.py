@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from mimprobe import extract
 from mimprobe.cli import app
 from mimprobe.metrics.headlines import best_blocks
-from mimprobe.metrics.profile import COLUMNS, ProfileConfig, run_profile
+from mimprobe.metrics.profile import COLUMNS, ProfileConfig
+from mimprobe.pipeline.profiling import run_profile
 from tests.conftest import make_image_folder
 
 runner = CliRunner()
@@ -23,7 +24,7 @@ DATA = "synthetic:classes=4,train=30,test=10,size=16"
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("stores")
-    return extract("test_vit", DATA, out=out, img_size=32, poolings=("cls", "mean"), progress=False).store.path
+    return extract("test_vit", DATA, out=out, img_size=32, pool=("cls", "mean"), progress=False).store.path
 
 
 def test_profile_files_have_the_documented_columns(store_dir, tmp_path):
@@ -136,7 +137,7 @@ def test_a_small_memory_budget_gives_the_same_table(store_dir):
     from mimprobe.metrics.profile import profile_store
 
     store = FeatureStore.open(store_dir)
-    config = dict(metrics=("knn", "linear", "lowshot", "cluster", "rank"), poolings=("cls",))
+    config = dict(metrics=("knn", "linear", "lowshot", "cluster", "rank"), pool=("cls",))
     whole = profile_store(store, ProfileConfig(memory_budget=None, **config), progress=False)
     budget = 20 * 6 * 64 * 4 * 3  # 20 rows of the 6 blocks at a time, for 120 train rows
     chunked = profile_store(store, ProfileConfig(memory_budget=budget, **config), progress=False)

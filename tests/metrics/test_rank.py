@@ -123,7 +123,7 @@ def test_nan_or_inf_raises_with_the_name(bad):
         effective_rank(features, name="block 5 cls")
     wide = np.ones((3, 8), dtype=np.float32)
     wide[0, 0] = bad
-    with pytest.raises(BadInputError, match="NaN/Inf"):
+    with pytest.raises(BadInputError, match="NaN or Inf"):
         evaluate_rank(wide, split="test")
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mimprobe import extract, load_data
-from mimprobe.data import SplitDataset, build_eval_transform, resolve_eval_data_config
+from mimprobe.data import SplitDataset, build_eval_transform
+from mimprobe.models.preprocessing import resolve_eval_data_config
 from mimprobe.errors import BadInputError
 from mimprobe.models import describe_model, load_model
 
@@ -63,7 +64,7 @@ def test_family_is_profiled_correctly(family, tmp_path):
     poolings = ("cls", "mean") if structure["has_class_token"] else ("mean",)
     norm = "final" if structure["final_norm"] is not None else "raw"
 
-    options = dict(poolings=poolings, img_size=img_size, store_dtype="float32", batch_size=3, progress=False)
+    options = dict(pool=poolings, img_size=img_size, store_dtype="float32", batch_size=3, progress=False)
 
     store = extract(loaded, SMALL, out=tmp_path, norm="raw", **options).store
     assert store.complete
@@ -93,7 +94,7 @@ def test_norm_final_applies_fc_norm_of_average_pooled_models(tmp_path):
     with torch.no_grad():  # a non-trivial fc_norm, so that applying it is visible
         loaded.model.fc_norm.weight.uniform_(0.5, 2.0)
         loaded.model.fc_norm.bias.uniform_(-1.0, 1.0)
-    options = dict(poolings=("cls", "mean"), img_size=img_size, store_dtype="float32", progress=False)
+    options = dict(pool=("cls", "mean"), img_size=img_size, store_dtype="float32", progress=False)
     raw = extract(loaded, SMALL, out=tmp_path, norm="raw", **options).store
     final = extract(loaded, SMALL, out=tmp_path, norm="final", **options).store
     fc_norm = loaded.model.fc_norm
@@ -111,7 +112,7 @@ def test_norm_final_applies_fc_norm_of_average_pooled_models(tmp_path):
 def test_cnn_and_staged_models_are_refused_before_anything_is_written(name, options, tmp_path):
     out = tmp_path / "features"
     with pytest.raises(BadInputError, match=r"not supported|no transformer blocks") as raised:
-        extract(name, SMALL, out=out, poolings=("mean",), progress=False, **options)
+        extract(name, SMALL, out=out, pool=("mean",), progress=False, **options)
     assert "\n" not in str(raised.value)
     assert not out.exists() or not [path for path in out.iterdir() if not path.name.startswith(".")]
 
@@ -120,7 +121,7 @@ def test_norm_final_is_refused_for_a_model_that_ends_without_a_norm(tmp_path):
     name, img_size, kwargs, _, _ = FAMILIES["samvit"]
     out = tmp_path / "features"
     with pytest.raises(BadInputError, match="ends without a norm.*--norm raw"):
-        extract(name, SMALL, out=out, poolings=("mean",), norm="final", img_size=img_size, model_kwargs=kwargs,
+        extract(name, SMALL, out=out, pool=("mean",), norm="final", img_size=img_size, model_kwargs=kwargs,
                 progress=False)
     assert not out.exists() or not [path for path in out.iterdir() if not path.name.startswith(".")]
 
@@ -131,8 +132,8 @@ def test_model_without_a_class_token_through_model_kwargs(tmp_path):
     assert loaded.model_kwargs == {"num_classes": 0, "class_token": False, "global_pool": "avg", "fc_norm": False}
     assert describe_model(loaded.model)["has_class_token"] is False
     with pytest.raises(BadInputError, match="no CLS token: use --pool mean"):
-        extract(loaded, SMALL, out=tmp_path, poolings=("cls",), img_size=32, progress=False)
-    store = extract(loaded, SMALL, out=tmp_path, poolings=("mean",), norm="final", img_size=32,
+        extract(loaded, SMALL, out=tmp_path, pool=("cls",), img_size=32, progress=False)
+    store = extract(loaded, SMALL, out=tmp_path, pool=("mean",), norm="final", img_size=32,
                     store_dtype="float32", progress=False).store
     images = _images(load_data(SMALL), loaded.model, 32)
     with torch.inference_mode():
@@ -142,8 +143,8 @@ def test_model_without_a_class_token_through_model_kwargs(tmp_path):
 
 
 def test_model_kwargs_are_part_of_the_store_key(tmp_path):
-    first = extract("test_vit", SMALL, out=tmp_path, poolings=("mean",), img_size=32, progress=False)
-    other = extract("test_vit", SMALL, out=tmp_path, poolings=("mean",), img_size=32, progress=False,
+    first = extract("test_vit", SMALL, out=tmp_path, pool=("mean",), img_size=32, progress=False)
+    other = extract("test_vit", SMALL, out=tmp_path, pool=("mean",), img_size=32, progress=False,
                     model_kwargs={"depth": 3})
     assert first.store.key != other.store.key
     assert other.store.manifest["model"]["model_kwargs"]["depth"] == 3
@@ -153,7 +154,7 @@ def test_model_kwargs_are_part_of_the_store_key(tmp_path):
 def test_unknown_model_kwarg_is_bad_input_before_any_store(tmp_path):
     out = tmp_path / "features"
     with pytest.raises(BadInputError, match="does not accept"):
-        extract("test_vit", SMALL, out=out, poolings=("mean",), img_size=32, progress=False,
+        extract("test_vit", SMALL, out=out, pool=("mean",), img_size=32, progress=False,
                 model_kwargs={"no_such_argument": 1})
     assert not out.exists() or not [path for path in out.iterdir() if not path.name.startswith(".")]
 
@@ -181,7 +182,7 @@ def test_parse_model_kwargs_refuses_other_forms(text):
 def test_norm_final_on_an_early_hiera_stage_is_refused(tmp_path):
     name, img_size, kwargs, _, _ = FAMILIES["hiera"]
     with pytest.raises(BadInputError, match="fits only blocks 10-11"):
-        extract(name, SMALL, out=tmp_path, poolings=("mean",), norm="final", img_size=img_size, progress=False)
+        extract(name, SMALL, out=tmp_path, pool=("mean",), norm="final", img_size=img_size, progress=False)
 
 
 def test_hiera_blocks_are_taken_per_block_not_per_stage():

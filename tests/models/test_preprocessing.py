@@ -178,7 +178,7 @@ def test_a_data_config_recorded_by_mimprobe_wins_over_the_format(weights, tmp_pa
 def test_extract_records_the_config_and_its_source_and_keys_on_them(weights, tmp_path):
     path = tmp_path / "mae.pth"
     torch.save(mae_encoder(weights), path)
-    options = dict(poolings=("cls",), img_size=32, progress=False)
+    options = dict(pool=("cls",), img_size=32, progress=False)
 
     first = extract("test_vit", SMALL, out=tmp_path / "f", checkpoint=str(path), **options).store
     again = extract("test_vit", SMALL, out=tmp_path / "f", checkpoint=str(path), **options)

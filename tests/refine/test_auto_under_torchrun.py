@@ -1,5 +1,5 @@
-"""`refine --auto` under torchrun: rank 0 profiles alone (no collectives of the distributed extraction or k-NN
-while the other ranks wait at the barrier), then every rank trains with the placement."""
+"""`refine --auto` under torchrun: every rank takes part in the profile (distributed extraction, sharded k-NN), rank 0
+places the heads while the others wait, then every rank trains with the placement."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def test_auto_placement_with_two_processes_does_not_deadlock(tmp_path):
                "--head-dims", "32,16,32", "--no-progress", "--epochs-heads", "1", "--epochs", "0", "--queue-size",
                "16", "--topk", "4", "--batch-size", "16", "--auto", "--max-heads", "1", "--device", "cpu",
                "--out", str(tmp_path / "run")]
-    # without `this_process_only` rank 0's profile waits in a collective that rank 1 never joins: it would hang
+    # a profile on rank 0 alone would wait in a collective that rank 1 never joins: it would hang
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "profile" / "profile.csv").is_file()
+    placed = json.loads((tmp_path / "run" / "profile" / "placement.json").read_text())
+    assert json.loads((tmp_path / "run" / "placement.json").read_text())["head_blocks"] == placed["head_blocks"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["world_size"] == 2

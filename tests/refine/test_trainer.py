@@ -30,8 +30,8 @@ from mimprobe.refine.trainer import _param_groups
 
 MODEL = "test_vit"          # timm's 6-block, 64-wide test model
 DATA = "synthetic:classes=4,train=12,test=4,size=32"   # 48 train images
-TINY = RefineConfig(epochs_heads=1, epochs=1, batch_size=16, queue_size=32, topk=4, head_hidden_dim=32,
-                    head_proj_dim=16, head_predictor_dim=32, img_size=32, lr=1e-3, warmup_fraction=0.2,
+TINY = RefineConfig(epochs_heads=1, epochs=1, batch_size=16, queue_size=32, topk=4, head_dims=(32, 16, 32),
+                    img_size=32, lr=1e-3, warmup_fraction=0.2,
                     local_crops=0,   # global views only for speed; the defaults run in the CLI tests below
                     ema_decay=0.5)   # the official 0.9999 keeps a 3-step export within float32 rounding of the start
 PLACEMENT = place(None, num_blocks=6, rule="last-n", n=2)
@@ -109,7 +109,7 @@ def test_stage_two_changes_the_encoder_and_logs_every_step(tmp_path):
     from mimprobe.metrics.knn import KnnPreset, evaluate_knn
 
     store = extract(MODEL, DATA, out=tmp_path / "features", checkpoint=str(tmp_path / "run" / EXPORT), img_size=32,
-                    blocks=[4], poolings=("cls",), store_dtype="float32", progress=False).store
+                    blocks=[4], pool=("cls",), store_dtype="float32", progress=False).store
     rng = np.random.default_rng(TINY.seed)
     bank, query = rng.permutation(48)[:24], rng.permutation(16)[:6]
     train, test = np.asarray(store.features("train", 4)), np.asarray(store.features("test", 4))

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimprobe.metrics.profile import ProfileConfig, run_profile
+import mimprobe
 from mimprobe.placement import run_place
 
 DATA = "synthetic:classes=4,train=20,test=8,size=16"  # per class: 80 train, 32 test images
-OPTIONS = {"img_size": 32, "poolings": ("cls", "mean")}
+OPTIONS = {"img_size": 32, "pool": ("cls", "mean")}
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,12 @@ def profiles(tmp_path_factory) -> Profiles:
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("profiles")
-    config = ProfileConfig(metrics=("knn", "linear"), threads=1)
-    common = dict(config=config, extract_options=OPTIONS, progress=False, features_dir=root / "features")
+    common = dict(metrics="knn,linear", threads=1, progress=False, features=str(root / "features"), **OPTIONS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is 5x faster than two on a shared 2-core machine
     try:
         before = root / "before"
-        run_profile("test_vit", DATA, out=before, **common)
+        mimprobe.profile("test_vit", DATA, out=str(before), **common)
         run = root / "run"
         run.mkdir()
         torch.manual_seed(1234)
@@ -51,10 +50,9 @@ def profiles(tmp_path_factory) -> Profiles:
         save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(run / "refined.safetensors"))
         run_place(before, out=run / "placement.json", rule="last-n", n=3)
         after = root / "after"
-        run_profile("test_vit", DATA, out=after, checkpoint=str(run / "refined.safetensors"), **common)
+        mimprobe.profile("test_vit", DATA, out=str(after), checkpoint=str(run / "refined.safetensors"), **common)
         deeper = root / "deeper"
-        run_profile("test_vit2", DATA, out=deeper,
-                    **{**common, "extract_options": {**OPTIONS, "poolings": ("mean",)}})
+        mimprobe.profile("test_vit2", DATA, out=str(deeper), **{**common, "pool": ("mean",)})
     finally:
         torch.set_num_threads(threads)
     return Profiles(before=before, after=after, deeper=deeper, run=run)

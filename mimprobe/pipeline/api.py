@@ -1,0 +1,306 @@
+"""The Python entry points, one per command: ``mimprobe.extract / profile / place / refine / compare / pretrain_mae /
+info``. Each takes the command's option names as keyword arguments (Python values or the CLI's text forms:
+``metrics="knn,linear"``, ``pool=("cls", "mean")``), builds and validates every option before any work starts,
+applies ``threads`` with the one thread mechanism (`mimprobe._threads.cpu_threads`), and calls the stage's run
+function. The command line (`mimprobe.cli`) and the TOML specs (`mimprobe.pipeline.spec`) call these same
+functions, so the three give the same result.
+
+Each command's options are the fields of the config classes listed in its `Command`; `mimprobe.cli` derives the
+Typer options from the same list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import _threads
+from ..errors import BadInputError
+from ..features.extract import ExtractConfig
+from ..metrics.profile import ProfileConfig
+from ..options import (build_config, device_option, option, option_fields, public_name, split_options,
+                       threads_option)
+from ..placement.config import PlaceConfig
+from ..pretrain.train import MaeConfig
+from ..refine.config import RefineConfig
+from ..report.comparison import CompareConfig
+
+Log = Callable[[str], None]
+
+
+def _model_kwargs(text: str) -> dict[str, Any] | None:
+    from ..models.loading import parse_model_kwargs
+
+    return parse_model_kwargs(text) or None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The starting weights of a model name."""
+
+    checkpoint: str | None = option(None, "Checkpoint file: timm, MAE, data2vec 2.0, MIM-Refiner, DINO/DINOv2, "
+                                          "I-JEPA, a plain state dict (.pth/.pt/.bin/.safetensors) [default: none: "
+                                          "a seeded random init, or --pretrained].", short="-c")
+    pretrained: bool = option(False, "Download timm's pretrained weights (needs the network once).")
+    model_kwargs: dict[str, Any] | None = option(None, "timm.create_model arguments: key=value,... or JSON, e.g. "
+                                                       "class_token=false,global_pool=avg (part of a store's key).",
+                                                 parse=_model_kwargs)
+
+
+@dataclass(frozen=True)
+class Running:
+    """How a command runs (not what it computes)."""
+
+    threads: int | None = threads_option()
+    progress: bool = option(True, "Progress bars on stderr; --no-progress hides them.", spec=False)
+
+
+@dataclass(frozen=True)
+class ExtractRun:
+    out: str = option(MISSING, "Folder that holds feature stores (one sub-folder per key).", short="-o")
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    out: str = option(MISSING, "Folder for profile.csv/.parquet/.json/.png and predictions.npz.", short="-o")
+    features: str | None = option(None, "Folder of feature stores [default: OUT/features].")
+
+
+@dataclass(frozen=True)
+class PlaceRun:
+    out: str | None = option(None, "Placement file, or a folder for placement.json [default: "
+                                   "PROFILE/placement.json].", short="-o")
+
+
+@dataclass(frozen=True)
+class RefineRun:
+    out: str = option(MISSING, "Run folder (checkpoints, logs, refined.safetensors).", short="-o")
+    placement: str | None = option(None, "placement.json from `mimprobe place`.")
+    auto: bool = option(False, "Profile the blocks with k-NN, then place the heads (the place options apply).")
+    device: str = device_option()
+    resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
+    overwrite: bool = option(False, "Start again in an OUT that holds another run.")
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    out: str = option(MISSING, "Folder for the run's files (mae.pth, log.csv, ...).", short="-o")
+    resume: bool = option(False, "Continue the run in OUT from its last epoch.")
+    overwrite: bool = option(False, "Replace another run's files in OUT.")
+
+
+def _labels(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
+@dataclass(frozen=True)
+class CompareRun:
+    out: str = option(MISSING, "Report folder.", short="-o")
+    labels: tuple[str, ...] | None = option(None, "Comma list of names, one per profile [default: the folder "
+                                                  "names].", parse=_labels)
+    placement: str | None = option(None, "placement.json of the refinement [default: beside the after profile's "
+                                         "checkpoint].")
+    overwrite: bool = option(False, "Write into a folder that holds other files.")
+
+
+# The preprocessing options `mimprobe info` shares with extraction.
+PREPROCESSING = ("img_size", "mean", "std", "interpolation", "crop_pct")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command's option classes, in the order its help lists them; ``only`` limits a class to some options;
+    ``defaults`` are the command's own defaults of some options (over the classes')."""
+
+    name: str
+    options: tuple[type, ...]
+    only: dict[type, tuple[str, ...]] | None = None
+    defaults: dict[str, Any] | None = None
+
+    def names(self) -> list[str]:
+        """Every keyword the command takes (besides its arguments)."""
+        seen: dict[str, None] = {}
+        for cls in self.options:
+            allowed = (self.only or {}).get(cls)
+            for f, _ in option_fields(cls):
+                if allowed is None or public_name(f) in allowed:
+                    seen[public_name(f)] = None
+        return list(seen)
+
+    def configs(self, options: dict[str, Any]) -> dict[type, Any]:
+        """Every option class built from ``options`` (validated: unknown names and bad values raise)."""
+        routed = split_options(self.options, {**(self.defaults or {}), **options})
+        return {cls: build_config(cls, routed[cls]) for cls in self.options}
+
+
+EXTRACT = Command("extract", (ExtractRun, Weights, ExtractConfig, Running))
+# profile measures both poolings unless told otherwise (extract stores the CLS token alone by default)
+PROFILE = Command("profile", (ProfileRun, Weights, ProfileConfig, ExtractConfig, Running),
+                  defaults={"pool": ("cls", "mean")})
+PLACE = Command("place", (PlaceRun, PlaceConfig))
+REFINE = Command("refine", (RefineRun, Weights, RefineConfig, PlaceConfig, Running),
+                 only={PlaceConfig: ("max_heads", "freeze", "metric", "pooling", "plateau")})
+PRETRAIN = Command("pretrain-mae", (PretrainRun, Weights, MaeConfig, Running))
+COMPARE = Command("compare", (CompareRun, CompareConfig, Running), only={Running: ("threads",)})
+INFO = Command("info", (Weights, ExtractConfig, Running), only={ExtractConfig: PREPROCESSING, Running: ("threads",)})
+COMMANDS = {command.name: command for command in (EXTRACT, PROFILE, PLACE, REFINE, PRETRAIN, COMPARE, INFO)}
+
+
+def _check_known(command: Command, options: dict[str, Any]) -> None:
+    known = command.names()
+    for name in options:
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            raise BadInputError(f"{command.name} has no option {name!r}" + (f" (did you mean {close[0]}?)" if close
+                                                                             else f": it takes {', '.join(known)}"))
+
+
+def _configs(command: Command, options: dict[str, Any]) -> dict[type, Any]:
+    _check_known(command, options)
+    return command.configs(options)
+
+
+def extract(model: Any, data: Any, *, log: Log | None = None, on_batch: Any = None, **options: Any):
+    """`mimprobe extract`: every chosen block's features in one forward pass into a resumable feature store.
+
+    Keywords are the command's options (``out`` required; see `EXTRACT`). Returns an
+    `mimprobe.features.ExtractResult`."""
+    from ..features.extract import extract as run_extract
+
+    configs = _configs(EXTRACT, options)
+    run, weights, running = configs[ExtractRun], configs[Weights], configs[Running]
+    with _threads.cpu_threads(running.threads):
+        return run_extract(model, data, out=run.out, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
+                           model_kwargs=weights.model_kwargs, config=configs[ExtractConfig], progress=running.progress, on_batch=on_batch, log=log)
+
+
+def profile(target: Any, data: Any = None, *, log: Log | None = None, **options: Any):
+    """`mimprobe profile`: extract (or reuse) a store and measure every block; writes the profile files to ``out``.
+
+    ``target`` is a timm model name (with ``data``) or a feature store folder. Keywords are the command's options
+    (``out`` required; ``metrics="knn,linear"``, ``threads=1``, ...; see `PROFILE`). Returns a `ProfileResult`."""
+    from dataclasses import replace
+
+    from .profiling import run_profile
+
+    configs = _configs(PROFILE, options)
+    run, weights, running = configs[ProfileRun], configs[Weights], configs[Running]
+    extract_config = configs[ExtractConfig]
+    config = configs[ProfileConfig]
+    if "pool" in options or "poolings" in options:  # a store's poolings: those asked for, else all it holds
+        config = replace(config, poolings=extract_config.poolings)
+    with _threads.cpu_threads(running.threads):
+        return run_profile(target, data, out=run.out, config=config, features_dir=run.features,
+                           extract_config=extract_config, checkpoint=weights.checkpoint,
+                           pretrained=weights.pretrained, model_kwargs=weights.model_kwargs, progress=running.progress, log=log)
+
+
+def place(profile: Any, *, preset: str | None = None, k: int | None = None, **options: Any):
+    """`mimprobe place`: choose the head blocks from a profile folder; writes placement.json (``out``, default
+    PROFILE/placement.json). Keywords are the command's options (see `PLACE`). Returns a `Placement`."""
+    from ..placement.run import run_place
+
+    configs = _configs(PLACE, options)
+    return run_place(profile, out=configs[PlaceRun].out, config=configs[PlaceConfig], preset=preset, k=k)
+
+
+def refine(model: str, data: Any, *, log: Log | None = None, stop_after_steps: int | None = None,
+           **options: Any):
+    """`mimprobe refine`: NNA refinement on the placed blocks (``placement`` or ``auto``); exports
+    OUT/refined.safetensors. Keywords are the command's options (see `REFINE`). Returns a `RefineResult`."""
+    from ..refine import run_refine
+
+    configs = _configs(REFINE, options)
+    run, weights, running, place_config = configs[RefineRun], configs[Weights], configs[Running], configs[PlaceConfig]
+    given_place = {name: value for name, value in options.items() if name in REFINE.only[PlaceConfig]}
+    if run.auto and run.placement is not None:
+        raise BadInputError("use either --placement FILE or --auto, not both")
+    if given_place and not run.auto and set(given_place) != {"freeze"}:
+        raise BadInputError(f"--{next(iter(given_place)).replace('_', '-')} places heads: add --auto, or place "
+                            "with `mimprobe place` and give --placement")
+    with _threads.cpu_threads(running.threads):
+        placement = run.placement
+        if run.auto:
+            placement = _auto_placement(model, data, run=run, weights=weights, config=configs[RefineConfig],
+                                        place_options={name: getattr(place_config, name) for name in given_place},
+                                        progress=running.progress, log=log)
+        return run_refine(model, data, out=run.out, config=configs[RefineConfig], checkpoint=weights.checkpoint,
+                          pretrained=weights.pretrained, model_kwargs=weights.model_kwargs, placement=placement,
+                          freeze=place_config.freeze,
+                          device=run.device, resume=run.resume, overwrite=run.overwrite, progress=running.progress,
+                          stop_after_steps=stop_after_steps, log=log)
+
+
+def _auto_placement(model: str, data: Any, *, run: RefineRun, weights: Weights, config: RefineConfig,
+                    place_options: dict[str, Any], progress: bool, log: Log | None) -> str:
+    """``refine --auto``: a k-NN profile of the CLS tokens in OUT/profile, then the peak rule's placement there
+    (OUT/profile/placement.json; kept on --resume, placed again otherwise). Under torchrun every rank extracts and
+    searches its share (the profile's own distributed path); rank 0 places, the others wait for it."""
+    from .._ranks import barrier, current
+
+    folder = Path(run.out) / "profile"
+    target = folder / "placement.json"
+    if run.resume and target.is_file():
+        return str(target)
+    (log or (lambda message: None))("--auto: profiling every block with k-NN (cls tokens) to place the heads")
+    profile(model, data, out=str(folder), checkpoint=weights.checkpoint, pretrained=weights.pretrained,
+            model_kwargs=weights.model_kwargs, metrics="knn", pool="cls", img_size=config.img_size, device=run.device, progress=progress, log=log)
+    ranks = current()
+    if ranks.is_main:
+        place(str(folder), out=str(target), **place_options)
+    barrier(ranks)
+    return str(target)
+
+
+def pretrain_mae(model: Any, data: Any, *, log: Log | None = None, **options: Any):
+    """`mimprobe pretrain-mae`: MAE pre-training on the train split; exports OUT/mae.pth. Keywords are the
+    command's options (see `PRETRAIN`). Returns a `PretrainResult`."""
+    from ..pretrain import run_pretrain_mae
+
+    configs = _configs(PRETRAIN, options)
+    run, weights, running, config = configs[PretrainRun], configs[Weights], configs[Running], configs[MaeConfig]
+    with _threads.cpu_threads(running.threads):
+        if weights.pretrained and weights.checkpoint:
+            raise BadInputError("give either --checkpoint or --pretrained, not both")
+        if weights.pretrained or weights.model_kwargs:  # timm's weights, or another architecture of the name
+            from ..models import load_model
+
+            model = load_model(model, pretrained=weights.pretrained, checkpoint=weights.checkpoint,
+                               model_kwargs=weights.model_kwargs, img_size=config.img_size, init_seed=config.seed)
+        return run_pretrain_mae(model, data, out=run.out, config=config, checkpoint=weights.checkpoint,
+                                resume=run.resume, overwrite=run.overwrite, progress=running.progress, log=log)
+
+
+def compare(profiles: Sequence[Any], *, log: Log | None = None, **options: Any):
+    """`mimprobe compare`: every profile against the first; writes the report folder ``out``. Keywords are the
+    command's options (see `COMPARE`). Returns a `CompareResult`."""
+    from ..report import run_compare
+
+    configs = _configs(COMPARE, options)
+    run = configs[CompareRun]
+    with _threads.cpu_threads(configs[Running].threads):
+        return run_compare(profiles, out=run.out, labels=None if run.labels is None else list(run.labels),
+                           placement=run.placement, config=configs[CompareConfig], overwrite=run.overwrite,
+                           notes=configs[CompareConfig].notes, log=log)
+
+
+def info(model: str, **options: Any) -> dict[str, Any]:
+    """`mimprobe info`: a model's blocks and widths, prefix tokens, patch size, final norm and data config (and
+    where it comes from), as a dict."""
+    from ..models import describe_model, load_model
+
+    configs = _configs(INFO, options)
+    weights, config = configs[Weights], configs[ExtractConfig]
+    with _threads.cpu_threads(configs[Running].threads):
+        loaded = load_model(model, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
+                            img_size=config.img_size, model_kwargs=weights.model_kwargs)
+        data_config, source = loaded.eval_data_config(img_size=config.img_size, mean=config.mean, std=config.std,
+                                                      interpolation=config.interpolation, crop_pct=config.crop_pct)
+        return {"model": loaded.name, "weights": loaded.weights, "checkpoint": loaded.checkpoint,
+                "checkpoint_format": loaded.checkpoint_format, "checkpoint_sha256": loaded.checkpoint_sha256,
+                "model_kwargs": loaded.model_kwargs, **describe_model(loaded.model, loaded.name),
+                "data_config": data_config, "data_config_source": source, "notes": list(loaded.notes)}
