@@ -63,7 +63,7 @@ def resolve_eval_data_config(model: nn.Module, *, img_size: int | None = None, c
         config["input_size"] = (3, int(built[0]), int(built[1]))  # timm's config is that of the default size
     if preprocessing is not None:
         config.update(mean=preprocessing.mean, std=preprocessing.std, interpolation=preprocessing.interpolation,
-                      crop_pct=preprocessing.crop_pct_for(int(config["input_size"][-1])), crop_mode="center")
+                      crop_pct=preprocessing.crop_pct_for(int(config["input_size"][-1])), crop_mode=preprocessing.crop_mode)
     if img_size is not None:
         config["input_size"] = (3, int(img_size), int(img_size))
         config["crop_pct"] = 1.0

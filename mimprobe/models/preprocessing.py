@@ -26,6 +26,8 @@ class EvalPreprocessing:
         crop_pct: Centre-crop fraction: the image is resized to ``input / crop_pct``, then cropped to ``input``.
         crop_pct_above_224: ``crop_pct`` for inputs larger than 224 px, where the family's code differs.
         source: Where this comes from (repository and file), shown by ``mimprobe info`` and kept in manifests.
+        crop_mode: timm's crop mode: ``center`` (resize the shorter side, centre crop) or ``squash`` (resize both
+            sides, as transformers' ViTImageProcessor does with a height/width size).
     """
 
     mean: tuple[float, float, float]
@@ -34,6 +36,7 @@ class EvalPreprocessing:
     crop_pct: float
     source: str
     crop_pct_above_224: float | None = None
+    crop_mode: str = "center"
 
     def crop_pct_for(self, input_size: int) -> float:
         if self.crop_pct_above_224 is not None and input_size > 224:
