@@ -365,6 +365,7 @@ def _load_transformers(name: str, *, checkpoint: str | os.PathLike | None, pretr
         notes.append(f"built for {processor.input_size} px, the size of {hf_format.PROCESSOR_FILE} (config.json: "
                      f"{config.get('image_size')}); position embeddings interpolated as transformers does")
     raw = hf_format.read_transformers_weights(files, notes)
+    no_final_norm = hf_format.without_final_norm(config, raw.keys())
     state_dict, remap_notes = hf_format.remap_transformers_state_dict(raw, config)
     del raw
     combined_kwargs = {**config_kwargs, **user_kwargs}
@@ -373,6 +374,10 @@ def _load_transformers(name: str, *, checkpoint: str | os.PathLike | None, pretr
         torch.manual_seed(init_seed)
         model = _create(timm_name, pretrained=False, kwargs={**_resolve_kwargs(combined_kwargs), **size_kwargs},
                         pretrained_file=None)
+    if no_final_norm:  # timm's Beit always builds norm or fc_norm; this encoder has neither
+        model.norm, model.fc_norm = nn.Identity(), nn.Identity()
+        notes.append(f"{architecture} saved without its pooler: the encoder ends with no norm (fc_norm is an "
+                     "identity)")
     _check_blocks(model, timm_name)
     grid = tuple(int(side) for side in model.patch_embed.grid_size)
     positions_prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))

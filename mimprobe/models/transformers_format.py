@@ -227,7 +227,9 @@ def timm_model_args(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
     The kwargs are JSON-serialisable; ``layer_norm_eps`` and ``packed_swiglu_mlp`` are resolved by
     `mimprobe.models.loading` into ``norm_layer`` and ``mlp_layer``. ``num_classes`` is that of the class's head (0
-    for base models).
+    for base models). BEiT-style models with mean pooling end with the pooler's norm (timm's ``fc_norm``); saved
+    without a pooler (``Data2VecVisionModel``'s default ``add_pooling_layer=False``) they end with no norm at all,
+    which `without_final_norm` tells.
 
     Raises:
         BadInputError: An unsupported class, activation or option.
@@ -259,7 +261,7 @@ def timm_model_args(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             use_abs_pos_emb=bool(config.get("use_absolute_position_embeddings", False)),
             use_rel_pos_bias=bool(config.get("use_relative_position_bias", False)),
             use_shared_rel_pos_bias=bool(config.get("use_shared_relative_position_bias", False)),
-            init_values=layer_scale if layer_scale > 0 else None,
+            init_values=layer_scale,  # 0.0: no layer scale (timm.create_model drops None, leaving the name's 0.1)
             global_pool="avg" if config.get("use_mean_pooling", True) else "token")
         return _timm_name(family, width, patch, image), kwargs
     kwargs["qkv_bias"] = bool(config.get("qkv_bias", True))
@@ -276,6 +278,15 @@ def timm_model_args(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     kwargs.update(mlp_ratio=mlp_ratio_for(width, int(config.get("intermediate_size", 4 * width))),
                   global_pool="token", class_token=True)
     return _timm_name(family, width, patch, image), kwargs
+
+
+def without_final_norm(config: Mapping[str, Any], keys: Any) -> bool:
+    """Whether a BEiT-style encoder with mean pooling was saved without its pooler, so that it ends with no norm
+    (transformers' BeitModel replaces its final layernorm with an identity under ``use_mean_pooling``)."""
+    architecture = transformers_architecture(config)
+    spec = ARCHITECTURES[architecture]
+    return (spec.family == "beit" and bool(config.get("use_mean_pooling", True))
+            and f"{spec.prefix}pooler.layernorm.weight" not in keys)
 
 
 def _timm_name(family: str, width: int, patch: tuple[int, int], image: tuple[int, int], *, registers: int = 0) -> str:
