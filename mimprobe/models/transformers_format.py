@@ -553,4 +553,4 @@ def preprocessing_from_processor_config(processor: Mapping[str, Any]) -> Process
 __all__ = ["ARCHITECTURES", "Architecture", "ProcessorTransform", "download_hub_model", "is_hub_id",
            "is_transformers_folder", "mlp_ratio_for", "preprocessing_from_processor_config",
            "read_transformers_config", "read_transformers_weights", "remap_transformers_state_dict",
-           "resample_positions", "timm_model_args", "transformers_architecture", "weight_files"]
+           "resample_positions", "timm_model_args", "transformers_architecture", "weight_files", "without_final_norm"]
