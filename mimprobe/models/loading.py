@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
+import hashlib
 import os
 import socket
 import sys
@@ -14,8 +16,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm, SwiGLUPacked
 
 from ..errors import BadInputError, CheckpointError, DownloadError
+from . import transformers_format as hf_format
 from .checkpoint_io import read_checkpoint, sha256_file
 from .families import block_layout
 from .postnorm import PostNormBlock
@@ -88,9 +92,15 @@ def _check_name(name: str) -> None:
 
 
 def resolve_model_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """JSON model kwargs -> ``timm.create_model`` kwargs: markers for what JSON cannot hold become classes."""
     kwargs = dict(model_kwargs)
     if kwargs.pop("post_norm_blocks", False):
         kwargs["block_fn"] = PostNormBlock
+    eps = kwargs.pop("layer_norm_eps", None)
+    if eps is not None:  # transformers' exact eps (1e-12 in ViT/BEiT; timm's default is 1e-6)
+        kwargs["norm_layer"] = functools.partial(LayerNorm, eps=float(eps))
+    if kwargs.pop("packed_swiglu_mlp", False):  # DINOv2-giant's SwiGLU (fc1 holds gate and value, gate first)
+        kwargs["mlp_layer"] = SwiGLUPacked
     return kwargs
 
 
@@ -243,8 +253,11 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
     """Build a timm model and load its weights strictly.
 
     Args:
-        name: timm model name, optionally with a pretrained tag.
-        checkpoint: A checkpoint file (.pth/.pt/.bin/.safetensors) in any format `convert_checkpoint` reads.
+        name: timm model name, optionally with a pretrained tag; or a folder written by transformers'
+            ``save_pretrained``, or ``hf:ORG/NAME`` (a hub id): the timm model its config.json describes
+            (`mimprobe.models.transformers_format`).
+        checkpoint: A checkpoint file (.pth/.pt/.bin/.safetensors) in any format `convert_checkpoint` reads, or a
+            transformers folder or ``hf:ORG/NAME`` (then ``name`` is a timm name of the same family).
         pretrained: Download timm's pretrained weights (through timm and the Hugging Face hub).
         img_size: Input size to build the model for (position embeddings are resampled by timm's filter).
         init_seed: Seed of the random initialisation when no weights are loaded, so that random-weight runs
@@ -259,9 +272,12 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
             message lists missing, unexpected and mis-shaped keys).
         DownloadError: ``pretrained`` and the weights cannot be fetched.
     """
-    _check_name(name)
     if checkpoint is not None and (pretrained or pretrained_file is not None):
         raise BadInputError("use either --pretrained or --checkpoint, not both")
+    if any(hf_format.is_hub_id(str(value)) or hf_format.is_transformers_folder(value) for value in (name, checkpoint)):
+        return _load_transformers(name, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
+                                  init_seed=init_seed, user_kwargs=dict(model_kwargs or {}))
+    _check_name(name)
     size_kwargs = {"img_size": int(img_size)} if img_size is not None else {}
     user_kwargs = dict(model_kwargs or {})
     if not all(isinstance(key, str) and key.isidentifier() for key in user_kwargs):
@@ -303,6 +319,77 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
                        model_kwargs=combined_kwargs, init_seed=init_seed,
                        notes=(*read_notes, *converted.notes), preprocessing=recorded or format_preprocessing(
                            converted.format))
+
+
+def _load_transformers(name: str, *, checkpoint: str | os.PathLike | None, pretrained: bool, img_size: int | None,
+                       init_seed: int, user_kwargs: dict[str, Any]) -> LoadedModel:
+    """A transformers ``save_pretrained`` folder or ``hf:ORG/NAME`` (as MODEL, or as ``--checkpoint`` beside a timm
+    name of the same family) as the timm model its config.json describes, loaded strictly
+    (`mimprobe.models.transformers_format`). Everything is checked before anything is written."""
+    if pretrained:
+        raise BadInputError("--pretrained downloads timm's weights: drop it when MODEL or --checkpoint is a "
+                            "transformers folder or hf:ORG/NAME")
+    if checkpoint is not None and (hf_format.is_hub_id(name) or hf_format.is_transformers_folder(name)):
+        raise BadInputError(f"give the transformers model either as MODEL or as --checkpoint, not both ({name}, "
+                            f"{checkpoint})")
+    source = str(checkpoint) if checkpoint is not None else str(name)
+    timm_given = name if checkpoint is not None else None
+    if timm_given is not None:
+        _check_name(timm_given)
+    if hf_format.is_hub_id(source):
+        with _offline_unless_hub_reachable():
+            folder = hf_format.download_hub_model(source)
+    else:
+        folder = Path(source)
+    config = hf_format.read_transformers_config(folder)  # refuses other classes before any weight is read
+    architecture = hf_format.transformers_architecture(config)
+    family = hf_format.ARCHITECTURES[architecture].family
+    timm_name, config_kwargs = hf_format.timm_model_args(config)
+    if timm_given is not None:
+        arch = timm_given.split(".")[0]
+        module = hf_format.TIMM_MODULES[family]
+        if not timm.models.is_model_in_modules(arch, [module]) or (family == "deit") != ("distilled" in arch):
+            raise BadInputError(f"{source} is a {architecture}, which timm builds as {timm_name}; {timm_given} is "
+                                f"another family: pass {timm_name} (or the folder alone as MODEL)")
+        timm_name = arch
+    files = hf_format.weight_files(folder)
+    notes: list[str] = []
+    processor_file = folder / hf_format.PROCESSOR_FILE
+    processor = (hf_format.preprocessing_from_processor_config(hf_format.read_json(processor_file, "image processor"))
+                 if processor_file.is_file() else None)
+    if processor is None:
+        notes.append(f"no usable {hf_format.PROCESSOR_FILE} beside the weights: timm's data config of {timm_name} "
+                     "applies; pass --mean/--std/--interpolation/--crop-pct for the model's own")
+    if img_size is None and processor is not None and processor.input_size != config_kwargs["img_size"]:
+        config_kwargs["img_size"] = processor.input_size  # the processor's crop; positions are resampled to it
+        notes.append(f"built for {processor.input_size} px, the size of {hf_format.PROCESSOR_FILE} (config.json: "
+                     f"{config.get('image_size')}); position embeddings interpolated as transformers does")
+    raw = hf_format.read_transformers_weights(files, notes)
+    no_final_norm = hf_format.without_final_norm(config, raw.keys())
+    state_dict, remap_notes = hf_format.remap_transformers_state_dict(raw, config)
+    del raw
+    combined_kwargs = {**config_kwargs, **user_kwargs}
+    size_kwargs = {"img_size": int(img_size)} if img_size is not None else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = _create(timm_name, pretrained=False, kwargs={**resolve_model_kwargs(combined_kwargs), **size_kwargs},
+                        pretrained_file=None)
+    if no_final_norm:  # timm's Beit always builds norm or fc_norm; this encoder has neither
+        model.norm, model.fc_norm = nn.Identity(), nn.Identity()
+        notes.append(f"{architecture} saved without its pooler: the encoder ends with no norm (fc_norm is an "
+                     "identity)")
+    _check_blocks(model, timm_name)
+    grid = tuple(int(side) for side in model.patch_embed.grid_size)
+    positions_prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    state_dict = hf_format.resample_positions(state_dict, grid, num_prefix_tokens=positions_prefix)
+    state_dict = _filter_for_model(state_dict, model)
+    load_strict(model, state_dict, source=f"{source} (transformers {architecture})", model_name=timm_name)
+    digest = sha256_file(files[0]) if len(files) == 1 else hashlib.sha256(
+        "".join(f"{path.name}:{sha256_file(path)}\n" for path in files).encode()).hexdigest()
+    return LoadedModel(model=model.eval(), name=timm_name, weights="checkpoint", checkpoint=source,
+                       checkpoint_sha256=digest, checkpoint_format=f"transformers {architecture}",
+                       model_kwargs=combined_kwargs, init_seed=init_seed, notes=(*notes, *remap_notes),
+                       preprocessing=processor.preprocessing if processor is not None else None)
 
 
 def _recorded_data_config(raw: Any, path: Path) -> EvalPreprocessing | None:

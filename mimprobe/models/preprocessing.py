@@ -31,6 +31,8 @@ class EvalPreprocessing:
         crop_pct: Centre-crop fraction: the image is resized to ``input / crop_pct``, then cropped to ``input``.
         crop_pct_above_224: ``crop_pct`` for inputs larger than 224 px, where the family's code differs.
         source: Where this comes from (repository and file), shown by ``mimprobe info`` and kept in manifests.
+        crop_mode: timm's crop mode: ``center`` (resize the shorter side, centre crop) or ``squash`` (resize both
+            sides, as transformers' ViTImageProcessor does with a height/width size).
     """
 
     mean: tuple[float, float, float]
@@ -39,6 +41,7 @@ class EvalPreprocessing:
     crop_pct: float
     source: str
     crop_pct_above_224: float | None = None
+    crop_mode: str = "center"
 
     def crop_pct_for(self, input_size: int) -> float:
         if self.crop_pct_above_224 is not None and input_size > 224:
@@ -142,7 +145,8 @@ def resolve_eval_data_config(model: nn.Module, *, img_size: int | None = None, c
         config["input_size"] = (3, int(built[0]), int(built[1]))  # timm's config is that of the default size
     if preprocessing is not None:
         config.update(mean=preprocessing.mean, std=preprocessing.std, interpolation=preprocessing.interpolation,
-                      crop_pct=preprocessing.crop_pct_for(int(config["input_size"][-1])), crop_mode="center")
+                      crop_pct=preprocessing.crop_pct_for(int(config["input_size"][-1])),
+                      crop_mode=preprocessing.crop_mode)
     if img_size is not None:
         config["input_size"] = (3, int(img_size), int(img_size))
         config["crop_pct"] = 1.0
