@@ -178,6 +178,7 @@ def test_official_checkpoint_loads_strictly_and_every_block_equals_a_forward_hoo
 
     loaded = load_model(name, checkpoint=path, img_size=img_size, model_kwargs=kwargs)
     assert loaded.checkpoint_format == family
+    assert loaded.preprocessing.source.startswith("ConvNeXt V2" if family == "fcmae" else "SimMIM")
     expected = {key: value for key, value in reference.state_dict().items()
                 if not (family == "fcmae" and key.startswith("head.norm."))}  # FCMAE has no final norm
     loaded_state = loaded.model.state_dict()
