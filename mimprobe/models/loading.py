@@ -288,6 +288,9 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
             model = _create(name, pretrained=pretrained, kwargs=create_kwargs, pretrained_file=pretrained_file)
         if pretrained:
             model.reset_classifier(0)
+            # timm's FCMAE weights have no head norm and timm loads them non-strictly, leaving it at its init
+            # (convnext.py `_create_convnext`): remove it, as for FCMAE checkpoint files
+            _apply_head_norm(model, {"head_norm": getattr(model, "pretrained_cfg", {}).get("tag") != "fcmae"})
         _check_blocks(model, name)
         # timm's own weights (or a local file of them): timm's data config of the name applies (preprocessing None)
         return LoadedModel(model=model.eval(), name=name, weights="pretrained" if pretrained else "random",

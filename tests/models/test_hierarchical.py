@@ -216,6 +216,34 @@ def test_fcmae_encoder_ends_without_a_norm(tmp_path):
     assert not out.exists()
 
 
+def test_timm_fcmae_weights_lose_the_head_norm_timm_leaves_at_its_init(tmp_path):
+    """timm loads its ``.fcmae`` weights non-strictly because they have no ``head.norm``: mimprobe removes that norm
+    instead of leaving it at its initialisation (here from a local file in timm's names, as the hub holds them)."""
+    from safetensors.torch import save_file
+
+    reference = reference_model("fcmae")
+    path = tmp_path / "fcmae.safetensors"
+    save_file({key: value.contiguous() for key, value in reference.state_dict().items()
+               if not key.startswith("head.")}, str(path))
+    loaded = load_model("convnextv2_atto.fcmae", pretrained_file=path)
+    assert isinstance(loaded.model.head.norm, nn.Identity)
+    loaded_state = loaded.model.state_dict()
+    assert all(torch.equal(loaded_state[key], value) for key, value in reference.state_dict().items()
+               if not key.startswith("head."))
+    fine_tuned = load_model("convnextv2_atto.fcmae_ft_in1k", pretrained_file=_with_head(reference, tmp_path))
+    assert not isinstance(fine_tuned.model.head.norm, nn.Identity)
+
+
+def _with_head(model: nn.Module, tmp_path) -> str:
+    from safetensors.torch import save_file
+
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    state.update({"head.fc.weight": torch.zeros(1000, model.num_features), "head.fc.bias": torch.zeros(1000)})
+    path = tmp_path / "fcmae_ft_in1k.safetensors"
+    save_file(state, str(path))
+    return str(path)
+
+
 def test_simmim_checkpoint_of_other_windows_is_refused_not_resampled(tmp_path):
     """timm's Swin filter resamples relative position tables of another window size without a word; SimMIM's
     192 px / 6x6-window files loaded into a 7x7-window name would give another model's features."""
