@@ -8,11 +8,13 @@ Two layouts are supported:
   ``forward_intermediates`` are read with forward hooks on ``model.blocks``.
 * ``map``: models whose blocks keep a spatial map, read as (batch, width, H, W) and mean-pooled over the map:
   SAM's image encoder (``VisionTransformerSAM``, one width) and the hierarchical ``Hiera`` (every block, with the
-  width of its stage: 96 → 768 for hiera_tiny).
+  width of its stage: 96 → 768 for hiera_tiny), ConvNeXt (V1 and V2, the FCMAE encoder: ``stages.{s}.blocks.{j}``)
+  and Swin (the SimMIM encoder: ``layers.{s}.blocks.{j}``). Their ``forward_intermediates`` index stages, not
+  blocks, so every block of every stage is read with a forward hook and numbered in forward order (block ``i`` is
+  the ``i``-th entry of `BlockLayout.block_modules`). They have no CLS token: ``mean`` pools the map.
 
-Every other model with ``forward_intermediates`` (CNNs, Swin-style and other staged networks whose
-``forward_intermediates`` indexes stages, not blocks) is refused with a one-line reason before anything is
-written.
+Every other model with ``forward_intermediates`` (CNNs, other staged networks) is refused with a one-line reason
+before anything is written.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch.nn as nn
 from ..errors import BadInputError
 
 MAP_CLASSES = ("VisionTransformerSAM", "Hiera")
+# hierarchical models whose blocks sit in stages: (attribute of the stages, layout of a block's output map)
+STAGED_CLASSES = {"ConvNeXt": ("stages", "NCHW"), "SwinTransformer": ("layers", "NHWC")}
 SUPPORTED = ("ViT-style token models (timm VisionTransformer and its DeiT/DINOv2/CLIP/SigLIP/gap variants, BEiT, "
-             "EVA, NaFlexViT, ...) and the spatial-map models Hiera and SAM-ViT")
+             "EVA, NaFlexViT, ...) and the spatial-map models Hiera, SAM-ViT, ConvNeXt (V2) and Swin")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ class BlockLayout:
         pooled_norm: Attribute path of the norm the model applies after pooling (``fc_norm`` of gap BEiT/EVA/ViT
             models, ``head.norm`` of Hiera), or None.
         intermediates_kwargs: Extra ``forward_intermediates`` arguments (Hiera: ``coarse=False`` for every block).
+        block_modules: Module path of every block of a staged model (``stages.1.blocks.2``), in forward order; its
+            outputs are read with forward hooks. Empty for models whose blocks are ``model.blocks``.
+        block_stages: Stage of every block of a staged model (the ``forward_intermediates`` index after which the
+            forward pass can stop).
+        map_format: Layout of a staged block's output: ``NCHW`` (ConvNeXt) or ``NHWC`` (Swin).
+        pooled_norm_on_map: The pooled norm takes (batch, width, 1, 1), not (batch, width) (ConvNeXt's
+            ``LayerNorm2d`` head norm, applied by timm to the globally pooled map).
     """
 
     output: str
@@ -54,6 +65,10 @@ class BlockLayout:
     token_norm: str | None
     pooled_norm: str | None
     intermediates_kwargs: dict[str, Any] = field(default_factory=dict)
+    block_modules: tuple[str, ...] = ()
+    block_stages: tuple[int, ...] = ()
+    map_format: str = "NCHW"
+    pooled_norm_on_map: bool = False
 
     @property
     def has_final_norm(self) -> bool:
@@ -84,6 +99,30 @@ def _intermediates_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(method).parameters) if method is not None else set()
 
 
+def _staged_layout(model: nn.Module, cls: str) -> BlockLayout:
+    """Every block of every stage of ConvNeXt or Swin, each with its stage's width (timm's ``feature_info``).
+
+    The final norm: ConvNeXt's ``head.norm`` acts on the pooled map (``NormMlpClassifierHead``: pool, then norm;
+    an Identity in FCMAE encoders, which end without one), Swin's ``norm`` on every position of the last stage
+    before its average pool.
+    """
+    stages_attribute, map_format = STAGED_CLASSES[cls]
+    stages = getattr(model, stages_attribute)
+    paths, stage_of_block, widths = [], [], []
+    for stage_index, stage in enumerate(stages):
+        width = int(model.feature_info[stage_index]["num_chs"])
+        for block_index in range(len(stage.blocks)):
+            paths.append(f"{stages_attribute}.{stage_index}.blocks.{block_index}")
+            stage_of_block.append(stage_index)
+            widths.append(width)
+    convnext = cls == "ConvNeXt"
+    return BlockLayout(output="map", num_blocks=len(paths), block_widths=tuple(widths), num_prefix_tokens=0,
+                       has_class_token=False, token_norm=None if convnext else _real_norm(model, "norm"),
+                       pooled_norm=_real_norm(model, "head.norm") if convnext else None,
+                       block_modules=tuple(paths), block_stages=tuple(stage_of_block), map_format=map_format,
+                       pooled_norm_on_map=convnext)
+
+
 def block_layout(model: nn.Module, name: str) -> BlockLayout:
     """The block layout of a timm model.
 
@@ -91,6 +130,8 @@ def block_layout(model: nn.Module, name: str) -> BlockLayout:
         BadInputError: The model is not one mimprobe can profile block by block (a CNN, a staged network).
     """
     cls = type(model).__name__
+    if cls in STAGED_CLASSES:
+        return _staged_layout(model, cls)
     blocks = getattr(model, "blocks", None)
     parameters = _intermediates_parameters(model)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or not len(blocks):

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import math
 import os
 import socket
 import sys
@@ -101,7 +102,16 @@ def resolve_model_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs["norm_layer"] = functools.partial(LayerNorm, eps=float(eps))
     if kwargs.pop("packed_swiglu_mlp", False):  # DINOv2-giant's SwiGLU (fc1 holds gate and value, gate first)
         kwargs["mlp_layer"] = SwiGLUPacked
+    kwargs.pop("head_norm", None)  # applied to the built model (`_apply_head_norm`)
     return kwargs
+
+
+def _apply_head_norm(model: nn.Module, model_kwargs: dict[str, Any]) -> None:
+    """``head_norm=False``: the weights end without the norm of timm's head (ConvNeXt V2 FCMAE encoders), so it is
+    removed with timm's ``reset_classifier(reset_other=True)`` rather than left at its initialisation (which
+    ``--norm final`` would then apply as if it were trained)."""
+    if model_kwargs.get("head_norm", True) is False:
+        model.reset_classifier(0, reset_other=True)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -143,11 +153,11 @@ def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_f
         with _offline_unless_hub_reachable() if downloads else contextlib.nullcontext():
             return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
     except TypeError as error:
-        if "img_size" in kwargs and "img_size" in str(error):  # CNNs take no img_size: say what the model is
-            try:
-                block_layout(timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"}), name)
-            except TypeError:
-                pass
+        if "img_size" in kwargs and "img_size" in str(error):
+            # convolutional models (ConvNeXt, CNNs) take any input size and no img_size: the size is the transform's
+            # alone (the caller's block layout check then refuses the CNNs with their reason)
+            without_size = {key: value for key, value in kwargs.items() if key != "img_size"}
+            return _create(name, pretrained=pretrained, kwargs=without_size, pretrained_file=pretrained_file)
         raise BadInputError(f"model {name} does not accept {sorted(kwargs)}: {error}") from None
     except (ValueError, AssertionError) as error:  # timm's own checks of architecture arguments
         if pretrained:
@@ -294,6 +304,9 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
             model = _create(name, pretrained=pretrained, kwargs=create_kwargs, pretrained_file=pretrained_file)
         if pretrained:
             model.reset_classifier(0)
+            # timm's FCMAE weights have no head norm and timm loads them non-strictly, leaving it at its init
+            # (convnext.py `_create_convnext`): remove it, as for FCMAE checkpoint files
+            _apply_head_norm(model, {"head_norm": getattr(model, "pretrained_cfg", {}).get("tag") != "fcmae"})
         _check_blocks(model, name)
         # timm's own weights (or a local file of them): timm's data config of the name applies (preprocessing None)
         return LoadedModel(model=model.eval(), name=name, weights="pretrained" if pretrained else "random",
@@ -310,6 +323,7 @@ def load_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
         torch.manual_seed(init_seed)
         model = _create(name, pretrained=False, kwargs={**resolve_model_kwargs(combined_kwargs), **size_kwargs},
                         pretrained_file=None)
+    _apply_head_norm(model, combined_kwargs)
     _check_blocks(model, name)
     _check_class_token(converted.state_dict, model, name, converted.format)
     state_dict = _filter_for_model(converted.state_dict, model)
@@ -415,6 +429,7 @@ def _filter_for_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     """Apply the model family's timm ``checkpoint_filter_fn`` (DINOv2 / BEiT conversions, resampling of position
     and patch embeddings to the model's input size). Shape problems it cannot fix surface in the strict load."""
     _check_patch_size(state_dict, model)
+    _check_window_size(state_dict, model)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is None:
         return state_dict
@@ -436,6 +451,22 @@ def _check_patch_size(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         raise CheckpointError(f"the checkpoint's patch size is {tuple(weight.shape[-2:])} but "
                               f"{type(model).__name__} here uses {tuple(target.shape[-2:])}: choose the model name "
                               "with the checkpoint's patch size")
+
+
+def _check_window_size(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse a Swin checkpoint whose attention windows differ from the model's: timm's filter would silently
+    resample its relative position bias tables (SimMIM pre-trains Swin-B with 6x6 windows at 192 px, timm's
+    Swin-B names use 7x7 at 224), and the features would be those of another model."""
+    if type(model).__name__ != "SwinTransformer":
+        return
+    expected = model.state_dict()
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_bias_table") and key in expected and value.shape != expected[key].shape:
+            window = (math.isqrt(value.shape[0]) + 1) // 2  # a (2w-1)^2-row table
+            raise CheckpointError(f"the checkpoint's attention windows are {window}x{window} ({key} {tuple(value.shape)}"
+                                  f") but the model's give {tuple(expected[key].shape)}: build the model with the "
+                                  f"checkpoint's window and input size, e.g. --model-kwargs window_size={window} "
+                                  "--img-size 192 for SimMIM's 192 px pre-training")
 
 
 def _listing(keys: list[str], limit: int = 6) -> str:
@@ -478,7 +509,8 @@ def describe_model(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """Structure of a timm model mimprobe profiles: blocks and their widths, prefix tokens, patch size, norms.
 
     ``embed_dim`` is the width of the last block; ``block_widths`` lists every block's (they differ between the
-    stages of hierarchical models). ``final_norm`` names the norm the model ends with and ``final_norm_on`` where
+    stages of hierarchical models) and ``block_modules`` the module each block number reads (``blocks.3``; for
+    ConvNeXt and Swin, numbered across stages in forward order: ``stages.1.blocks.0``). ``final_norm`` names the norm the model ends with and ``final_norm_on`` where
     it acts: ``tokens`` (``model.norm``, before pooling) or ``pooled`` (``fc_norm`` / ``head.norm``, after it).
 
     Raises:
@@ -497,6 +529,7 @@ def describe_model(model: nn.Module, name: str | None = None) -> dict[str, Any]:
         "num_blocks": layout.num_blocks,
         "embed_dim": layout.block_widths[-1],
         "block_widths": list(layout.block_widths),
+        "block_modules": list(layout.block_modules or (f"blocks.{i}" for i in range(layout.num_blocks))),
         "block_output": layout.output,
         "num_prefix_tokens": layout.num_prefix_tokens,
         "has_class_token": layout.has_class_token,

@@ -72,6 +72,11 @@ FORMAT_PREPROCESSING: dict[str, EvalPreprocessing] = {
                         "mean/std)"),
     # I-JEPA's repository has no evaluation transform: its normalisation (src/transforms.py make_transforms) and
     # the resize/crop with which MIM-Refiner evaluates it
+    "fcmae": _imagenet("ConvNeXt V2 evaluation (facebookresearch/ConvNeXt-V2 datasets.py build_transform: bicubic "
+                       "resize to input/crop_pct, crop_pct 224/256, centre crop, ImageNet mean/std; it warps without "
+                       "cropping at 384 px and above)"),
+    "simmim": _imagenet("SimMIM evaluation (microsoft/SimMIM data/data_finetune.py build_transform with TEST.CROP: "
+                        "Resize(256/224 x input, bicubic), CenterCrop(input), ImageNet mean/std)"),
     "ijepa": _imagenet("I-JEPA (facebookresearch/ijepa src/transforms.py: ImageNet mean/std; the repository has no "
                        "evaluation transform, so Resize(256, bicubic), CenterCrop(224) as MIM-Refiner evaluates it)"),
 }

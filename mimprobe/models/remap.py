@@ -10,6 +10,15 @@ The key layouts are those of the official releases (see DESIGN.md and checkpoint
   ``module.`` or ``torch.compile`` ``_orig_mod.`` prefixes; DINOv2 training files with ``block_chunks``
   (``blocks.{chunk}.{i}.*``) and fvcore's ``teacher.backbone.*`` names.
 * I-JEPA (facebookresearch/ijepa): ``target_encoder`` (else ``encoder``) beside ``predictor``; no CLS token.
+* ConvNeXt V2 FCMAE pre-training (facebookresearch/ConvNeXt-V2 ``models/fcmae.py``): the sparse
+  (MinkowskiEngine) encoder under ``encoder.``, beside ``proj``, ``mask_token``, ``decoder`` and ``pred``; turned
+  into the official dense ConvNeXt V2 layout, which timm's ``convnext.checkpoint_filter_fn`` renames for timm.
+* SimMIM Swin pre-training (microsoft/SimMIM ``models/simmim.py``): the original Swin layout under ``encoder.``
+  with ``encoder.mask_token`` and a ``decoder``; timm's ``swin_transformer.checkpoint_filter_fn`` then drops the
+  ``relative_position_index``/``attn_mask`` buffers and moves each stage's patch merging to the next stage.
+
+Official ConvNeXt (V1/V2, ``downsample_layers``/``dwconv``) and Swin (``layers.0.downsample``) files of other kinds
+(fine-tuned, supervised) keep their names here: timm's own filters convert them when they are loaded.
 
 Formats are checked from the most specific signature to the least: timm's own ``checkpoint_filter_fn`` treats any
 ``mask_token`` as DINOv2 and would send full MAE files to its DINOv2 converter.
@@ -17,6 +26,7 @@ Formats are checked from the most specific signature to the least: timm's own ``
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +43,10 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 D2V_PREFIX = "modality_encoders.IMAGE."
 POST_NORM_KWARGS = {"pre_norm": True, "final_norm": False, "post_norm_blocks": True}
+# FCMAE encoders end without the norm of timm's ConvNeXt head: `mimprobe.models.loading` removes it
+NO_HEAD_NORM_KWARGS = {"head_norm": False}
+FCMAE_KERNEL = re.compile(r"(encoder\.)?stages\.\d+\.\d+\.dwconv\.kernel")
+SIMMIM_SWIN_KEY = "encoder.layers.0.blocks.0.attn.relative_position_bias_table"
 
 StateDict = dict[str, torch.Tensor]
 
@@ -44,9 +58,10 @@ class ConvertedCheckpoint:
     Attributes:
         state_dict: Tensors under timm ``VisionTransformer`` names.
         format: Detected format (``timm``, ``mae``, ``data2vec2``, ``mim-refiner``, ``dino`` (DINO/iBOT teacher or
-            student files), ``dinov2``, ``ijepa``, ``beit``).
+            student files), ``dinov2``, ``ijepa``, ``beit``, ``fcmae`` (ConvNeXt V2), ``simmim`` (Swin)).
         model_kwargs: Architecture arguments the format needs (JSON-serialisable; ``post_norm_blocks`` means
-            ``block_fn=PostNormBlock``), including ``num_classes`` from the head (0 without one).
+            ``block_fn=PostNormBlock``, ``head_norm=False`` a head without its norm), including ``num_classes``
+            from the head (0 without one).
         notes: What was unwrapped or dropped, for the user.
     """
 
@@ -132,6 +147,10 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     ``pos_embed`` keeps an exactly zero CLS row, which a learned or timm-initialised one never has).
     """
     keys = state_dict.keys()
+    if any(FCMAE_KERNEL.fullmatch(key) for key in keys):
+        return "fcmae"
+    if SIMMIM_SWIN_KEY in keys:
+        return "simmim"
     if any(key.startswith(D2V_PREFIX) or key.startswith("model." + D2V_PREFIX) for key in keys):
         return "data2vec2"
     if "cls_tokens.tokens" in keys and state_dict.get("pos_embed.embed", torch.empty(0)).ndim == 4:
@@ -157,6 +176,53 @@ def remap_mae(state_dict: StateDict) -> StateDict:
     """
     return {key: value for key, value in state_dict.items()
             if key != "mask_token" and not key.startswith("decoder_")}
+
+
+def remap_fcmae(state_dict: StateDict) -> StateDict:
+    """ConvNeXt V2 FCMAE pre-training checkpoint → the official dense ConvNeXt V2 layout (``downsample_layers``,
+    ``stages.{s}.{j}.dwconv|norm|pwconv1|grn|pwconv2``), as the official fine-tuning reads it
+    (facebookresearch/ConvNeXt-V2 ``utils.py remap_checkpoint_keys``).
+
+    The decoder (``proj``, ``mask_token``, ``decoder.*``, ``pred``) is dropped and ``encoder.`` stripped. The sparse
+    encoder's MinkowskiEngine layers become dense ones: a convolution ``kernel`` (K*K, in, out) → ``weight`` (out,
+    in, K, K) and a depthwise ``kernel`` (K*K, dim) → (dim, 1, K, K), both with the official reshape (the kernel
+    offsets are stored x-major, hence the final transpose of the two spatial axes); ``MinkowskiLinear.linear.*``
+    and ``MinkowskiLayerNorm.ln.*`` lose their inner name; (1, dim) biases become (dim,); GRN ``gamma``/``beta``
+    (1, dim) become (1, 1, 1, dim). The encoder has no final norm and no head.
+    """
+    with_decoder = any(key.startswith("encoder.") for key in state_dict)  # else an encoder saved alone
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if with_decoder and not key.startswith("encoder."):
+            continue  # proj, mask_token, decoder.*, pred: the pre-training decoder
+        key = key[len("encoder."):] if key.startswith("encoder.") else key
+        parts = key.split(".")
+        if parts[-1] == "kernel":
+            weight_key = ".".join(parts[:-1]) + ".weight"
+            size = math.isqrt(value.shape[0])
+            if value.ndim == 3:  # (K*K, in, out) convolution
+                _, in_dim, out_dim = value.shape
+                out[weight_key] = value.permute(2, 1, 0).reshape(out_dim, in_dim, size, size).transpose(3, 2)
+            else:  # (K*K, dim) depthwise convolution
+                dim = value.shape[1]
+                out[weight_key] = value.permute(1, 0).reshape(dim, 1, size, size).transpose(3, 2)
+            continue
+        if len(parts) > 2 and parts[-2] in ("ln", "linear"):
+            key = ".".join(parts[:-2] + parts[-1:])
+        if key.endswith("bias") and value.ndim != 1:
+            value = value.reshape(-1)
+        elif ".grn." in key:
+            value = value.reshape(1, 1, 1, -1)
+        out[key] = value
+    return out
+
+
+def remap_simmim(state_dict: StateDict) -> StateDict:
+    """SimMIM Swin pre-training checkpoint → the original Swin layout: keep ``encoder.*`` without the prefix,
+    drop ``encoder.mask_token`` and the ``decoder`` (microsoft/SimMIM ``utils.py load_pretrained`` keeps the same
+    keys). The Swin-specific renames are timm's filter's, at load time."""
+    return {key[len("encoder."):]: value for key, value in state_dict.items()
+            if key.startswith("encoder.") and key != "encoder.mask_token"}
 
 
 def _fold_patch_bias(pos: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -279,6 +345,17 @@ def convert_checkpoint(checkpoint: Any) -> ConvertedCheckpoint:
         if post_norm:
             model_kwargs.update(POST_NORM_KWARGS)
             notes.append("MIM-Refiner (refined data2vec 2.0): post-norm blocks, no final norm")
+    elif fmt == "fcmae":
+        dropped = [key for key in state_dict if not key.startswith("encoder.")]
+        state_dict = remap_fcmae(state_dict)
+        model_kwargs.update(NO_HEAD_NORM_KWARGS)
+        notes.append(f"ConvNeXt V2 FCMAE pre-training checkpoint: kept the sparse encoder as dense layers, dropped "
+                     f"{len(dropped)} decoder/mask keys; no final norm")
+    elif fmt == "simmim":
+        dropped = [key for key in state_dict if not key.startswith("encoder.") or key == "encoder.mask_token"]
+        state_dict = remap_simmim(state_dict)
+        notes.append(f"SimMIM Swin pre-training checkpoint: kept the encoder, dropped {len(dropped)} decoder/mask "
+                     "keys")
     elif fmt == "mae":
         dropped = [key for key in state_dict if key == "mask_token" or key.startswith("decoder_")]
         state_dict = remap_mae(state_dict)

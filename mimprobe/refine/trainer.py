@@ -71,6 +71,17 @@ class RefineResult:
 
 # ---------------------------------------------------------------------------------------------------------- setup
 
+def _check_token_model(encoder: nn.Module, name: str) -> None:
+    """Refuse models whose blocks give spatial maps (Hiera, ConvNeXt, Swin, SAM-ViT): the NNA heads read each
+    block's CLS token (MIM-Refiner, arXiv 2402.10093), which only ViT token models have."""
+    from ..models.families import block_layout
+
+    if block_layout(encoder, name).output != "tokens":
+        raise BadInputError(f"refine supports ViT token models only: {name} ({type(encoder).__name__}) has "
+                            "hierarchical or windowed blocks that give spatial maps, and the NNA heads are defined "
+                            "on each block's CLS token; profile it with `mimprobe profile` instead")
+
+
 def _prepare_out(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not (resume or overwrite):
@@ -302,13 +313,14 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     out = Path(out)
     ctx = init_distributed(resolve_device(device))
     say = status_logger(log, progress=progress and ctx.is_main)
+    loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
+                        init_seed=config.seed, model_kwargs=model_kwargs)
+    _check_token_model(loaded.model, model)
     _prepare_out(out, resume=resume, overwrite=overwrite, is_main=ctx.is_main)
     _barrier(ctx)
     started = time.perf_counter()
 
     placement = resolve_placement(placement)
-    loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
-                        init_seed=config.seed, model_kwargs=model_kwargs)
     encoder = loaded.model
     num_blocks = len(encoder.blocks)
     _check_placement(placement, num_blocks, model)

@@ -4,7 +4,8 @@ anything is written.
 Each family is built small (random weights, a few blocks, tiny images) and extracted end to end into a float32
 store; the stored last block is checked against timm's own computation of the model's pooled output
 (``forward_head(forward_features(x), pre_logits=True)``: CLS after ``norm`` for token-pooled ViTs, ``fc_norm`` of
-the patch mean for average-pooled BEiT/EVA/NaFlexViT, ``head.norm`` of the map mean for Hiera), or, for models
+the patch mean for average-pooled BEiT/EVA/NaFlexViT, ``head.norm`` of the map mean for Hiera and ConvNeXt V2, the
+map mean after ``norm`` for Swin), or, for models
 that pool otherwise (SigLIP's attention pool, SAM's neck), against their final tokens or a forward hook.
 """
 
@@ -21,6 +22,7 @@ from mimprobe.models import describe_model, load_model
 
 SMALL = "synthetic:classes=3,train=4,test=2,size=16"
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+SWIN_TINY = {"depths": (1, 1, 2, 1), "embed_dim": 32, "num_heads": (1, 2, 2, 4), "window_size": 4}
 
 # name: (img_size, timm kwargs, how the model pools its head, expected block widths)
 FAMILIES = {
@@ -33,6 +35,8 @@ FAMILIES = {
     "eva02": ("eva02_tiny_patch14_224", 28, {"depth": 2}, "mean", [192, 192]),
     "samvit": ("samvit_base_patch16", 64, TINY, "hook", [64, 64]),
     "hiera": ("hiera_tiny_224", 64, {}, "mean", [96, 192, 192, 384, 384, 384, 384, 384, 384, 384, 768, 768]),
+    "convnextv2": ("convnextv2_atto", 32, {}, "mean", [40, 40, 80, 80, 160, 160, 160, 160, 160, 160, 320, 320]),
+    "swin": ("swin_tiny_patch4_window7_224", 64, SWIN_TINY, "mean", [32, 64, 128, 128, 256]),
     "naflexvit": ("naflexvit_base_patch16_gap", 32, TINY, "mean", [64, 64]),
     "vit-gap": ("vit_base_patch16_gap_224", 32, TINY, "mean", [64, 64]),
 }
@@ -107,8 +111,8 @@ def test_norm_final_applies_fc_norm_of_average_pooled_models(tmp_path):
 
 
 @pytest.mark.parametrize("name, options", [("resnet18", {}), ("resnet18", {"img_size": 32}), ("efficientnet_b0", {}),
-                                           ("efficientnet_b0", {"img_size": 32}), ("convnext_atto", {}),
-                                           ("swin_tiny_patch4_window7_224", {})])
+                                           ("efficientnet_b0", {"img_size": 32}),
+                                           ("swinv2_cr_tiny_ns_224", {})])
 def test_cnn_and_staged_models_are_refused_before_anything_is_written(name, options, tmp_path):
     out = tmp_path / "features"
     with pytest.raises(BadInputError, match=r"not supported|no transformer blocks") as raised:

@@ -17,8 +17,10 @@ from mimprobe.models import (
     convert_checkpoint,
     detect_format,
     remap_data2vec2,
+    remap_fcmae,
     remap_mae,
     remap_mim_refiner,
+    remap_simmim,
     strip_prefixes,
     unwrap_checkpoint,
 )
@@ -207,7 +209,42 @@ def test_detect_beit():
     assert detect_format({"blocks.0.gamma_1": tensor(WIDTH)}) == "beit"
 
 
+@pytest.mark.parametrize("prefix", ["encoder.", ""])
+def test_detect_fcmae_from_a_sparse_depthwise_kernel_whatever_its_mask_token(prefix):
+    state_dict = {prefix + "stages.0.0.dwconv.kernel": tensor(49, 8), prefix + "stages.0.0.dwconv.bias": tensor(1, 8),
+                  "mask_token": tensor(1, 16, 1, 1)}
+    assert detect_format(state_dict) == "fcmae"
+    dense = {"stages.0.0.dwconv.weight": tensor(8, 1, 7, 7)}  # official fine-tuned layout: timm's filter reads it
+    assert detect_format(dense) == "timm"
+
+
+def test_detect_simmim_swin_needs_the_encoder_prefix():
+    key = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert detect_format({"encoder." + key: tensor(49, 2), "encoder.mask_token": tensor(1, 1, WIDTH)}) == "simmim"
+    assert detect_format({key: tensor(49, 2)}) == "timm"  # fine-tuned Swin: timm's filter reads it
+
+
 # --- remaps ------------------------------------------------------------------------------------------------------
+
+
+def test_remap_fcmae_keeps_an_encoder_saved_alone_and_drops_the_decoder_otherwise():
+    encoder = {"downsample_layers.1.0.ln.weight": tensor(8), "stages.0.0.pwconv1.linear.weight": tensor(32, 8),
+               "stages.0.0.grn.gamma": tensor(1, 32), "stages.0.0.dwconv.bias": tensor(1, 8)}
+    expected = {"downsample_layers.1.0.weight": (8,), "stages.0.0.pwconv1.weight": (32, 8),
+                "stages.0.0.grn.gamma": (1, 1, 1, 32), "stages.0.0.dwconv.bias": (8,)}
+    alone = remap_fcmae(encoder)
+    assert {key: tuple(value.shape) for key, value in alone.items()} == expected
+    with_decoder = remap_fcmae({**{"encoder." + key: value for key, value in encoder.items()},
+                                "proj.weight": tensor(4, 8, 1, 1), "mask_token": tensor(1, 4, 1, 1),
+                                "decoder.0.norm.weight": tensor(4), "pred.bias": tensor(12)})
+    assert with_decoder.keys() == expected.keys()
+    assert torch.equal(with_decoder["downsample_layers.1.0.weight"], encoder["downsample_layers.1.0.ln.weight"])
+
+
+def test_remap_simmim_keeps_the_encoder_without_its_mask_token():
+    remapped = remap_simmim({"encoder.norm.weight": tensor(WIDTH), "encoder.mask_token": tensor(1, 1, WIDTH),
+                             "decoder.0.weight": tensor(3, WIDTH, 1, 1), "decoder.0.bias": tensor(3)})
+    assert list(remapped) == ["norm.weight"]
 
 
 def test_remap_mae_drops_exactly_the_decoder_and_mask_keys():

@@ -242,6 +242,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path, extra, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
 
 
+@pytest.mark.parametrize("model, size", [("convnextv2_atto", ["--img-size", "32"]),
+                                         ("swin_tiny_patch4_window7_224", []), ("hiera_tiny_224", [])])
+def test_hierarchical_models_are_refused_before_anything_is_written(model, size, tmp_path):
+    small = _write_placement(tmp_path / "small.json", [5], 6)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["refine", model, DATA, *size, "--placement", str(small), "--no-progress",
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "ViT token models only" in lines[0] and model in lines[0], result.output
+    assert not out.exists()
+
+
 def test_out_with_another_run_is_refused_then_overwritten(tmp_path):
     small = _write_placement(tmp_path / "small.json", [5], 6)
     args = ["refine", *COMMON, "--queue-size", "16", "--batch-size", "16", "--placement", str(small),
