@@ -9,8 +9,9 @@ with ``p_i = lambda_i(K) / tr(K)`` (natural log; alpha = 1 is the limit, von Neu
 It ranges from 0 (all rows on one line) to log(min(n, d)) (an orthogonal design: K = I gives log n).
 
 Computed on the (d, d) matrix ``Z^T Z`` when n > d: it has the same non-zero eigenvalues as K, so the cost is
-O(n d^2) instead of O(n^2 d) and the memory d^2. Eigenvalues <= 0 (numerical) are left out, as the authors'
-``repitl.matrix_itl.generalizedInformationPotential`` does (github.com/uk-cliplab/representation-itl, used by
+O(n d^2) instead of O(n^2 d) and the memory d^2. Eigenvalues <= 0 are left out, as the authors'
+``repitl.matrix_itl.generalizedInformationPotential`` does, and so are the rounding-noise ones below numpy's rank
+tolerance (they are exact zeros of a rank-deficient K, and would bias alpha < 1) (github.com/uk-cliplab/representation-itl, used by
 github.com/OFSkean/information_flow, ``experiments/utils/metrics/metric_functions.py::compute_entropy``).
 
 Two differences from that code, on purpose: (1) it clamps the *entries* of the Gram/covariance at 0
@@ -40,13 +41,18 @@ def normalised_rows(features: np.ndarray, *, center: bool = False, name: str = "
 
 
 def renyi_entropy_from_eigenvalues(eigenvalues: np.ndarray, *, order: float = DEFAULT_ENTROPY_ORDER) -> float:
-    """Matrix-based Renyi entropy of a PSD matrix from its eigenvalues (any order, any scale; <= 0 ones dropped)."""
+    """Matrix-based Renyi entropy of a PSD matrix from its eigenvalues (any order, any scale).
+
+    Eigenvalues at or below ``largest * len * float64 eps`` (numpy's ``matrix_rank`` tolerance) are the exact zeros
+    of a rank-deficient matrix returned as rounding noise; they are dropped, since for alpha < 1 their ``p^alpha``
+    would add up to a visible error.
+    """
     if order <= 0:
         raise BadInputError(f"the entropy order alpha must be > 0, got {order}")
-    positive = np.asarray(eigenvalues, dtype=np.float64)
-    positive = positive[positive > 0]
-    if positive.size == 0:
+    values = np.asarray(eigenvalues, dtype=np.float64)
+    if values.size == 0 or values.max() <= 0:
         return 0.0
+    positive = values[values > values.max() * values.size * np.finfo(np.float64).eps]
     p = positive / positive.sum()
     if order == 1.0:
         return float(-np.sum(p * np.log(p)))

@@ -63,7 +63,7 @@ def knn_accuracy_on_pseudo_labels(features: np.ndarray, pseudo_labels: np.ndarra
 
 
 def cluster_learnability(features: np.ndarray, *, n_clusters: int | None = None,
-                         k_neighbors: int = DEFAULT_CL_NEIGHBORS, restarts: int = 1, niter: int = KMEANS_NITER,
+                         k_neighbors: int = DEFAULT_CL_NEIGHBORS, restarts: int = 3, niter: int = KMEANS_NITER,
                          seed: int = 0, threads: int | None = None, name: str = "features") -> LabelFreeEstimate:
     """CLID's cluster learnability of a (n, d) block's features (see the module docstring).
 
