@@ -104,6 +104,18 @@ def test_rule_table_covers_every_label_free_metric():
     assert RULES["twonn_id"].pick == "first_min_after_peak" and RULES["alpha_req"].pick == "closest_to_1"
 
 
+def test_oriented_rho_reads_each_rule_in_its_better_direction():
+    accuracy, hits = twelve_block_run(seed=7)
+    alpha = 1.0 + np.abs(np.arange(12) - 8) * 0.15 + 0.01 * np.arange(12)  # closest to 1 where accuracy peaks
+    result = calibrate("alpha_req", alpha, hits=hits, n_resamples=200)
+    measured = hits.mean(axis=1)
+    assert result.oriented_rho == pytest.approx(spearmanr(-np.abs(alpha - 1), measured).statistic, abs=1e-12)
+    assert result.oriented_rho > 0.8 and result.oriented_low <= result.oriented_rho <= result.oriented_high
+    id_curve = 40.0 - 10 * measured  # low ID where accuracy is high
+    assert calibrate("twonn_id", id_curve, measured).oriented_rho == pytest.approx(1.0)
+    assert calibrate("twonn_id", id_curve, measured).rho == pytest.approx(-1.0)
+
+
 def test_block_numbers_and_accuracy_lost():
     accuracy, _ = twelve_block_run()
     alpha = np.array([3.0, 2.6, 2.2, 1.9, 1.6, 1.4, 1.25, 1.1, 0.97, 0.9, 0.8, 0.7])

@@ -17,7 +17,7 @@ bootstrap interval over images, the block each metric's published rule picks (`R
 """
 
 from .calibration import (PICKS, RULES, CalibrationResult, PickRule, bootstrap_accuracy, bootstrap_indices,
-                          calibrate, first_min_after_peak, pick_block, spearman_rho, spearman_rows)
+                          calibrate, first_min_after_peak, oriented_score, pick_block, spearman_rho, spearman_rows)
 from .entropy import dataset_entropy, renyi_entropy_from_eigenvalues
 from .intrinsic_dim import two_nearest_distances, twonn_dimension, twonn_from_distances
 from .learnability import cluster_learnability, default_cluster_count, learnability_split
@@ -29,5 +29,6 @@ __all__ = ["PICKS", "RULES", "CalibrationResult", "LabelFreeEstimate", "PickRule
            "alpha_req_from_spectrum", "block_neighbours", "bootstrap_accuracy", "bootstrap_indices", "calibrate",
            "cluster_learnability", "covariance_eigenvalues", "dataset_entropy", "default_cluster_count",
            "first_min_after_peak", "learnability_split", "neighbourhood_overlap", "nesum", "nesum_from_spectrum",
-           "overlap_of_neighbours", "pick_block", "renyi_entropy_from_eigenvalues", "seeded_subset", "spearman_rho",
-           "spearman_rows", "two_nearest_distances", "twonn_dimension", "twonn_from_distances"]
+           "oriented_score", "overlap_of_neighbours", "pick_block", "renyi_entropy_from_eigenvalues",
+           "seeded_subset", "spearman_rho", "spearman_rows", "two_nearest_distances", "twonn_dimension",
+           "twonn_from_distances"]

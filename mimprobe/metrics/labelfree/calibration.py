@@ -3,8 +3,10 @@
 Given a label-free curve (one value per block) and a k-NN (or linear) top-1 curve on the same blocks:
 
 - **rho**: Spearman's rank correlation across blocks (`spearman_rho`, equal to ``scipy.stats.spearmanr``; computed
-  for many bootstrap replicates at once by `spearman_rows`). Blocks where the label-free value is NaN (the
-  overlap has none for the last block) are left out.
+  for many bootstrap replicates at once by `spearman_rows`), of the raw curve and of its `oriented_score` (turned
+  so that higher is better by the metric's rule: positive means "the rule's better blocks are the accurate
+  ones", whatever the metric's direction). Blocks where the label-free value is NaN (the overlap has none for the
+  last block) are left out.
 - **interval**: a percentile bootstrap over *images*. The accuracy side is resampled exactly: the caller gives each
   block's per-image top-1 correctness (``hits``, (blocks, images) bool), and every replicate reweights the images by
   multinomial counts (a resample with replacement). The label-free side is recomputed only when the caller provides
@@ -82,9 +84,12 @@ class CalibrationResult:
     """How one label-free curve tracks one labelled curve across the blocks of one model."""
 
     metric: str
-    rho: float                      # Spearman across the blocks with a finite label-free value
+    rho: float                      # Spearman of the raw curve across the blocks with a finite label-free value
     rho_low: float                  # bootstrap percentile interval (NaN without per-image hits)
     rho_high: float
+    oriented_rho: float             # Spearman of `oriented_score` (> 0: the rule's "better" tracks accuracy)
+    oriented_low: float
+    oriented_high: float
     level: float
     n_resamples: int                # replicates with a defined rho
     labelfree_resampled: bool       # True when metric replicates were given (else the curve was held fixed)
@@ -146,6 +151,19 @@ def bootstrap_accuracy(hits: np.ndarray, *, n_resamples: int = DEFAULT_RESAMPLES
         counts = rng.multinomial(n_images, uniform, size=stop - start).astype(np.float64)  # (chunk, images)
         replicates[start:stop] = counts @ hits.T / n_images
     return replicates
+
+
+def oriented_score(curve: np.ndarray, pick: str) -> np.ndarray:
+    """The curve turned so that higher means better by a pick rule: x (max), -x (min), -|x - 1| (closest_to_1),
+    -x (first_min_after_peak: a low intrinsic dimension after the peak is the semantic one)."""
+    if pick not in PICKS:
+        raise BadInputError(f"unknown pick rule {pick!r}; choose one of {PICKS}")
+    values = np.asarray(curve, dtype=np.float64)
+    if pick == "max":
+        return values
+    if pick == "closest_to_1":
+        return -np.abs(values - 1.0)
+    return -values
 
 
 def first_min_after_peak(curve: np.ndarray) -> int:
@@ -236,8 +254,9 @@ def calibrate(metric: str, metric_curve: np.ndarray, accuracy_curve: np.ndarray 
         raise BadInputError(f"{metric}: a rank correlation across blocks needs at least 3 finite values, got "
                             f"{int(used.sum())}")
     rho = spearman_rho(curve[used], accuracy[used])
+    oriented_rho = spearman_rho(oriented_score(curve[used], rule), accuracy[used])
 
-    rho_low = rho_high = float("nan")
+    rho_low = rho_high = oriented_low = oriented_high = float("nan")
     defined = 0
     if hits is not None:
         accuracy_replicates = bootstrap_accuracy(hits, n_resamples=n_resamples, seed=seed)[:, used]
@@ -250,15 +269,18 @@ def calibrate(metric: str, metric_curve: np.ndarray, accuracy_curve: np.ndarray 
                                     f"blocks={curve.size}), got {metric_replicates.shape}")
             metric_side = metric_replicates[:, used]
         replicates = spearman_rows(metric_side, accuracy_replicates)
-        replicates = replicates[np.isfinite(replicates)]
-        defined = int(replicates.size)
+        oriented = spearman_rows(oriented_score(metric_side, rule), accuracy_replicates)
+        keep = np.isfinite(replicates) & np.isfinite(oriented)
+        defined = int(keep.sum())
         if defined:
             tail = (1 - level) / 2 * 100
-            rho_low, rho_high = (float(v) for v in np.percentile(replicates, [tail, 100 - tail]))
+            rho_low, rho_high = (float(v) for v in np.percentile(replicates[keep], [tail, 100 - tail]))
+            oriented_low, oriented_high = (float(v) for v in np.percentile(oriented[keep], [tail, 100 - tail]))
 
     picked = pick_block(curve, rule)
     best = int(np.argmax(accuracy))
-    return CalibrationResult(metric=metric, rho=rho, rho_low=rho_low, rho_high=rho_high, level=float(level),
+    return CalibrationResult(metric=metric, rho=rho, rho_low=rho_low, rho_high=rho_high, oriented_rho=oriented_rho,
+                             oriented_low=oriented_low, oriented_high=oriented_high, level=float(level),
                              n_resamples=defined, labelfree_resampled=metric_replicates is not None,
                              picked_block=int(block_ids[picked]), best_block=int(block_ids[best]),
                              accuracy_at_pick=float(accuracy[picked]), best_accuracy=float(accuracy[best]),

@@ -10,9 +10,10 @@ It ranges from 0 (all rows on one line) to log(min(n, d)) (an orthogonal design:
 
 Computed on the (d, d) matrix ``Z^T Z`` when n > d: it has the same non-zero eigenvalues as K, so the cost is
 O(n d^2) instead of O(n^2 d) and the memory d^2. Eigenvalues <= 0 are left out, as the authors'
-``repitl.matrix_itl.generalizedInformationPotential`` does, and so are the rounding-noise ones below numpy's rank
-tolerance (they are exact zeros of a rank-deficient K, and would bias alpha < 1) (github.com/uk-cliplab/representation-itl, used by
-github.com/OFSkean/information_flow, ``experiments/utils/metrics/metric_functions.py::compute_entropy``).
+``repitl.matrix_itl.generalizedInformationPotential`` does (github.com/uk-cliplab/representation-itl, used by
+github.com/OFSkean/information_flow, ``experiments/utils/metrics/metric_functions.py::compute_entropy``), and so
+are the rounding-noise ones below numpy's rank tolerance (exact zeros of a rank-deficient K; they would bias
+alpha < 1).
 
 Two differences from that code, on purpose: (1) it clamps the *entries* of the Gram/covariance at 0
 (``torch.clamp(cov, min=0)``) before the eigendecomposition, which is in neither the paper's formula nor
@@ -32,7 +33,10 @@ DEFAULT_ENTROPY_ORDER = 1.0   # alpha = 1: the von Neumann (Shannon) limit, Skea
 
 
 def normalised_rows(features: np.ndarray, *, center: bool = False, name: str = "features") -> np.ndarray:
-    """(n, d) float64 rows divided by their L2 norm (after subtracting the column mean when ``center``); zero rows stay 0."""
+    """(n, d) float64 rows divided by their L2 norm (after subtracting the column mean when ``center``).
+
+    Zero rows stay zero (they add nothing to the Gram matrix).
+    """
     x = float64_rows(features, name=name)
     if center:
         x = x - x.mean(axis=0)

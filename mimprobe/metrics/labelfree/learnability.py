@@ -63,7 +63,7 @@ def knn_accuracy_on_pseudo_labels(features: np.ndarray, pseudo_labels: np.ndarra
 
 
 def cluster_learnability(features: np.ndarray, *, n_clusters: int | None = None,
-                         k_neighbors: int = DEFAULT_CL_NEIGHBORS, restarts: int = 3, niter: int = KMEANS_NITER,
+                         k_neighbors: int = DEFAULT_CL_NEIGHBORS, restarts: int = 1, niter: int = KMEANS_NITER,
                          seed: int = 0, threads: int | None = None, name: str = "features") -> LabelFreeEstimate:
     """CLID's cluster learnability of a (n, d) block's features (see the module docstring).
 
@@ -71,7 +71,9 @@ def cluster_learnability(features: np.ndarray, *, n_clusters: int | None = None,
         features: (n, d) array, n >= 4.
         n_clusters: k-means k; None uses floor(sqrt(n)).
         k_neighbors: Neighbours of the k-NN classifier.
-        restarts, niter: FAISS k-means restarts (best objective kept) and Lloyd iterations.
+        restarts, niter: FAISS k-means restarts (best objective kept) and Lloyd iterations. One restart by default,
+            as scikit-learn's ``KMeans`` (``n_init="auto"``) that the CLID reimplementations call; FAISS seeds with
+            random rows rather than k-means++, so raise it where clusters are clear but found badly.
         seed: Seed of k-means and of the split.
         threads: FAISS threads for the neighbour search (None: the library default).
         name: What the features are, for error messages.
