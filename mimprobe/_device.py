@@ -8,7 +8,7 @@ import torch
 
 from .errors import BadInputError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .config.common import PRECISIONS  # noqa: E402  (one definition, with the options)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

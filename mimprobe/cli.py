@@ -216,14 +216,14 @@ DEBUG_PARAMETER = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, ann
 
 
 def _derived(name: str, *, arguments: list[inspect.Parameter], run: Callable[..., Any], doc: str, epilog: str,
-             json_flag: bool = True) -> None:
-    """Register command ``name`` of `mimprobe.pipeline.api.COMMANDS`: its arguments, then its options, then --json
+             json_flag: bool = True, extra: list[inspect.Parameter] = ()) -> None:
+    """Register command ``name`` of `mimprobe.config.COMMANDS`: its arguments, then its options, then --json
     and --debug. ``run(arguments, options, json_output)`` calls the API function and prints the result."""
-    from .pipeline.api import COMMANDS
+    from .config import COMMANDS
 
     command = COMMANDS[name]
     parameters = [*arguments, *typer_parameters(command.options, only=command.only, defaults=command.defaults),
-                  *([JSON_PARAMETER] if json_flag else []), DEBUG_PARAMETER]
+                  *([JSON_PARAMETER] if json_flag else []), DEBUG_PARAMETER, *extra]
 
     def handler(**values: Any) -> None:
         debug = values.pop("debug")
@@ -274,6 +274,7 @@ _derived("extract", arguments=[_argument("model", str, typer.Argument(..., help=
 # ---- command: profile
 
 def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output: bool) -> None:
+    from .metrics.labelfree.profile_calibration import calibration_lines
     from .metrics.profile import iter_best_lines
     from .pipeline import api
 
@@ -287,6 +288,9 @@ def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output
     typer.echo("best blocks (0-based):")
     for line in iter_best_lines(result.best):
         typer.echo(f"  {line}")
+    if result.calibration is not None:
+        for line in calibration_lines(result.calibration):
+            typer.echo(line)
     typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} to {result.out} "
                f"({len(result.table):,} rows, {result.seconds:.1f} s)")
 
@@ -380,7 +384,7 @@ _derived("refine", arguments=[_argument("model", str, typer.Argument(..., help=M
                                                                              "digits, synthetic); the train split.")),
                               ],
          run=_run_refine, doc="Refine with Nearest-Neighbour-Alignment heads (MIM-Refiner) on the placed blocks; "
-                              "export a timm checkpoint.", epilog=REFINE_EPILOG)
+                              "export a timm checkpoint.", epilog=REFINE_EPILOG, extra=[RECIPE_PARAMETER])
 
 
 # ---- command: compare
@@ -432,7 +436,7 @@ _derived("pretrain-mae", arguments=[_argument("model", str, typer.Argument(..., 
 # ---- commands: run and demo (the pipeline; their options are the spec's)
 
 def _pipeline_parameters() -> list[inspect.Parameter]:
-    from .pipeline.run import PipelineRun
+    from .config import PipelineRun
 
     return typer_parameters([PipelineRun])
 

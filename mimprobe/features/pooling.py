@@ -5,25 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-POOLINGS = ("cls", "mean", "cls+mean")
-
-
-def parse_poolings(text: str) -> tuple[str, ...]:
-    """``--pool``: ``"cls,mean"`` -> ("cls", "mean"); ``"all"`` -> every pooling.
-
-    Raises:
-        BadInputError: An unknown pooling or an empty list.
-    """
-    from ..errors import BadInputError
-
-    if text.strip() == "all":
-        return POOLINGS
-    poolings = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [p for p in poolings if p not in POOLINGS]
-    if unknown or not poolings:
-        raise BadInputError(f"unknown pooling {unknown[0] if unknown else text!r}: use {', '.join(POOLINGS)}, "
-                            "a comma list of them, or all")
-    return poolings
+from ..config.common import POOLINGS  # noqa: F401  (the pooling names, with the options)
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str, *, num_prefix_tokens: int, has_class_token: bool,

@@ -32,7 +32,7 @@ from ..errors import BadInputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STORE_DTYPES = ("float16", "float32")
+from ..config.common import STORE_DTYPES  # noqa: E402  (one definition, with the options)
 STORE_POOLINGS = ("cls", "mean", "cls+mean")
 CHUNK_ROWS = 65536  # rows read at a time by verify_content
 

@@ -1,8 +1,10 @@
-"""Block-wise metrics on a FeatureStore: k-NN (FAISS), linear probes, low-shot, clustering, effective rank."""
+"""Block-wise metrics on a FeatureStore: k-NN (FAISS), linear probes, low-shot, clustering, and label-free metrics;
+`registry` names them all. Names are imported lazily: the registry and the presets load without torch."""
 
-from ._rows import MetricRow, carve_validation
-from .headlines import best_blocks
-from .profile import METRICS, PRESETS, ProfileConfig, ProfileResult, measure_store, profile_store
+from .._lazy import lazy_exports
 
-__all__ = ["METRICS", "PRESETS", "MetricRow", "ProfileConfig", "ProfileResult", "best_blocks", "carve_validation",
-           "measure_store", "profile_store"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "METRICS": ".registry", "PRESETS": ".knn_presets", "MetricRow": "._rows", "ProfileConfig": "..config.profile",
+    "ProfileResult": ".profile", "best_blocks": ".headlines", "carve_validation": "._rows",
+    "measure_store": ".profile", "profile_store": ".profile", "FAMILIES": ".registry", "METRIC_INFO": ".registry",
+})

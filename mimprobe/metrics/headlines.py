@@ -25,6 +25,7 @@ import pandas as pd
 
 from .intervals import DEFAULT_LEVEL, mcnemar_pvalue, wilson_interval
 from .knn_presets import PRESETS
+from .registry import metric_info
 
 PRIMARY_K = {name: preset.headline_k for name, preset in PRESETS.items()}  # the k each preset's curve reports
 
@@ -37,7 +38,12 @@ class Headline:
     metric: str
     split: str
     params: dict[str, Any] = field(default_factory=dict)
-    higher_is_better: bool = True
+
+    @property
+    def higher_is_better(self) -> bool:
+        """From the registry (`mimprobe.metrics.registry`): every headline metric is a higher-is-better one today."""
+        info = metric_info(self.metric)
+        return info is None or info.direction != "lower"
 
 
 def headlines(preset: str, table: pd.DataFrame) -> list[Headline]:
@@ -150,7 +156,8 @@ def best_blocks(table: pd.DataFrame, preset: str, *, predictions: Any = None) ->
     """Per headline and pooling: the best block, its value and interval, the blocks not distinguishable from it,
     and the last block's value.
 
-    Columns: ``metric``, ``pooling``, ``best_block``, ``best_value``, ``best_low``, ``best_high`` (NaN without an
+    Columns: ``metric`` (the curve's title), ``table_metric`` and ``unit`` (its registry entry), ``pooling``,
+    ``best_block``, ``best_value``, ``best_low``, ``best_high`` (NaN without an
     interval), ``interval`` (``"wilson"``: binomial 95 % over ``n`` images; ``"seed-sd"``: ± one s.d. over seeds),
     ``n``, ``tied_blocks`` (comma list, the best included: see `indistinguishable_blocks`), ``last_block``,
     ``last_value``.
@@ -164,11 +171,15 @@ def best_blocks(table: pd.DataFrame, preset: str, *, predictions: Any = None) ->
             position = int(np.argmax(values) if headline.higher_is_better else np.argmin(values))
             best, last = curve.iloc[position], curve.iloc[-1]
             tied = indistinguishable_blocks(curve, int(best["block"]))
-            records.append({"metric": headline.title, "pooling": pooling, "best_block": int(best["block"]),
+            info = metric_info(headline.metric)
+            records.append({"metric": headline.title, "table_metric": headline.metric,
+                            "unit": info.unit if info else "number", "pooling": pooling,
+                            "best_block": int(best["block"]),
                             "best_value": float(best["value"]), "best_low": float(best["low"]),
                             "best_high": float(best["high"]), "interval": best["interval"], "n": int(best["n"]),
                             "tied_blocks": ",".join(map(str, tied)), "last_block": int(last["block"]),
                             "last_value": float(last["value"])})
-    return pd.DataFrame.from_records(records, columns=["metric", "pooling", "best_block", "best_value", "best_low",
+    return pd.DataFrame.from_records(records, columns=["metric", "table_metric", "unit", "pooling", "best_block",
+                                                        "best_value", "best_low",
                                                         "best_high", "interval", "n", "tied_blocks", "last_block",
                                                         "last_value"])

@@ -30,83 +30,20 @@ from .._ranks import current as current_ranks
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
-from ..options import check_options, device_option, option, seed_option
+from ..config.profile import METRICS, PRESETS, ProfileConfig  # noqa: F401  (the profile's options)
 from ._finite import check_finite
 from ._rows import MetricRow, carve_validation
-from .knn_presets import PRESETS as KNN_PRESETS
+from .families import Context
+from .labelfree import seeded_subset
+from .labelfree.profile_calibration import calibrate_profile
+from .registry import FAMILIES, LABEL_FREE_FAMILIES
 from .headlines import best_blocks, headlines
 
-METRICS = ("knn", "linear", "lowshot", "cluster", "rank")
-LABEL_FREE = ("rank",)
-PRESETS = tuple(KNN_PRESETS)
+LABEL_FREE = LABEL_FREE_FAMILIES
 COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
 HOLDOUT_FRACTION = 0.2
 PREDICTIONS_FILE = "predictions.npz"
 PREDICTIONS_FORMAT = 1
-
-
-def parse_bytes(text: str | None) -> int | None:
-    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (binary units); ``"none"`` -> None.
-
-    Raises:
-        BadInputError: Not a size.
-    """
-    if text is None or text.strip().lower() in ("none", "all", ""):
-        return None
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not match:
-        raise BadInputError(f"--memory-budget {text!r} is not a size: use e.g. 512M, 2G or none")
-    value = float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
-    if value < 1:
-        raise BadInputError(f"--memory-budget {text!r} must be at least 1 byte")
-    return int(value)
-
-
-def parse_metrics(text: str | None) -> tuple[str, ...] | None:
-    """``--metrics knn,linear`` -> ("knn", "linear"); ``all`` -> None (every metric the data allows)."""
-    if text is None or text.strip() in ("", "all"):
-        return None
-    metrics = tuple(part.strip() for part in text.split(",") if part.strip())
-    if "all" in metrics:
-        raise BadInputError("--metrics all cannot be combined with other metrics: give all or a comma list")
-    return metrics
-
-
-@dataclass(frozen=True)
-class ProfileConfig:
-    """The metric options of a profile (`mimprobe profile`, the ``[profile]`` spec section, `mimprobe.profile`)."""
-
-    metrics: tuple[str, ...] | None = option(None, "Comma list of knn, linear, lowshot, cluster, rank, or all (those "
-                                                   "the data allows).", short="-m", parse=parse_metrics,
-                                             choices=METRICS, show_default="all")
-    preset: str = option("mim-refiner", "k-NN protocol: mim-refiner, dino or dinov2.", choices=PRESETS)
-    probe: str = option("batched", "Linear probes: batched (all blocks at once) or sklearn (the reference).",
-                        choices=("batched", "sklearn"))
-    val_fraction: float = option(0.1, "Share of train carved out (seeded, stratified) as the validation split of "
-                                      "k-NN on val, the probes' C and the placement.")
-    seed: int = seed_option("the validation split, k-means, probes and subsets")
-    device: str = device_option()  # k-NN (cuda: torch search) and the batched linear probe
-    # Bytes of feature rows any metric holds at once (k-NN bank/query chunks, the probe's rows): the store's
-    # memory maps are read chunk by chunk, so RSS does not grow with the number of rows. 2 GiB holds, e.g.,
-    # 60,000 rows of 24 ViT-L blocks (1024 wide, float32) for the probe; None: every split read into memory.
-    memory_budget: int | None = option(2 * 1024 ** 3, "Feature rows any metric holds at once, e.g. 512M, 2G, or "
-                                                      "none (read every split into memory).", parse=parse_bytes,
-                                       minimum=1, show_default="2G")
-    rank_samples: int = option(20000, "Train rows for the effective rank (seeded subset).", minimum=1)
-    # Evaluation rows for low-shot and clustering (seeded subsample when the split is larger; None: all). Their
-    # fits read only the rows they choose from train (n shots or 1 % per class).
-    eval_samples: int | None = option(50000, "Evaluation rows for low-shot and clustering (a seeded subset when "
-                                             "the split is larger; recorded in the rows' params).", minimum=1)
-    poolings: tuple[str, ...] | None = None  # poolings measured; None: every pooling in the store
-
-    def __post_init__(self) -> None:
-        if self.metrics is not None:
-            object.__setattr__(self, "metrics", tuple(self.metrics))
-        check_options(self)
-        if not 0 < self.val_fraction < 1:
-            raise BadInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -273,8 +210,6 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
         predictions: When given, receives the per-sample correctness of every ``knn_top1`` and ``linear_top1``
             row (see `SamplePredictions`).
     """
-    from . import cluster, knn, linear, lowshot, rank
-
     config = config or ProfileConfig()
     if config.preset not in PRESETS:
         raise BadInputError(f"unknown preset {config.preset!r}: use {', '.join(PRESETS)}")
@@ -289,115 +224,54 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     train_labels_all = store.labels("train")
     metrics = _resolve_metrics(config, store, train_labels_all)
     if log and config.metrics is None and metrics == LABEL_FREE:
-        log("the data has no labels: running the label-free metrics only (rank)")
+        log(f"the data has no labels: running the label-free metrics only ({', '.join(LABEL_FREE)})")
     plan = plan_splits(store, val_fraction=config.val_fraction, seed=config.seed)
     if "knn" in metrics:
         check_knn_fits(config.preset, plan)
     views = StoreViews(store, plan)
     rows: list[tuple[int, str, MetricRow]] = []
     blocks = store.blocks
-    device = resolve_device(config.device)
-    knn_device = {"device": device} if str(device).startswith("cuda") else {}
     # Under torchrun every rank runs the k-NN calls, each searching its shard of the bank (merged top-k lists);
-    # the linear probe, low-shot, clustering and rank run on rank 0 alone: the probe is memory-bandwidth bound on
-    # one GPU and its heads are tiny, so data-parallel would add an all-reduce per step for no gain at this size.
-    knn_group = knn.default_process_group() if current_ranks().distributed else None
+    # the other metrics run on rank 0 alone: the probe is memory-bandwidth bound on one GPU and its heads are
+    # tiny, so data-parallel would add an all-reduce per step for no gain at this size.
+    from .knn import default_process_group
+
+    knn_group = default_process_group() if current_ranks().distributed else None
     if knn_group is not None and not current_ranks().is_main:
         metrics = tuple(m for m in metrics if m == "knn")
-    eval_subset = _seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed)
-    steps = {m: len(blocks) * len(poolings) for m in metrics}
+    context = Context(store=store, views=views, plan=plan, config=config, device=resolve_device(config.device),
+                      predictions=predictions, knn_group=knn_group,
+                      eval_subset=_seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed),
+                      labelfree_subset=seeded_subset(len(views.labels("train")), size=config.labelfree_samples,
+                                                     seed=config.seed) if set(metrics) & set(LABEL_FREE) else None)
+    families = [FAMILIES[name] for name in metrics]
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    # Each bar shows the seconds spent in its own metric: the metrics take turns block by block, so a wall clock
-    # per bar would count the others' time too.
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), disable=not progress) as bar:
-        tasks = {m: bar.add_task(m, total=steps[m], seconds=0.0) for m in metrics}
-        spent = dict.fromkeys(metrics, 0.0)
-        clock = [time.perf_counter()]
+    # One bar per metric on stderr, each with the seconds spent in its own metric: the metrics take turns block by
+    # block, so a wall clock per bar would count the others' time too.
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), disable=not progress,
+                  console=_stderr_console()) as bar:
+        tasks = {f.name: bar.add_task(f.name, total=len(blocks) * len(poolings), seconds=0.0) for f in families}
+        spent = dict.fromkeys(tasks, 0.0)
 
-        def advance(metric: str, count: int = 1) -> None:
-            """Charge the time since the last metric finished to ``metric`` and move its bar."""
-            now = time.perf_counter()
-            spent[metric] += now - clock[0]
-            clock[0] = now
-            bar.update(tasks[metric], advance=count, seconds=spent[metric])
+        def run(family, pooling: str, where) -> None:
+            started = time.perf_counter()
+            rows.extend((block, pooling, row) for block, row in family.compute(context, pooling, where))
+            spent[family.name] += time.perf_counter() - started
+            bar.update(tasks[family.name], advance=len(where) if isinstance(where, list) else 1,
+                       seconds=spent[family.name])
 
         for pooling in poolings:
             for block in blocks:
-                views.check_finite(block, pooling)
-                clock[0] = time.perf_counter()
-                name = f"block {block} ({pooling})"
-                if "knn" in metrics:
-                    common = dict(preset=config.preset, class_names=store.classes,
-                                  memory_budget=config.memory_budget, name=name, process_group=knn_group,
-                                  **knn_device)
-                    if plan.knn_loo:
-                        found, hits = knn.evaluate_knn_with_hits(
-                            views.rows("train", block, pooling), views.labels("train"),
-                            views.rows("train", block, pooling), views.labels("train"), split="train-loo",
-                            exclude_self=True, **common)
-                        _record_knn(predictions, found, hits, source="train", rows=views.positions("train"),
-                                    block=block, pooling=pooling)
-                    else:
-                        found, hits = knn.evaluate_knn_with_hits(
-                            views.rows("bank", block, pooling), views.labels("bank"),
-                            views.rows("eval", block, pooling), views.labels("eval"), split=plan.eval_split,
-                            **common)
-                        _record_knn(predictions, found, hits, source=plan.eval_source, rows=plan.eval_index,
-                                    block=block, pooling=pooling)
-                    val_found, val_hits = knn.evaluate_knn_with_hits(
-                        views.rows("fit", block, pooling), views.labels("fit"), views.rows("val", block, pooling),
-                        views.labels("val"), split="val", **common)
-                    _record_knn(predictions, val_found, val_hits, source="train", rows=plan.val_index, block=block,
-                                pooling=pooling)
-                    rows += [(block, pooling, row) for row in found + val_found]
-                    advance("knn")
-                if "lowshot" in metrics:
-                    y_bank = views.labels("bank")
-                    largest = int(np.bincount(y_bank[y_bank >= 0]).max())
-                    shots = tuple(n for n in lowshot.DEFAULT_SHOTS if n <= largest)  # tiny data: fewer settings
-                    found = lowshot.evaluate_lowshot(views.rows("bank", block, pooling), y_bank,
-                                                     views.sample("eval", eval_subset, block, pooling),
-                                                     views.labels("eval")[eval_subset], shots=shots,
-                                                     split=plan.eval_split, name=name)
-                    rows += [(block, pooling, _with_sample(row, "eval_samples", eval_subset, plan.eval_index))
-                             for row in found]
-                    advance("lowshot")
-                if "cluster" in metrics:
-                    found = cluster.evaluate_clustering(views.sample("eval", eval_subset, block, pooling),
-                                                        views.labels("eval")[eval_subset], split=plan.eval_split,
-                                                        seed=config.seed, name=name)
-                    rows += [(block, pooling, _with_sample(row, "eval_samples", eval_subset, plan.eval_index))
-                             for row in found]
-                    advance("cluster")
-                if "rank" in metrics:
-                    found = rank.evaluate_rank(views.rows("train", block, pooling), split="train",
-                                               max_samples=config.rank_samples, seed=config.seed, name=name)
-                    rows += [(block, pooling, row) for row in found]
-                    advance("rank")
-            if "linear" in metrics:
-                clock[0] = time.perf_counter()
-                train_blocks = {block: views.rows("bank", block, pooling) for block in blocks}
-                eval_blocks = {block: views.rows("eval", block, pooling) for block in blocks}
-                if config.probe == "batched":
-                    found_by_block, hits_by_block = linear.evaluate_linear_with_hits(
-                        train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
-                        seed=config.seed, val_fraction=config.val_fraction, device=device,
-                        config=linear.LinearProbeConfig(memory_budget=config.memory_budget), assume_finite=True)
-                else:
-                    found_by_block, hits_by_block = linear.evaluate_linear_sklearn_with_hits(
-                        train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
-                        seed=config.seed, val_fraction=config.val_fraction)
-                for block, found in found_by_block.items():
-                    rows += [(block, pooling, row) for row in found]
-                    if predictions is not None:
-                        test_row = next(row for row in found if row.metric == "linear_top1")
-                        predictions.add(split=plan.eval_split, source=plan.eval_source, rows=plan.eval_index,
-                                        metric="linear_top1", block=block, pooling=pooling,
-                                        params=test_row.params_json(), hits=hits_by_block[block])
-                advance("linear", len(blocks))
+                views.check_finite(block, pooling)  # the one read of each block for NaN/Inf
+                for family in families:
+                    if family.scope == "block":
+                        run(family, pooling, block)
+            for family in families:
+                if family.scope == "pooling":
+                    run(family, pooling, list(blocks))
     manifest = store.manifest
     identity = {"model": manifest["model"]["name"],
                 "checkpoint": manifest["model"].get("checkpoint") or manifest["model"]["weights"],
@@ -458,30 +332,17 @@ class StoreViews:
                          what=f"block {block} ({pooling}) of split {split}")
 
 
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _seeded_subset(n: int, size: int | None, *, seed: int) -> np.ndarray:
     """Sorted positions of a seeded random subset of ``size`` of ``n`` rows (every row when ``size`` >= n)."""
     if size is None or size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-
-
-def _with_sample(row: MetricRow, key: str, subset: np.ndarray, whole: np.ndarray) -> MetricRow:
-    """The row with ``params[key]`` = the rows it was measured on, when a subsample (recorded, else absent)."""
-    if len(subset) == len(whole):
-        return row
-    return MetricRow(row.split, row.metric, row.value, {**row.params, key: int(len(subset))}, row.seed)
-
-
-def _record_knn(predictions: SamplePredictions | None, found: list[MetricRow],
-                hits: dict[tuple[int, float], np.ndarray], *, source: str, rows: np.ndarray, block: int,
-                pooling: str) -> None:
-    """File the top-1 correctness of each ``knn_top1`` row of ``found`` under the row's split and params."""
-    if predictions is None:
-        return
-    for row in found:
-        if row.metric == "knn_top1":
-            predictions.add(split=row.split, source=source, rows=rows, metric=row.metric, block=block,
-                            pooling=pooling, params=row.params_json(), hits=hits[(row.params["k"], row.params["T"])])
 
 
 @dataclass
@@ -494,6 +355,7 @@ class ProfileResult:
     seconds: float
     predictions: SamplePredictions | None = None
     rank: int = 0                               # under torchrun, ranks other than 0 write nothing
+    calibration: pd.DataFrame | None = None     # label-free vs labelled curves (`calibrate_profile`)
 
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.out), "store": str(self.store.path), "store_key": self.store.key,
@@ -532,9 +394,13 @@ def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig
         raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
             from None
     best = best_blocks(table, config.preset, predictions=predictions)
+    calibration = calibrate_profile(table, preset=config.preset, predictions=predictions, seed=config.seed)
     files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),
              "json": str(out / "profile.json"), "png": str(out / "profile.png"),
              "predictions": str(out / PREDICTIONS_FILE)}
+    if not calibration.empty:
+        files["calibration"] = str(out / "calibration.csv")
+        calibration.to_csv(files["calibration"], index=False)
     table.to_csv(files["csv"], index=False)
     table.to_parquet(files["parquet"], index=False)
     predictions.save(files["predictions"])
@@ -547,11 +413,13 @@ def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig
                                                       if k != "classes"},
         "classes": store.classes, "blocks": store.blocks, "poolings": list(config.poolings or store.poolings),
         "columns": COLUMNS, "best_blocks": json.loads(best.to_json(orient="records")),  # NaN -> null
+        # label-free vs labelled: each label-free curve against k-NN and linear top-1 (`calibrate_profile`)
+        "calibration": json.loads(calibration.to_json(orient="records")),
         "versions": software_versions(), "seconds": round(seconds, 2),
     }
     Path(files["json"]).write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return ProfileResult(table=table, best=best, out=out, store=store, files=files, seconds=seconds,
-                         predictions=predictions)
+                         predictions=predictions, calibration=calibration)
 
 
 
@@ -566,7 +434,7 @@ def iter_best_lines(best: pd.DataFrame) -> Iterable[str]:
     """One console line per best block: accuracies in percent with 1 decimal (as the report), their interval, and
     the blocks not distinguishable from the best."""
     for record in best.to_dict(orient="records"):
-        percent = "top-1" in record["metric"] or "ACC" in record["metric"]  # the accuracy headlines' titles
+        percent = record.get("unit", "fraction") == "fraction"  # the registry's unit of the curve's metric
         shown = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3g}")
         text = (f"{record['metric']:<48} {record['pooling']:<9} block {record['best_block']:>2}  "
                 f"{shown(record['best_value'])}")

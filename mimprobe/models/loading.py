@@ -198,44 +198,6 @@ def _check_blocks(model: nn.Module, name: str) -> None:
     block_layout(model, name)  # raises for models mimprobe cannot profile block by block
 
 
-def parse_model_kwargs(text: str | None) -> dict[str, Any]:
-    """``--model-kwargs``: a JSON object (``{"class_token": false}``) or ``key=value`` pairs separated by commas
-    (``class_token=false,global_pool=avg,depth=4``; values are read as JSON when they parse, else as strings).
-
-    Raises:
-        BadInputError: Neither form.
-    """
-    import json
-
-    if text is None or not text.strip():
-        return {}
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise BadInputError(f"invalid --model-kwargs {text!r}: not a JSON object ({error.msg})") from None
-        if not isinstance(value, dict):
-            raise BadInputError(f"invalid --model-kwargs {text!r}: give a JSON object or key=value pairs")
-        return value
-    kwargs: dict[str, Any] = {}
-    for part in text.split(","):
-        key, sep, raw = part.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key.isidentifier():
-            raise BadInputError(f"invalid --model-kwargs {text!r}: write key=value pairs separated by commas, e.g. "
-                                "class_token=false,global_pool=avg (or a JSON object)")
-        lowered = raw.lower()
-        if lowered in ("true", "false", "none", "null"):
-            kwargs[key] = {"true": True, "false": False}.get(lowered)
-        else:
-            try:
-                kwargs[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                kwargs[key] = raw
-    return kwargs
-
-
 def _gap_name(name: str) -> str | None:
     """timm's no-CLS, average-pooled variant of a ViT name (vit_huge_patch14_224 → vit_huge_patch14_gap_224)."""
     arch = name.split(".")[0]

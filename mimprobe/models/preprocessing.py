@@ -110,17 +110,6 @@ def _channel_values(values: Sequence[float] | float, option: str, *, positive: b
     return values
 
 
-def parse_channel_values(text: str | None, option: str) -> list[float] | None:
-    """``"0.485,0.456,0.406"`` (or one number for all channels) → three floats; None stays None."""
-    if text is None:
-        return None
-    try:
-        values = [float(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise BadInputError(f"invalid {option} {text!r}: give one or three numbers, e.g. 0.485,0.456,0.406") from None
-    return values
-
-
 def resolve_eval_data_config(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
                              preprocessing: EvalPreprocessing | None = None,
                              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,

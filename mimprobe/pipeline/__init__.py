@@ -8,7 +8,8 @@ layout (derived from the commands' config classes) and their loading and validat
 `demo` the demo (`run_demo`: `run_pipeline` on the packaged ``demo.toml``, which equals ``analyses/demo.toml``).
 """
 
-from .api import COMMANDS, compare, extract, info, place, pretrain_mae, profile, refine
+from ..config import COMMANDS
+from .api import compare, extract, info, place, pretrain_mae, profile, refine
 from .demo import DEMO_SPEC, FAST_OVERRIDES, run_demo
 from .run import STEPS, PipelineResult, StepRecord, run_pipeline
 from .spec import SECTIONS, Spec, dump_spec, load_spec, spec_from_dict, spec_from_text

@@ -5,147 +5,23 @@ applies ``threads`` with the one thread mechanism (`mimprobe._threads.cpu_thread
 function. The command line (`mimprobe.cli`) and the TOML specs (`mimprobe.pipeline.spec`) call these same
 functions, so the three give the same result.
 
-Each command's options are the fields of the config classes listed in its `Command`; `mimprobe.cli` derives the
-Typer options from the same list.
+Each command's options are the fields of the config classes listed in its `mimprobe.config.Command`; `mimprobe.cli`
+derives the Typer options from the same list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import _threads
+from ..config import (COMPARE, EXTRACT, INFO, PLACE, PRETRAIN, PROFILE, REFINE, Command, CompareConfig, CompareRun,
+                      ExtractConfig, ExtractRun, MaeConfig, PlaceConfig, PlaceRun, PretrainRun, ProfileConfig,
+                      ProfileRun, RefineConfig, RefineRun, Running, Weights)
 from ..errors import BadInputError
-from ..features.extract import ExtractConfig
-from ..metrics.profile import ProfileConfig
-from ..options import (build_config, device_option, option, option_fields, public_name, split_options,
-                       threads_option)
-from ..placement.config import PlaceConfig
-from ..pretrain.train import MaeConfig
-from ..refine.config import RefineConfig
-from ..report.comparison import CompareConfig
 
 Log = Callable[[str], None]
-
-
-def _model_kwargs(text: str) -> dict[str, Any] | None:
-    from ..models.loading import parse_model_kwargs
-
-    return parse_model_kwargs(text) or None
-
-
-@dataclass(frozen=True)
-class Weights:
-    """The starting weights of a model name."""
-
-    checkpoint: str | None = option(None, "Checkpoint file: timm, MAE, data2vec 2.0, MIM-Refiner, DINO/DINOv2, "
-                                          "I-JEPA, a plain state dict (.pth/.pt/.bin/.safetensors) [default: none: "
-                                          "a seeded random init, or --pretrained].", short="-c")
-    pretrained: bool = option(False, "Download timm's pretrained weights (needs the network once).")
-    model_kwargs: dict[str, Any] | None = option(None, "timm.create_model arguments: key=value,... or JSON, e.g. "
-                                                       "class_token=false,global_pool=avg (part of a store's key).",
-                                                 parse=_model_kwargs)
-
-
-@dataclass(frozen=True)
-class Running:
-    """How a command runs (not what it computes)."""
-
-    threads: int | None = threads_option()
-    progress: bool = option(True, "Progress bars on stderr; --no-progress hides them.", spec=False)
-
-
-@dataclass(frozen=True)
-class ExtractRun:
-    out: str = option(MISSING, "Folder that holds feature stores (one sub-folder per key).", short="-o")
-
-
-@dataclass(frozen=True)
-class ProfileRun:
-    out: str = option(MISSING, "Folder for profile.csv/.parquet/.json/.png and predictions.npz.", short="-o")
-    features: str | None = option(None, "Folder of feature stores [default: OUT/features].")
-
-
-@dataclass(frozen=True)
-class PlaceRun:
-    out: str | None = option(None, "Placement file, or a folder for placement.json [default: "
-                                   "PROFILE/placement.json].", short="-o")
-
-
-@dataclass(frozen=True)
-class RefineRun:
-    out: str = option(MISSING, "Run folder (checkpoints, logs, refined.safetensors).", short="-o")
-    placement: str | None = option(None, "placement.json from `mimprobe place`.")
-    auto: bool = option(False, "Profile the blocks with k-NN, then place the heads (the place options apply).")
-    device: str = device_option()
-    resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
-    overwrite: bool = option(False, "Start again in an OUT that holds another run.")
-
-
-@dataclass(frozen=True)
-class PretrainRun:
-    out: str = option(MISSING, "Folder for the run's files (mae.pth, log.csv, ...).", short="-o")
-    resume: bool = option(False, "Continue the run in OUT from its last epoch.")
-    overwrite: bool = option(False, "Replace another run's files in OUT.")
-
-
-def _labels(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(","))
-
-
-@dataclass(frozen=True)
-class CompareRun:
-    out: str = option(MISSING, "Report folder.", short="-o")
-    labels: tuple[str, ...] | None = option(None, "Comma list of names, one per profile [default: the folder "
-                                                  "names].", parse=_labels)
-    placement: str | None = option(None, "placement.json of the refinement [default: beside the after profile's "
-                                         "checkpoint].")
-    overwrite: bool = option(False, "Write into a folder that holds other files.")
-
-
-# The preprocessing options `mimprobe info` shares with extraction.
-PREPROCESSING = ("img_size", "mean", "std", "interpolation", "crop_pct")
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command's option classes, in the order its help lists them; ``only`` limits a class to some options;
-    ``defaults`` are the command's own defaults of some options (over the classes')."""
-
-    name: str
-    options: tuple[type, ...]
-    only: dict[type, tuple[str, ...]] | None = None
-    defaults: dict[str, Any] | None = None
-
-    def names(self) -> list[str]:
-        """Every keyword the command takes (besides its arguments)."""
-        seen: dict[str, None] = {}
-        for cls in self.options:
-            allowed = (self.only or {}).get(cls)
-            for f, _ in option_fields(cls):
-                if allowed is None or public_name(f) in allowed:
-                    seen[public_name(f)] = None
-        return list(seen)
-
-    def configs(self, options: dict[str, Any]) -> dict[type, Any]:
-        """Every option class built from ``options`` (validated: unknown names and bad values raise)."""
-        routed = split_options(self.options, {**(self.defaults or {}), **options})
-        return {cls: build_config(cls, routed[cls]) for cls in self.options}
-
-
-EXTRACT = Command("extract", (ExtractRun, Weights, ExtractConfig, Running))
-# profile measures both poolings unless told otherwise (extract stores the CLS token alone by default)
-PROFILE = Command("profile", (ProfileRun, Weights, ProfileConfig, ExtractConfig, Running),
-                  defaults={"pool": ("cls", "mean")})
-PLACE = Command("place", (PlaceRun, PlaceConfig))
-REFINE = Command("refine", (RefineRun, Weights, RefineConfig, PlaceConfig, Running),
-                 only={PlaceConfig: ("max_heads", "freeze", "metric", "pooling", "plateau")})
-PRETRAIN = Command("pretrain-mae", (PretrainRun, Weights, MaeConfig, Running))
-COMPARE = Command("compare", (CompareRun, CompareConfig, Running), only={Running: ("threads",)})
-INFO = Command("info", (Weights, ExtractConfig, Running), only={ExtractConfig: PREPROCESSING, Running: ("threads",)})
-COMMANDS = {command.name: command for command in (EXTRACT, PROFILE, PLACE, REFINE, PRETRAIN, COMPARE, INFO)}
 
 
 def _check_known(command: Command, options: dict[str, Any]) -> None:

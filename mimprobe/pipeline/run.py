@@ -31,25 +31,12 @@ from typing import Any
 from .. import _threads
 from .._versions import software_versions
 from ..errors import BadInputError, MimprobeError
-from ..options import option, threads_option
 from . import api
 from .spec import Spec, dump_spec, load_spec
 
 RESOLVED_FILE = "spec.resolved.toml"
 STATUS_FILE = "pipeline.json"
 README_FILE = "README.md"
-
-
-@dataclass(frozen=True)
-class PipelineRun:
-    """The options of `mimprobe run` and `mimprobe demo` (the analysis itself is the spec's)."""
-
-    out: str | None = option(None, "Run folder [default: the spec's out; mimprobe-demo for the demo].", short="-o")
-    overwrite: bool = option(False, "Start again from nothing in a run folder that holds a run (the pipeline's own "
-                                    "files there are deleted).")
-    fast: bool = option(False, "demo: a seconds-long smoke run on synthetic images (its numbers mean nothing).")
-    threads: int | None = threads_option()
-    progress: bool = option(True, "Progress bars on stderr; --no-progress hides them.")
 
 
 @dataclass(frozen=True)

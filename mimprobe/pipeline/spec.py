@@ -34,21 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
-from ..features.extract import ExtractConfig
-from ..metrics.profile import ProfileConfig
-from ..options import build_config, config_values, convert_value, describe_type, option_fields, public_name
-from ..placement.config import PlaceConfig
-from ..pretrain.train import MaeConfig
-from ..refine.config import RefineConfig
-from ..report.comparison import CompareConfig
-from . import api
+from ..config import (PROFILE, CompareConfig, ExtractConfig, MaeConfig, PlaceConfig, ProfileConfig,
+                      RefineConfig)
+from ..options import build_config, coerce, config_values, convert_value, describe_type, option_fields, public_name
 
 # Each section's keys: the spec options of these classes, less the top-level keys every step shares.
 SECTIONS: dict[str, tuple[type, ...]] = {"pretrain": (MaeConfig,), "profile": (ProfileConfig, ExtractConfig),
                                          "place": (PlaceConfig,), "refine": (RefineConfig,),
                                          "compare": (CompareConfig,)}
 SHARED = ("img_size", "device", "seed", "threads")
-SECTION_DEFAULTS = {"profile": api.PROFILE.defaults}  # a section's command defaults over its classes'
+SECTION_DEFAULTS = {"profile": PROFILE.defaults}  # a section's command defaults over its classes'
 
 REQUIRED = ("name", "out", "model", "data")
 
@@ -65,9 +60,10 @@ def section_keys(section: str) -> dict[str, tuple[type, Any]]:
     return keys
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Spec:
-    """One analysis: the model and data, shared options, and per section the options given (validated)."""
+    """One analysis: the model and data, shared options, and per section the options given (validated). Two specs
+    are equal when they resolve to the same values (a default written out or left out is the same spec)."""
 
     name: str
     out: str                                        # the run folder
@@ -81,6 +77,11 @@ class Spec:
     seed: int = 0                                   # every step's seed
     threads: int | None = None                      # torch, BLAS and FAISS CPU threads (None: library defaults)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # options given per section ([pretrain]: run)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spec) and self.resolved() == other.resolved()
+
+    __hash__ = None
 
     @property
     def pretrain(self) -> dict[str, Any] | None:
@@ -235,8 +236,6 @@ def spec_from_dict(values: dict[str, Any], *, source: _Source | None = None) -> 
     for key, value in values.items():
         if key in SECTIONS:
             continue
-        from ..options import coerce
-
         ok, converted = coerce(value, hints[key])
         if not ok:
             fail(None, key, f"{key} must be {describe_type(hints[key])}, got {_show(value)}")
@@ -260,11 +259,21 @@ def _convert_section(section: str, values: dict[str, Any], fail) -> dict[str, An
             shared = " (it is a top-level key: move it above the first section)" if key in SHARED else ""
             fail(section, key, f'unknown key "{key}" in [{section}]{shared or _suggest(key, list(keys))}')
         cls, f = keys[key]
+        hint = typing.get_type_hints(cls)[f.name]
+        text_form = f.metadata["option"].parse is not None and (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value)))
+        if not text_form and not coerce(value, hint)[0]:
+            fail(section, key, f"[{section}] {key} must be {describe_type(hint)}, got {_show(value)}")
         try:
-            converted[key] = convert_value(f, value, typing.get_type_hints(cls)[f.name])
+            converted[key] = convert_value(f, value, hint)
         except BadInputError as error:
-            fail(section, key, f"[{section}] {key}: {error}")
+            fail(section, key, f"[{section}] {_as_key(str(error), key)}")
     return converted
+
+
+def _as_key(message: str, key: str) -> str:
+    """A config's message in a spec's words: its ``--option`` named as the spec key."""
+    return message.replace(f"--{key.replace('_', '-')}", key)
 
 
 def _check(spec: Spec, fail) -> None:
@@ -285,7 +294,7 @@ def _check(spec: Spec, fail) -> None:
                 message = str(error)
                 key = next((name for name in spec.sections[section]
                             if f"--{name.replace('_', '-')}" in message), None)
-                fail(section, key, f"[{section}] {message}")
+                fail(section, key, f"[{section}] {_as_key(message, key) if key else message}")
 
 
 def _show(value: Any) -> str:

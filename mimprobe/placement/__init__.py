@@ -22,12 +22,11 @@ Modules: `record` (the `Placement` and its JSON form), `curve` (the validation c
 ``placement.json``; `load_placement` reads it back). The CLI command is ``mimprobe place`` in `mimprobe.cli`.
 """
 
-from .config import PlaceConfig
-from .curve import PLACEMENT_METRICS, ValidationCurve, validation_curve
-from .record import FORMAT_VERSION, RULES, Placement, PlacementInputs
-from .rules import DEFAULT_PLATEAU, place
-from .run import PLACEMENT_FILE, load_placement, placement_path, read_profile, run_place
+from .._lazy import lazy_exports
 
-__all__ = ["DEFAULT_PLATEAU", "FORMAT_VERSION", "PLACEMENT_FILE", "PLACEMENT_METRICS", "RULES", "PlaceConfig", "Placement",
-           "PlacementInputs", "ValidationCurve", "load_placement", "place", "placement_path", "read_profile",
-           "run_place", "validation_curve"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "PlaceConfig": "..config.place", "PLACEMENT_METRICS": ".curve", "ValidationCurve": ".curve",
+    "validation_curve": ".curve", "FORMAT_VERSION": ".record", "RULES": ".record", "Placement": ".record",
+    "PlacementInputs": ".record", "DEFAULT_PLATEAU": ".rules", "place": ".rules", "PLACEMENT_FILE": ".run",
+    "load_placement": ".run", "placement_path": ".run", "read_profile": ".run", "run_place": ".run",
+})

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import BadInputError
 
 FORMAT_VERSION = 1
-RULES = ("peak", "last-n", "explicit")
+RULES = ("peak", "last-n", "explicit", "label-free")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ import pandas as pd
 
 from ..errors import BadInputError
 from .curve import LABELS, ValidationCurve, validation_curve
+from ..metrics.labelfree.calibration import RULES as PICK_RULES
+from .labelfree import DEFAULT_METRIC as DEFAULT_LABEL_FREE
+from .labelfree import calibration_caveat, label_free_pick
 from .record import RULES, Placement, PlacementInputs
 
 # Half an accuracy point. Blocks closer to the peak than this are indistinguishable on a validation split of a few
@@ -38,7 +41,8 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
           pooling: str = "cls", max_heads: int | None = None, plateau: float | None = None,
           freeze: int | float | None = None, blocks: Sequence[int] | None = None, n: int | None = None,
           preset: str | None = None, k: int | None = None, source: str | None = None,
-          val_images: int | None = None) -> Placement:
+          val_images: int | None = None, labelfree_metric: str | None = None,
+          calibration: list[dict] | None = None) -> Placement:
     """Choose the head blocks (and frozen blocks) of a refinement from a profile table.
 
     Args:
@@ -59,6 +63,8 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         preset, k: The k-NN protocol when the profile holds several.
         source: Where the table came from (recorded).
         val_images: Images of the curve's validation split (``predictions.npz``'s rows), for the standard error.
+        labelfree_metric: Rule ``label-free``: the label-free curve (`mimprobe.placement.labelfree`).
+        calibration: The profile's label-free vs k-NN calibration records (profile.json), quoted in the reason.
 
     Raises:
         BadInputError: An unknown rule, options that do not belong to the rule, a missing metric or validation
@@ -70,7 +76,7 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         raise BadInputError(f"num_blocks must be a positive number of blocks, got {num_blocks!r}")
     num_blocks = int(num_blocks)
     for option, value, owner in (("max_heads", max_heads, "peak"), ("n", n, "last-n"), ("blocks", blocks, "explicit")):
-        if value is not None and rule != owner:
+        if value is not None and rule != owner and not (option == "max_heads" and rule == "label-free"):
             raise BadInputError(f"--{option.replace('_', '-')} belongs to rule {owner}, not {rule}: drop it, or use "
                                 f"--rule {owner}")
     if max_heads is not None and (isinstance(max_heads, bool) or int(max_heads) != max_heads or max_heads < 1):
@@ -83,6 +89,10 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
     if rule == "explicit" and blocks is None:
         raise BadInputError("rule explicit needs --blocks, e.g. --blocks 8,9,10,11")
 
+    if rule == "label-free":
+        return _label_free_placement(table, num_blocks=num_blocks, metric=labelfree_metric or DEFAULT_LABEL_FREE,
+                                     pooling=pooling, max_heads=max_heads, freeze=freeze, calibration=calibration,
+                                     source=source)
     curve: ValidationCurve | None = None
     notes: list[str] = []
     if rule == "peak":
@@ -151,13 +161,16 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         reason = (f"rule last-n: heads on the last {len(heads)} blocks ({_span(heads)})" if rule == "last-n" else
                   f"rule explicit: heads on the blocks given ({', '.join(map(str, heads))})")
 
-    freeze_blocks = freeze_count(freeze, num_blocks)
-    if freeze_blocks > heads[0]:
-        raise BadInputError(f"freeze {freeze} keeps blocks 0-{freeze_blocks - 1} frozen but block {heads[0]} has a "
-                            f"head: freeze at most {heads[0]} blocks")
-    if freeze_blocks:
-        share = f", {freeze * 100:g} % of {num_blocks} rounded" if isinstance(freeze, (float, np.floating)) else ""
-        reason += f"; the first {freeze_blocks} blocks (0-{freeze_blocks - 1}{share}) stay frozen"
+    if table is not None and rule == "peak":  # where the label-free rule would have put them, for comparison
+        try:
+            picked, _ = label_free_pick(table, DEFAULT_LABEL_FREE, pooling)
+        except BadInputError:
+            pass
+        else:
+            notes.append(f"the label-free rule ({DEFAULT_LABEL_FREE}) would start the heads at block {picked} "
+                         f"(this rule: block {heads[0]}); "
+                         f"{calibration_caveat(calibration, DEFAULT_LABEL_FREE, pooling)}")
+    reason, freeze_blocks = _with_freeze(reason, freeze, num_blocks, heads)
     models = sorted(set(table["model"].dropna().astype(str))) if table is not None and "model" in table else []
     inputs = PlacementInputs(
         metric=metric, pooling=pooling, plateau=float(DEFAULT_PLATEAU if plateau is None else plateau),
@@ -172,6 +185,47 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
                      reason=reason + ".", inputs=inputs, peak_block=peak_block, peak_value=peak_value,
                      plateau_start=plateau_start, notes=tuple(notes), model=models[0] if len(models) == 1 else None,
                      source=source)
+
+
+def _with_freeze(reason: str, freeze: int | float | None, num_blocks: int,
+                 heads: tuple[int, ...]) -> tuple[str, int]:
+    """The frozen block count, checked against the first head, and the reason that says it."""
+    freeze_blocks = freeze_count(freeze, num_blocks)
+    if freeze_blocks > heads[0]:
+        raise BadInputError(f"freeze {freeze} keeps blocks 0-{freeze_blocks - 1} frozen but block {heads[0]} has a "
+                            f"head: freeze at most {heads[0]} blocks")
+    if freeze_blocks:
+        share = f", {freeze * 100:g} % of {num_blocks} rounded" if isinstance(freeze, (float, np.floating)) else ""
+        reason += f"; the first {freeze_blocks} blocks (0-{freeze_blocks - 1}{share}) stay frozen"
+    return reason, freeze_blocks
+
+
+def _label_free_placement(table: pd.DataFrame | None, *, num_blocks: int, metric: str, pooling: str,
+                          max_heads: int | None, freeze: int | float | None, calibration: list[dict] | None,
+                          source: str | None) -> Placement:
+    """Rule label-free: heads from the block the metric's published rule picks to the last block."""
+    if table is None:
+        raise BadInputError("rule label-free needs a profile table with label-free rows")
+    picked, curve = label_free_pick(table, metric, pooling)
+    if curve[-1][0] >= num_blocks:
+        raise BadInputError(f"the profile has block {curve[-1][0]} but the model has {num_blocks} blocks: give the "
+                            "profile of this model")
+    heads = _spaced(picked, num_blocks - 1, max_heads)
+    rule_text = PICK_RULES[metric].pick.replace("_", " ")
+    reason = (f"label-free rule: {metric} on the train split ({pooling}) picks block {picked} ({rule_text}), so "
+              f"{_heads_phrase(heads, picked, num_blocks - 1)}; {calibration_caveat(calibration, metric, pooling)}")
+    reason, freeze_blocks = _with_freeze(reason, freeze, num_blocks, heads)
+    models = sorted(set(table["model"].dropna().astype(str))) if "model" in table else []
+    inputs = PlacementInputs(metric=metric, pooling=pooling, plateau=0.0, metric_name=metric, split="train",
+                             curve=curve, max_heads=None if max_heads is None else int(max_heads),
+                             freeze=None if freeze is None else (float(freeze) if isinstance(freeze, float)
+                                                                 else int(freeze)))
+    return Placement(rule="label-free", num_blocks=num_blocks, head_blocks=heads, freeze_blocks=freeze_blocks,
+                     reason=reason + ".", inputs=inputs, peak_block=picked,
+                     peak_value=dict(curve)[picked], plateau_start=picked,
+                     notes=("warning: placed without labels: the label-free pick is a published rule, not a "
+                            "measurement of this model's best block",) if not calibration else (),
+                     model=models[0] if len(models) == 1 else None, source=source)
 
 
 def flat_curve_pvalue(values: Sequence[float], n: int) -> float:

@@ -13,7 +13,7 @@ import pandas as pd
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..options import build_config
-from .config import PlaceConfig
+from ..config.place import PlaceConfig
 from .record import Placement
 from .rules import place
 
@@ -83,6 +83,7 @@ def run_place(profile: str | Path, *, out: str | Path | None = None, config: Pla
     table, meta, folder = read_profile(profile)
     num_blocks, depth_source = model_depth(meta, table)
     options["preset"] = options["preset"] or (meta.get("config") or {}).get("preset")
+    options["calibration"] = meta.get("calibration")
     options.setdefault("val_images", validation_images(folder, split="train-loo" if not (
         (table["split"] == "val").any()) else "val"))
     placement = place(table, num_blocks=num_blocks, source=str(folder.resolve()), **options)

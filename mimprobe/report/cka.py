@@ -27,8 +27,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..features.store import FeatureStore
 
-DEFAULT_ROWS = 2000        # seeded subset of the evaluation split: CKA of 2,000 images is stable to ~0.01
-DEFAULT_BATCH_SIZE = 256   # Gram rows per minibatch
+from ..config.compare import DEFAULT_BATCH_SIZE, DEFAULT_ROWS  # noqa: E402,F401  (the compare options' defaults)
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -17,17 +17,15 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.headlines import PRIMARY_K
+from ..metrics.registry import metric_info
 
 CHOSEN_PER_BLOCK = ("lr", "weight_decay", "C", "grid_c_searched")  # chosen per block on validation: not a curve's identity
-LOWER_IS_BETTER = ("cluster_davies_bouldin",)
 CLASS_METRIC = "knn_class_top1"
-_NAMES = {
-    "knn_top1": "k-NN top-1", "knn_top5": "k-NN top-5", "linear_top1": "linear probe top-1",
-    "linear_val_top1": "linear probe top-1 (probe selection split)", "lowshot_top1_mean": "low-shot top-1",
-    "cluster_acc": "k-means ACC", "cluster_nmi": "k-means NMI", "cluster_ami": "k-means AMI",
-    "cluster_ari": "k-means ARI", "cluster_silhouette": "silhouette", "cluster_davies_bouldin": "Davies-Bouldin",
-    "rankme": "effective rank (RankMe)",
-}
+
+
+def _name(metric: str) -> str:
+    info = metric_info(metric)
+    return info.title if info is not None else metric
 
 
 @dataclass(frozen=True, order=True)
@@ -45,7 +43,7 @@ class CurveKey:
     @property
     def title(self) -> str:
         p = self.param_dict
-        name = _NAMES.get(self.metric, self.metric)
+        name = _name(self.metric)
         if self.metric.startswith("knn"):
             name += f" ({p.get('preset', '?')}, k={p.get('k', '?')}, T={p.get('T', '?')})"
         elif self.metric.startswith("lowshot"):
@@ -58,7 +56,7 @@ class CurveKey:
         """The metric without its protocol and split, for axis labels."""
         if self.metric.startswith("lowshot"):
             return self.title.split(" (")[0]
-        return _NAMES.get(self.metric, self.metric)
+        return _name(self.metric)
 
     @property
     def slug(self) -> str:
@@ -70,12 +68,15 @@ class CurveKey:
 
     @property
     def is_percent(self) -> bool:
-        """Accuracies, shown as percentages (1 decimal) and differences in percentage points."""
-        return any(tag in self.metric for tag in ("top1", "top5", "_acc"))
+        """Accuracies, shown as percentages (1 decimal) and differences in percentage points (the registry's
+        ``fraction`` unit)."""
+        info = metric_info(self.metric)
+        return info is not None and info.unit == "fraction"
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric not in LOWER_IS_BETTER
+        info = metric_info(self.metric)
+        return info is None or info.direction != "lower"
 
     @property
     def has_samples(self) -> bool:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mimprobe.cli import app
 from mimprobe.errors import BadInputError
 from mimprobe.metrics.profile import ProfileConfig
-from mimprobe.pipeline import DEMO_SPEC, Spec, dump_spec, load_spec, spec_from_text
+from mimprobe.pipeline import DEMO_SPEC, dump_spec, load_spec, spec_from_dict, spec_from_text
 from mimprobe.pipeline.spec import _find_line
 from mimprobe.pretrain import MaeConfig
 from mimprobe.refine import RefineConfig
@@ -71,9 +71,9 @@ def test_wrong_type_names_its_line(tmp_path):
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n\n[refien]\nepochs = 1\n',
      "line 6: unknown section [refien] (did you mean [refine]?)"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npreset = "dnio"\n',
-     'line 6: [profile] preset must be one of mim-refiner, dino, dinov2, got "dnio" (did you mean "dino"?)'),
+     "line 6: [profile] unknown preset value 'dnio': use mim-refiner, dino, dinov2 (did you mean dino?)"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npool = ["cls", "maen"]\n',
-     'line 6: [profile] pool must be one of cls, mean, cls+mean, got "maen" (did you mean "mean"?)'),
+     "line 6: [profile] unknown pooling 'maen': use cls, mean, cls+mean, a comma list of them, or all"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[refine]\nhead_dims = [512, 128]\n',
      "line 6: [refine] head_dims must be a list of 3 integers, got [512, 128]"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\nimg_size = 3.5\n',
@@ -81,9 +81,9 @@ def test_wrong_type_names_its_line(tmp_path):
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\npretrained = "yes"\n',
      'line 5: pretrained must be true or false, got "yes"'),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n\n[place]\nmax_heads = 4\nn = 2\n',
-     "line 7: [place] max_heads belongs to rule peak, not last-n: drop it or set rule = \"peak\""),
+     "line 7: [place] max_heads belongs to rule peak, not last-n: drop it, or use --rule peak"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n\n[refine]\nbatch_size = 1\n',
-     "line 6: [refine] --batch-size 1 is too small"),
+     "line 7: [refine] batch_size 1 is too small"),
 ])
 def test_errors_name_the_key_and_line(tmp_path, text, expected):
     message = _error(_write(tmp_path, text))
@@ -119,23 +119,26 @@ def test_line_finder_reads_headers_dotted_and_quoted_keys():
 
 
 def test_defaults_are_the_stage_configurations():
-    spec = Spec(name="n", out="o", model="m", data="d")
-    from mimprobe.pipeline import PretrainSpec
+    from mimprobe.config import ExtractConfig, PlaceConfig
 
-    assert spec.refine.config(spec) == RefineConfig()
-    assert PretrainSpec().config(spec) == MaeConfig()
-    assert spec.profile.config(spec) == ProfileConfig()
-    assert spec.compare.config(spec) == CompareConfig()
-    assert spec.place.options()["rule"] == "peak"
+    spec = spec_from_dict({"name": "n", "out": "o", "model": "m", "data": "d", "pretrain": {}})
+    assert spec.config("refine", RefineConfig) == RefineConfig()
+    assert spec.config("pretrain", MaeConfig) == MaeConfig()
+    assert spec.config("profile", ProfileConfig) == ProfileConfig()
+    assert spec.config("profile", ExtractConfig) == ExtractConfig(poolings=("cls", "mean"))  # profile's default
+    assert spec.config("compare", CompareConfig) == CompareConfig()
+    assert spec.config("place", PlaceConfig).resolved_rule == "peak"
 
 
 def test_cli_forms_of_lists_and_rule_inference(tmp_path):
     spec = spec_from_text('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npool = "all"\n'
                           'metrics = "knn,linear"\nblocks = [0, -1]\n[place]\nblocks = [3, 5]\n')
-    assert spec.profile.pool == ("cls", "mean", "cls+mean")
-    assert spec.profile.metrics == ("knn", "linear")
-    assert spec.profile.extract_options(spec)["blocks"] == [0, -1]
-    assert spec.place.options()["rule"] == "explicit"
+    from mimprobe.config import ExtractConfig, PlaceConfig
+
+    assert spec.options("profile")["pool"] == ("cls", "mean", "cls+mean")
+    assert spec.options("profile")["metrics"] == ("knn", "linear")
+    assert spec.config("profile", ExtractConfig).blocks == [0, -1]
+    assert spec.config("place", PlaceConfig).resolved_rule == "explicit"
 
 
 @pytest.mark.parametrize("path", sorted(ANALYSES.glob("*.toml")) + [DEMO_SPEC], ids=lambda p: p.name)
@@ -150,6 +153,7 @@ def test_shipped_specs_load_and_their_resolved_form_reads_back(path):
 def test_overrides_are_validated_like_a_file():
     spec = load_spec(DEMO_SPEC)
     changed = spec.with_overrides({"img_size": 32, "refine": {"epochs": 3}})
-    assert (changed.img_size, changed.refine.epochs, changed.refine.batch_size) == (32, 3, spec.refine.batch_size)
+    refine, before = changed.config("refine", RefineConfig), spec.config("refine", RefineConfig)
+    assert (changed.img_size, refine.epochs, refine.batch_size) == (32, 3, before.batch_size)
     with pytest.raises(BadInputError, match='unknown key "epoch" in \\[refine\\]'):
         spec.with_overrides({"refine": {"epoch": 3}})

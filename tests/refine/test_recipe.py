@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.transforms import v2
 from typer.testing import CliRunner
 
+from mimprobe._threads import cpu_threads
 from mimprobe.cli import app
 from mimprobe.placement import place
 from mimprobe.refine import RefineConfig, run_refine
@@ -149,8 +150,9 @@ def test_logged_learning_rates_follow_the_official_schedule_of_each_stage(tmp_pa
     config = RefineConfig(epochs_heads=10, epochs=10, batch_size=4, head_dims=(16, 8, 16),
                           img_size=32, local_crops=0, topk=2)
     out = tmp_path / "run"
-    run_refine("test_vit", "synthetic:classes=2,train=4,test=2,size=32", out=out, config=config,
-               placement=place(None, num_blocks=6, rule="last-n", n=2), progress=False, threads=1)
+    with cpu_threads(1):
+        run_refine("test_vit", "synthetic:classes=2,train=4,test=2,size=32", out=out, config=config,
+                   placement=place(None, num_blocks=6, rule="last-n", n=2), progress=False)
     with open(out / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["stage"]) for r in rows] == [1] * 20 + [2] * 20

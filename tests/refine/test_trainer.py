@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from mimprobe._threads import cpu_threads
 from mimprobe.cli import app
 from mimprobe.models import load_model
 from mimprobe.placement import place
@@ -38,8 +39,9 @@ PLACEMENT = place(None, num_blocks=6, rule="last-n", n=2)
 
 
 def refine(out: Path, config: RefineConfig = TINY, **options):
-    return run_refine(MODEL, DATA, out=out, config=config, placement=options.pop("placement", PLACEMENT),
-                      progress=False, threads=1, **options)
+    with cpu_threads(1):
+        return run_refine(MODEL, DATA, out=out, config=config, placement=options.pop("placement", PLACEMENT),
+                          progress=False, **options)
 
 
 def exported(out: Path) -> dict[str, torch.Tensor]:

@@ -16,19 +16,14 @@ Each metric is a pure function of one block's (n, d) features, usually a seeded 
 bootstrap interval over images, the block each metric's published rule picks (`RULES`) and the accuracy lost there.
 """
 
-from .calibration import (PICKS, RULES, CalibrationResult, PickRule, bootstrap_accuracy, bootstrap_indices,
-                          calibrate, first_min_after_peak, oriented_score, pick_block, spearman_rho, spearman_rows)
-from .entropy import dataset_entropy, renyi_entropy_from_eigenvalues
-from .intrinsic_dim import two_nearest_distances, twonn_dimension, twonn_from_distances
-from .learnability import cluster_learnability, default_cluster_count, learnability_split
-from .overlap import block_neighbours, neighbourhood_overlap, overlap_of_neighbours
-from .spectrum import alpha_req, alpha_req_from_spectrum, covariance_eigenvalues, nesum, nesum_from_spectrum
-from .subset import LabelFreeEstimate, Subset, seeded_subset
+from ..._lazy import lazy_exports
 
-__all__ = ["PICKS", "RULES", "CalibrationResult", "LabelFreeEstimate", "PickRule", "Subset", "alpha_req",
-           "alpha_req_from_spectrum", "block_neighbours", "bootstrap_accuracy", "bootstrap_indices", "calibrate",
-           "cluster_learnability", "covariance_eigenvalues", "dataset_entropy", "default_cluster_count",
-           "first_min_after_peak", "learnability_split", "neighbourhood_overlap", "nesum", "nesum_from_spectrum",
-           "oriented_score", "overlap_of_neighbours", "pick_block", "renyi_entropy_from_eigenvalues",
-           "seeded_subset", "spearman_rho", "spearman_rows", "two_nearest_distances", "twonn_dimension",
-           "twonn_from_distances"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "PICKS": ".calibration", "RULES": ".calibration", "CalibrationResult": ".calibration", "PickRule": ".calibration", "bootstrap_accuracy": ".calibration", "bootstrap_indices": ".calibration", "calibrate": ".calibration", "first_min_after_peak": ".calibration", "oriented_score": ".calibration", "pick_block": ".calibration", "spearman_rho": ".calibration", "spearman_rows": ".calibration",
+    "dataset_entropy": ".entropy", "renyi_entropy_from_eigenvalues": ".entropy",
+    "two_nearest_distances": ".intrinsic_dim", "twonn_dimension": ".intrinsic_dim", "twonn_from_distances": ".intrinsic_dim",
+    "cluster_learnability": ".learnability", "default_cluster_count": ".learnability", "learnability_split": ".learnability",
+    "block_neighbours": ".overlap", "neighbourhood_overlap": ".overlap", "overlap_of_neighbours": ".overlap",
+    "alpha_req": ".spectrum", "alpha_req_from_spectrum": ".spectrum", "covariance_eigenvalues": ".spectrum", "nesum": ".spectrum", "nesum_from_spectrum": ".spectrum",
+    "LabelFreeEstimate": ".subset", "Subset": ".subset", "seeded_subset": ".subset",
+})

@@ -1,4 +1,4 @@
-"""The options of a placement (`mimprobe place`, the ``[place]`` spec section, `mimprobe.place`)."""
+"""`PlaceConfig`: the options of a placement (`mimprobe place`, the ``[place]`` spec section, `mimprobe.place`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from ..blocks import parse_block_spec
 from ..errors import BadInputError
-from ..features.pooling import POOLINGS
 from ..options import check_options, option
-from .curve import PLACEMENT_METRICS
-from .record import RULES
+from ..placement.curve import PLACEMENT_METRICS
+from ..placement.labelfree import parse_rule
+from ..placement.record import RULES
+from .common import POOLINGS
 
 
 def parse_freeze(text: str) -> int | float:
@@ -34,8 +35,9 @@ class PlaceConfig:
     """Where the heads go. ``rule`` defaults to ``peak``, to ``explicit`` with ``blocks`` and to ``last-n`` with ``n``
     (or ``blocks="last:N"``)."""
 
-    rule: str | None = option(None, "peak, last-n or explicit [default: peak; explicit with --blocks, last-n with "
-                                    "--n].", choices=RULES)
+    rule: str | None = option(None, "peak, last-n, explicit, or label-free[:METRIC] for profiles without labels "
+                                    "(default metric twonn_id) [default: peak; explicit with --blocks, last-n "
+                                    "with --n].")
     metric: str = option("knn", "Curve of the peak rule: knn (k-NN top-1 on val) or linear (linear-probe top-1 on "
                                 "val).", short="-m", choices=PLACEMENT_METRICS)
     pooling: str = option("cls", "Pooling of the curve: cls, mean or cls+mean.", short="-p", choices=POOLINGS)
@@ -64,17 +66,31 @@ class PlaceConfig:
         if self.blocks is not None and self.n is not None:
             raise BadInputError("give either --blocks (rule explicit) or --n (rule last-n), not both")
         check_options(self)
+        if self.rule is not None:
+            rule, _ = parse_rule(self.rule)
+            if rule not in RULES:
+                raise BadInputError(f"unknown --rule {self.rule!r}: use {', '.join(RULES[:-1])} or "
+                                    "label-free[:METRIC]")
         for name, owner in (("max_heads", "peak"), ("n", "last-n"), ("blocks", "explicit")):
-            if getattr(self, name) is not None and self.resolved_rule != owner:
+            if getattr(self, name) is not None and self.resolved_rule != owner \
+                    and not (name == "max_heads" and self.resolved_rule == "label-free"):
                 raise BadInputError(f"--{name.replace('_', '-')} belongs to rule {owner}, not {self.resolved_rule}: "
                                     f"drop it, or use --rule {owner}")
 
     @property
     def resolved_rule(self) -> str:
-        return self.rule or ("explicit" if self.blocks is not None else "last-n" if self.n is not None else "peak")
+        if self.rule is not None:
+            return parse_rule(self.rule)[0]
+        return "explicit" if self.blocks is not None else "last-n" if self.n is not None else "peak"
+
+    @property
+    def labelfree_metric(self) -> str | None:
+        """The label-free curve of rule ``label-free[:METRIC]`` (None for the other rules)."""
+        return parse_rule(self.rule)[1] if self.rule is not None else None
 
     def place_options(self) -> dict:
         """Keywords of `mimprobe.placement.place`."""
-        return {"rule": self.resolved_rule, "metric": self.metric, "pooling": self.pooling,
+        return {"rule": self.resolved_rule, "labelfree_metric": self.labelfree_metric, "metric": self.metric,
+                "pooling": self.pooling,
                 "max_heads": self.max_heads, "plateau": self.plateau, "freeze": self.freeze,
                 "blocks": None if self.blocks is None else list(self.blocks), "n": self.n}
