@@ -229,6 +229,8 @@ def _derived(name: str, *, arguments: list[inspect.Parameter], run: Callable[...
         debug = values.pop("debug")
         json_output = values.pop("json_output", False)
         positional = {parameter.name: values.pop(parameter.name) for parameter in arguments}
+        for parameter in extra:  # eager options handled by their callback (refine --recipe)
+            values.pop(parameter.name, None)
         options = given(values)
         if json_output and "progress" in command.names():
             options.setdefault("progress", False)

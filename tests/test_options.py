@@ -18,6 +18,8 @@ import mimprobe
 from mimprobe.cli import app
 from mimprobe.errors import BadInputError
 from mimprobe.options import build_config, option, option_fields, public_name, typer_parameters
+import mimprobe.config as config_module
+from mimprobe.config import COMMANDS
 from mimprobe.pipeline import api
 
 runner = CliRunner()
@@ -34,9 +36,9 @@ def _flags(command: str) -> frozenset[str]:
 
 # ------------------------------------------------------------------------------------------ derived from configs
 
-@pytest.mark.parametrize("name", sorted(api.COMMANDS))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_config_option_is_on_its_command_with_the_config_default_in_help(name):
-    command = api.COMMANDS[name]
+    command = COMMANDS[name]
     flags = _flags(name)
     for keyword in command.names():
         cls = next(cls for cls in command.options if keyword in {public_name(f) for f, _ in option_fields(cls)})
@@ -45,25 +47,29 @@ def test_every_config_option_is_on_its_command_with_the_config_default_in_help(n
             assert f"--{keyword.replace('_', '-')}" in flags, keyword
 
 
-def test_a_new_config_field_appears_on_the_command_in_the_spec_and_in_the_function(monkeypatch):
+def test_a_new_config_field_appears_on_the_command_in_the_spec_and_in_the_function(monkeypatch, tmp_path):
     """Adding one field to a stage's config is the whole edit: the option reaches the Typer command, the spec
     section and the Python function's keywords."""
     import dataclasses
 
-    from mimprobe.metrics.profile import ProfileConfig
+    from mimprobe.config import ProfileConfig
     from mimprobe.pipeline import spec as spec_module
 
     extended = dataclasses.make_dataclass(
-        "ProfileConfig", [("knn_chunk", int, option(7, "A new option, for this test."))], bases=(ProfileConfig,),
-        frozen=True)
-    monkeypatch.setattr(api, "PROFILE", dataclasses.replace(api.PROFILE, options=tuple(
-        extended if cls is ProfileConfig else cls for cls in api.PROFILE.options)))
+        "ProfileConfig", [("knn_chunk", int, option(7, "A new option, for this test.", minimum=1))],
+        bases=(ProfileConfig,), frozen=True)
+    command = dataclasses.replace(config_module.PROFILE, options=tuple(
+        extended if cls is ProfileConfig else cls for cls in config_module.PROFILE.options))
+    monkeypatch.setattr(api, "PROFILE", command)
+    monkeypatch.setitem(COMMANDS, "profile", command)
     monkeypatch.setitem(spec_module.SECTIONS, "profile", (extended, spec_module.SECTIONS["profile"][1]))
-    parameters = {p.name: p for p in typer_parameters(api.PROFILE.options)}
-    assert "knn_chunk" in parameters and "[default: 7]" in parameters["knn_chunk"].default.help
-    assert "knn_chunk" in api.PROFILE.names()
-    assert api.PROFILE.configs({"out": "x", "knn_chunk": 3})[extended].knn_chunk == 3
-    spec = spec_module.spec_from_dict({"name": "n", "out": "o", "model": "m", "data": "d",
+    parameters = {p.name: p for p in typer_parameters(command.options)}                 # the command line
+    assert parameters["knn_chunk"].default.param_decls == ("--knn-chunk",)
+    assert "[default: 7]" in parameters["knn_chunk"].default.help
+    with pytest.raises(BadInputError, match="--knn-chunk must be at least 1"):           # the function
+        mimprobe.profile("test_vit", DATA, out=str(tmp_path / "p"), knn_chunk=0)
+    assert not (tmp_path / "p").exists()
+    spec = spec_module.spec_from_dict({"name": "n", "out": "o", "model": "m", "data": "d",  # the spec
                                        "profile": {"knn_chunk": 5}})
     assert spec.options("profile")["knn_chunk"] == 5 and spec.resolved()["profile"]["knn_chunk"] == 5
 
@@ -139,7 +145,7 @@ def test_spec_sections_call_the_same_functions(monkeypatch, tmp_path):
     options = calls["profile"]
     assert options["img_size"] == 32 and options["pool"] == ("cls",) and options["blocks"] == 2
     assert options["metrics"] == ("knn",)
-    api.PROFILE.configs({key: value for key, value in options.items() if key not in ("log",)})  # all valid names
+    config_module.PROFILE.configs({key: value for key, value in options.items() if key not in ("log",)})  # all valid names
 
 
 def test_refine_config_is_the_same_from_cli_and_api(monkeypatch, tmp_path):
@@ -206,6 +212,13 @@ REACHED_BY = {
     "models": ("extract", "profile", "info", "refine", "pretrain-mae"),
     "data": ("extract", "profile", "refine", "pretrain-mae"),
     "pipeline": ("run", "demo"),
+    "config/extract.py": ("extract", "profile"),
+    "config/profile.py": ("profile",),
+    "config/place.py": ("place",),
+    "config/refine.py": ("refine",),
+    "config/pretrain.py": ("pretrain-mae",),
+    "config/compare.py": ("compare",),
+    "config/common.py": ("extract", "profile", "info", "refine", "pretrain-mae"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -250,7 +263,7 @@ def _named_elsewhere(text: str, flag: str) -> bool:
     ("re-run `mimprobe profile` with --metrics knn", "smaller refine --head-dims")."""
     before = text[:text.index(flag)]
     return any(re.search(rf"\b{re.escape(command)}\b", before) and flag in _flags(command)
-               for command in api.COMMANDS if command in before)
+               for command in COMMANDS if command in before)
 
 
 # Flags of other tools that messages may name.
@@ -263,7 +276,7 @@ def _commands_of(path: Path, function: str | None, package: str) -> tuple[str, .
     """The commands that can print a message: the package's, or for `pipeline.api` the function's own command."""
     if path.name == "api.py" and function is not None:
         name = function.lstrip("_").replace("_", "-").replace("auto-placement", "refine")
-        if name in api.COMMANDS:
+        if name in COMMANDS:
             return (name,)
     return REACHED_BY[package]
 
@@ -271,7 +284,8 @@ def _commands_of(path: Path, function: str | None, package: str) -> tuple[str, .
 @pytest.mark.parametrize("package", sorted(REACHED_BY))
 def test_messages_name_only_options_of_the_commands_that_print_them(package):
     missing = []
-    for path in sorted((PACKAGE / package).rglob("*.py")):
+    paths = [PACKAGE / package] if package.endswith(".py") else sorted((PACKAGE / package).rglob("*.py"))
+    for path in paths:
         for line, text, function in _strings(path):
             commands = _commands_of(path, function, package)
             for flag in FLAG.findall(text):
@@ -286,5 +300,6 @@ def test_messages_name_only_options_of_the_commands_that_print_them(package):
 
 
 def test_the_message_scan_finds_flags():
-    found = {flag for _, flag in _message_flags(PACKAGE / "metrics" / "profile.py")}
+    found = {flag for _, flag in _message_flags(PACKAGE / "metrics" / "_finite.py")} | {
+        flag for _, flag in _message_flags(PACKAGE / "config" / "profile.py")}
     assert "--metrics" in found and "--store-dtype" in found

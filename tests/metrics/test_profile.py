@@ -127,8 +127,8 @@ def test_store_from_another_dataset(store_dir, tmp_path):
 
 
 def test_unknown_metric_and_preset(store_dir, tmp_path):
-    assert "unknown metric 'knm'" in _bad([str(store_dir), "--out", str(tmp_path), "--metrics", "knm"])
-    assert "unknown preset" in _bad([str(store_dir), "--out", str(tmp_path), "--preset", "byol"])
+    assert "unknown --metrics value 'knm'" in _bad([str(store_dir), "--out", str(tmp_path), "--metrics", "knm"])
+    assert "unknown --preset value 'byol'" in _bad([str(store_dir), "--out", str(tmp_path), "--preset", "byol"])
 
 
 def test_a_small_memory_budget_gives_the_same_table(store_dir):
@@ -137,7 +137,7 @@ def test_a_small_memory_budget_gives_the_same_table(store_dir):
     from mimprobe.metrics.profile import profile_store
 
     store = FeatureStore.open(store_dir)
-    config = dict(metrics=("knn", "linear", "lowshot", "cluster", "rank"), pool=("cls",))
+    config = dict(metrics=("knn", "linear", "lowshot", "cluster", "rank"), poolings=("cls",))
     whole = profile_store(store, ProfileConfig(memory_budget=None, **config), progress=False)
     budget = 20 * 6 * 64 * 4 * 3  # 20 rows of the 6 blocks at a time, for 120 train rows
     chunked = profile_store(store, ProfileConfig(memory_budget=budget, **config), progress=False)
@@ -163,7 +163,7 @@ def test_subsample_sizes_are_options_recorded_in_the_rows(store_dir):
     assert all(json.loads(p)["eval_samples"] == 25 for p in table["params"])
     full = profile_store(store, ProfileConfig(metrics=("cluster",), poolings=("cls",)), progress=False)
     assert all("eval_samples" not in json.loads(p) for p in full["params"])  # 40 test rows < 50,000: all used
-    with pytest.raises(Exception, match="--eval-samples must be >= 1"):
+    with pytest.raises(Exception, match="--eval-samples must be at least 1"):
         ProfileConfig(eval_samples=0)
 
 
