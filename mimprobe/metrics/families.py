@@ -92,7 +92,9 @@ def linear_rows(ctx: Context, pooling: str, blocks: list[int]) -> list[tuple[int
             seed=config.seed, val_fraction=config.val_fraction, device=ctx.device,
             config=linear.LinearProbeConfig(memory_budget=config.memory_budget), assume_finite=True)
     else:
-        found_by_block, hits_by_block = linear.evaluate_linear_sklearn_with_hits(
+        from .linear_sklearn import evaluate_linear_sklearn_with_hits
+
+        found_by_block, hits_by_block = evaluate_linear_sklearn_with_hits(
             train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
             seed=config.seed, val_fraction=config.val_fraction)
     rows = []

@@ -11,8 +11,10 @@ from sklearn.linear_model import LogisticRegression
 from mimprobe.errors import BadInputError
 from mimprobe.metrics._rows import carve_validation
 from mimprobe.metrics.synthetic import decaying_spectrum_features
-from mimprobe.metrics.linear import (BlockwiseLinearProbes, LinearProbeConfig, best_c, constant_then_linear_decay,
-                                     evaluate_linear, evaluate_linear_sklearn, fit_probes, select_grid_point)
+from mimprobe.metrics.linear import evaluate_linear, best_c, select_grid_point
+from mimprobe.metrics.linear_sklearn import evaluate_linear_sklearn
+from mimprobe.metrics.linear_solver import (BlockwiseLinearProbes, LinearProbeConfig, constant_then_linear_decay,
+                                            fit_probes)
 
 NUM_CLASSES = 10
 WIDTHS = (32, 48, 64, 32, 48, 64)

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from mimprobe import load_data
 from mimprobe.cli import app
-from mimprobe.data import SplitDataset, build_eval_transform, resolve_eval_data_config
+from mimprobe.data import SplitDataset, build_eval_transform
+from mimprobe.models.preprocessing import resolve_eval_data_config
 from mimprobe.errors import BadInputError, CheckpointError
 from mimprobe.features import FeatureStore
 from mimprobe.models import describe_model, load_model

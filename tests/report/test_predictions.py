@@ -83,7 +83,7 @@ def test_linear_hits_average_to_the_reported_accuracy(refit):
     for block in (0, 1):
         params = rows[block][0].params
         assert params["weight_decay"] == pytest.approx(1 / (params["C"] * len(rows_used)))
-        head = linear.fit_probes({0: blocks_train[block][rows_used]}, y_train[rows_used],
+        head = linear_solver.fit_probes({0: blocks_train[block][rows_used]}, y_train[rows_used],
                                  weight_decays=[params["weight_decay"]], epochs=5, min_steps=50)
         np.testing.assert_array_equal(head.correct(blocks_test[block][None], y_test)[0, 0], hits[block])
     sk_rows, sk_hits = linear.evaluate_linear_sklearn_with_hits(blocks_train, y_train, blocks_test, y_test,
@@ -94,7 +94,7 @@ def test_linear_hits_average_to_the_reported_accuracy(refit):
 
 def test_diverged_heads_score_no_hit():
     train, y_train = _blobs(4, 40)
-    probes = linear.fit_probes({0: train}, y_train, learning_rate=[1e10, 0.3], weight_decays=(0.01, 0.01), epochs=3,
+    probes = linear_solver.fit_probes({0: train}, y_train, learning_rate=[1e10, 0.3], weight_decays=(0.01, 0.01), epochs=3,
                                min_steps=10)
     correct = probes.correct(train[None], y_train)
     accuracy = probes.score(train[None], y_train)
