@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mimprobe.metrics import knn, linear
+from mimprobe.metrics import knn, linear, linear_solver
 from mimprobe.metrics.profile import PREDICTIONS_FILE, SamplePredictions
 
 
