@@ -23,10 +23,10 @@ Modules: `record` (the `Placement` and its JSON form), `curve` (the validation c
 """
 
 from .curve import PLACEMENT_METRICS, ValidationCurve, validation_curve
-from .record import FORMAT_VERSION, RULES, Placement, PlacementInputs
+from .record import FORMAT_VERSION, RULES, Placement, PlacementInputs, note_line
 from .rules import DEFAULT_PLATEAU, place
 from .run import PLACEMENT_FILE, load_placement, placement_path, read_profile, run_place
 
 __all__ = ["DEFAULT_PLATEAU", "FORMAT_VERSION", "PLACEMENT_FILE", "PLACEMENT_METRICS", "RULES", "Placement",
-           "PlacementInputs", "ValidationCurve", "load_placement", "place", "placement_path", "read_profile",
-           "run_place", "validation_curve"]
+           "PlacementInputs", "ValidationCurve", "load_placement", "note_line", "place", "placement_path",
+           "read_profile", "run_place", "validation_curve"]
