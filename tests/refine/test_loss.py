@@ -178,6 +178,7 @@ def _distributed_worker(rank: int, init_file: str, out_dir: str, anchor, neighbo
 
 
 @pytest.mark.slow  # subprocesses (torch, timm) under torchrun/SIGTERM: 40-85 s under load here; CI runs it
+@pytest.mark.distributed
 def test_gathered_loss_and_gradient_match_the_single_process_batch(tmp_path):
     batch = 8                                          # 4 rows per process
     anchor, neighbour, prediction = random_triplet(batch=batch, dim=6, seed=4)
