@@ -13,7 +13,8 @@ The official implementation builds the same logits by overwriting the diagonal o
 ``nn @ p.T`` (``src/losses/ssl/nnclr_loss.py``); NNCLR's original form, which uses ``nn`` for every logit (the
 official ``nnclr_allswap_loss.py``), is not what MIM-Refiner trains with and is not offered. The predictions of
 all processes are all-gathered with gradient, so every process contrasts against the global batch; the targets of
-process ``r`` are ``r * B + i``. Everything runs in float32, even under a bf16 autocast (STYLE item 7), so the heads may emit bf16.
+process ``r`` are ``r * B + i``. Everything runs in float32, even under a bf16 autocast (STYLE item 7), so the
+heads may emit bf16.
 """
 
 from __future__ import annotations
