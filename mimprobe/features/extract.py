@@ -501,8 +501,9 @@ def _progress_bar(enabled: bool):
             return Text(f"{speed:,.1f} img/s" if speed else "-- img/s")
 
     return progress_display(  # plain periodic lines when the output is not a terminal
-        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+        lambda console: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 ImagesPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                                 disable=not enabled, transient=False),
         enabled=enabled, unit="img")
 
 

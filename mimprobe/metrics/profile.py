@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .._device import resolve_device
+from .._messages import progress_display
 from .._ranks import current as current_ranks
 from .._ranks import join as join_ranks
 from .._versions import software_versions
@@ -271,10 +272,13 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    # Each bar shows the seconds spent in its own metric: the metrics take turns block by block, so a wall clock
-    # per bar would count the others' time too.
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), disable=not progress) as bar:
+    # One bar per metric on stderr (plain lines when it is not a terminal), as extract's; each shows the seconds
+    # spent in its own metric: the metrics take turns block by block, so a wall clock per bar would count the
+    # others' time too.
+    with progress_display(lambda console: Progress(
+            TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), console=console, disable=not progress),
+            enabled=progress) as bar:
         tasks = {m: bar.add_task(m, total=steps[m], seconds=0.0) for m in metrics}
         spent = dict.fromkeys(metrics, 0.0)
         clock = [time.perf_counter()]
@@ -284,7 +288,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
             now = time.perf_counter()
             spent[metric] += now - clock[0]
             clock[0] = now
-            bar.update(tasks[metric], advance=count, seconds=spent[metric])
+            bar.update(tasks[metric], advance=count, seconds=round(spent[metric], 1))
 
         for pooling in poolings:
             for block in blocks:

@@ -280,9 +280,10 @@ def _progress_bar(enabled: bool):
                                TimeRemainingColumn)
 
     return progress_display(  # plain periodic lines when the output is not a terminal
-        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        lambda console: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                          TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+                         transient=False),
         enabled=enabled)
 
 

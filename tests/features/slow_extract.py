@@ -22,9 +22,12 @@ def _paused(function, seconds: float):
 
 
 if __name__ == "__main__":
-    from mimprobe import cli
-    from mimprobe.features import extract, progress
+    import importlib
 
+    from mimprobe import cli
+
+    extract = importlib.import_module("mimprobe.features.extract")  # the module (the package exports a function)
+    progress = importlib.import_module("mimprobe.features.progress")
     seconds = float(sys.argv.pop(1))
     extract.write_json_atomic = _paused(extract.write_json_atomic, seconds)
     progress.write_rank_progress = _paused(progress.write_rank_progress, seconds)

@@ -229,3 +229,39 @@ def test_a_killed_one_process_run_resumes_with_two(tmp_path):
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["images_processed"] == 30 - manifest["progress"]["train"]
     assert _tree_bytes(store) == _tree_bytes(reference.path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped; only its exit status is left
+
+
+@pytest.mark.distributed  # a torchrun launch of gloo processes
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from Linux's /proc")
+def test_killing_the_launcher_stops_its_workers(tmp_path):
+    """`kill -9` of torchrun's agent: its workers, mid-extraction, get SIGTERM from the kernel and stop, instead of
+    waiting in a collective for the 24 h timeout; the store then resumes as after any kill."""
+    process = _torchrun(tmp_path / "run", "float32", delay=1.0)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        stores = list((tmp_path / "run").glob("test_vit__*"))
+        if stores and len(_rank_done(stores[0])) == 2:  # both workers are writing
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1]
+    workers = [pid for pid in _descendants(process.pid) if _running(pid)]
+    assert len(workers) >= 2
+
+    process.kill()  # the launcher only
+    process.communicate()
+    deadline = time.time() + 60
+    while any(_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+
+    still = [pid for pid in workers if _running(pid)]
+    for pid in still:  # leave nothing behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not still, f"workers {still} outlived their launcher"
