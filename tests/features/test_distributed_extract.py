@@ -244,7 +244,7 @@ def _running(pid: int) -> bool:
 def test_killing_the_launcher_stops_its_workers(tmp_path):
     """`kill -9` of torchrun's agent: its workers, mid-extraction, get SIGTERM from the kernel and stop, instead of
     waiting in a collective for the 24 h timeout; the store then resumes as after any kill."""
-    process = _torchrun(tmp_path / "run", "float32", delay=1.0)
+    process = _torchrun(tmp_path / "run", "float32", delay=5.0)  # 5 s per batch: 15 s or more of work left
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
         stores = list((tmp_path / "run").glob("test_vit__*"))
@@ -256,12 +256,13 @@ def test_killing_the_launcher_stops_its_workers(tmp_path):
     assert len(workers) >= 2
 
     process.kill()  # the launcher only
-    process.communicate()
-    deadline = time.time() + 60
+    process.wait()  # not communicate(): the workers hold the same output pipes open until they exit
+    deadline = time.time() + 10  # orphaned workers would go on for 15 s or more, then wait in a collective
     while any(_running(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
 
     still = [pid for pid in workers if _running(pid)]
     for pid in still:  # leave nothing behind if the test fails
         os.kill(pid, signal.SIGKILL)
+    process.communicate()
     assert not still, f"workers {still} outlived their launcher"
