@@ -283,11 +283,15 @@ def _text_start(path: Path) -> str | None:
     """"a text file starting '...'" when the file's first bytes are UTF-8 text, else None."""
     with open(path, "rb") as handle:
         head = handle.read(64)
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
+    for end in range(len(head), max(len(head) - 4, 0), -1):  # a character cut at byte 64 is not binary
+        try:
+            text = head[:end].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
         return None
-    if not text.strip() or not text.isprintable() and not all(c.isprintable() or c.isspace() for c in text):
+    if not text.strip() or not all(c.isprintable() or c.isspace() for c in text):
         return None
     return f"a text file starting {text.strip().splitlines()[0][:40]!r}"
 
