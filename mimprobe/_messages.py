@@ -1,4 +1,5 @@
-"""One-line status messages and progress of the long-running commands (extract, pretrain-mae, refine)."""
+"""One-line status messages and progress of the long-running commands (extract, profile, pretrain-mae, refine), all
+on stderr: stdout keeps only results (``--json``)."""
 
 from __future__ import annotations
 
@@ -29,28 +30,30 @@ def status_logger(log: Callable[[str], None] | None, *, progress: bool,
     return say
 
 
-def progress_display(make_rich: Callable[[], Any], *, enabled: bool, interactive: bool | None = None,
+def progress_display(make_rich: Callable[[Any], Any], *, enabled: bool, interactive: bool | None = None,
                      every: float = PLAIN_EVERY_SECONDS, write: Callable[[str], None] | None = None,
                      unit: str | None = None) -> Any:
-    """The progress display of a long command: ``make_rich()`` (a rich ``Progress``) on a terminal, else a
-    `PlainProgress` that prints one plain line now and then, as DINO's ``MetricLogger`` does in a log file.
+    """The progress display of a long command: ``make_rich(console)`` (a rich ``Progress`` on ``console``, a rich
+    Console on stderr) when stderr is a terminal, else a `PlainProgress` that prints one plain line now and then on
+    stderr, as DINO's ``MetricLogger`` does in a log file.
 
     Args:
-        make_rich: Builds the rich Progress (called only when it is shown, or disabled).
+        make_rich: Builds the rich Progress on the console it is given (called only when it is shown, or disabled).
         enabled: Whether progress is wanted at all (False: the rich Progress, disabled).
-        interactive: Whether the output is a terminal (default: rich's view of stdout, where its bars go).
+        interactive: Whether the output is a terminal (default: rich's view of stderr, where the bars go).
         every: Seconds between plain lines.
         write: Where plain lines go (default: stderr, as the status messages).
         unit: What a task counts, when its rate should be shown (``"img"``: ``312 img/s``).
     """
-    if not enabled:
-        return make_rich()
-    if interactive is None:
-        from rich.console import Console
+    from rich.console import Console
 
-        interactive = Console().is_terminal
+    console = Console(stderr=True)
+    if not enabled:
+        return make_rich(console)
+    if interactive is None:
+        interactive = console.is_terminal
     if interactive:
-        return make_rich()
+        return make_rich(console)
     return PlainProgress(every=every, write=write, unit=unit)
 
 

@@ -2,14 +2,19 @@
 (`extract`, `profile`): join the process group (NCCL on CUDA, gloo on CPU) only when launched by torchrun.
 
 Ranks share nothing but the filesystem and these collectives: a barrier, an agreement (did every rank succeed?)
-and a sum. `mimprobe.refine.distributed` joins the group through `join` too and adds the refinement's own
+and a sum. A worker stops with its launcher: torchrun's agent forwards SIGTERM/SIGINT to its workers, and if the
+agent itself dies (``kill -9``, a lost terminal) the kernel sends each worker SIGTERM (`stop_with_the_launcher`),
+which stops an extraction (it resumes from its recorded batches) and makes refine save its checkpoint. `mimprobe.refine.distributed` joins the group through `join` too and adds the refinement's own
 helpers (gathers, SyncBatchNorm).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +59,7 @@ def join(device: torch.device) -> tuple[Ranks, torch.device]:
     """
     if not launched_by_torchrun():
         return Ranks(device=torch.device("cpu")), device
+    stop_with_the_launcher()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -61,6 +67,28 @@ def join(device: torch.device) -> tuple[Ranks, torch.device]:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     collective_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), device=collective_device), device
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_the_launcher() -> bool:
+    """Have the kernel send this process SIGTERM when its parent (torchrun's agent) dies, however it dies (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``); otherwise workers killed out of their launcher wait in a collective for the
+    24-hour timeout. Returns whether it is armed (False off Linux: stop the workers by their own pids there).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died just before: act as the kernel would have
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def current() -> Ranks:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from ._disk import DISK_FULL_ERRNOS, DiskFullError
 from .errors import MimprobeError
 from .options import given, typer_parameters
 
@@ -48,6 +49,8 @@ def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
     except Exception as error:  # unexpected: still one line unless --debug
         if debug:
             traceback.print_exc()
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:  # a write no guard names more exactly
+            _fail(str(DiskFullError(error.filename or "a file", None)), 2)
         first = (str(error).strip().splitlines() or [""])[0]
         _fail(f"{type(error).__name__}: {first} (rerun with --debug for the traceback)", 1)
 

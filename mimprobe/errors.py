@@ -27,5 +27,6 @@ class BadImageError(BadInputError):
     """An image file cannot be decoded."""
 
 
-class DownloadError(MimprobeError):
-    """Pretrained weights could not be fetched (no network, unknown tag)."""
+class DownloadError(BadInputError):
+    """Pretrained weights could not be fetched (no network, unknown tag): the user fixes it by giving the file or
+    network access (exit code 2)."""

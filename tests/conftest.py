@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,28 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the kernel's choice): for torchrun's --master_port and any
+    test that listens. Every test that needs a port takes it from here."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests are skipped (with the reason) where torch sees no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); none is visible to torch here")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 20, mode: str = "RGB", seed: int = 0) -> Path:

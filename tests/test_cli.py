@@ -110,7 +110,7 @@ def test_pretrained_without_network_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never download in tests
     result = _run("info", "vit_tiny_patch16_224.augreg_in21k", "--pretrained")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # bad input (issue 17): give the file or network access
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "could not fetch pretrained weights" in lines[0] and "--checkpoint" in lines[0]
 

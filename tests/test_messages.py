@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from mimprobe._messages import PlainProgress, progress_display
 
 
@@ -42,9 +44,17 @@ def test_a_task_that_finishes_between_periods_reports_once_and_advance_counts():
 
 def test_the_display_is_rich_on_a_terminal_and_plain_otherwise():
     rich = object()
-    assert progress_display(lambda: rich, enabled=True, interactive=True) is rich
-    assert progress_display(lambda: rich, enabled=False, interactive=False) is rich  # disabled: rich's no-op
-    assert isinstance(progress_display(lambda: rich, enabled=True, interactive=False), PlainProgress)
+    assert progress_display(lambda console: rich, enabled=True, interactive=True) is rich
+    assert progress_display(lambda console: rich, enabled=False, interactive=False) is rich  # disabled: no-op
+    assert isinstance(progress_display(lambda console: rich, enabled=True, interactive=False), PlainProgress)
+
+
+def test_rich_bars_go_to_stderr():
+    """stdout keeps only results (--json), as the plain lines and status messages do."""
+    from rich.progress import Progress
+
+    bar = progress_display(lambda console: Progress(console=console), enabled=True, interactive=True)
+    assert bar.console.stderr and bar.console.file is sys.stderr
 
 
 def test_a_counted_unit_shows_its_rate():

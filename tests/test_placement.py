@@ -111,6 +111,7 @@ def test_a_flat_noisy_curve_places_few_heads_and_warns(seed):
     warnings = [note for note in placement.notes if note.startswith("warning: ")]
     assert any("200 images" in note for note in warnings)
     assert any("does not vary with depth beyond its binomial noise" in note for note in warnings)
+    assert "the last third (flat curve) gets the heads" in placement.reason
     # --max-heads still caps the count, spaced over the last third
     assert place(table(rows(noisy)), num_blocks=12, val_images=200, max_heads=3).head_blocks == (8, 10, 11)
     # the same noisy curve on 20,000 images would be a real curve: no flat-curve fallback
@@ -123,6 +124,7 @@ def test_a_clear_peak_on_a_small_split_places_as_before():
     curve = tent(12, 8)
     before = place(table(rows(curve)), num_blocks=12, plateau=DEFAULT_PLATEAU)
     after = place(table(rows(curve)), num_blocks=12, val_images=200)
+    assert "flat curve" not in after.reason and "flat curve" not in before.reason
     assert after.head_blocks == before.head_blocks == (8, 9, 10, 11)
     assert not any("binomial noise" in note for note in after.notes)
 
@@ -456,3 +458,34 @@ def test_place_cli_reads_the_validation_size_and_imports_no_torch(tmp_path):
     assert "does not vary with depth" in result.stderr
     twelve = runner.invoke(app, ["place", str(folder), "--plateau", "0.5"])
     assert twelve.exit_code == 0 and "warning: 12 heads of the default size" in twelve.stderr
+
+
+def test_warnings_are_printed_with_one_prefix(tmp_path):
+    """A placement warning reads "warning: ..." everywhere it is printed (`mimprobe place`, the pipeline's place
+    stage, the compare report), never "note: warning: ..."; other notes get "note: "."""
+    from types import SimpleNamespace
+
+    from mimprobe.pipeline.run import _place
+    from mimprobe.placement import note_line
+    from mimprobe.report.content import _placement_section
+
+    assert note_line("warning: x") == "warning: x" and note_line("x") == "note: x"
+    run_dir = tmp_path / "run"
+    folder = run_dir / "profile-before"
+    folder.mkdir(parents=True)
+    noisy = np.random.default_rng(0).binomial(200, 0.62, size=12) / 200
+    table(rows(noisy)).to_csv(folder / "profile.csv", index=False)
+    (folder / "profile.json").write_text(json.dumps({"model": {"structure": {"num_blocks": 12}}}))
+    np.savez(folder / "predictions.npz", format_version=np.array(1), rows__val=np.arange(200))
+    said: list[str] = []
+    (run_dir / "place").mkdir()
+    _place(SimpleNamespace(place=SimpleNamespace(options=dict)), run_dir, run_dir / "place", fresh=True,
+           progress=False, say=said.append)
+    placement = load_placement(run_dir / "place")
+    warnings = [line for line in said if "warning:" in line]
+    assert len(warnings) == 2 and all(line.startswith("warning: ") and line.count("warning:") == 1
+                                      for line in warnings)
+    assert not any("note: warning" in line for line in said)
+    section = _placement_section(0, SimpleNamespace(placement=placement, placement_source="placement.json"), "")
+    items = section.parts[0].items
+    assert sum(item.startswith("warning: ") for item in items) == 2 and not any("note: warning" in i for i in items)

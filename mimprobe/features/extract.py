@@ -456,8 +456,9 @@ def _progress_bar(enabled: bool):
             return Text(f"{speed:,.1f} img/s" if speed else "-- img/s")
 
     return progress_display(  # plain periodic lines when the output is not a terminal
-        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+        lambda console: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 ImagesPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                                 disable=not enabled, transient=False),
         enabled=enabled, unit="img")
 
 
@@ -475,8 +476,6 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
     done = batch_progress.done_batches(manifest)
     my_bad: list[dict[str, Any]] = []
     finished = 0
-    # seconds to sleep after each recorded batch: only to make a kill mid-way testable (tests, benchmarks)
-    delay = float(os.environ.get("MIMPROBE_EXTRACT_BATCH_DELAY", "0") or 0)
     images_done, started = 0, time.perf_counter()
     with _progress_bar(progress) as bar, torch.inference_mode():
         for split_name, split in source.splits.items():
@@ -535,8 +534,6 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
                     bar.update(task, advance=len(indices))
                     if on_batch is not None:
                         on_batch(split_name, recorded, total_rows)
-                    if delay:
-                        time.sleep(delay)
             finally:
                 for writer in [*writers.values(), label_writer]:
                     if ranks.distributed:  # on the disk (a shared filesystem's server) before rank 0 completes

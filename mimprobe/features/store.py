@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._disk import DiskFullError, disk_full_guard, free_bytes, replaced_atomically
 from ..errors import BadInputError
 
 FORMAT_VERSION = 1
@@ -56,12 +58,11 @@ def feature_filename(block: int, pooling: str) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and ``os.replace``, so a kill never leaves half a manifest."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)  # insertion order: splits keep their order
-        handle.write("\n")
-    os.replace(tmp, path)
+    """Write JSON through a temporary file and ``os.replace``, so a kill or a full disk never leaves half a manifest
+    (a full disk raises `mimprobe._disk.DiskFullError`)."""
+    data = (json.dumps(payload, indent=1) + "\n").encode()  # insertion order: splits keep their order
+    with replaced_atomically(path, needed_bytes=len(data), suffix=".tmp") as tmp:  # full disk: old file kept
+        tmp.write_bytes(data)
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: str) -> int:
@@ -93,16 +94,50 @@ def create_store(store_dir: str | os.PathLike, manifest: dict[str, Any], labels:
     for split, rows in manifest["dataset"]["splits"].items():
         if split not in labels or len(labels[split]) != rows:
             raise BadInputError(f"create_store: labels of split {split!r} must have {rows} entries")
+    needed = store_bytes(manifest)
+    free = free_bytes(store_dir.parent)
+    if free is not None and free < needed:  # the feature files are sparse: they would fill up while extracting
+        raise DiskFullError(store_dir, needed)
     store_dir.mkdir(parents=True)
-    for split, rows in manifest["dataset"]["splits"].items():
-        (store_dir / split).mkdir()
-        np.save(store_dir / split / "labels.npy", np.asarray(labels[split]).astype(np.int64))
+    try:
+        with disk_full_guard(store_dir, needed):
+            for split, rows in manifest["dataset"]["splits"].items():
+                (store_dir / split).mkdir()
+                np.save(store_dir / split / "labels.npy", np.asarray(labels[split]).astype(np.int64))
+                for block in manifest["blocks"]:
+                    for pooling in manifest["poolings"]:
+                        create_npy(store_dir / split / feature_filename(block, pooling),
+                                   (rows, _declared_dim(manifest, block, pooling)), manifest["dtype"])
+            write_json_atomic(store_dir / MANIFEST, manifest)
+    except BaseException:
+        shutil.rmtree(store_dir, ignore_errors=True)  # nothing in it was recorded yet
+        raise
+    return store_dir
+
+
+def store_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes of a store's labels and feature files once every row is written."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    total = 0
+    for rows in manifest["dataset"]["splits"].values():
+        total += 8 * rows
         for block in manifest["blocks"]:
             for pooling in manifest["poolings"]:
-                create_npy(store_dir / split / feature_filename(block, pooling),
-                           (rows, _declared_dim(manifest, block, pooling)), manifest["dtype"])
-    write_json_atomic(store_dir / MANIFEST, manifest)
-    return store_dir
+                total += rows * int(_declared_dim(manifest, block, pooling)) * itemsize
+    return total
+
+
+def remaining_bytes(store_dir: Path) -> int | None:
+    """Bytes of the feature rows a store's manifest does not record as written yet: what the rest of its
+    extraction writes (None when the manifest cannot be read)."""
+    try:
+        manifest = json.loads((Path(store_dir) / MANIFEST).read_text())
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        return sum((rows - int(manifest["progress"].get(split, 0))) * int(_declared_dim(manifest, block, pooling))
+                   * itemsize for split, rows in manifest["dataset"]["splits"].items()
+                   for block in manifest["blocks"] for pooling in manifest["poolings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def npy_data_offset(path: Path) -> int:
@@ -267,16 +302,20 @@ class RowWriter:
     """Writes rows into a pre-sized ``.npy`` file at their index with ``os.pwrite`` (no memory map kept)."""
 
     def __init__(self, path: Path, row_bytes: int):
+        self.path = Path(path)
         self.fd = os.open(path, os.O_WRONLY)
         self.offset = npy_data_offset(path)
         self.row_bytes = row_bytes
 
     def write(self, start_row: int, rows: np.ndarray) -> None:
+        """Write ``rows`` from row ``start_row`` on. A full disk raises `mimprobe._disk.DiskFullError` naming this
+        file and what the store still needs; the rows recorded in the manifest before stay intact."""
         data = np.ascontiguousarray(rows).tobytes()
         position = self.offset + start_row * self.row_bytes
-        while data:
-            written = os.pwrite(self.fd, data, position)
-            data, position = data[written:], position + written
+        with disk_full_guard(self.path, lambda: remaining_bytes(self.path.parent.parent)):
+            while data:
+                written = os.pwrite(self.fd, data, position)
+                data, position = data[written:], position + written
 
     def close(self) -> None:
         os.close(self.fd)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .._device import resolve_device
+from .._messages import progress_display
 from .._ranks import current as current_ranks
 from .._versions import software_versions
 from ..errors import BadInputError
@@ -248,11 +249,13 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    # One bar per metric on stderr, each with the seconds spent in its own metric: the metrics take turns block by
-    # block, so a wall clock per bar would count the others' time too.
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), disable=not progress,
-                  console=_stderr_console()) as bar:
+    # One bar per metric on stderr (plain lines when it is not a terminal), as extract's; each shows the seconds
+    # spent in its own metric: the metrics take turns block by block, so a wall clock per bar would count the
+    # others' time too.
+    with progress_display(lambda console: Progress(
+            TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), console=console, disable=not progress),
+            enabled=progress) as bar:
         tasks = {f.name: bar.add_task(f.name, total=len(blocks) * len(poolings), seconds=0.0) for f in families}
         spent = dict.fromkeys(tasks, 0.0)
 
@@ -261,7 +264,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
             rows.extend((block, pooling, row) for block, row in family.compute(context, pooling, where))
             spent[family.name] += time.perf_counter() - started
             bar.update(tasks[family.name], advance=len(where) if isinstance(where, list) else 1,
-                       seconds=spent[family.name])
+                       seconds=round(spent[family.name], 1))
 
         for pooling in poolings:
             for block in blocks:
@@ -330,12 +333,6 @@ class StoreViews:
         for split in dict.fromkeys(("train", self.plan.eval_source)):
             check_finite(self.rows("train" if split == "train" else "eval", block, pooling),
                          what=f"block {block} ({pooling}) of split {split}")
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _seeded_subset(n: int, size: int | None, *, seed: int) -> np.ndarray:

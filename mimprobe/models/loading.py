@@ -189,9 +189,15 @@ def _create(name: str, *, pretrained: bool, kwargs: dict[str, Any], pretrained_f
 
 
 def _download_message(name: str, error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    return (f"could not fetch pretrained weights for {name} ({type(error).__name__}: {first}); "
-            "without network access, download the file elsewhere and pass it with --checkpoint FILE")
+    from huggingface_hub import constants
+
+    if type(error).__name__ == "LocalEntryNotFoundError" or constants.HF_HUB_OFFLINE:  # offline, nothing cached
+        why = (f"the Hugging Face hub is not reachable (or HF_HUB_OFFLINE is set) and its cache "
+               f"{constants.HF_HUB_CACHE} holds no copy")
+    else:
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+    return (f"could not fetch pretrained weights for {name} ({why}); download them where there is network access "
+            "and pass the file with --checkpoint FILE (or copy that hub cache here)")
 
 
 def _check_blocks(model: nn.Module, name: str) -> None:

@@ -196,13 +196,13 @@ def _profile_after(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, prog
 
 
 def _place(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
-    from ..placement import PLACEMENT_FILE
+    from ..placement import PLACEMENT_FILE, note_line
 
     placement = api.place(str(run_dir / _BY_NAME["profile-before"].folder), out=str(folder / PLACEMENT_FILE),
                           **spec.options("place"))
     say(placement.reason)
     for note in placement.notes:
-        say(note if note.startswith("warning: ") else f"note: {note}")
+        say(note_line(note))
     frozen = f"; first {placement.freeze_blocks} blocks frozen" if placement.freeze_blocks else ""
     return "ran", f"heads on blocks {', '.join(map(str, placement.head_blocks))} (0-based){frozen}"
 

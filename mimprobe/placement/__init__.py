@@ -27,6 +27,6 @@ from .._lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "PlaceConfig": "..config.place", "PLACEMENT_METRICS": ".curve", "ValidationCurve": ".curve",
     "validation_curve": ".curve", "FORMAT_VERSION": ".record", "RULES": ".record", "Placement": ".record",
-    "PlacementInputs": ".record", "DEFAULT_PLATEAU": ".rules", "place": ".rules", "PLACEMENT_FILE": ".run",
+    "PlacementInputs": ".record", "note_line": ".record", "DEFAULT_PLATEAU": ".rules", "place": ".rules", "PLACEMENT_FILE": ".run",
     "load_placement": ".run", "placement_path": ".run", "read_profile": ".run", "run_place": ".run",
 })

@@ -10,6 +10,12 @@ from ..errors import BadInputError
 
 FORMAT_VERSION = 1
 RULES = ("peak", "last-n", "explicit", "label-free")
+WARNING_PREFIX = "warning: "
+
+
+def note_line(note: str) -> str:
+    """A placement note as printed: warnings keep their own ``warning:`` prefix, other notes get ``note:``."""
+    return note if note.startswith(WARNING_PREFIX) else f"note: {note}"
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         how = _heads_phrase(heads, start, num_blocks - 1)
         reason = (f"{label} on {where} ({pooling}) peaks at block {peak_block} ({100 * peak_value:.1f} %); the "
                   f"plateau within {within} starts at block {plateau_start}, so " + (
-                      "the curve is flat within its noise and " if flat else "") + how)
+                      f"the curve is flat within its noise and the last third (flat curve) gets the heads: {how}"
+                      if flat else how))
     else:
         heads = _requested_blocks(rule, n=n, blocks=blocks, num_blocks=num_blocks)
         reason = (f"rule last-n: heads on the last {len(heads)} blocks ({_span(heads)})" if rule == "last-n" else

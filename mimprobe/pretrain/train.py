@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from .._messages import progress_display, status_logger
 from .._versions import software_versions
 from ..data import DataSource, Split, SplitDataset, load_data
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
+from .._disk import replaced_atomically, tensor_bytes
 from ..features.store import write_json_atomic
 from ..models import LoadedModel, load_model, read_checkpoint, strip_prefixes, unwrap_checkpoint
 from ..config.pretrain import MaeConfig
@@ -213,9 +213,9 @@ def _load_decoder(mae: MaskedAutoencoder, checkpoint: str, say: Callable[[str], 
 
 
 def _save_atomic(payload: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file: a kill or a full disk (`DiskFullError`) keeps the previous one."""
+    with replaced_atomically(path, needed_bytes=tensor_bytes(payload), suffix=".tmp") as tmp:
+        torch.save(payload, tmp)
 
 
 def _rng_state(data_generator: torch.Generator, mask_generator: torch.Generator, device: torch.device) -> dict:
@@ -251,9 +251,10 @@ def _progress_bar(enabled: bool):
                                TimeRemainingColumn)
 
     return progress_display(  # plain periodic lines when the output is not a terminal
-        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        lambda console: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                          TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+                         transient=False),
         enabled=enabled)
 
 

@@ -3,9 +3,9 @@ and the two-stage trainer (`run_refine`)."""
 
 from .config import RefineConfig, lr_factor
 from .heads import HeadConfig, NNAHead
-from .loss import gather_predictions, multi_view_nna_loss, nna_loss, nna_loss_all_swap
+from .loss import gather_predictions, multi_view_nna_loss, nna_loss
 from .queue import NNQueue
 from .trainer import RefineResult, run_refine
 
 __all__ = ["HeadConfig", "NNAHead", "NNQueue", "RefineConfig", "RefineResult", "gather_predictions", "lr_factor",
-           "multi_view_nna_loss", "nna_loss", "nna_loss_all_swap", "run_refine"]
+           "multi_view_nna_loss", "nna_loss", "run_refine"]

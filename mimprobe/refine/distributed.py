@@ -81,30 +81,34 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
 class CrossProcessBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the batch of every process, on any device.
 
-    ``torch.nn.SyncBatchNorm`` accepts only GPU inputs, so CPU (gloo) runs use this: the per-feature sum and sum
-    of squares are all-reduced with autograd (``torch.distributed.nn.functional.all_reduce``), which gives the
-    same normalisation and gradients as one BatchNorm over the concatenated batch. Alone, it is a BatchNorm1d.
+    ``torch.nn.SyncBatchNorm`` accepts only GPU inputs, so CPU (gloo) runs use this: the per-feature sum, then the
+    per-feature sum of squared deviations from the global mean, are all-reduced with autograd
+    (``torch.distributed.nn.functional.all_reduce``). That gives the normalisation and gradients of one BatchNorm
+    over the concatenated batch; the two passes keep the variance exact where features sit far from zero
+    (``E[x^2] - E[x]^2`` cancels catastrophically in float32 at an offset of 1e4). Outside training or without a
+    process group it is a BatchNorm1d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, features)
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
         x32 = x.float()
         count = torch.tensor([float(x.shape[0])], device=x.device)
-        dist.all_reduce(count)
-        stats = all_reduce(torch.cat([x32.sum(0), (x32 * x32).sum(0)]))  # (2 * features,) summed over processes
-        mean, mean_square = (stats / count).chunk(2)
-        var = (mean_square - mean * mean).clamp_min(0.0)
+        dist.all_reduce(count)                                         # rows of every process
+        mean = all_reduce(x32.sum(0)) / count                          # (features,)
+        centred = x32 - mean                                           # (batch, features)
+        var = all_reduce((centred * centred).sum(0)) / count           # biased, as BatchNorm normalises
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                momentum = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked += 1
+                # momentum None: a cumulative average, as torch's BatchNorm
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 unbiased = var * (count / (count - 1).clamp_min(1.0))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-                self.num_batches_tracked += 1
-        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        y = centred * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight + self.bias
         return y.to(x.dtype)

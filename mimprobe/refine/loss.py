@@ -10,23 +10,20 @@ nearest-neighbour swap applied to the positive only. For an anchor view a and a 
     loss        = mean_i CE(logit[i], i)
 
 The official implementation builds the same logits by overwriting the diagonal of ``z @ p.T`` with the one of
-``nn @ p.T`` (``src/losses/ssl/nnclr_loss.py``); NNCLR's original form uses ``nn`` for every logit
-(:func:`nna_loss_all_swap`, the official ``nnclr_allswap_loss.py``). The predictions of all processes are
-all-gathered with gradient, so every process contrasts against the global batch; the targets of process ``r`` are
-``r * B + i``. Everything runs in float32, even under a bf16 autocast (STYLE item 7), so the heads may emit bf16.
+``nn @ p.T`` (``src/losses/ssl/nnclr_loss.py``); NNCLR's original form, which uses ``nn`` for every logit (the
+official ``nnclr_allswap_loss.py``), is not what MIM-Refiner trains with and is not offered. The predictions of
+all processes are all-gathered with gradient, so every process contrasts against the global batch; the targets of
+process ``r`` are ``r * B + i``. Everything runs in float32, even under a bf16 autocast (STYLE item 7), so the
+heads may emit bf16.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-SWAPS = ("positive", "all")
-
 
 def _check_pair(anchor_like: torch.Tensor, prediction: torch.Tensor, *, name: str, temperature: float) -> None:
     if prediction.ndim != 2:
@@ -110,34 +107,9 @@ def nna_loss(anchor: torch.Tensor, neighbour: torch.Tensor, prediction: torch.Te
         return _nna_from_normalised(z, nn, p, p_all, rank, temperature)
 
 
-def nna_loss_all_swap(neighbour: torch.Tensor, prediction: torch.Tensor, *, temperature: float,
-                      gather: bool = True) -> torch.Tensor:
-    """NNCLR's original form (arXiv 2104.14548, Eq. 1): the neighbour replaces the anchor in every logit.
-
-    ``logit[i, j] = <nn_i, p_j> / T`` for all j (the official ``nnclr_allswap_loss.py``), cross-entropy with the
-    own row as target. Kept to compare against :func:`nna_loss` and as an option; same shapes, dtype handling and
-    gathering.
-
-    Args:
-        neighbour: (batch, dim) neighbours of the anchors from the queue; no gradient.
-        prediction: (batch, dim) predictor outputs of the predicted view, unnormalised.
-        temperature: T.
-        gather: All-gather the predictions across processes when a process group is initialised.
-
-    Returns:
-        () float32 loss.
-    """
-    _check_pair(neighbour, prediction, name="neighbour", temperature=temperature)
-    with torch.autocast(device_type=prediction.device.type, enabled=False):
-        nn = F.normalize(neighbour.detach().float(), dim=-1)
-        p = F.normalize(prediction.float(), dim=-1)
-        p_all, rank = gather_predictions(p, gather=gather)
-        return _nna_from_normalised(nn, nn, p, p_all, rank, temperature)   # positive <nn_i, p_i>: no special case
-
-
 def multi_view_nna_loss(projections: list[torch.Tensor], neighbours: list[torch.Tensor],
                         predictions: list[torch.Tensor], *, temperature: float, num_global: int = 2,
-                        gather: bool = True, swap: Literal["positive", "all"] = "positive") -> torch.Tensor:
+                        gather: bool = True) -> torch.Tensor:
     """NNA loss of one head over all its views: the mean over every ordered pair (a global, b any view, b != a).
 
     MIM-Refiner (arXiv 2402.10093): the global views are the anchors, local crops add predicted views; DESIGN.md:
@@ -156,19 +128,15 @@ def multi_view_nna_loss(projections: list[torch.Tensor], neighbours: list[torch.
         temperature: T.
         num_global: Number of global (anchor) views.
         gather: All-gather the predictions across processes when a process group is initialised.
-        swap: ``positive`` (NNA: :func:`nna_loss`) or ``all`` (NNCLR: :func:`nna_loss_all_swap`).
 
     Returns:
         () float32 loss: the mean of ``num_global * (num_views - 1)`` pair losses.
 
     Raises:
-        ValueError: Too few views, list lengths that do not fit ``num_global``, an unknown ``swap``, or any error
-            of :func:`nna_loss`.
+        ValueError: Too few views, list lengths that do not fit ``num_global``, or any error of :func:`nna_loss`.
     """
     if isinstance(num_global, bool) or not isinstance(num_global, int) or num_global < 1:
         raise ValueError(f"num_global must be an integer >= 1, got {num_global!r}")
-    if swap not in SWAPS:
-        raise ValueError(f"unknown swap {swap!r}; use one of {', '.join(SWAPS)}")
     if len(predictions) < max(num_global, 2):
         raise ValueError(f"need predictions of at least {max(num_global, 2)} views "
                          f"(num_global={num_global}, and one other view per anchor), got {len(predictions)}")
@@ -193,10 +161,6 @@ def multi_view_nna_loss(projections: list[torch.Tensor], neighbours: list[torch.
             for b, (p, (p_all, rank)) in enumerate(zip(normalised, gathered)):
                 if b == a:
                     continue
-                if swap == "positive":
-                    term = _nna_from_normalised(z, nn, p, p_all, rank, temperature)
-                else:
-                    term = _nna_from_normalised(nn, nn, p, p_all, rank, temperature)
-                total = total + term
+                total = total + _nna_from_normalised(z, nn, p, p_all, rank, temperature)
                 num_terms += 1
         return total / num_terms

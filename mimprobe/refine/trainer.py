@@ -242,9 +242,10 @@ def _progress(enabled: bool):
         TimeRemainingColumn
 
     return progress_display(  # plain periodic lines when the output is not a terminal
-        lambda: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        lambda console: Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                          TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False),
+                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+                         transient=False),
         enabled=enabled)
 
 

@@ -6,7 +6,7 @@ peak marked, per-block deltas with paired bootstrap intervals, the best block be
 linear CKA heatmap (Kornblith et al. 2019, arXiv 1905.00414) and per-class gains.
 
 Modules: `inputs` (profile folders, their stores, predictions and placement), `curves` (which series to compare,
-titles, number formats), `samples` (per-sample correctness: predictions.npz or recomputed k-NN), `bootstrap`
+titles, number formats), `samples` (per-sample correctness from predictions.npz), `bootstrap`
 (paired percentile bootstrap), `cka` (linear CKA, exact in minibatches), `comparison` (`compare`: the numbers of one
 pair), `plots`, `document` / `content` / `html_report` / `markdown_report` (the report), `run` (`run_compare`:
 files in, folder out). The CLI command is ``mimprobe compare`` in `mimprobe.cli`.

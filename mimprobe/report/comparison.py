@@ -114,7 +114,7 @@ def compare(before: ProfileInput, after: ProfileInput, *, config: CompareConfig 
     missing = [k.title for k in keys if k.has_samples and k.title not in sources]
     if same_data and missing:
         notes.append("no per-sample results for " + "; ".join(missing) + ": their differences have no interval "
-                     "(profiles written before predictions.npz existed, without their feature store)")
+                     "(a profile without its predictions.npz: re-run `mimprobe profile` to get them)")
     headline = headline_key(keys, before.preset)
     class_pooling = _class_pooling(poolings)
     class_gains = _class_gains(before, after, headline, class_pooling, rows_before, rows_after)

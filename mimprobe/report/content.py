@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..metrics.headlines import PRIMARY_K, Headline, headline_curve, indistinguishable_blocks
 from ..metrics.knn import PRESETS as KNN_PRESETS
+from ..placement import note_line
 from .comparison import CompareConfig, PairComparison
 from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
 from .document import Bullets, Document, Image, Paragraph, Section, Table
@@ -352,7 +353,7 @@ def _placement_section(index: int, pair: PairComparison, suffix: str) -> Section
                      + (f" ({100 * placement.peak_value:.1f} %)" if placement.peak_value is not None else "")
                      + (f", plateau from block {placement.plateau_start}" if placement.plateau_start is not None
                         else ""))
-    items += [f"note: {note}" for note in placement.notes]
+    items += [note_line(note) for note in placement.notes]
     return Section(f"Placement{suffix}", f"placement-{index}", (Bullets(tuple(items)),))
 
 

@@ -77,7 +77,7 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
         labels: A name per profile (default: the folder names, made unique).
         placement: placement.json of the refinement (default: found beside each compared profile's checkpoint).
         config: Bootstrap, CKA and data options.
-        overwrite: Write into a folder that holds other files (another compare's listed files are replaced).
+        overwrite: Write into a folder that is not empty (a previous report's listed files are replaced).
         notes: Text shown at the top of the report (e.g. what the run does and does not show).
         log: Progress messages.
 
@@ -199,9 +199,9 @@ def _labels(paths: list[Path], labels: Sequence[str] | None) -> list[str]:
 
 
 def _prepare_out(out: Path, record: dict[str, Any], *, overwrite: bool) -> None:
-    """Create OUT, or accept it when it is empty or holds this same comparison; refuse another run's files unless
-    ``overwrite``. The files a previous compare listed in compare.json are removed (figures differ between runs);
-    nothing else is deleted."""
+    """Create OUT, or accept it when it is empty; refuse a folder with files in it (a previous report included)
+    unless ``overwrite``, before anything is written. With ``overwrite`` the files a previous compare listed in
+    compare.json are removed (figures differ between runs); nothing else is deleted."""
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file: give a folder for the report")
     previous: dict[str, Any] = {}
@@ -211,9 +211,10 @@ def _prepare_out(out: Path, record: dict[str, Any], *, overwrite: bool) -> None:
             previous = json.loads(marker.read_text()) if marker.is_file() else {}
         except (OSError, json.JSONDecodeError):
             previous = {}
-        same = previous and all(previous.get(key) == value for key, value in record.items())
-        if not same and not overwrite:
-            what = "another comparison" if previous else "other files"
+        if not overwrite:
+            same = previous and all(previous.get(key) == value for key, value in record.items())
+            what = ("a report of the same comparison" if same else "another comparison") if previous \
+                else "other files"
             raise BadInputError(f"--out {out} holds {what}: choose an empty folder, or pass --overwrite to write "
                                 "the report there")
     for name in previous.get("files", []):

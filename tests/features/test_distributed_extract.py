@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,27 +18,22 @@ import torch
 
 from mimprobe import extract
 from mimprobe.features import progress as batch_progress
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+SLOW_EXTRACT = Path(__file__).with_name("slow_extract.py")
 DATA = "synthetic:classes=3,train=7,test=3,size=16"   # 21 + 9 rows: batches of 4 end with a short one
 OPTIONS = dict(img_size=32, batch_size=4, pool=("cls", "mean"), progress=False)
 CLI_OPTIONS = ["--img-size", "32", "--batch-size", "4", "--pool", "cls,mean", "--no-progress"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _torchrun(out: Path, dtype: str, nproc: int = 2, *, delay: float = 0.0, extra: tuple[str, ...] = (),
               **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    if delay:
-        env["MIMPROBE_EXTRACT_BATCH_DELAY"] = str(delay)
+    program = [str(SLOW_EXTRACT), str(delay)] if delay else ["-m", "mimprobe.cli"]  # paused: killable mid-way
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "mimprobe.cli", "extract", "test_vit", DATA,
+               "127.0.0.1", "--master_port", str(free_port()), *program, "extract", "test_vit", DATA,
                "--out", str(out), "--store-dtype", dtype, "--json", *CLI_OPTIONS, *extra]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
@@ -62,6 +56,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.distributed  # a torchrun launch of gloo processes
 def test_two_processes_write_the_bytes_of_one(tmp_path, dtype):
     reference = _reference(tmp_path / "one", dtype)
     process = _torchrun(tmp_path / "two", dtype)
@@ -103,11 +98,12 @@ def _rank_done(store: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("resume_processes", [2, 1])
+@pytest.mark.distributed  # a torchrun launch of gloo processes
 def test_a_killed_two_process_run_resumes_byte_identical(tmp_path, resume_processes):
     dtype = "float16"
     reference = _reference(tmp_path / "one", dtype)
     store = tmp_path / "run" / reference.path.name
-    # slowed down (0.4 s after each batch) so that the kill lands mid-way
+    # paused 0.4 s after each recorded batch (tests/features/slow_extract.py) so that the kill lands mid-way
     process = _torchrun(tmp_path / "run", dtype, delay=0.4)
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
@@ -188,6 +184,7 @@ def test_consolidate_folds_rank_files_of_the_attempt_only(tmp_path):
     assert batch_progress.pending(manifest) == [("train", 4), ("test", 0), ("test", 1), ("test", 2)]
 
 
+@pytest.mark.distributed  # a torchrun launch of gloo processes
 def test_rank_0_refusing_stops_every_rank(tmp_path):
     """--no-wait while another run holds the store's lock: rank 0 refuses (exit 2, naming the holder) and the other
     rank stops too (told by a collective) instead of waiting at a barrier; nothing is written."""
@@ -205,13 +202,14 @@ def test_rank_0_refusing_stops_every_rank(tmp_path):
     assert not (out / name).exists()
 
 
+@pytest.mark.distributed  # a torchrun launch of gloo processes
 def test_a_killed_one_process_run_resumes_with_two(tmp_path):
     dtype = "float32"
     reference = _reference(tmp_path / "one", dtype)
     store = tmp_path / "run" / reference.path.name
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIMPROBE_EXTRACT_BATCH_DELAY": "0.4",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "mimprobe.cli", "extract", "test_vit", DATA, "--out",
+    process = subprocess.Popen([sys.executable, str(SLOW_EXTRACT), "0.4", "extract", "test_vit", DATA, "--out",
                                 str(tmp_path / "run"), "--store-dtype", dtype, *CLI_OPTIONS], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -231,3 +229,40 @@ def test_a_killed_one_process_run_resumes_with_two(tmp_path):
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["images_processed"] == 30 - manifest["progress"]["train"]
     assert _tree_bytes(store) == _tree_bytes(reference.path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped; only its exit status is left
+
+
+@pytest.mark.distributed  # a torchrun launch of gloo processes
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from Linux's /proc")
+def test_killing_the_launcher_stops_its_workers(tmp_path):
+    """`kill -9` of torchrun's agent: its workers, mid-extraction, get SIGTERM from the kernel and stop, instead of
+    waiting in a collective for the 24 h timeout; the store then resumes as after any kill."""
+    process = _torchrun(tmp_path / "run", "float32", delay=5.0)  # 5 s per batch: 15 s or more of work left
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        stores = list((tmp_path / "run").glob("test_vit__*"))
+        if stores and len(_rank_done(stores[0])) == 2:  # both workers are writing
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1]
+    workers = [pid for pid in _descendants(process.pid) if _running(pid)]
+    assert len(workers) >= 2
+
+    process.kill()  # the launcher only
+    process.wait()  # not communicate(): the workers hold the same output pipes open until they exit
+    deadline = time.time() + 10  # orphaned workers would go on for 15 s or more, then wait in a collective
+    while any(_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+
+    still = [pid for pid in workers if _running(pid)]
+    for pid in still:  # leave nothing behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    process.communicate()
+    assert not still, f"workers {still} outlived their launcher"

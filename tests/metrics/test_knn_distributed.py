@@ -102,6 +102,7 @@ def run_cases(folder: Path, process_group=None) -> dict[str, object]:
     return out
 
 
+@pytest.mark.distributed
 def test_two_gloo_processes_equal_one_process(tmp_path):
     make_inputs(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

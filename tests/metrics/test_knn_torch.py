@@ -236,7 +236,7 @@ def test_backend_choice_and_bad_devices():
         knn_neighbors(bad, x_query, 3, backend="torch")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("plan", [{}, {"memory_budget": 2_200_000}])
 def test_cuda_equals_faiss(plan):
     x_train, y_train, x_query, y_query = spectrum_features()

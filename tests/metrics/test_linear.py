@@ -392,7 +392,7 @@ def test_bad_inputs_raise(blocks):
         LinearProbeConfig(c_values=(0.0, 1.0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(blocks):
     train, train_labels, test, test_labels = blocks
     subset = {b: train[b] for b in (0, 3)}, train_labels, {b: test[b] for b in (0, 3)}, test_labels

@@ -274,3 +274,22 @@ def test_skipped_images_are_left_out_of_every_metric(tmp_path):
         value = next(r.value for r in expected if r.metric == "knn_top1")
         rows = table[(table["metric"] == "knn_top1") & (table["split"] == "test") & (table["block"] == block)]
         assert rows["value"].item() == pytest.approx(value)
+
+
+def test_one_progress_bar_per_metric_on_stderr_hidden_by_no_progress_and_json(store_dir, tmp_path):
+    """Not on a terminal, each metric's bar is a plain line on stderr when it completes (as extract's and refine's);
+    stdout keeps the results; --no-progress and --json hide them."""
+    args = ["profile", str(store_dir), "--metrics", "knn,rank"]
+    shown = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert shown.exit_code == 0, shown.output
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    steps = len(manifest["blocks"]) * len(manifest["poolings"])  # one step per block and pooling
+    for metric in ("knn", "rank"):
+        (line,) = [line for line in shown.stderr.splitlines() if line.startswith(f"{metric} ")]
+        assert re.fullmatch(rf"{metric} {steps}/{steps} \(100 %\)  seconds [0-9.]+  elapsed \S+  ETA 0:00:00", line)
+    assert not re.search(r"^(knn|rank) \d+/", shown.stdout, flags=re.M)
+
+    for hide in ("--no-progress", "--json"):
+        hidden = runner.invoke(app, [*args, "--out", str(tmp_path / hide.strip("-")), hide])
+        assert hidden.exit_code == 0, hidden.output
+        assert not re.search(r"^(knn|rank) \d+/", hidden.stderr + hidden.stdout, flags=re.M)

@@ -4,22 +4,20 @@ table as one process; rank 0 alone writes."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.distributed  # a torchrun launch of 2 gloo processes
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["profile", "test_vit", "synthetic:classes=3,train=12,test=4,size=16", "--img-size", "32", "--batch-size", "8",
         "--pool", "cls", "--metrics", "knn,rank", "--no-progress"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_profile_equals_one_process(tmp_path):
@@ -29,7 +27,7 @@ def test_two_process_profile_equals_one_process(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "mimprobe.cli", *ARGS, "--out",
+                          "127.0.0.1", "--master_port", str(free_port()), "-m", "mimprobe.cli", *ARGS, "--out",
                           str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("best blocks") == 1  # rank 0 alone reports

@@ -279,3 +279,54 @@ def test_sha256_file_matches_hashlib(tmp_path):
     path.write_bytes(bytes(range(256)) * 1000)
 
     assert sha256_file(path, chunk_bytes=1000) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
+def test_a_text_file_is_not_a_checkpoint(tmp_path, suffix):
+    """A text file saved under a checkpoint's name (an HTML error page, a git-lfs pointer) is named as such in one
+    line, not "KeyError: 101"; through the CLI it is exit code 2 and no store is written."""
+    from typer.testing import CliRunner
+
+    from mimprobe.cli import app
+
+    path = tmp_path / f"weights{suffix}"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 12\n")
+
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(a text file starting 'version https://git-lf") \
+            as raised:
+        read_checkpoint(path)
+    assert "\n" not in str(raised.value) and "KeyError" not in str(raised.value)
+
+    result = CliRunner().invoke(app, ["extract", "test_vit", "synthetic:classes=2,train=4,test=2,size=8", "--img-size",
+                                      "32", "--checkpoint", str(path), "--out", str(tmp_path / "features")])
+    assert result.exit_code == 2, result.output
+    assert "not a checkpoint" in result.output and not (tmp_path / "features").exists()
+
+
+def test_release_files_are_read_by_torchs_public_weights_only_loader(tmp_path, monkeypatch):
+    """An omegaconf cfg and a getattr-call payload (pathlib.Path.touch) are read by ``torch.load(weights_only=True)``
+    with placeholders allowed through ``torch.serialization.safe_globals`` (pass 2), never by the private-API
+    unpickler (pass 3), which stays for globals torch blocks outright (os.system)."""
+    from mimprobe.models import checkpoint_io
+
+    def no_restricted_pass(path):
+        raise AssertionError(f"pass 3 used for {path}")
+
+    omegaconf = pytest.importorskip("omegaconf")
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "release.pt"
+    torch.save({"cfg": omegaconf.OmegaConf.create({"model": {"depth": 10}}), "model": {"w": torch.arange(4.0)},
+                "payload": TouchOnUnpickle(marker)}, path)
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint_io, "_read_restricted", no_restricted_pass)
+        checkpoint = read_checkpoint(path)
+    assert not marker.exists() and checkpoint["cfg"].pickled_global == "omegaconf.dictconfig.DictConfig"
+    assert isinstance(checkpoint["payload"], InertObject) and torch.equal(checkpoint["model"]["w"], torch.arange(4.0))
+
+    blocked = tmp_path / "blocked.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "payload": ShellOnUnpickle(marker)}, blocked)
+    used = []
+    monkeypatch.setattr(checkpoint_io, "_read_restricted",
+                        lambda p, original=checkpoint_io._read_restricted: used.append(p) or original(p))
+    assert isinstance(read_checkpoint(blocked)["payload"], InertObject) and used == [blocked]
+    assert not marker.exists()

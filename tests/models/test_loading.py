@@ -709,3 +709,33 @@ def test_ijepa_loads_the_target_encoder_into_a_model_without_cls(tmp_path, image
     assert any("target encoder" in note for note in loaded.notes)
     torch.testing.assert_close(features(loaded.model, images), features(reference, images))
     assert not torch.allclose(features(loaded.model, images), features(context_model, images))
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "hub unreachable"])
+def test_cli_pretrained_offline_is_exit_2_in_one_line_with_nothing_written(tmp_path, monkeypatch, how):
+    """`--pretrained` without network (offline mode, or a hub that does not answer) and an empty cache: exit code
+    2, one line naming the model, the cache and --checkpoint, and no feature store."""
+    from typer.testing import CliRunner
+
+    from mimprobe.cli import app
+    from mimprobe.models import loading
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+
+    result = CliRunner().invoke(app, ["extract", "vit_tiny_patch16_224.augreg_in21k",
+                                      "synthetic:classes=2,train=2,test=1,size=8", "--pretrained", "--img-size", "32",
+                                      "--out", str(tmp_path / "features")])
+
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("error: could not fetch pretrained weights for vit_tiny_patch16_224.augreg_in21k")
+    assert str(tmp_path / "hub-cache") in line and "--checkpoint FILE" in line
+    assert not (tmp_path / "features").exists()
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is (how == "HF_HUB_OFFLINE")  # restored

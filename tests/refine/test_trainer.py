@@ -299,6 +299,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
 
 
 @pytest.mark.slow  # subprocesses (torch, timm) under torchrun/SIGTERM: 40-85 s under load here; CI runs it
+@pytest.mark.distributed
 def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path):
     small = _write_placement(tmp_path / "small.json", [4, 5], 6)
     common = ["refine", MODEL, DATA, "--img-size", "32", "--head-dims", "32,16,32", "--no-progress",

@@ -1,4 +1,4 @@
-"""`run_compare`'s inputs: profiles without predictions.npz (k-NN recomputed from the store), the out-folder
+"""`run_compare`'s inputs: profiles without predictions.npz (no intervals), the out-folder
 guard, and bad input (missing folders, different data)."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from mimprobe.report.curves import CurveKey, curve_params
 CONFIG = CompareConfig(resamples=400)
 
 
-def test_recomputed_knn_correctness_gives_the_same_intervals(profiles, tmp_path):
-    """A profile without predictions.npz: k-NN correctness is recomputed from the store, the same vectors."""
+def test_profile_without_predictions_gives_no_interval_and_says_why(profiles, tmp_path):
+    """A profile without predictions.npz: no per-sample results, so no intervals (never numbers recomputed under
+    another protocol), and a note names the curves and the fix."""
     copies = []
     for name, folder in (("base", profiles.before), ("refined", profiles.after)):
         target = tmp_path / name
@@ -29,13 +30,13 @@ def test_recomputed_knn_correctness_gives_the_same_intervals(profiles, tmp_path)
     saved = compare(load_profile(profiles.before), load_profile(profiles.after), config=config)
     key = CurveKey("knn_top1", "test", curve_params("knn_top1", '{"k":10,"preset":"mim-refiner","standardize":true,'
                                                                 '"T":0.07,"weighting":"exp"}'))
-    assert pair.interval_sources[key.title] == "recomputed from the feature store"
+    assert key.title not in pair.interval_sources and saved.interval_sources[key.title] == "predictions.npz"
     mine = pair.deltas[pair.deltas["key"] == key].reset_index(drop=True)
     theirs = saved.deltas[saved.deltas["key"] == key].reset_index(drop=True)
-    pd.testing.assert_frame_equal(mine[["block", "delta", "low", "high"]], theirs[["block", "delta", "low", "high"]])
-    linear_rows = pair.deltas[[k.metric == "linear_top1" for k in pair.deltas["key"]]]
-    assert linear_rows["low"].isna().all()  # probes are not retrained: no interval, and the report says so
-    assert any("no per-sample results for linear probe top-1" in note for note in pair.notes)
+    pd.testing.assert_frame_equal(mine[["block", "delta"]], theirs[["block", "delta"]])
+    assert mine["low"].isna().all() and mine["high"].isna().all() and theirs["low"].notna().all()
+    note = next(note for note in pair.notes if note.startswith("no per-sample results"))
+    assert key.title in note and "re-run `mimprobe profile`" in note
 
 
 def test_rerun_and_out_folder_guard(profiles, tmp_path):
@@ -47,7 +48,9 @@ def test_rerun_and_out_folder_guard(profiles, tmp_path):
         run_compare([profiles.before, profiles.deeper], out=out, config=config)
     run_compare([profiles.before, profiles.deeper], out=out, overwrite=True, config=config)
     assert (out / "notes.txt").read_text() == "keep me" and (out / "report.html").is_file()
-    run_compare([profiles.before, profiles.deeper], out=out, config=config)  # the same comparison again: fine
+    with pytest.raises(BadInputError, match="holds a report of the same comparison: .*--overwrite"):
+        run_compare([profiles.before, profiles.deeper], out=out, config=config)  # the same comparison again
+    run_compare([profiles.before, profiles.deeper], out=out, overwrite=True, config=config)
     with pytest.raises(BadInputError, match="holds another comparison"):
         run_compare([profiles.before, profiles.after], out=out, config=config)
     with pytest.raises(BadInputError, match="holds other files"):
@@ -93,3 +96,25 @@ def test_refine_run_settings_come_from_the_run_folder(profiles, tmp_path):
     text = found.describe()
     assert "2 heads-only + 3 full epochs" in text and "final loss 4.250" in text and "random initialisation" in text
     assert find_refine_run(after) is None  # the fixture's run folder holds no config.json
+
+
+def test_cli_compare_into_an_existing_report_refuses_without_overwrite(profiles, tmp_path):
+    """`mimprobe compare` into a folder holding a report: exit 2, one line naming --overwrite, no file touched."""
+    from typer.testing import CliRunner
+
+    from mimprobe.cli import app
+
+    out = tmp_path / "report"
+    arguments = ["compare", str(profiles.before), str(profiles.deeper), "--out", str(out), "--resamples", "20",
+                 "--no-cka"]
+    runner = CliRunner()
+    assert runner.invoke(app, arguments).exit_code == 0
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+
+    refused = runner.invoke(app, arguments)
+
+    assert refused.exit_code == 2, refused.output
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--overwrite" in lines[0] and str(out) in lines[0]
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
+    assert runner.invoke(app, [*arguments, "--overwrite"]).exit_code == 0
