@@ -3,12 +3,10 @@ same order give byte-identical feature files, and an interrupted tar-shard extra
 
 from __future__ import annotations
 
-import io
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
