@@ -372,10 +372,11 @@ def load_shards(root: Path, kind: str) -> DataSource:
     names, names_from = _class_names_file(root)
     if names is None and names_in_files is not None:
         names, names_from = names_in_files, "the parquet schema (datasets ClassLabel)"
+    for name, split in splits.items():
+        if split.labels.min() < 0:  # datasets writes -1 for unlabelled rows (ImageNet's test split)
+            raise BadInputError(f"{root}: the {name} split has label {split.labels.min()} (unlabelled rows): "
+                                f"labels are class indices 0, 1, ...; move the {name} shards out of {root}")
     highest = max(int(split.labels.max()) for split in splits.values())
-    lowest = min(int(split.labels.min()) for split in splits.values())
-    if lowest < 0:
-        raise BadInputError(f"{root}: label {lowest} is negative: labels are class indices 0, 1, ...")
     if names is None:
         names, names_from = [str(index) for index in range(highest + 1)], "the label integers"
     elif highest >= len(names):

@@ -158,6 +158,11 @@ def test_bad_shards_are_refused_with_one_line(tmp_path, layouts):
     write_tar_shards([(key, data, 0) for key, data, _ in samples], one_class, "train-", 100)
     with pytest.raises(BadInputError, match="only one class"):
         load_data(one_class)
+    unlabelled_test = tmp_path / "unlabelledtest"
+    write_parquet(samples, unlabelled_test, "train", files=1, row_group_size=4)
+    write_parquet([(key, data, -1) for key, data, _ in samples], unlabelled_test, "test", files=1, row_group_size=4)
+    with pytest.raises(BadInputError, match="the test split has label -1 .*move the test shards out"):
+        load_data(unlabelled_test)
     only_test = tmp_path / "onlytest"
     write_tar_shards(samples, only_test, "test-", 100)
     with pytest.raises(BadInputError, match="none for train"):
