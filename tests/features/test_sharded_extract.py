@@ -68,8 +68,8 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_interrupted_tar_shard_extraction_resumes_byte_identical(layouts, tmp_path, split="train", done=10):
-    """Killed after 10 train rows: mid-way through the second of four train shards (6 samples each)."""
+def test_interrupted_tar_shard_extraction_resumes_byte_identical(layouts, tmp_path, split="train", done=8):
+    """Killed after 8 train rows (two batches of 4): mid-way through the second of four train shards of 6."""
     reference = extract("test_vit", layouts["tar"], out=tmp_path / "ref", **OPTIONS).store
     script = KILL_SCRIPT.format(split=split, done=done, data=str(layouts["tar"]), out=str(tmp_path / "run"))
     assert subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=300).returncode == -signal.SIGKILL
