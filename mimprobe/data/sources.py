@@ -1,17 +1,12 @@
-"""Data sources: ImageFolder directories, ``.npz`` arrays, and the built-ins ``digits`` and ``synthetic``.
+"""Data sources: ImageFolder directories, sharded folders (`shards`: WebDataset tar shards, Hugging Face parquet
+files), ``.npz`` arrays, and the built-ins ``digits`` and ``synthetic``.
 
-Every source becomes a `DataSource`: named splits of labelled images in a deterministic order, the class
-names, and a fingerprint that goes into the FeatureStore key: for arrays, their bytes; for image files, each
-file's path, label, size, modification time (ns) and a sampled content hash (`file_signature`), so that images
-replaced by others, even of the same size and with their old modification time restored, give another key.
-
-Sampled content hash: sha256 of the first and last 4 KiB of each file (the whole file when it is at most 8 KiB,
-as every CIFAR-size JPEG is). Measured on one busy core with a warm page cache: `load_data` on the 50,000
-CIFAR-10 train JPEGs (0.9 KB each, so their full content is hashed) takes 1.4-2.3 s, against 0.65 s with path
-and size only; on 110 KB ImageNet-size files the signature costs 32-37 us per file (1.6-1.9 s per 50,000),
-where a full-content sha256 took 159 us per file (8 s per 50,000, and a cold disk would read all 5.5 GB).
-Two small reads per file is what "cheap" buys: an edit inside a large file that keeps its size, its first and
-last 4 KiB and its modification time is not detected.
+Every source becomes a `DataSource`: named splits of labelled images in a deterministic order, each read one
+image per index (so extraction memory is bounded by the batch; only a ``.npz`` and ``digits`` are held in memory,
+as arrays), the class names, and a fingerprint that goes into the FeatureStore key: for arrays, their bytes; for
+image files, each file's path, label, size, modification time (ns) and a sampled content hash (`file_signature`),
+so that images replaced by others, even of the same size and with their old modification time restored, give
+another key; for ``synthetic``, its parameters and the generator's version.
 """
 
 from __future__ import annotations
@@ -19,14 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BadInputError
+from .readers import ArrayReader, FileReader, array_to_input
+from .shards import SHARD_KINDS, detect_shards, load_shards
+from .split import SAMPLE_BYTES, DataSource, Split, file_signature
 
-SAMPLE_BYTES = 4096  # bytes hashed from each end of an image file (the whole file when <= 2 * SAMPLE_BYTES)
+__all__ = ["BUILTINS", "DataSource", "IMAGE_EXTENSIONS", "SAMPLE_BYTES", "Split", "file_signature", "load_data"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = ("train", "val", "test")
 BUILTINS = ("digits", "synthetic")
@@ -37,66 +36,19 @@ DIGITS_TEST_SIZE = 450
 DIGITS_SPLIT_SEED = 0
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split of a data source.
-
-    Exactly one of ``paths`` (image files, absolute) or ``images`` (an array) is set.
-
-    Attributes:
-        name: ``train``, ``val``, ``test``.
-        labels: (n,) int64 class indices into `DataSource.classes`.
-        paths: Image file paths, in the split's fixed order.
-        images: (n, H, W, C) uint8 or (n, C, H, W) float32 in [0, 1].
-    """
-
-    name: str
-    labels: np.ndarray
-    paths: tuple[str, ...] | None = None
-    images: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def describe(self, index: int) -> str:
-        """A human name for one sample: its path, or ``split[index]`` for arrays."""
-        return self.paths[index] if self.paths is not None else f"{self.name}[{index}]"
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """Labelled images in named splits, with a fingerprint of their identity."""
-
-    name: str
-    kind: str  # imagefolder | npz | digits | synthetic
-    classes: tuple[str, ...]
-    splits: dict[str, Split]
-    fingerprint: str
-    details: dict = field(default_factory=dict)
-    labelled: bool = True  # False for a folder of images without class folders (labels are -1)
-
-    def summary(self) -> str:
-        parts = [f"{name} {len(split):,}" for name, split in self.splits.items()]
-        text = f"{self.name} ({self.kind}): {len(self.classes)} classes; splits: " + ", ".join(parts)
-        skipped = self.details.get("skipped_folders")
-        if skipped:
-            text += (f"; skipped {len(skipped)} linked folder(s) already read (a symlink loop or a second link): "
-                     + ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""))
-        return text
-
-
 def load_data(spec: str | os.PathLike) -> DataSource:
     """Open a data source.
 
     Args:
         spec: An ImageFolder directory (``root/<class>/*`` becomes the single split ``train``; ``root/*`` without
             class folders is one unlabelled split ``train``, labels -1;
-            ``root/train`` plus ``root/val`` and/or ``root/test`` become those splits), a ``.npz`` file with
+            ``root/train`` plus ``root/val`` and/or ``root/test`` become those splits), a folder of WebDataset
+            ``.tar`` shards or of Hugging Face ``.parquet`` files (`shards.load_shards`), a ``.npz`` file with
             ``x_train, y_train, x_test, y_test``, ``digits``, or ``synthetic`` (optionally
             ``synthetic:classes=10,train=50,test=20,size=32,seed=0``).
 
     Raises:
-        BadInputError: A missing path, no images, a single class, malformed arrays.
+        BadInputError: A missing path, no images, a single class, malformed arrays or shards.
     """
     text = str(spec)
     if text == "digits":
@@ -106,31 +58,17 @@ def load_data(spec: str | os.PathLike) -> DataSource:
     path = Path(text).expanduser()
     if not path.exists():
         raise BadInputError(
-            f"data {text!r} not found: give an image folder, a .npz file, or a built-in name ({', '.join(BUILTINS)})")
+            f"data {text!r} not found: give an image folder, a folder of .tar or .parquet shards, a .npz file, or "
+            f"a built-in name ({', '.join(BUILTINS)})")
     if path.is_dir():
-        return _image_folder(path)
+        shards = detect_shards(path)
+        return load_shards(path, shards) if shards in SHARD_KINDS else _image_folder(path)
     if path.suffix == ".npz":
         return _npz(path)
     raise BadInputError(f"data {text!r} is a file but not a .npz: give an image folder or a .npz of arrays")
 
 
 # --- ImageFolder --------------------------------------------------------------------------------------------
-
-def file_signature(path: str) -> str:
-    """``size, mtime_ns, sampled sha256`` of one file (see the module docstring for the cost)."""
-    try:
-        with open(path, "rb") as handle:
-            status = os.fstat(handle.fileno())
-            large = status.st_size > 2 * SAMPLE_BYTES
-            sample = handle.read(SAMPLE_BYTES if large else 2 * SAMPLE_BYTES)
-            if large:
-                handle.seek(-SAMPLE_BYTES, os.SEEK_END)
-                sample += handle.read(SAMPLE_BYTES)
-    except PermissionError:  # decoding reports it (or --skip-bad-images skips it); size and time still count
-        status = os.stat(path)
-        return f"{status.st_size}\t{status.st_mtime_ns}\tunreadable"
-    return f"{status.st_size}\t{status.st_mtime_ns}\t{hashlib.sha256(sample).hexdigest()}"
-
 
 def _class_dirs(directory: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
@@ -220,17 +158,17 @@ def _image_folder(root: Path) -> DataSource:
             f"only one class ({only}) with images in {split_dirs['train']}: "
             "class-wise evaluation needs at least 2 class folders with images")
     class_to_index = {name: i for i, name in enumerate(classes)}
-    splits = {"train": Split("train", np.asarray(train_labels, dtype=np.int64), paths=tuple(train_paths))}
+    splits = {"train": Split("train", np.asarray(train_labels, dtype=np.int64), FileReader(tuple(train_paths)))}
     for name, directory in split_dirs.items():
         if name == "train":
             continue
         paths, labels, _ = _scan_split(directory, class_to_index, walk)
         if not paths:
             raise BadInputError(f"no images found in the {name} split {directory}: remove the folder or add images")
-        splits[name] = Split(name, np.asarray(labels, dtype=np.int64), paths=tuple(paths))
+        splits[name] = Split(name, np.asarray(labels, dtype=np.int64), FileReader(tuple(paths)))
     digest = hashlib.sha256()
     for name, split in splits.items():
-        for path, label in zip(split.paths, split.labels.tolist()):
+        for path, label in zip(split.reader.paths, split.labels.tolist()):
             rel = os.path.relpath(path, root)
             digest.update(f"{name}\t{rel}\t{file_signature(path)}\t{label}\n".encode())
     digest.update(json.dumps(classes).encode())
@@ -246,7 +184,7 @@ def _unlabelled_folder(root: Path, paths: list[str]) -> DataSource:
     digest = hashlib.sha256(b"unlabelled\n")
     for path in paths:
         digest.update(f"{os.path.relpath(path, root)}\t{file_signature(path)}\n".encode())
-    split = Split("train", np.full(len(paths), -1, dtype=np.int64), paths=tuple(paths))
+    split = Split("train", np.full(len(paths), -1, dtype=np.int64), FileReader(tuple(paths)))
     return DataSource(name=str(root), kind="imagefolder", classes=(), splits={"train": split},
                       fingerprint=digest.hexdigest(), details={"root": str(root.resolve()), "layout": "root/*"},
                       labelled=False)
@@ -257,7 +195,7 @@ def _unlabelled_folder(root: Path, paths: list[str]) -> DataSource:
 def _array_fingerprint(kind: str, splits: dict[str, Split], classes: tuple[str, ...], extra: str = "") -> str:
     digest = hashlib.sha256(f"{kind}\n{extra}\n{json.dumps(list(classes))}\n".encode())
     for name, split in splits.items():
-        images = np.ascontiguousarray(split.images)
+        images = np.ascontiguousarray(split.reader.images)
         digest.update(f"{name}\t{images.dtype}\t{images.shape}\n".encode())
         digest.update(memoryview(images).cast("B"))
         digest.update(np.ascontiguousarray(split.labels).tobytes())
@@ -305,7 +243,7 @@ def _npz(path: Path) -> DataSource:
     classes = tuple(str(v) for v in values.tolist())
     splits = {
         split: Split(split, np.searchsorted(values, raw_labels[split]).astype(np.int64),
-                     images=_check_images(path, f"x_{split}", arrays[f"x_{split}"]))
+                     ArrayReader(_check_images(path, f"x_{split}", arrays[f"x_{split}"]), split))
         for split in ("train", "test")
     }
     return DataSource(name=str(path), kind="npz", classes=classes, splits=splits,
@@ -321,7 +259,7 @@ def _digits() -> DataSource:
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE,
                                            stratify=labels, random_state=DIGITS_SPLIT_SEED)
-    splits = {name: Split(name, labels[np.sort(idx)], images=images[np.sort(idx)])
+    splits = {name: Split(name, labels[np.sort(idx)], ArrayReader(images[np.sort(idx)], name))
               for name, idx in (("train", train_idx), ("test", test_idx))}
     classes = tuple(str(i) for i in range(10))
     return DataSource(name="digits", kind="digits", classes=classes, splits=splits,
@@ -331,6 +269,53 @@ def _digits() -> DataSource:
 
 
 SYNTHETIC_DEFAULTS = {"classes": 10, "train": 50, "test": 20, "size": 32, "seed": 0}
+SYNTHETIC_VERSION = 2  # 2: each image drawn from its own generator (seed, split, index); 1 drew whole splits
+SYNTHETIC_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticGratings:
+    """Images of one synthetic split, each generated from its index alone (nothing held in memory).
+
+    Class ``c`` is an oriented sinusoidal grating of its own angle, frequency and colour (drawn once from
+    ``seed``); image ``index`` of the split has label ``index // per_class``, a random phase and Gaussian pixel
+    noise (sd 0.08) drawn from ``numpy.random.default_rng([seed, split number, index])``: (size, size, 3) uint8.
+    """
+
+    angles: np.ndarray   # (classes,) radians
+    freqs: np.ndarray    # (classes,) cycles per image
+    colours: np.ndarray  # (classes, 3) in [0.2, 1]
+    size: int
+    seed: int
+    split_number: int    # position in SYNTHETIC_SPLITS: train and test images differ
+    per_class: int
+    count: int           # images in this reader: classes * per_class, or fewer after `head`
+
+    def __len__(self) -> int:
+        return self.count
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Image ``index`` as (size, size, 3) uint8."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"synthetic image {index} of {self.count}")
+        rng = np.random.default_rng([self.seed, self.split_number, index])
+        label = index // self.per_class
+        yy, xx = np.mgrid[0:self.size, 0:self.size] / self.size
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * self.freqs[label]
+                      * (np.cos(self.angles[label]) * xx + np.sin(self.angles[label]) * yy) + phase)
+        image = 0.5 + 0.4 * wave[..., None] * self.colours[label]
+        image += rng.normal(0, 0.08, image.shape)
+        return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+    def read(self, index: int):
+        return array_to_input(self.pixels(index))
+
+    def describe(self, index: int) -> str:
+        return f"{SYNTHETIC_SPLITS[self.split_number]}[{index}]"
+
+    def head(self, count: int) -> SyntheticGratings:
+        return replace(self, count=min(count, self.count))
 
 
 def _synthetic(options: str) -> DataSource:
@@ -344,28 +329,20 @@ def _synthetic(options: str) -> DataSource:
     if params["classes"] < 2 or params["train"] < 1 or params["test"] < 1 or params["size"] < 4:
         raise BadInputError("synthetic needs classes >= 2, train >= 1, test >= 1 and size >= 4")
     rng = np.random.default_rng(params["seed"])
-    n_classes, size = params["classes"], params["size"]
-    # Each class: an oriented sinusoidal grating of its own frequency and colour; samples vary phase and noise.
+    n_classes = params["classes"]
     angles = rng.uniform(0, np.pi, n_classes)
     freqs = rng.uniform(1.5, 5.0, n_classes)
     colours = rng.uniform(0.2, 1.0, (n_classes, 3))
-    yy, xx = np.mgrid[0:size, 0:size] / size
-
-    def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.repeat(np.arange(n_classes), count)
-        phase = rng.uniform(0, 2 * np.pi, len(labels))[:, None, None]
-        wave = np.sin(2 * np.pi * freqs[labels, None, None]
-                      * (np.cos(angles[labels])[:, None, None] * xx + np.sin(angles[labels])[:, None, None] * yy)
-                      + phase)
-        image = 0.5 + 0.4 * wave[..., None] * colours[labels, None, None, :]
-        image += rng.normal(0, 0.08, image.shape)
-        return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
-
     splits = {}
-    for name in ("train", "test"):
-        images, labels = draw(params[name])
-        splits[name] = Split(name, labels, images=images)
+    for number, name in enumerate(SYNTHETIC_SPLITS):  # train and test hold params[name] images per class
+        per_class = params[name]
+        labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
+        splits[name] = Split(name, labels, SyntheticGratings(
+            angles=angles, freqs=freqs, colours=colours, size=params["size"], seed=params["seed"],
+            split_number=number, per_class=per_class, count=len(labels)))
     classes = tuple(f"class{i}" for i in range(n_classes))
-    extra = json.dumps(params, sort_keys=True)
-    return DataSource(name="synthetic", kind="synthetic", classes=classes, splits=splits,
-                      fingerprint=_array_fingerprint("synthetic", splits, classes, extra), details=params)
+    # the images are a function of the parameters and this generator's version: hashing them would draw them all
+    fingerprint = hashlib.sha256(json.dumps({"kind": "synthetic", "version": SYNTHETIC_VERSION, "params": params,
+                                             "classes": classes}, sort_keys=True).encode()).hexdigest()
+    return DataSource(name="synthetic", kind="synthetic", classes=classes, splits=splits, fingerprint=fingerprint,
+                      details=params)

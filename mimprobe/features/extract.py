@@ -195,9 +195,7 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         "poolings": list(config.poolings), "norm": config.norm, "dtype": config.store_dtype, "precision": precision,
     }
     key = store_key(key_fields)
-    data_name = Path(source.name).name if source.kind == "imagefolder" else (
-        Path(source.name).stem if source.kind == "npz" else source.kind)
-    store_dir = out / f"{_slug(loaded.name)}__{_slug(data_name)}__{key[:12]}"
+    store_dir = out / f"{_slug(loaded.name)}__{_slug(source.short_name)}__{key[:12]}"
     widths = {structure["block_widths"][block] for block in blocks}  # one width, except across Hiera's stages
     feature_dims = {p: (_feature_dim(structure, blocks[-1], p) if len(widths) == 1 else None) for p in config.poolings}
 
@@ -369,11 +367,8 @@ def _check_first_batches(store_dir: Path, manifest: dict[str, Any], *, source: D
     firsts = {name: min(batch, manifest["progress"][name]) for name in source.splits if manifest["progress"][name]}
     if not firsts:
         return
-    subset = replace(source, splits={
-        name: replace(split, labels=split.labels[:firsts[name]],
-                      paths=split.paths[:firsts[name]] if split.paths is not None else None,
-                      images=split.images[:firsts[name]] if split.images is not None else None)
-        for name, split in source.splits.items() if name in firsts})
+    subset = replace(source, splits={name: split.head(firsts[name])
+                                     for name, split in source.splits.items() if name in firsts})
     scratch_config = replace(config, batch_size=batch, skip_bad_images=True)  # skipped rows are zeros in both
     with tempfile.TemporaryDirectory(dir=store_dir.parent, prefix=".verify-") as scratch:
         scratch_dir = Path(scratch) / store_dir.name

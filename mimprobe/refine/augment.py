@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-from ..data.dataset import array_to_input, load_rgb
-from ..data.sources import Split
+from ..data import Split
 
 
 @dataclass(frozen=True)
@@ -129,10 +128,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
-        if self.split.paths is not None:
-            image = load_rgb(self.split.paths[index])
-        else:
-            image = array_to_input(self.split.images[index])
+        image = self.split.read(index)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed also queues a CUDA seeding that records a stack trace
             # per call (several ms) when CUDA is not initialised

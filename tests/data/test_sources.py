@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mimprobe.data import SplitDataset, load_data
-from mimprobe.data.dataset import array_to_input, load_rgb
+from mimprobe.data.readers import array_to_input, load_rgb
 from mimprobe.data.sources import SAMPLE_BYTES, file_signature
 from mimprobe.errors import BadInputError
 from tests.conftest import make_image_folder
@@ -21,7 +21,7 @@ def test_image_folder_flat_layout_is_one_sorted_train_split(image_folder):
     split = source.splits["train"]
     assert len(split) == 12
     assert split.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 3
-    assert list(split.paths) == sorted(split.paths)
+    assert list(split.reader.paths) == sorted(split.reader.paths)
     assert load_data(image_folder).fingerprint == source.fingerprint
 
 
@@ -93,7 +93,7 @@ def test_file_signature_samples_both_ends_of_a_large_file(tmp_path):
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_grayscale_and_rgba_become_rgb(tmp_path, mode):
     folder = make_image_folder(tmp_path / mode, {"x": 1, "y": 1}, mode=mode)
-    image = load_rgb(load_data(folder).splits["train"].paths[0])
+    image = load_rgb(load_data(folder).splits["train"].reader.paths[0])
     assert image.mode == "RGB"
     if mode == "L":
         pixels = np.asarray(image)
@@ -114,7 +114,7 @@ def test_digits_split_is_fixed_and_stratified():
     source = load_data("digits")
     train, test = source.splits["train"], source.splits["test"]
     assert (len(train), len(test)) == (1347, 450)
-    assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+    assert train.reader.images.shape[1:] == (8, 8, 1) and train.reader.images.dtype == np.uint8
     per_class = np.bincount(np.concatenate([train.labels, test.labels]))
     assert np.abs(np.bincount(test.labels) - per_class * 450 / 1797).max() <= 1  # stratified
     assert load_data("digits").fingerprint == source.fingerprint
@@ -123,11 +123,17 @@ def test_digits_split_is_fixed_and_stratified():
 def test_synthetic_is_seeded_and_configurable():
     a, b = load_data("synthetic"), load_data("synthetic")
     assert a.fingerprint == b.fingerprint
-    assert np.array_equal(a.splits["train"].images, b.splits["train"].images)
+    train_a, train_b = a.splits["train"].reader, b.splits["train"].reader
+    assert all(np.array_equal(train_a.pixels(i), train_b.pixels(i)) for i in (0, 17, len(train_a) - 1))
     other = load_data("synthetic:seed=1")
     assert other.fingerprint != a.fingerprint
+    assert not np.array_equal(other.splits["train"].reader.pixels(0), train_a.pixels(0))
+    assert not np.array_equal(a.splits["test"].reader.pixels(0), train_a.pixels(0))  # the splits differ
     small = load_data("synthetic:classes=3,train=4,test=2,size=16")
-    assert small.splits["train"].images.shape == (12, 16, 16, 3) and len(small.classes) == 3
+    assert len(small.splits["train"]) == 12 and len(small.classes) == 3
+    assert small.splits["train"].labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert small.splits["train"].reader.pixels(5).shape == (16, 16, 3)
+    assert np.asarray(small.splits["train"].read(5)).tolist() == small.splits["train"].reader.pixels(5).tolist()
 
 
 def test_npz_uint8_and_float_layouts(tmp_path):
@@ -140,7 +146,7 @@ def test_npz_uint8_and_float_layouts(tmp_path):
     chw = tmp_path / "chw.npz"
     np.savez(chw, x_train=rng.random((4, 3, 10, 10)), y_train=np.array([0, 1, 0, 1]),
              x_test=rng.random((2, 3, 10, 10)), y_test=np.array([0, 1]))
-    assert load_data(chw).splits["train"].images.dtype == np.float32
+    assert load_data(chw).splits["train"].reader.images.dtype == np.float32
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -224,7 +230,7 @@ def test_symlinks_are_followed_once_and_loops_skipped(tmp_path):
     split = source.splits["train"]
     assert source.classes == ("airplane", "cat", "dog", "ship")
     assert split.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 4 + [3] * 6
-    assert [os.path.relpath(p, root) for p in split.paths] == (
+    assert [os.path.relpath(p, root) for p in split.reader.paths] == (
         [f"{c}/{i:03d}.png" for c in ("airplane", "cat") for i in range(6)]
         + [f"dog/{i:03d}.png" for i in range(4)] + [f"ship/{i:03d}.png" for i in range(6)])
     assert sorted(source.details["skipped_folders"]) == ["cat/self", "cat/up", "ship/more/back", "ship/planes"]
