@@ -71,7 +71,8 @@ def build(args: argparse.Namespace):
     import timm
 
     from mimprobe._device import resolve_precision
-    from mimprobe.refine.config import RefineConfig, StagePlan
+    from mimprobe.refine.config import RefineConfig
+    from mimprobe.refine.schedules import StagePlan
     from mimprobe.refine.distributed import DistContext
     from mimprobe.refine.heads import HeadConfig
     from mimprobe.refine.network import RefineNetwork

@@ -281,7 +281,7 @@ def render(args: argparse.Namespace, profile: list[dict], extraction: dict | Non
 
 
 def parse_budget_mib(text: str) -> float:
-    from mimprobe.config.profile import parse_bytes
+    from mimprobe.metrics.config import parse_bytes
 
     value = parse_bytes(text)
     return float("inf") if value is None else value / 2**20

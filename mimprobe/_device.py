@@ -8,7 +8,7 @@ import torch
 
 from .errors import BadInputError
 
-from .config.common import PRECISIONS  # noqa: E402  (one definition, with the options)
+from .choices import PRECISIONS  # noqa: E402  (one definition, with the options)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

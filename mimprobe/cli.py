@@ -220,9 +220,9 @@ DEBUG_PARAMETER = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, ann
 
 def _derived(name: str, *, arguments: list[inspect.Parameter], run: Callable[..., Any], doc: str, epilog: str,
              json_flag: bool = True, extra: list[inspect.Parameter] = ()) -> None:
-    """Register command ``name`` of `mimprobe.config.COMMANDS`: its arguments, then its options, then --json
+    """Register command ``name`` of `mimprobe.commands.COMMANDS`: its arguments, then its options, then --json
     and --debug. ``run(arguments, options, json_output)`` calls the API function and prints the result."""
-    from .config import COMMANDS
+    from .commands import COMMANDS
 
     command = COMMANDS[name]
     parameters = [*arguments, *typer_parameters(command.options, only=command.only, defaults=command.defaults),
@@ -441,7 +441,7 @@ _derived("pretrain-mae", arguments=[_argument("model", str, typer.Argument(..., 
 # ---- commands: run and demo (the pipeline; their options are the spec's)
 
 def _pipeline_parameters() -> list[inspect.Parameter]:
-    from .config import PipelineRun
+    from .commands import PipelineRun
 
     return typer_parameters([PipelineRun])
 

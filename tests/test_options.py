@@ -18,8 +18,8 @@ import mimprobe
 from mimprobe.cli import app
 from mimprobe.errors import BadInputError
 from mimprobe.options import build_config, option, option_fields, public_name, typer_parameters
-import mimprobe.config as config_module
-from mimprobe.config import COMMANDS
+import mimprobe.commands as config_module
+from mimprobe.commands import COMMANDS
 from mimprobe.pipeline import api
 
 runner = CliRunner()
@@ -52,7 +52,7 @@ def test_a_new_config_field_appears_on_the_command_in_the_spec_and_in_the_functi
     section and the Python function's keywords."""
     import dataclasses
 
-    from mimprobe.config import ProfileConfig
+    from mimprobe.commands import ProfileConfig
     from mimprobe.pipeline import spec as spec_module
 
     extended = dataclasses.make_dataclass(
@@ -213,8 +213,8 @@ REACHED_BY = {
     "data": ("extract", "profile", "refine", "pretrain-mae"),
     "pipeline": ("run", "demo"),
     "config/extract.py": ("extract", "profile"),
-    "config/profile.py": ("profile",),
-    "config/place.py": ("place",),
+    "metrics/config.py": ("profile",),
+    "placement/config.py": ("place",),
     "config/refine.py": ("refine",),
     "config/pretrain.py": ("pretrain-mae",),
     "config/compare.py": ("compare",),
@@ -301,5 +301,5 @@ def test_messages_name_only_options_of_the_commands_that_print_them(package):
 
 def test_the_message_scan_finds_flags():
     found = {flag for _, flag in _message_flags(PACKAGE / "metrics" / "_finite.py")} | {
-        flag for _, flag in _message_flags(PACKAGE / "config" / "profile.py")}
+        flag for _, flag in _message_flags(PACKAGE / "metrics" / "config.py")}
     assert "--metrics" in found and "--store-dtype" in found

@@ -1,9 +1,9 @@
-"""One-pass extraction of every block into a resumable on-disk FeatureStore."""
+"""One-pass extraction of every block into a resumable on-disk FeatureStore (`extraction.extract`), its options
+(`config.ExtractConfig`) and the store (`store.FeatureStore`). Names are imported on first use."""
 
-from .blockwise import BlockOutputs
-from .extract import ExtractConfig, ExtractResult, extract, store_key
-from .pooling import POOLINGS, pool_tokens
-from .store import FeatureStore
+from .._lazy import lazy_exports
 
-__all__ = ["POOLINGS", "BlockOutputs", "ExtractConfig", "ExtractResult", "FeatureStore", "extract", "pool_tokens",
-           "store_key"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "BlockOutputs": ".blockwise", "ExtractConfig": ".config", "ExtractResult": ".extraction", "extract": ".extraction",
+    "store_key": ".extraction", "POOLINGS": "..choices", "pool_tokens": ".pooling", "FeatureStore": ".store",
+})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config.common import POOLINGS  # noqa: F401  (the pooling names, with the options)
+from ..choices import POOLINGS  # noqa: F401  (the pooling names, with the options)
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str, *, num_prefix_tokens: int, has_class_token: bool,

@@ -34,7 +34,7 @@ from ..errors import BadInputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-from ..config.common import STORE_DTYPES  # noqa: E402  (one definition, with the options)
+from ..choices import STORE_DTYPES  # noqa: E402  (one definition, with the options)
 STORE_POOLINGS = ("cls", "mean", "cls+mean")
 CHUNK_ROWS = 65536  # rows read at a time by verify_content
 

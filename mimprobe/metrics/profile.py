@@ -31,7 +31,7 @@ from .._ranks import current as current_ranks
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
-from ..config.profile import METRICS, PRESETS, ProfileConfig  # noqa: F401  (the profile's options)
+from ..metrics.config import METRICS, PRESETS, ProfileConfig  # noqa: F401  (the profile's options)
 from ._finite import check_finite
 from ._rows import MetricRow, carve_validation
 from .families import Context

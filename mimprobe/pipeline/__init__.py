@@ -8,7 +8,7 @@ layout (derived from the commands' config classes) and their loading and validat
 `demo` the demo (`run_demo`: `run_pipeline` on the packaged ``demo.toml``, which equals ``analyses/demo.toml``).
 """
 
-from ..config import COMMANDS
+from ..commands import COMMANDS
 from .api import compare, extract, info, place, pretrain_mae, profile, refine
 from .demo import DEMO_SPEC, FAST_OVERRIDES, run_demo
 from .run import STEPS, PipelineResult, StepRecord, run_pipeline

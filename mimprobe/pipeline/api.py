@@ -5,7 +5,7 @@ applies ``threads`` with the one thread mechanism (`mimprobe._threads.cpu_thread
 function. The command line (`mimprobe.cli`) and the TOML specs (`mimprobe.pipeline.spec`) call these same
 functions, so the three give the same result.
 
-Each command's options are the fields of the config classes listed in its `mimprobe.config.Command`; `mimprobe.cli`
+Each command's options are the fields of the config classes listed in its `mimprobe.commands.Command`; `mimprobe.cli`
 derives the Typer options from the same list.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _threads
-from ..config import (COMPARE, EXTRACT, INFO, PLACE, PRETRAIN, PROFILE, REFINE, Command, CompareConfig, CompareRun,
+from ..commands import (COMPARE, EXTRACT, INFO, PLACE, PRETRAIN, PROFILE, REFINE, Command, CompareConfig, CompareRun,
                       ExtractConfig, ExtractRun, MaeConfig, PlaceConfig, PlaceRun, PretrainRun, ProfileConfig,
                       ProfileRun, RefineConfig, RefineRun, Running, Weights)
 from ..errors import BadInputError
@@ -45,7 +45,7 @@ def extract(model: Any, data: Any, *, log: Log | None = None, on_batch: Any = No
 
     Keywords are the command's options (``out`` required; see `EXTRACT`). Returns an
     `mimprobe.features.ExtractResult`."""
-    from ..features.extract import extract as run_extract
+    from ..features.extraction import extract as run_extract
 
     configs = _configs(EXTRACT, options)
     run, weights, running = configs[ExtractRun], configs[Weights], configs[Running]

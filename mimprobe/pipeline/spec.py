@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
-from ..config import (PROFILE, CompareConfig, ExtractConfig, MaeConfig, PlaceConfig, ProfileConfig,
+from ..commands import (PROFILE, CompareConfig, ExtractConfig, MaeConfig, PlaceConfig, ProfileConfig,
                       RefineConfig)
 from ..options import build_config, coerce, config_values, convert_value, describe_type, option_fields, public_name
 

@@ -25,7 +25,7 @@ Modules: `record` (the `Placement` and its JSON form), `curve` (the validation c
 from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "PlaceConfig": "..config.place", "PLACEMENT_METRICS": ".curve", "ValidationCurve": ".curve",
+    "PlaceConfig": ".config", "PLACEMENT_METRICS": ".curve", "ValidationCurve": ".curve",
     "validation_curve": ".curve", "FORMAT_VERSION": ".record", "RULES": ".record", "Placement": ".record",
     "PlacementInputs": ".record", "note_line": ".record", "DEFAULT_PLATEAU": ".rules", "place": ".rules", "PLACEMENT_FILE": ".run",
     "load_placement": ".run", "placement_path": ".run", "read_profile": ".run", "run_place": ".run",

@@ -13,7 +13,7 @@ import pandas as pd
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..options import build_config
-from ..config.place import PlaceConfig
+from .config import PlaceConfig
 from .record import Placement
 from .rules import place
 

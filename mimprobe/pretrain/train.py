@@ -33,7 +33,7 @@ from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeErro
 from .._disk import replaced_atomically, tensor_bytes
 from ..features.store import write_json_atomic
 from ..models import LoadedModel, load_model, read_checkpoint, strip_prefixes, unwrap_checkpoint
-from ..config.pretrain import MaeConfig
+from .config import MaeConfig
 from ..options import build_config
 from .mae import MaskedAutoencoder, num_visible
 

@@ -1,93 +1,156 @@
-"""The refinement's pure schedules (learning rate, warmup, queue size) of its options (`mimprobe.config.refine`)."""
+"""`RefineConfig`: the options of an NNA refinement (`mimprobe refine`, the ``[refine]`` spec section)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from ..config.refine import RefineConfig
+from ..errors import BadInputError
+from ..options import check_options, img_size_option, option, seed_option
+from ..choices import PRECISIONS
 
-OFFICIAL_QUEUE_SIZE = 65536                      # models/nnclr.yaml, base
-WARMUP_MAX_SHARE = 0.4   # the longest official warmup: 4 of 10 epochs (stage3/ablations/augmentation/minaug_localviews)
+HEAD_INITS = ("xavier_uniform", "truncnormal")   # the official NnclrHead's init_weights choices
+
+
+def _widths(text: str) -> tuple[int, int, int]:
+    """``--head-dims 2048,256,4096`` -> three widths."""
+    try:
+        hidden, projection, predictor = (int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"invalid --head-dims {text!r}: give three widths, e.g. 2048,256,4096") from None
+    return hidden, projection, predictor
+
+
+def _areas(text: str) -> tuple[float, float]:
+    """``--local-scale 0.05,0.25`` -> two areas."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"invalid --local-scale {text!r}: give two areas, e.g. 0.05,0.25") from None
+    return low, high
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    """Step counts of the two stages (optimiser steps, over all processes together)."""
+class RefineConfig:
+    """Everything that changes a refinement run's numbers: the options of `mimprobe refine`, the ``[refine]`` spec
+    section and `mimprobe.refine` (`mimprobe.options`).
 
-    steps_per_epoch: int
-    epochs_heads: int
-    epochs: int
+    The defaults are MIM-Refiner's main recipe (arXiv 2402.10093), read from the official stage-2 (heads) and
+    stage-3 (full) configurations of github.com/ml-jku/MIM-Refiner; `mimprobe.refine.recipe.RECIPE` maps each one to
+    its source line (``mimprobe refine --recipe`` prints it). Epochs, batch, queue and head sizes are the user's
+    (the official ImageNet values are in the comments). Two defaults are scaled to small data, and only when the
+    data forces it: the warmup never takes more than `WARMUP_MAX_SHARE` of a stage, and the queue is cut to the
+    training set (`resolve_queue_size`).
+    """
+
+    epochs_heads: int = option(1, "Stage 1 epochs: heads only, encoder frozen (official stage 2: 20 ImageNet "
+                                  "epochs).", minimum=0)
+    epochs: int = option(5, "Stage 2 epochs: encoder and heads (official stage 3: 20-30 epochs).", minimum=0)
+    batch_size: int = option(256, "Global batch (all processes); the lrs are scaled by batch / 256.")
+    accumulate: int = option(1, "Micro-batches per step when a batch does not fit.", minimum=1)
+    lr_heads: float = option(2e-4, "Stage 1 (heads only) peak lr per 256 images (official 2e-4).")
+    lr: float = option(4e-4, "Stage 2 (encoder and heads) peak lr per 256 images (official 4e-4).")
+    min_lr: float = option(1e-6, "End of each stage's cosine: an absolute lr, not scaled with the batch.")
+    warmup_epochs: float = option(4.0, "Linear warmup of each stage in epochs (official 4); cut to 40 % of a stage "
+                                       "shorter than 10 epochs.")
+    warmup_fraction: float | None = option(None, "Instead: warm up over this share of each stage (0.1 before the "
+                                                 "official recipe).")
+    layer_decay: float = option(0.65, "Layer-wise lr decay (BEiT; official 0.65).")
+    weight_decay: float = option(0.05, "Weight decay of the encoder (official 0.05; heads 1e-5).")
+    head_weight_decay: float = option(1e-5, "Weight decay of the heads (official 1e-5).", cli=False)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas (official 0.9, 0.95).", cli=False)
+    temperature: float = option(0.2, "NNA temperature (0.2 ViT-L, 0.3 H, 0.35 2B).")
+    queue_size: int | None = option(None, "Neighbour queue length per head [default: 65536, cut to the training "
+                                          "set when smaller].", minimum=1)
+    topk: int = option(20, "Stage 2: pick the neighbour uniformly from the top k (stage 1: the nearest).", minimum=1)
+    head_dims: tuple[int, int, int] = option((2048, 256, 4096), "Projector hidden, projection and predictor hidden "
+                                             "widths.", parse=_widths, minimum=1)
+    head_init: str = option("xavier_uniform", "Heads' Linear init: xavier_uniform (official) or truncnormal (std "
+                                              "0.02).", choices=HEAD_INITS)
+    local_crops: int = option(10, "Local crops as extra predicted views (official 10; 0: global views only).",
+                              minimum=0)
+    local_size: int | None = option(None, "Side of the local crops [default: 96/224 of the input, rounded to the "
+                                          "patch].", minimum=1)
+    local_scale: tuple[float, float] = option((0.05, 0.25), "Area range of the local crops.", parse=_areas)
+    global_scale_min: float = option(0.25, "Smallest area of the 2 global crops (official 0.25; BYOL 0.08).")
+    ema_decay: float = option(0.9999, "EMA of the encoder, constant from stage 2's first step.")
+    ema_warmup: bool = option(False, "timm's EMA warmup instead (decay 1-(1+n)^-2/3 up to --ema-decay): short runs "
+                                     "still move.")
+    clip_grad: float | None = option(None, "Clip the gradient norm at this value [default: no clipping, as the "
+                                           "official recipe].")
+    freeze_blocks: int = 0             # first blocks (and the embeddings) kept frozen in stage 2; from the placement
+    head_blocks: tuple[int, ...] = ()  # 0-based blocks with a head; from the placement
+    img_size: int | None = img_size_option()
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on the CPU), fp32, bf16 or fp16.",
+                            choices=PRECISIONS)
+    seed: int = seed_option("data order, augmentations, heads and neighbour picks")
+    num_workers: int = option(0, "DataLoader worker processes.", flag="workers", minimum=0)
+    monitor_images: int = option(0, "k-NN monitor on N labelled images every epoch (0: off).", flag="monitor",
+                                 minimum=0)
 
     @property
-    def heads_steps(self) -> int:
-        return self.epochs_heads * self.steps_per_epoch
+    def head_hidden_dim(self) -> int:
+        return self.head_dims[0]
 
     @property
-    def total_steps(self) -> int:
-        return (self.epochs_heads + self.epochs) * self.steps_per_epoch
+    def head_proj_dim(self) -> int:
+        return self.head_dims[1]
 
-    def stage(self, epoch: int) -> int:
-        """1 (heads only) or 2 (everything) for a 0-based epoch."""
-        return 1 if epoch < self.epochs_heads else 2
+    @property
+    def head_predictor_dim(self) -> int:
+        return self.head_dims[2]
+
+    def __post_init__(self) -> None:
+        for name in ("head_dims", "local_scale", "betas", "head_blocks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_options(self)
+        scale = self.batch_size / 256
+        checks = [
+            (self.epochs_heads >= 0 and self.epochs >= 0, "--epochs and --epochs-heads must be >= 0"),
+            (self.epochs_heads + self.epochs > 0, "nothing to train: --epochs-heads and --epochs are both 0"),
+            (self.batch_size >= 2, f"--batch-size {self.batch_size} is too small: the NNA loss contrasts the "
+                                   "images of a batch, use at least 2"),
+            (self.accumulate >= 1, "--accumulate must be >= 1"),
+            (self.lr > 0 and self.lr_heads > 0 and self.min_lr >= 0, "--lr and --lr-heads must be > 0 and "
+                                                                      "--min-lr >= 0"),
+            (self.min_lr <= min(self.lr, self.lr_heads) * scale,
+             f"--min-lr {self.min_lr:g} is above a peak lr ({min(self.lr, self.lr_heads) * scale:g} = "
+             f"{min(self.lr, self.lr_heads):g} x batch {self.batch_size} / 256): lower --min-lr or raise the lr"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+            (self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
+            (0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
+            (self.temperature > 0, "--temperature must be > 0"),
+            (self.queue_size is None or self.queue_size >= 1, "--queue-size must be >= 1"),
+            (self.topk >= 1, "--topk must be >= 1"),
+            (self.queue_size is None or self.topk <= self.queue_size,
+             f"--topk {self.topk} is larger than --queue-size {self.queue_size}: the neighbour is picked from the "
+             f"top k of the queue, use --topk {self.queue_size} or less (or a longer queue)"),
+            (len(self.head_dims) == 3, "--head-dims takes three widths, e.g. 2048,256,4096"),
+            (self.local_crops >= 0, "--local-crops must be >= 0"),
+            (self.local_size is None or self.local_size >= 1, "--local-size must be >= 1"),
+            (len(self.local_scale) == 2 and 0 < self.local_scale[0] <= self.local_scale[1] <= 1,
+             "--local-scale must be two areas 0 < min <= max <= 1, e.g. 0.05,0.25"),
+            (0 < self.global_scale_min <= 1, "--global-scale-min must be in (0, 1]"),
+            (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+            (self.freeze_blocks >= 0, "--freeze must be >= 0"),
+            (self.monitor_images >= 0, "--monitor must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInputError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RefineConfig":
+        values = dict(values)
+        for key in ("betas", "head_blocks", "local_scale", "head_dims"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        old_widths = ("head_hidden_dim", "head_proj_dim", "head_predictor_dim")  # config.json before head_dims
+        if all(key in values for key in old_widths):
+            values["head_dims"] = tuple(values.pop(key) for key in old_widths)
+        return cls(**values)
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """The official ``schedules/wupcos_epoch`` schedule of one stage as a factor of its peak lr.
-
-    Linear warmup, then cosine to ``min_ratio``, exactly as kappaschedules computes them for the official run
-    (``LinearIncreasingSchedule`` with ``exclude_first`` and ``exclude_last``, then ``CosineDecreasingSchedule``
-    with ``exclude_last``, chained by ``SequentialStepSchedule``; github.com/BenediktAlkin/KappaSchedules)::
-
-        step <  W:  (step + 1) / (W + 1)                                  # starts above 0, stops short of 1
-        step >= W:  min_ratio + (1 - min_ratio) * (1 + cos(pi * (step - W) / (T - W))) / 2
-
-    ``step`` counts from 0 within a stage (T steps, W of warmup); the factor of step s is the one used by the
-    update of step s (the official trainer calls ``schedule_step`` before each update with the number of updates
-    done). The cosine starts at the peak and ends one step short of ``min_ratio``.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps(config: RefineConfig, *, stage_epochs: int, steps_per_epoch: int) -> int:
-    """Warmup steps of a stage of ``stage_epochs`` epochs: ``warmup_epochs`` epochs (official: 4), but at most
-    `WARMUP_MAX_SHARE` of the stage; or ``warmup_fraction`` of the stage when that is set.
-
-    The cap only bites on stages shorter than 10 epochs (4 / 0.4): every official configuration (10, 20 and 30
-    epoch stages with 4 warmup epochs) keeps its exact warmup, while a short run on small data still gets a peak
-    and a cosine instead of a warmup that never ends.
-    """
-    stage_steps = stage_epochs * steps_per_epoch
-    if config.warmup_fraction is not None:
-        return int(round(config.warmup_fraction * stage_steps))
-    return min(int(round(config.warmup_epochs * steps_per_epoch)), int(WARMUP_MAX_SHARE * stage_steps))
-
-
-def stage_lr(config: RefineConfig, plan: StagePlan, step: int) -> float:
-    """Learning rate (layer scale 1) of optimiser step ``step`` (0-based over the whole run).
-
-    Each stage has its own schedule: peak ``lr_heads`` (stage 1) or ``lr`` (stage 2) times batch_size / 256 (the
-    official ``LinearLrScaler``), warmup (`warmup_steps`), cosine to the absolute ``min_lr`` (`lr_factor`).
-    """
-    heads = step < plan.heads_steps
-    stage_step = step if heads else step - plan.heads_steps
-    stage_epochs = plan.epochs_heads if heads else plan.epochs
-    peak = (config.lr_heads if heads else config.lr) * config.batch_size / 256
-    factor = lr_factor(stage_step, total_steps=stage_epochs * plan.steps_per_epoch,
-                       warmup_steps=warmup_steps(config, stage_epochs=stage_epochs,
-                                                 steps_per_epoch=plan.steps_per_epoch),
-                       min_ratio=min(1.0, config.min_lr / peak))
-    return peak * factor
-
-
-def resolve_queue_size(config: RefineConfig, train_images: int) -> int:
-    """The queue length per head: ``queue_size`` as given, else the official 65,536 cut to the training set (a
-    longer queue would hold the same images twice)."""
-    if config.queue_size is not None:
-        return config.queue_size
-    return min(OFFICIAL_QUEUE_SIZE, train_images)

@@ -32,7 +32,8 @@ from .._versions import software_versions
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
-from .config import (OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, RefineConfig, StagePlan, resolve_queue_size, stage_lr,
+from .config import RefineConfig
+from .schedules import (OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, StagePlan, resolve_queue_size, stage_lr,
                      warmup_steps)
 from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
                           mean_over_processes)

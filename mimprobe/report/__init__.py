@@ -12,12 +12,11 @@ pair), `plots`, `document` / `content` / `html_report` / `markdown_report` (the 
 files in, folder out). The CLI command is ``mimprobe compare`` in `mimprobe.cli`.
 """
 
-from .bootstrap import PairedInterval, paired_bootstrap
-from .cka import StoreCka, cka_matrix, linear_cka, store_cka
-from .comparison import CompareConfig, PairComparison, compare
-from .inputs import ProfileInput, find_placement, load_profile
-from .run import CompareResult, run_compare
+from .._lazy import lazy_exports
 
-__all__ = ["CompareConfig", "CompareResult", "PairComparison", "PairedInterval", "ProfileInput", "StoreCka",
-           "cka_matrix", "compare", "find_placement", "linear_cka", "load_profile", "paired_bootstrap", "run_compare",
-           "store_cka"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "PairedInterval": ".bootstrap", "paired_bootstrap": ".bootstrap", "StoreCka": ".cka", "cka_matrix": ".cka",
+    "linear_cka": ".cka", "store_cka": ".cka", "CompareConfig": ".config", "PairComparison": ".comparison",
+    "compare": ".comparison", "ProfileInput": ".inputs", "find_placement": ".inputs", "load_profile": ".inputs",
+    "CompareResult": ".run", "run_compare": ".run",
+})

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BadInputError
 
-from ..config.compare import DEFAULT_LEVEL, DEFAULT_RESAMPLES  # noqa: E402,F401  (the compare options' defaults)
+from .config import DEFAULT_LEVEL, DEFAULT_RESAMPLES  # noqa: E402,F401  (the compare options' defaults)
 RESAMPLES_PER_CHUNK = 64   # (64, n) int32 counts at a time: 12.8 MB for ImageNet's 50,000 test images
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..features.store import FeatureStore
 
-from ..config.compare import DEFAULT_BATCH_SIZE, DEFAULT_ROWS  # noqa: E402,F401  (the compare options' defaults)
+from .config import DEFAULT_BATCH_SIZE, DEFAULT_ROWS  # noqa: E402,F401  (the compare options' defaults)
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BadInputError
-from ..config.compare import CompareConfig
+from .config import CompareConfig
 from ..placement import Placement
 from .bootstrap import paired_bootstrap
 from .cka import StoreCka, store_cka

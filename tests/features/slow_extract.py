@@ -26,7 +26,7 @@ if __name__ == "__main__":
 
     from mimprobe import cli
 
-    extract = importlib.import_module("mimprobe.features.extract")  # the module (the package exports a function)
+    extract = importlib.import_module("mimprobe.features.extraction")  # the module (the package exports a function)
     progress = importlib.import_module("mimprobe.features.progress")
     seconds = float(sys.argv.pop(1))
     extract.write_json_atomic = _paused(extract.write_json_atomic, seconds)

@@ -170,14 +170,14 @@ def test_unknown_model_kwarg_is_bad_input_before_any_store(tmp_path):
     ("", {}),
 ])
 def test_parse_model_kwargs(text, expected):
-    from mimprobe.config.common import parse_model_kwargs
+    from mimprobe.choices import parse_model_kwargs
 
     assert parse_model_kwargs(text) == expected
 
 
 @pytest.mark.parametrize("text", ["depth", "=3", "{not json", "[1, 2]", "1x=2"])
 def test_parse_model_kwargs_refuses_other_forms(text):
-    from mimprobe.config.common import parse_model_kwargs
+    from mimprobe.choices import parse_model_kwargs
 
     with pytest.raises(BadInputError, match="--model-kwargs"):
         parse_model_kwargs(text)

@@ -119,7 +119,7 @@ def test_line_finder_reads_headers_dotted_and_quoted_keys():
 
 
 def test_defaults_are_the_stage_configurations():
-    from mimprobe.config import ExtractConfig, PlaceConfig
+    from mimprobe.commands import ExtractConfig, PlaceConfig
 
     spec = spec_from_dict({"name": "n", "out": "o", "model": "m", "data": "d", "pretrain": {}})
     assert spec.config("refine", RefineConfig) == RefineConfig()
@@ -133,7 +133,7 @@ def test_defaults_are_the_stage_configurations():
 def test_cli_forms_of_lists_and_rule_inference(tmp_path):
     spec = spec_from_text('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npool = "all"\n'
                           'metrics = "knn,linear"\nblocks = [0, -1]\n[place]\nblocks = [3, 5]\n')
-    from mimprobe.config import ExtractConfig, PlaceConfig
+    from mimprobe.commands import ExtractConfig, PlaceConfig
 
     assert spec.options("profile")["pool"] == ("cls", "mean", "cls+mean")
     assert spec.options("profile")["metrics"] == ("knn", "linear")

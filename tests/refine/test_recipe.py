@@ -21,7 +21,7 @@ from mimprobe.cli import app
 from mimprobe.placement import place
 from mimprobe.refine import RefineConfig, run_refine
 from mimprobe.refine.augment import MultiViewTransform, ViewConfig
-from mimprobe.refine.config import StagePlan, lr_factor, resolve_queue_size, stage_lr, warmup_steps
+from mimprobe.refine.schedules import StagePlan, lr_factor, resolve_queue_size, stage_lr, warmup_steps
 from mimprobe.refine.recipe import OFFICIAL_COMMIT, RECIPE, recipe_text
 from mimprobe.refine.trainer import _small_data_notes, make_ema
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import BadInputError
 from ..options import check_options, option, seed_option
-from .common import POOLINGS
+from ..choices import POOLINGS
 
 DEFAULT_RESAMPLES = 1000      # paired bootstrap resamples per interval (`mimprobe.report.bootstrap`)
 DEFAULT_LEVEL = 0.95          # coverage of the intervals

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..blocks import parse_block_spec
+from ..choices import POOLINGS
 from ..errors import BadInputError
 from ..options import check_options, option
-from ..placement.curve import PLACEMENT_METRICS
-from ..placement.labelfree import parse_rule
-from ..placement.record import RULES
-from .common import POOLINGS
+from .curve import PLACEMENT_METRICS
+from .labelfree import parse_rule
+from .record import RULES
 
 
 def parse_freeze(text: str) -> int | float:

@@ -27,7 +27,7 @@ from ..blocks import resolve_blocks
 from ..data import DataSource, SplitDataset, build_eval_transform, load_data
 from ..errors import BadImageError, BadInputError, MimprobeError
 from ..models import LoadedModel, describe_model, load_model
-from ..config.extract import ExtractConfig
+from .config import ExtractConfig
 from ..options import build_config
 from ..models.families import block_layout
 from . import progress as batch_progress

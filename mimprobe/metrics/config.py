@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 
 from ..errors import BadInputError
-from ..metrics.knn_presets import PRESETS as KNN_PRESETS
-from ..metrics.registry import FAMILY_NAMES
 from ..options import check_options, device_option, option, seed_option
+from .knn_presets import PRESETS as KNN_PRESETS
+from .registry import FAMILY_NAMES
 
 METRICS = FAMILY_NAMES          # the --metrics words (`mimprobe.metrics.registry`)
 PRESETS = tuple(KNN_PRESETS)    # the k-NN protocols (`mimprobe.metrics.knn_presets`)

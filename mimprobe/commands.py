@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Any
 
-from ..options import build_config, device_option, option, option_fields, public_name, split_options, threads_option
-from .common import parse_model_kwargs
-from .compare import CompareConfig
-from .extract import ExtractConfig
-from .place import PlaceConfig
-from .pretrain import MaeConfig
-from .profile import ProfileConfig
-from .refine import RefineConfig
+from .choices import parse_model_kwargs
+from .features.config import ExtractConfig
+from .metrics.config import ProfileConfig
+from .options import build_config, device_option, option, option_fields, public_name, split_options, threads_option
+from .placement.config import PlaceConfig
+from .pretrain.config import MaeConfig
+from .refine.config import RefineConfig
+from .report.config import CompareConfig
 
 
 def _model_kwargs(text: str) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..options import check_options, device_option, img_size_option, option, seed_option
-from .common import PRECISIONS
+from ..choices import PRECISIONS
 
 
 @dataclass(frozen=True)

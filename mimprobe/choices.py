@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import BadInputError
+from .errors import BadInputError
 
 POOLINGS = ("cls", "mean", "cls+mean")   # token pooling of a block's output (`mimprobe.features.pooling`)
 STORE_DTYPES = ("float16", "float32")    # feature store arrays (`mimprobe.features.store`)

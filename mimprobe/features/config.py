@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..blocks import BlockSpec, parse_block_spec
 from ..errors import BadInputError
 from ..options import check_options, device_option, img_size_option, option
-from .common import POOLINGS, PRECISIONS, STORE_DTYPES, parse_channel_values, parse_poolings
+from ..choices import POOLINGS, PRECISIONS, STORE_DTYPES, parse_channel_values, parse_poolings
 
 
 def _channels(option_name: str) -> Callable[[str], tuple[float, ...]]:
