@@ -123,7 +123,8 @@ def _kmeans_normalised(x: np.ndarray, n_clusters: int, *, restarts: int, seed: i
     if max_points_per_centroid is None:
         max_points_per_centroid = -(-n_samples // n_clusters)  # ceil: faiss then trains on every row
     kmeans = faiss.Kmeans(dim, n_clusters, niter=niter, nredo=restarts, seed=seed, spherical=True, verbose=False,
-                          max_points_per_centroid=max_points_per_centroid)
+                          max_points_per_centroid=max_points_per_centroid,
+                          min_points_per_centroid=1)  # small data is clustered as it is, without FAISS's warning
     kmeans.train(x)
     _, assignments = kmeans.index.search(x, 1)  # spherical: an inner-product index over unit centroids
     return assignments[:, 0].astype(np.int64)

@@ -168,10 +168,13 @@ def twonn_rows(ctx: Context, pooling: str, block: int) -> list[tuple[int, Metric
 def spectrum_rows(ctx: Context, pooling: str, block: int) -> list[tuple[int, MetricRow]]:
     """alpha-ReQ and NESum from one eigendecomposition of the subset's covariance."""
     from .labelfree import alpha_req_from_spectrum, covariance_eigenvalues, nesum_from_spectrum
+    from .labelfree.spectrum import ALPHA_FIT_RANKS
 
     eigenvalues = covariance_eigenvalues(ctx.labelfree_rows(block, pooling), name=ctx.name(block, pooling))
-    return (_estimate_rows(ctx, block, "alpha_req", alpha_req_from_spectrum(eigenvalues))
-            + _estimate_rows(ctx, block, "nesum", nesum_from_spectrum(eigenvalues)))
+    rows = _estimate_rows(ctx, block, "nesum", nesum_from_spectrum(eigenvalues))
+    if np.count_nonzero(eigenvalues > 0) > ALPHA_FIT_RANKS[0]:  # alpha's fit starts at rank 11: no row below it
+        rows = _estimate_rows(ctx, block, "alpha_req", alpha_req_from_spectrum(eigenvalues)) + rows
+    return rows
 
 
 def entropy_rows(ctx: Context, pooling: str, block: int) -> list[tuple[int, MetricRow]]:
@@ -194,10 +197,13 @@ def overlap_rows(ctx: Context, pooling: str, blocks: list[int]) -> list[tuple[in
     neighbour lists are searched once and shared by its two pairs."""
     from .labelfree import block_neighbours, overlap_of_neighbours
 
+    from .labelfree.overlap import DEFAULT_OVERLAP_K
+
     rows: list[tuple[int, MetricRow]] = []
     previous = None
+    k = min(DEFAULT_OVERLAP_K, ctx.labelfree_subset.size - 1)  # small data: every other row
     for block in blocks:
-        current = block_neighbours(ctx.labelfree_rows(block, pooling), name=ctx.name(block, pooling))
+        current = block_neighbours(ctx.labelfree_rows(block, pooling), k=k, name=ctx.name(block, pooling))
         if previous is not None:
             estimate = overlap_of_neighbours(previous[1], current)
             estimate = replace(estimate, params={**estimate.params, "next_block": int(block)})

@@ -246,6 +246,12 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
                       labelfree_subset=seeded_subset(len(views.labels("train")), size=config.labelfree_samples,
                                                      seed=config.seed) if set(metrics) & set(LABEL_FREE) else None)
     families = [FAMILIES[name] for name in metrics]
+    if context.labelfree_subset is not None:
+        too_few = [f.name for f in families if f.label_free and context.labelfree_subset.size < f.min_rows]
+        if too_few and log:
+            log(f"{', '.join(too_few)}: skipped, the train split has {context.labelfree_subset.size} rows (they "
+                f"need at least {max(FAMILIES[name].min_rows for name in too_few)})")
+        families = [f for f in families if f.name not in too_few]
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

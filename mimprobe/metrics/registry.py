@@ -36,6 +36,8 @@ class Family:
         compute: ``compute(context, pooling, block_or_blocks) -> [(block, MetricRow), ...]`` (see
             `mimprobe.metrics.families`).
         summary: One line for help and docs.
+        min_rows: Label-free families: the fewest rows the metric is defined on (TwoNN needs 3 ratios after its
+            discarded tail; cluster learnability 2 clusters of 2).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Family:
     scope: str
     compute: Callable[..., list[tuple[int, Any]]]
     summary: str
+    min_rows: int = 2   # label-free: fewer rows in the subset and the family is skipped (the profile says so)
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,12 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("lowshot", False, "block", families.lowshot_rows, "1/2/5-shot and 1 % label logistic regression, 3 seeds"),
     Family("cluster", False, "block", families.cluster_rows, "k-means (k = classes): ACC, NMI, AMI, ARI"),
     Family("rank", True, "block", families.rank_rows, "effective rank (RankMe)"),
-    Family("twonn", True, "block", families.twonn_rows, "TwoNN intrinsic dimension with its standard error"),
+    Family("twonn", True, "block", families.twonn_rows, "TwoNN intrinsic dimension with its standard error",
+           min_rows=4),
     Family("spectrum", True, "block", families.spectrum_rows, "alpha-ReQ and NESum of the covariance spectrum"),
     Family("entropy", True, "block", families.entropy_rows, "dataset matrix entropy (Layer by Layer)"),
     Family("overlap", True, "pooling", families.overlap_rows, "neighbourhood overlap with the next block"),
-    Family("learnability", True, "block", families.learnability_rows, "cluster learnability (CLID)"),
+    Family("learnability", True, "block", families.learnability_rows, "cluster learnability (CLID)", min_rows=4),
 )}
 FAMILY_NAMES = tuple(FAMILIES)   # the --metrics words, in the order they run
 METRICS = FAMILY_NAMES

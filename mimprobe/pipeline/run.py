@@ -114,6 +114,12 @@ def run_pipeline(spec: str | Path | Spec, *, out: str | Path | None = None, over
         BadInputError: A bad spec, a run folder that holds another run, bad inputs of a step.
         MimprobeError: A step stopped early (SIGTERM during refinement): rerun to resume.
     """
+    with _threads.cpu_threads(threads):  # --threads binds the whole run, the spec's reading included
+        return _run(spec, out=out, overwrite=overwrite, threads=threads, progress=progress, log=log)
+
+
+def _run(spec: str | Path | Spec, *, out: str | Path | None, overwrite: bool, threads: int | None,
+         progress: bool, log: Callable[[str], None] | None) -> PipelineResult:
     source = None if isinstance(spec, Spec) else str(spec)
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if out is not None:

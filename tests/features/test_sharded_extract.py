@@ -17,7 +17,7 @@ from tests.data.shard_layouts import folder_samples, make_mixed_image_folder, wr
 
 REPO = Path(__file__).resolve().parents[2]
 SPLITS = {"train": {"ant": 7, "bee": 7, "cow": 6}, "test": {"ant": 3, "bee": 3, "cow": 3}}  # 20 + 9 PNG/JPEG
-OPTIONS = dict(img_size=32, batch_size=4, poolings=("cls", "mean"), store_dtype="float32", progress=False)
+OPTIONS = dict(img_size=32, batch_size=4, pool=("cls", "mean"), store_dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ from mimprobe import extract
 def on_batch(split, done, total):
     if split == {split!r} and done == {done}:
         os.kill(os.getpid(), signal.SIGKILL)
-extract("test_vit", {data!r}, out={out!r}, img_size=32, batch_size=4, poolings=("cls", "mean"),
+extract("test_vit", {data!r}, out={out!r}, img_size=32, batch_size=4, pool=("cls", "mean"),
         store_dtype="float32", progress=False, on_batch=on_batch)
 """
 

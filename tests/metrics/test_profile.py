@@ -106,7 +106,11 @@ def test_single_class_and_missing_labels(store_dir, tmp_path):
     assert "no labels" in _bad([str(unlabelled.path), "--out", str(tmp_path / "p2"), "--metrics", "knn"])
     ok = runner.invoke(app, ["profile", str(unlabelled.path), "--out", str(tmp_path / "p3"), "--no-progress"])
     assert ok.exit_code == 0, ok.output
-    assert set(pd.read_csv(tmp_path / "p3" / "profile.csv")["metric"]) == {"rankme"}
+    from mimprobe.metrics.registry import LABEL_FREE_FAMILIES, METRIC_INFO
+
+    found = set(pd.read_csv(tmp_path / "p3" / "profile.csv")["metric"])  # the label-free metrics only
+    assert {"rankme", "twonn_id", "alpha_req", "nesum", "dataset_entropy", "cluster_learnability"} <= found
+    assert all(METRIC_INFO[name].family in LABEL_FREE_FAMILIES for name in found)
 
 
 def test_nan_features_are_named_by_block(store_dir, tmp_path):

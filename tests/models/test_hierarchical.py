@@ -213,7 +213,7 @@ def test_fcmae_encoder_ends_without_a_norm(tmp_path):
 
     out = tmp_path / "features"
     with pytest.raises(BadInputError, match="ends without a norm"):
-        extract(loaded, DATA, out=out, poolings=("mean",), norm="final", img_size=32, progress=False)
+        extract(loaded, DATA, out=out, pool=("mean",), norm="final", img_size=32, progress=False)
     assert not out.exists()
 
 

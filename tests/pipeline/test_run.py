@@ -109,7 +109,7 @@ def test_rerun_skips_finished_steps_and_reruns_from_a_missing_export(tmp_path, f
     # compare got the two profiles and the placement the refinement used
     (call,) = fake_compare.calls
     assert call["profiles"] == [run_dir / "profile-before", run_dir / "profile-after"]
-    assert call["placement"] == run_dir / "placement" / "placement.json"
+    assert Path(call["placement"]) == run_dir / "placement" / "placement.json"
     after = json.loads((run_dir / "profile-after" / "profile.json").read_text())
     assert after["model"]["checkpoint"].endswith("refine/refined.safetensors")
     before = json.loads((run_dir / "profile-before" / "profile.json").read_text())
@@ -144,7 +144,7 @@ def test_refinement_stopped_mid_run_resumes_where_it_stopped(tmp_path, fake_comp
     run_dir = tmp_path / "run"
     real_refine = mimprobe.refine.run_refine
     monkeypatch.setattr(mimprobe.refine, "run_refine",
-                        lambda *args, **kwargs: real_refine(*args, stop_after_steps=4, **kwargs))
+                        lambda *args, **kwargs: real_refine(*args, **{**kwargs, "stop_after_steps": 4}))
     with pytest.raises(MimprobeError, match="refinement stopped at step 4 .*rerun the same command to resume"):
         _run(spec)
     first_rows = _rows(run_dir / "refine" / "log.csv")
