@@ -476,12 +476,13 @@ def refine(
     local_scale: str = typer.Option("0.05,0.25", "--local-scale", help="Area range of the local crops."),
     global_scale_min: float = typer.Option(0.25, "--global-scale-min", help="Smallest area of the 2 global crops "
                                                                             "(official 0.25; BYOL 0.08)."),
-    head_dims: str = typer.Option("2048,256,4096", "--head-dims", help="Projector hidden, projection and "
-                                                                       "predictor hidden widths."),
+    head_dims: str = typer.Option("auto", "--head-dims", help="Projector hidden, projection and predictor hidden "
+                                                              "widths (2048,256,4096), or official, proportional "
+                                                              "(x model width / 1024) or auto (proportional on a "
+                                                              "CPU below 224 px, else official)."),
     head_init: str = typer.Option("xavier_uniform", "--head-init", help="Heads' Linear init: xavier_uniform "
                                                                         "(official) or truncnormal (std 0.02)."),
-    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA of the encoder, constant from stage 2's "
-                                                                "first step."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA of the encoder, constant from stage 2's first step [default: 0.9999, or its 10,000-step time constant as a share of a stage shorter than the official 37,530 steps]."),
     ema_warmup: bool = typer.Option(False, "--ema-warmup", help="timm's EMA warmup instead (decay 1-(1+n)^-2/3 up "
                                                                 "to --ema-decay): short runs still move."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Square input size for small images."),
@@ -503,12 +504,9 @@ def refine(
     """Refine with Nearest-Neighbour-Alignment heads (MIM-Refiner) on the placed blocks; export a timm checkpoint."""
     from .errors import BadInputError
     from .refine import RefineConfig, run_refine
+    from .refine.config import head_dims_fields
 
     def body() -> None:
-        try:
-            hidden, proj, predictor = (int(part) for part in head_dims.split(","))
-        except ValueError:
-            raise BadInputError(f"invalid --head-dims {head_dims!r}: give three widths, e.g. 2048,256,4096") from None
         try:
             low, high = (float(part) for part in local_scale.split(","))
         except ValueError:
@@ -517,8 +515,8 @@ def refine(
                               lr_heads=lr_heads, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
                               warmup_fraction=warmup_fraction, temperature=temperature, queue_size=queue_size,
                               topk=topk, local_crops=local_crops, local_size=local_size, local_scale=(low, high),
-                              global_scale_min=global_scale_min, head_hidden_dim=hidden, head_proj_dim=proj,
-                              head_predictor_dim=predictor, head_init=head_init, ema_decay=ema_decay,
+                              global_scale_min=global_scale_min, **head_dims_fields(head_dims),
+                              head_init=head_init, ema_decay=ema_decay,
                               ema_warmup=ema_warmup, img_size=img_size, precision=precision, seed=seed,
                               num_workers=workers, monitor_images=monitor)
         freeze_value = _parse_freeze(freeze)

@@ -41,7 +41,7 @@ from ..metrics.profile import METRICS, PRESETS, ProfileConfig
 from ..placement import PLACEMENT_METRICS, RULES
 from ..pretrain import MaeConfig
 from ..refine import RefineConfig
-from ..refine.config import HEAD_INITS
+from ..refine.config import HEAD_INITS, head_dims_fields
 from ..report import CompareConfig
 
 
@@ -146,14 +146,13 @@ class RefineSpec:
     temperature: float = RefineConfig.temperature
     queue_size: int | None = RefineConfig.queue_size
     topk: int = RefineConfig.topk
-    head_dims: tuple[int, int, int] = (RefineConfig.head_hidden_dim, RefineConfig.head_proj_dim,
-                                       RefineConfig.head_predictor_dim)
+    head_dims: tuple[int, int, int] | str = RefineConfig.head_widths   # three widths, or auto/official/proportional
     head_init: str = field(default=RefineConfig.head_init, metadata=_choices(*HEAD_INITS))
     local_crops: int = RefineConfig.local_crops
     local_size: int | None = RefineConfig.local_size
     local_scale: tuple[float, float] = RefineConfig.local_scale
     global_scale_min: float = RefineConfig.global_scale_min  # smallest crop area of the two global views
-    ema_decay: float = RefineConfig.ema_decay
+    ema_decay: float | None = RefineConfig.ema_decay
     ema_warmup: bool = RefineConfig.ema_warmup
     clip_grad: float | None = RefineConfig.clip_grad
     monitor: int = RefineConfig.monitor_images
@@ -161,13 +160,12 @@ class RefineSpec:
     precision: str = field(default=RefineConfig.precision, metadata=_choices(*PRECISIONS))
 
     def config(self, spec: Spec) -> RefineConfig:
-        hidden, projection, predictor = self.head_dims
         return RefineConfig(epochs_heads=self.epochs_heads, epochs=self.epochs, batch_size=self.batch_size,
                             accumulate=self.accumulate, lr_heads=self.lr_heads, lr=self.lr, min_lr=self.min_lr,
                             warmup_epochs=self.warmup_epochs, warmup_fraction=self.warmup_fraction,
                             layer_decay=self.layer_decay, weight_decay=self.weight_decay,
                             temperature=self.temperature, queue_size=self.queue_size, topk=self.topk,
-                            head_hidden_dim=hidden, head_proj_dim=projection, head_predictor_dim=predictor,
+                            **head_dims_fields(self.head_dims),
                             head_init=self.head_init, local_crops=self.local_crops, local_size=self.local_size,
                             local_scale=tuple(self.local_scale), global_scale_min=self.global_scale_min,
                             ema_decay=self.ema_decay, ema_warmup=self.ema_warmup, clip_grad=self.clip_grad,
