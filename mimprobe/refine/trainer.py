@@ -34,14 +34,15 @@ from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_v
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
 from .config import (OFFICIAL_EMA_DECAY, OFFICIAL_EMA_SHARE, OFFICIAL_EMA_SOURCE, OFFICIAL_FULL_STEPS,
                      OFFICIAL_FULL_STEPS_SOURCE, OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, RefineConfig, StagePlan,
-                     ema_progress_warning, ema_scaling_note, resolve_ema_decay, resolve_queue_size, stage_lr, warmup_steps)
+                     ema_progress_warning, ema_scaling_note, resolve_ema_decay, resolve_queue_size, stage_lr,
+                     warmup_steps)
 from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
                           mean_over_processes)
 from .heads import HeadConfig
 from .loss import multi_view_nna_loss
 from .network import RefineNetwork, block_cls_tokens
 from .queue import NNQueue
-from .sizing import (ScaledDefault, checkpoint_bytes, head_scaling, local_scaling, resolve_head_dims, size_note)
+from .sizing import ScaledDefault, checkpoint_bytes, head_scaling, local_scaling, resolve_head_dims, size_note
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
@@ -212,10 +213,10 @@ def make_ema(encoder: nn.Module, config: RefineConfig):
     """The encoder's EMA (timm ``ModelEmaV3``), started from the encoder's weights at the start of stage 2.
 
     Default, as the official ``callbacks/checkpoint_callbacks/ema_callback.py`` (``target_factors: [0.9999]`` in
-    the stage-3 configurations, scaled to a short stage by `config.resolve_ema_decay`): a constant decay from the first update, ``ema = d * ema + (1 - d) * weights``
-    after every optimiser step, buffers copied rather than averaged. ``ema_warmup``: timm's warmup instead
-    (decay 0 for the first two updates, then ``1 - (1 + n)^(-2/3)`` capped at ``ema_decay``; buffers averaged),
-    mimprobe's behaviour before it followed the official recipe.
+    the stage-3 configurations, scaled to a short stage by `config.resolve_ema_decay`): a constant decay from the
+    first update, ``ema = d * ema + (1 - d) * weights`` after every optimiser step, buffers copied rather than
+    averaged. ``ema_warmup``: timm's warmup instead (decay 0 for the first two updates, then ``1 - (1 + n)^(-2/3)``
+    capped at ``ema_decay``; buffers averaged), mimprobe's behaviour before it followed the official recipe.
     """
     from timm.utils import ModelEmaV3
 
@@ -539,7 +540,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         warning = ema_progress_warning(progress_value)
         if warning:
             say(warning)
-        written = json.loads((out / CONFIG_FILE).read_text())
+        written = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else resolved
         (out / CONFIG_FILE).write_text(json.dumps({**written, "ema_progress": progress_value}, indent=2) + "\n")
 
     export = None
