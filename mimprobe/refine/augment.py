@@ -24,6 +24,7 @@ import torch
 from torchvision.transforms import v2
 
 from ..data import Split
+from .sizing import default_local_size
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class MultiViewTransform:
     """image → list of views: 2 global (img_size) then ``local_crops`` local ones (local_size)."""
 
     def __init__(self, config: ViewConfig, *, patch_size: int = 16):
-        local_size = config.local_size or max(patch_size, round(config.img_size * 96 / 224 / patch_size) * patch_size)
+        local_size = config.local_size or default_local_size(config.img_size, patch_size)
         self.config = config
         self.local_size = local_size
         common = {"mean": config.mean, "std": config.std}

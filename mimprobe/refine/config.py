@@ -10,14 +10,18 @@ from ..options import check_options, img_size_option, option, seed_option
 from ..choices import PRECISIONS
 
 HEAD_INITS = ("xavier_uniform", "truncnormal")   # the official NnclrHead's init_weights choices
+HEAD_WIDTHS = ("auto", "official", "proportional")   # how head widths not given explicitly are chosen (sizing.py)
 
 
-def _widths(text: str) -> tuple[int, int, int]:
-    """``--head-dims 2048,256,4096`` -> three widths."""
+def _widths(text: str) -> tuple[int, int, int] | str:
+    """``--head-dims``: three widths (``2048,256,4096``) or a rule word of `HEAD_WIDTHS`."""
+    if text.strip() in HEAD_WIDTHS:
+        return text.strip()
     try:
         hidden, projection, predictor = (int(part) for part in text.split(","))
     except ValueError:
-        raise BadInputError(f"invalid --head-dims {text!r}: give three widths, e.g. 2048,256,4096") from None
+        raise BadInputError(f"invalid --head-dims {text!r}: give three widths, e.g. 2048,256,4096, or one of "
+                            f"{', '.join(HEAD_WIDTHS)}") from None
     return hidden, projection, predictor
 
 
@@ -63,8 +67,12 @@ class RefineConfig:
     queue_size: int | None = option(None, "Neighbour queue length per head [default: 65536, cut to the training "
                                           "set when smaller].", minimum=1)
     topk: int = option(20, "Stage 2: pick the neighbour uniformly from the top k (stage 1: the nearest).", minimum=1)
-    head_dims: tuple[int, int, int] = option((2048, 256, 4096), "Projector hidden, projection and predictor hidden "
-                                             "widths.", parse=_widths, minimum=1)
+    # auto: the official widths, except on a CPU below 224 px, where they follow the model's width
+    # (`mimprobe.refine.sizing`: official x width / 1024, ViT-L's; recorded in config.json with the rule)
+    head_dims: tuple[int, int, int] | str = option("auto", "Projector hidden, projection and predictor hidden widths "
+                                                   "(official 2048,256,4096), or auto (official, but proportional to "
+                                                   "the model on a CPU below 224 px), official or proportional.",
+                                                   parse=_widths)
     head_init: str = option("xavier_uniform", "Heads' Linear init: xavier_uniform (official) or truncnormal (std "
                                               "0.02).", choices=HEAD_INITS)
     local_crops: int = option(10, "Local crops as extra predicted views (official 10; 0: global views only).",
@@ -73,7 +81,11 @@ class RefineConfig:
                                           "patch].", minimum=1)
     local_scale: tuple[float, float] = option((0.05, 0.25), "Area range of the local crops.", parse=_areas)
     global_scale_min: float = option(0.25, "Smallest area of the 2 global crops (official 0.25; BYOL 0.08).")
-    ema_decay: float = option(0.9999, "EMA of the encoder, constant from stage 2's first step.")
+    # None: the official 0.9999, or on a stage 2 shorter than the official 37,530 steps the same time constant as a
+    # share of it (`mimprobe.refine.schedules.resolve_ema_decay`; config.json records the value and its source)
+    ema_decay: float | None = option(None, "EMA of the encoder, constant from stage 2's first step [default: the "
+                                           "official 0.9999, its 10,000-step time constant scaled to a shorter "
+                                           "stage 2 as a share of the official 37,530 steps].")
     ema_warmup: bool = option(False, "timm's EMA warmup instead (decay 1-(1+n)^-2/3 up to --ema-decay): short runs "
                                      "still move.")
     clip_grad: float | None = option(None, "Clip the gradient norm at this value [default: no clipping, as the "
@@ -89,20 +101,27 @@ class RefineConfig:
                                  minimum=0)
 
     @property
-    def head_hidden_dim(self) -> int:
-        return self.head_dims[0]
+    def head_widths(self) -> str:
+        """The rule of widths not given: a word of `HEAD_WIDTHS`, or ``given`` for three explicit widths."""
+        return self.head_dims if isinstance(self.head_dims, str) else "given"
 
     @property
-    def head_proj_dim(self) -> int:
-        return self.head_dims[1]
+    def head_hidden_dim(self) -> int | None:
+        return None if isinstance(self.head_dims, str) else self.head_dims[0]
 
     @property
-    def head_predictor_dim(self) -> int:
-        return self.head_dims[2]
+    def head_proj_dim(self) -> int | None:
+        return None if isinstance(self.head_dims, str) else self.head_dims[1]
+
+    @property
+    def head_predictor_dim(self) -> int | None:
+        return None if isinstance(self.head_dims, str) else self.head_dims[2]
 
     def __post_init__(self) -> None:
-        for name in ("head_dims", "local_scale", "betas", "head_blocks"):
+        for name in ("local_scale", "betas", "head_blocks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.head_dims, str):
+            object.__setattr__(self, "head_dims", tuple(int(width) for width in self.head_dims))
         check_options(self)
         scale = self.batch_size / 256
         checks = [
@@ -125,13 +144,16 @@ class RefineConfig:
             (self.queue_size is None or self.topk <= self.queue_size,
              f"--topk {self.topk} is larger than --queue-size {self.queue_size}: the neighbour is picked from the "
              f"top k of the queue, use --topk {self.queue_size} or less (or a longer queue)"),
-            (len(self.head_dims) == 3, "--head-dims takes three widths, e.g. 2048,256,4096"),
+            (self.head_dims in HEAD_WIDTHS if isinstance(self.head_dims, str) else
+             len(self.head_dims) == 3 and min(self.head_dims) >= 1,
+             f"--head-dims {self.head_dims!r}: give three widths >= 1, e.g. 2048,256,4096, or one of "
+             f"{', '.join(HEAD_WIDTHS)}"),
             (self.local_crops >= 0, "--local-crops must be >= 0"),
             (self.local_size is None or self.local_size >= 1, "--local-size must be >= 1"),
             (len(self.local_scale) == 2 and 0 < self.local_scale[0] <= self.local_scale[1] <= 1,
              "--local-scale must be two areas 0 < min <= max <= 1, e.g. 0.05,0.25"),
             (0 < self.global_scale_min <= 1, "--global-scale-min must be in (0, 1]"),
-            (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+            (self.ema_decay is None or 0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (self.freeze_blocks >= 0, "--freeze must be >= 0"),
             (self.monitor_images >= 0, "--monitor must be >= 0"),
         ]
@@ -146,7 +168,7 @@ class RefineConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RefineConfig":
         values = dict(values)
         for key in ("betas", "head_blocks", "local_scale", "head_dims"):
-            if key in values and values[key] is not None:
+            if key in values and values[key] is not None and not isinstance(values[key], str):
                 values[key] = tuple(values[key])
         old_widths = ("head_hidden_dim", "head_proj_dim", "head_predictor_dim")  # config.json before head_dims
         if all(key in values for key in old_widths):

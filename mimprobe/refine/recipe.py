@@ -12,8 +12,12 @@ Deliberate deviations, kept and documented where they live:
 
 * ``refine/loss.py``: each local crop's loss term uses that crop's own prediction; the official ``nnclr_loss.py``
   indexes the local terms with a counter that starts at 0, i.e. reads global predictions (an indexing slip).
-* the warmup never takes more than 40 % of a stage (`config.WARMUP_MAX_SHARE`, the longest official warmup) and
-  the default queue is cut to the training set (`config.resolve_queue_size`): both bind only on small data.
+* the warmup never takes more than 40 % of a stage (`config.WARMUP_MAX_SHARE`, the longest official warmup), the
+  default queue is cut to the training set (`config.resolve_queue_size`) and the default EMA keeps its official
+  time constant as a share of a full stage shorter than the official 37,530 steps (`config.resolve_ema_decay`):
+  all three bind only on small data or short runs.
+* on a CPU below 224 px the default head widths follow the model's width (`sizing.resolve_head_dims`); local
+  crops are always 96/224 of the input (96 px at 224 px).
 """
 
 from __future__ import annotations
@@ -65,16 +69,19 @@ RECIPE: tuple[RecipeRow, ...] = (
     RecipeRow("layer_decay", "", 0.65, "layerwise_lr_decay_modifier decay 0.65", f"{_S3}:39-41"),
     RecipeRow("weight_decay", "", 0.05, "encoder weight_decay 0.05", f"{_S3}:38"),
     RecipeRow("head_weight_decay", "", 1e-5, "heads weight_decay 1.0e-5", f"{_S2}:13; {_S3}:59"),
-    RecipeRow("ema_decay", "--ema-decay", 0.9999, "ema_callback target_factors [0.9999] on the encoder",
-              f"{_S3}:200-204"),
+    RecipeRow("ema_decay", "--ema-decay", None, "ema_callback target_factors [0.9999] on the encoder (None = "
+              "0.9999, or on a full stage shorter than the official 37,530 steps (30 epochs x 1,251 of batch 1024 on "
+              "ImageNet-1K) the same time constant as a share of it: 10,000 / 37,530 = 27 %)",
+              f"{_S3}:8-9,200-204"),
     RecipeRow("ema_warmup", "--ema-warmup", False, "no warmup: a copy at the stage's start, then ema = f * ema + "
               "(1 - f) * param after every update, buffers copied",
               "src/callbacks/checkpoint_callbacks/ema_callback.py:46-57,59-69"),
     RecipeRow("head_init", "--head-init", "xavier_uniform", 'init_weights="xavier_uniform" '
               "(init_xavier_uniform_zero_bias; BatchNorms weight 1, bias 0)", f"{_HEAD}:33,150-157"),
-    RecipeRow("head_hidden_dim", "--head-dims", 2048, "proj_hidden_dim 2048", f"{_NNCLR}:19-21"),
-    RecipeRow("head_proj_dim", "--head-dims", 256, "output_dim 256", f"{_NNCLR}:19,23"),
-    RecipeRow("head_predictor_dim", "--head-dims", 4096, "pred_hidden_dim 4096", f"{_NNCLR}:19,22"),
+    RecipeRow("head_hidden_dim", "--head-dims", None, "proj_hidden_dim 2048 (None = by --head-dims auto: official "
+              "on a GPU or at 224 px, x model width / 1024 on a CPU below 224 px)", f"{_NNCLR}:19-21"),
+    RecipeRow("head_proj_dim", "--head-dims", None, "output_dim 256 (None = as above)", f"{_NNCLR}:19,23"),
+    RecipeRow("head_predictor_dim", "--head-dims", None, "pred_hidden_dim 4096 (None = as above)", f"{_NNCLR}:19,22"),
     RecipeRow("queue_size", "--queue-size", None, "queue_size 65536 (None = 65536, or the training set when "
               "smaller)", f"{_NNCLR}:19-20"),
     RecipeRow("topk", "--topk", 20, "queue_kwargs topk: 20 (stage 3)", f"{_S3}:55-56"),
@@ -93,9 +100,12 @@ def recipe_text() -> str:
     lines = [header, ""]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
-    lines += ["", "Scaled to small data only where it must be: the warmup takes at most 40 % of a stage (binds on "
-              "stages shorter than 10 epochs), the default queue is cut to the training set. Deliberate fix: "
-              "local crops' loss terms use their own predictions (refine/loss.py)."]
+    lines += ["", "Scaled to small runs only where they must be: the warmup takes at most 40 % of a stage (binds on "
+              "stages shorter than 10 epochs), the default queue is cut to the training set, the default EMA keeps "
+              "the official time constant (10,000 of 37,530 steps) as a share of a shorter full stage, and on a CPU "
+              "below 224 px the default head widths are the official ones x model width / 1024; each run says what "
+              "it scaled and records it in config.json. Deliberate fix: local crops' loss terms use their own "
+              "predictions (refine/loss.py)."]
     return "\n".join(lines)
 
 

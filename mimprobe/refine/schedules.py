@@ -10,6 +10,18 @@ from .config import RefineConfig
 OFFICIAL_QUEUE_SIZE = 65536                      # models/nnclr.yaml, base
 WARMUP_MAX_SHARE = 0.4   # the longest official warmup: 4 of 10 epochs (stage3/ablations/augmentation/minaug_localviews)
 
+# The official EMA and the run it was set for (github.com/ml-jku/MIM-Refiner, src/yamls/stage3/l16_mae.yaml):
+# target_factors [0.9999] (lines 200-204), i.e. a time constant of 1 / (1 - 0.9999) = 10,000 updates, over
+# max_epochs 30 (line 8) of batch 1024 (line 9) on ImageNet-1K's 1,281,167 training images: 30 x 1,251 = 37,530
+# updates. The EMA thus averages over the last 27 % of the official run (`resolve_ema_decay` keeps that share).
+OFFICIAL_EMA_DECAY = 0.9999
+OFFICIAL_EMA_SOURCE = "src/yamls/stage3/l16_mae.yaml:200-204"
+OFFICIAL_FULL_STEPS = 30 * (1_281_167 // 1024)   # 37,530: stage3/l16_mae.yaml:8-9, ImageNet-1K train
+OFFICIAL_FULL_STEPS_SOURCE = ("src/yamls/stage3/l16_mae.yaml:8-9 (max_epochs 30, batch_size 1024) on ImageNet-1K's "
+                              "1,281,167 training images: 30 x 1,251")
+OFFICIAL_EMA_SHARE = 1 / (1 - OFFICIAL_EMA_DECAY) / OFFICIAL_FULL_STEPS   # 10,000 / 37,530 = 0.266
+EMA_PROGRESS_WARN = 0.5   # below this the export sits nearer the starting weights than the trained ones
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -91,3 +103,41 @@ def resolve_queue_size(config: RefineConfig, train_images: int) -> int:
     if config.queue_size is not None:
         return config.queue_size
     return min(OFFICIAL_QUEUE_SIZE, train_images)
+
+
+def resolve_ema_decay(config: RefineConfig, full_steps: int) -> float:
+    """The EMA decay of a stage 2 of ``full_steps`` optimiser steps: ``ema_decay`` as given, else the official 0.9999
+    scaled as the warmup is (`warmup_steps`), only where the run forces it.
+
+    The official EMA's time constant, 1 / (1 - 0.9999) = 10,000 updates, is `OFFICIAL_EMA_SHARE` (27 %) of the
+    official 37,530-step stage. A stage of S < 37,530 steps keeps that share: time constant tau = 0.266 S, decay
+    ``1 - 1 / tau`` (0 when tau < 1: the export is the trained encoder). From 37,530 steps on the official 0.9999
+    is kept exactly. Without this a short run exports its starting weights: 0.9999^31 keeps 99.7 % of them.
+    """
+    if config.ema_decay is not None:
+        return config.ema_decay
+    if full_steps >= OFFICIAL_FULL_STEPS:
+        return OFFICIAL_EMA_DECAY
+    time_constant = OFFICIAL_EMA_SHARE * full_steps
+    return max(0.0, 1.0 - 1.0 / time_constant) if time_constant > 0 else 0.0
+
+
+def ema_scaling_note(config: RefineConfig, full_steps: int) -> str | None:
+    """A line that says how the default EMA was scaled to a short stage 2, with its sources (None when the official
+    value stands or ``ema_decay`` was given)."""
+    decay = resolve_ema_decay(config, full_steps)
+    if config.ema_decay is not None or decay == OFFICIAL_EMA_DECAY or full_steps == 0:
+        return None
+    return (f"EMA: decay {decay:.6g} (time constant {1 / (1 - decay) if decay < 1 else float('inf'):.1f} of "
+            f"{full_steps} full-stage steps), the official {OFFICIAL_EMA_DECAY} ({OFFICIAL_EMA_SOURCE}) kept as a "
+            f"share of the stage: its 10,000-step time constant is {OFFICIAL_EMA_SHARE:.1%} of the official "
+            f"{OFFICIAL_FULL_STEPS:,} steps ({OFFICIAL_FULL_STEPS_SOURCE}); --ema-decay sets it")
+
+
+def ema_progress_warning(progress: float | None) -> str | None:
+    """The warning a run (or its comparison) gives when the EMA export barely left the starting weights."""
+    if progress is None or progress >= EMA_PROGRESS_WARN:
+        return None
+    return (f"warning: the exported EMA encoder moved only {progress:.0%} of the way from the starting weights to "
+            f"the trained ones (ema_progress {progress:.2f} < {EMA_PROGRESS_WARN}): the export is mostly the start; "
+            "train longer or lower --ema-decay")

@@ -33,7 +33,9 @@ from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
 from .config import RefineConfig
-from .schedules import (OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, StagePlan, resolve_queue_size, stage_lr,
+from .schedules import (OFFICIAL_EMA_DECAY, OFFICIAL_EMA_SHARE, OFFICIAL_EMA_SOURCE, OFFICIAL_FULL_STEPS,
+                        OFFICIAL_FULL_STEPS_SOURCE, OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, StagePlan,
+                        ema_progress_warning, ema_scaling_note, resolve_ema_decay, resolve_queue_size, stage_lr,
                      warmup_steps)
 from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
                           mean_over_processes)
@@ -41,12 +43,14 @@ from .heads import HeadConfig
 from .loss import multi_view_nna_loss
 from .network import RefineNetwork, block_cls_tokens
 from .queue import NNQueue
+from .sizing import ScaledDefault, checkpoint_bytes, head_scaling, local_scaling, resolve_head_dims, size_note
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
 MONITOR_FILE = "monitor.csv"
 RUN_FILES = (CONFIG_FILE, LOG_FILE, MONITOR_FILE, CHECKPOINT, EXPORT, EXPORT_INFO, "placement.json")
 FORMAT_VERSION = 1
+TIMED_STEPS = 3           # the step time is reported after this many steps of each stage
 
 
 @dataclass
@@ -62,12 +66,13 @@ class RefineResult:
     head_blocks: tuple[int, ...]
     stopped_early: bool = False
     monitor: list[dict[str, Any]] | None = None
+    ema_progress: float | None = None   # |ema - start| / |trained - start| over the encoder (`ema_progress`)
 
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.out), "export": str(self.export) if self.export else None, "steps": self.steps,
                 "epochs_done": self.epochs_done, "seconds": round(self.seconds, 2), "last_loss": self.last_loss,
                 "head_blocks": list(self.head_blocks), "stopped_early": self.stopped_early,
-                "monitor": self.monitor or []}
+                "ema_progress": self.ema_progress, "monitor": self.monitor or []}
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
@@ -181,17 +186,21 @@ def _param_groups(network: RefineNetwork, config: RefineConfig, stage: int) -> l
             for (scale, decay), params in sorted(groups.items(), key=lambda item: item[0])]
 
 
+def frozen_in_full_stage(name: str, freeze_blocks: int) -> bool:
+    """Whether the encoder parameter ``name`` stays frozen in stage 2: with ``freeze_blocks`` > 0 the embeddings
+    and the first ``freeze_blocks`` blocks."""
+    if freeze_blocks <= 0:
+        return False
+    frozen_embedding = not name.startswith(("blocks.", "norm.", "fc_norm."))
+    return frozen_embedding or (name.startswith("blocks.") and int(name.split(".")[1]) < freeze_blocks)
+
+
 def set_trainable(network: RefineNetwork, *, stage: int, freeze_blocks: int) -> None:
     """Stage 1: encoder frozen. Stage 2: all but the embeddings and the first ``freeze_blocks`` blocks."""
     encoder = network.encoder
     network.encoder_frozen = stage == 1
-    for param in encoder.parameters():
-        param.requires_grad_(stage == 2)
-    if stage == 2 and freeze_blocks > 0:
-        for name, param in encoder.named_parameters():
-            frozen_embedding = not name.startswith(("blocks.", "norm.", "fc_norm."))
-            if frozen_embedding or (name.startswith("blocks.") and int(name.split(".")[1]) < freeze_blocks):
-                param.requires_grad_(False)
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(stage == 2 and not frozen_in_full_stage(name, freeze_blocks))
     encoder.train(stage == 2)
 
 
@@ -199,16 +208,36 @@ def make_ema(encoder: nn.Module, config: RefineConfig):
     """The encoder's EMA (timm ``ModelEmaV3``), started from the encoder's weights at the start of stage 2.
 
     Default, as the official ``callbacks/checkpoint_callbacks/ema_callback.py`` (``target_factors: [0.9999]`` in
-    the stage-3 configurations): a constant decay from the first update, ``ema = d * ema + (1 - d) * weights``
-    after every optimiser step, buffers copied rather than averaged. ``ema_warmup``: timm's warmup instead
-    (decay 0 for the first two updates, then ``1 - (1 + n)^(-2/3)`` capped at ``ema_decay``; buffers averaged),
-    mimprobe's behaviour before it followed the official recipe.
+    the stage-3 configurations, scaled to a short stage by `config.resolve_ema_decay`): a constant decay from the
+    first update, ``ema = d * ema + (1 - d) * weights`` after every optimiser step, buffers copied rather than
+    averaged. ``ema_warmup``: timm's warmup instead (decay 0 for the first two updates, then ``1 - (1 + n)^(-2/3)``
+    capped at ``ema_decay``; buffers averaged), mimprobe's behaviour before it followed the official recipe.
     """
     from timm.utils import ModelEmaV3
 
+    if config.ema_decay is None:
+        raise ValueError("make_ema needs the run's decay: resolve it with config.resolve_ema_decay first")
     if config.ema_warmup:
         return ModelEmaV3(encoder, decay=config.ema_decay, use_warmup=True)
     return ModelEmaV3(encoder, decay=config.ema_decay, use_warmup=False, exclude_buffers=True)
+
+
+def ema_progress(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                 ema: dict[str, torch.Tensor]) -> float | None:
+    """How far the EMA moved from the starting weights towards the trained ones: ``|ema - start| / |trained -
+    start|``, L2 norms over all encoder parameters together (float64). 0: the export is the starting encoder; about
+    1: it is as far from the start as the trained encoder (an EMA lags, so a finished run sits below 1). None when
+    the trained encoder did not move.
+
+    Args:
+        start, trained, ema: Parameters by name (the same names and shapes; any device).
+    """
+    moved = travelled = 0.0
+    for name, before in start.items():
+        before = before.detach().to("cpu", torch.float64)
+        moved += float((ema[name].detach().to("cpu", torch.float64) - before).square().sum())
+        travelled += float((trained[name].detach().to("cpu", torch.float64) - before).square().sum())
+    return (moved / travelled) ** 0.5 if travelled > 0 else None
 
 
 def _step_generator(seed: int, step: int, rank: int, block: int, device: torch.device) -> torch.Generator:
@@ -359,11 +388,21 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
     if config.local_crops and not getattr(encoder, "dynamic_img_size", False):
         encoder = _with_dynamic_size(loaded, config.img_size)
+    start_weights = {name: param.detach().to("cpu", copy=True) for name, param in encoder.named_parameters()}
     views = MultiViewTransform(ViewConfig(img_size=img_size, mean=tuple(data_config["mean"]),
                                           std=tuple(data_config["std"]), local_crops=config.local_crops,
                                           local_size=config.local_size, local_scale=config.local_scale,
                                           global_scale=(config.global_scale_min, 1.0)), patch_size=patch_size)
     dataset = MultiViewDataset(train_split, views, seed=config.seed)
+
+    # defaults resolved for this run (None in RefineConfig), each recorded with its rule and source
+    scaled: list[ScaledDefault | None] = [local_scaling(config, views.local_size, img_size=img_size,
+                                                        patch_size=patch_size)]
+    dims = resolve_head_dims(config, embed_dim=encoder.embed_dim, img_size=img_size, device_type=ctx.device.type)
+    scaled.append(head_scaling(config, dims, embed_dim=encoder.embed_dim, img_size=img_size,
+                               device_type=ctx.device.type))
+    requested_ema = config.ema_decay
+    config = replace(config, head_dims=tuple(dims))
 
     head_config = HeadConfig(config.head_hidden_dim, config.head_proj_dim, config.head_predictor_dim,
                              init=config.head_init)
@@ -386,6 +425,20 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         raise BadInputError(f"--batch-size {config.batch_size} leaves no full batch per epoch for "
                             f"{len(dataset)} images on {ctx.world_size} process(es): lower it")
     plan = StagePlan(steps_per_epoch=steps_per_epoch, epochs_heads=config.epochs_heads, epochs=config.epochs)
+    full_steps = plan.epochs * steps_per_epoch
+    ema_note = ema_scaling_note(config, full_steps)
+    config = replace(config, ema_decay=resolve_ema_decay(config, full_steps))
+    if ema_note is not None:
+        scaled.append(ScaledDefault("ema_decay", config.ema_decay, OFFICIAL_EMA_DECAY,
+                                    f"time constant 1/(1 - decay) = {OFFICIAL_EMA_SHARE:.4f} x the {full_steps} "
+                                    f"full-stage steps, the official 10,000 of {OFFICIAL_FULL_STEPS:,} "
+                                    "(--ema-decay sets it)",
+                                    f"{OFFICIAL_EMA_SOURCE}; {OFFICIAL_FULL_STEPS_SOURCE}"))
+    scaled_defaults = [record for record in scaled if record is not None]
+    trained_encoder_params = sum(param.numel() for name, param in encoder.named_parameters()
+                                 if not frozen_in_full_stage(name, config.freeze_blocks))
+    sizes = checkpoint_bytes(encoder, network.heads, queues, trained_encoder_params=trained_encoder_params,
+                             full_stage=plan.epochs > 0)
 
     identity = {"model": loaded.identity(), "data": {"spec": str(data), "fingerprint": source.fingerprint,
                                                      "train_images": len(train_split)},
@@ -393,6 +446,8 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     resolved = {"format_version": FORMAT_VERSION, "config": config.to_dict(), **identity,
                 "placement": placement.to_dict(), "precision": precision, "device": str(ctx.device),
                 "img_size": img_size, "steps_per_epoch": steps_per_epoch, "total_steps": plan.total_steps,
+                "scaled": {record.field: record.to_dict() for record in scaled_defaults},
+                "expected_bytes": {"checkpoint": sizes["checkpoint"], "export": sizes["export"]},
                 "versions": software_versions()}
 
     state = None
@@ -404,13 +459,13 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n")
 
     step_columns = ["step", "stage", "epoch", "loss", *[f"loss_block{b}" for b in config.head_blocks], "lr",
-                    "images_per_second", "seconds"]
+                    "images_per_second", "seconds", "ema_progress"]
     step_log = _CsvLog(out / LOG_FILE, step_columns, ctx.is_main)
     monitor_log = _CsvLog(out / MONITOR_FILE, ["step", "epoch", "stage", "encoder", "block", "knn_top1"],
                           ctx.is_main)
 
     trainer = _Trainer(network=network, queues=queues, config=config, plan=plan, ctx=ctx, precision=precision,
-                       dataset=dataset, sampler=sampler, micro=micro)
+                       dataset=dataset, sampler=sampler, micro=micro, start_weights=start_weights)
     if state is not None:
         trainer.load_state(state)
         step_log.truncate_after(trainer.step)
@@ -424,17 +479,29 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         f"{ctx.world_size} process(es) on {ctx.device}, {precision}")
     for note in _small_data_notes(config, plan, requested_queue):
         say(note)
+    for record in scaled_defaults:
+        say(ema_note if record.field == "ema_decay" else
+            f"{record.field}: {record.value} (official {record.official}, {record.source}): {record.rule}")
+    if requested_ema is None and ema_note is None and full_steps:
+        say(f"EMA: the official decay {OFFICIAL_EMA_DECAY} ({OFFICIAL_EMA_SOURCE}), the full stage being as long as "
+            f"the official one ({full_steps:,} >= {OFFICIAL_FULL_STEPS:,} steps)")
+    say(size_note(sizes, head_params=sum(p.numel() for p in network.heads.parameters()),
+                  encoder_params=sum(p.numel() for p in encoder.parameters())))
 
     monitor = _Monitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
     stopped = False
     last_loss = None
     monitor_rows: list[dict[str, Any]] = []
+    timed: dict[int, list[float]] = {}
     with _sigterm_flag() as flag, _progress(progress and ctx.is_main) as bar:
         task = bar.add_task("refine", total=plan.total_steps, completed=trainer.step, loss="--", lr="--", ips="--")
         while trainer.epoch < plan.epochs_heads + plan.epochs:
             for record in trainer.run_epoch():
                 last_loss = record["loss"]
                 step_log.write(record)
+                note = _step_time_note(timed, record, plan, config.batch_size)
+                if note:
+                    say(note)
                 bar.update(task, completed=trainer.step, description=f"stage {record['stage']} ep {record['epoch']}",
                            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                            ips=f"{record['images_per_second']:,.0f}")
@@ -458,6 +525,16 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                     trainer.epoch - 1, ", ".join(f"block {r['block']} {100 * r['knn_top1']:.1f} %" for r in rows)))
     _barrier(ctx)
 
+    progress_value = trainer.ema_progress() if trainer.ema is not None and ctx.is_main else None
+    if ctx.is_main and trainer.ema is not None:
+        say(f"ema_progress: {progress_value:.3f} (|ema - start| / |trained - start| over the encoder's parameters)"
+            if progress_value is not None else "ema_progress: - (the trained encoder did not move)")
+        warning = ema_progress_warning(progress_value)
+        if warning:
+            say(warning)
+        written = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else resolved
+        (out / CONFIG_FILE).write_text(json.dumps({**written, "ema_progress": progress_value}, indent=2) + "\n")
+
     export = None
     if not stopped and ctx.is_main:
         info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
@@ -472,7 +549,26 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         say(f"wrote {export} ({'EMA ' if trainer.ema is not None else ''}encoder, timm names)")
     return RefineResult(out=out, export=export, steps=trainer.step, epochs_done=trainer.epoch,
                         seconds=time.perf_counter() - started, last_loss=last_loss,
-                        head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows)
+                        head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows,
+                        ema_progress=progress_value)
+
+
+def _step_time_note(timed: dict[int, list[float]], record: dict[str, Any], plan: StagePlan,
+                    batch_size: int) -> str | None:
+    """After the first `TIMED_STEPS` steps of a stage (fewer in a shorter stage), one line with the measured step
+    time and what it implies for the stage; ``timed`` collects the seconds per stage across calls."""
+    stage = record["stage"]
+    stage_steps = plan.heads_steps if stage == 1 else plan.total_steps - plan.heads_steps
+    seconds = timed.setdefault(stage, [])
+    if len(seconds) >= min(TIMED_STEPS, stage_steps):
+        return None
+    seconds.append(float(record["seconds"]))
+    if len(seconds) < min(TIMED_STEPS, stage_steps):
+        return None
+    per_step = float(np.median(seconds))
+    name = "heads-only" if stage == 1 else "full"
+    return (f"{name} stage: {per_step:.2f} s per step ({batch_size / per_step:,.1f} img/s, median of its first "
+            f"{len(seconds)} steps): about {per_step * stage_steps / 60:,.1f} min for its {stage_steps:,} steps")
 
 
 def _small_data_notes(config: RefineConfig, plan: StagePlan, requested_queue: int | None) -> list[str]:
@@ -522,8 +618,10 @@ class _Trainer:
     """The mutable training state and one epoch's loop."""
 
     def __init__(self, *, network: RefineNetwork, queues: nn.ModuleDict, config: RefineConfig, plan: StagePlan,
-                 ctx: DistContext, precision: str, dataset: MultiViewDataset, sampler, micro: int):
+                 ctx: DistContext, precision: str, dataset: MultiViewDataset, sampler, micro: int,
+                 start_weights: dict[str, torch.Tensor]):
         self.network, self.queues, self.config, self.plan, self.ctx = network, queues, config, plan, ctx
+        self.start_weights = start_weights   # the encoder's parameters before training (CPU), for ema_progress
         self.precision, self.dataset, self.sampler, self.micro = precision, dataset, sampler, micro
         self.step = 0              # optimiser steps done
         self.epoch = 0             # epoch in progress (or the next one)
@@ -585,6 +683,8 @@ class _Trainer:
             record = self._train_step([next(batches) for _ in range(self.config.accumulate)], stage)
             seconds = time.perf_counter() - started
             record.update(images_per_second=self.config.batch_size / seconds, seconds=round(seconds, 4))
+            if stage == 2 and self.batch_in_epoch == self.plan.steps_per_epoch and self.ctx.is_main:
+                record["ema_progress"] = self.ema_progress()   # once per full-stage epoch, at its last step
             yield record
 
     def end_epoch(self) -> None:
@@ -653,6 +753,13 @@ class _Trainer:
             if self.epoch < self.plan.epochs_heads + self.plan.epochs and self.plan.stage(self.epoch) == state["stage"]:
                 self._pending_optimizer_state = state["optimizer"]
         torch.set_rng_state(state["rng"]["torch"])
+
+    def ema_progress(self) -> float | None:
+        """`ema_progress` of the current EMA against the current encoder (None without an EMA)."""
+        if self.ema is None:
+            return None
+        return ema_progress(self.start_weights, dict(self.network.encoder.named_parameters()),
+                            dict(self.ema.module.named_parameters()))
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA encoder after stage 2 (the evaluated and exported model in MIM-Refiner), else the encoder."""

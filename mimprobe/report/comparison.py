@@ -21,7 +21,7 @@ from ..placement import Placement
 from .bootstrap import paired_bootstrap
 from .cka import StoreCka, store_cka
 from .curves import CLASS_METRIC, CurveKey, best_of, curve, curve_keys, curve_params, curve_rows, headline_key
-from .inputs import ProfileInput
+from .inputs import ProfileInput, find_refine_run
 from .samples import SampleHits, curve_hits
 
 
@@ -123,9 +123,40 @@ def compare(before: ProfileInput, after: ProfileInput, *, config: CompareConfig 
         deltas=pd.concat(deltas, ignore_index=True) if deltas else _empty_deltas(), best=pd.DataFrame(best),
         class_gains=class_gains, class_pooling=class_pooling, headline=headline, placement=placement,
         placement_source=placement_source, interval_sources=sources, notes=notes)
+    comparison.notes += refinement_warnings(comparison)
     if config.cka:
         comparison.cka, comparison.cka_note = _cka(before, after, config, same_data)
     return comparison
+
+
+def refinement_warnings(pair: PairComparison) -> list[str]:
+    """Warnings that the refinement may not show: its exported EMA barely left the starting weights (the refine run
+    folder's ``ema_progress`` below 0.5), or after and before cannot be told apart on any block of the headline
+    curve (every block's paired interval holds 0)."""
+    from ..refine.config import ema_progress_warning
+
+    warnings = []
+    run = find_refine_run(pair.after)
+    ema = ema_progress_warning(run.ema_progress) if run is not None else None
+    if ema is not None:
+        warnings.append(ema.replace("warning: the exported", f"warning: {pair.after.label} comes from a refinement "
+                                                             f"({run.folder}) whose exported", 1))
+    key, pooling = pair.headline, pair.class_pooling
+    if key is not None and not pair.deltas.empty:
+        rows = pair.deltas[(pair.deltas["key"] == key) & (pair.deltas["pooling"] == pooling)]
+        if no_block_differs(rows):
+            warnings.append(f"warning: {pair.after.label} and {pair.before.label} cannot be told apart on any block "
+                            f"of {key.title} ({pooling} pooling): every block's paired interval holds 0")
+    return warnings
+
+
+def no_block_differs(deltas: pd.DataFrame) -> bool:
+    """Whether every block of a curve's `_block_deltas` rows has a paired interval and each holds 0 (False when
+    some block has no interval: nothing can be said then)."""
+    low, high = deltas["low"].to_numpy(dtype=float), deltas["high"].to_numpy(dtype=float)
+    if len(deltas) == 0 or not (np.isfinite(low).all() and np.isfinite(high).all()):
+        return False
+    return bool(((low <= 0) & (high >= 0)).all())
 
 
 def _paired_hits(before: ProfileInput, after: ProfileInput, key: CurveKey, pooling: str, rows_before: pd.DataFrame,

@@ -167,7 +167,9 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
     tables = {profile.label: curve_rows(profile.table) for profile in profiles}
     parts: list[Paragraph | Table | Image] = [Paragraph(
         "Every metric and pooling, block by block, all profiles on one axis; a star marks each curve's best block, "
-        "shading the blocks that carried refinement heads, the dashed grey line the chance level (1 / classes). "
+        "shading the blocks that carried refinement heads. Each panel's y axis spans its own data, so small "
+        "changes stay visible: the chance level (1 / classes) is the dashed grey line when it lies near the data, "
+        "else a note at the panel's foot names it. "
         "Bands: 95 % Wilson intervals over the evaluation images (k-NN and linear top-1 from predictions.npz, "
         "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
             " The x axis is the relative depth (block + 1) / depth, since the models have different depths."

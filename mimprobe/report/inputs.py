@@ -127,6 +127,7 @@ class RefineRun:
     lr: float
     final_loss: float | None
     base_weights: str
+    ema_progress: float | None = None   # how far the exported EMA moved from the start (refine's config.json)
 
     def describe(self) -> str:
         """One sentence: stages, steps, batch, learning rates, final loss and what was refined."""
@@ -155,7 +156,8 @@ def find_refine_run(profile: ProfileInput) -> RefineRun | None:
         run = RefineRun(folder=folder, epochs_heads=int(config["epochs_heads"]), epochs=int(config["epochs"]),
                         steps=int(resolved.get("total_steps", 0)), batch_size=int(config["batch_size"]),
                         lr_heads=float(config["lr_heads"]), lr=float(config["lr"]), final_loss=None,
-                        base_weights=str((resolved.get("model") or {}).get("weights") or "?"))
+                        base_weights=str((resolved.get("model") or {}).get("weights") or "?"),
+                        ema_progress=None if resolved.get("ema_progress") is None else float(resolved["ema_progress"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:

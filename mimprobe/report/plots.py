@@ -80,17 +80,54 @@ def _x(blocks: np.ndarray, num_blocks: int, relative: bool) -> np.ndarray:
     return (np.asarray(blocks, dtype=float) + 1) / num_blocks if relative else np.asarray(blocks, dtype=float)
 
 
+def data_limits(values: np.ndarray, *, chance: float | None = None, pad_share: float = 0.1,
+                min_span: float = 1.0, chance_stretch: float = 0.5) -> tuple[float, float, bool]:
+    """The y range of a curve panel: the data's (curves and bands) padded by ``pad_share`` of its span (a flat
+    curve gets ``min_span``), stretched to include ``chance`` only when that widens the data's span by at most
+    ``chance_stretch``; else the chance level stays off the axis (the caller names it in an annotation).
+
+    Returns:
+        ``(low, high, chance_on_axis)``.
+    """
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0, chance is not None
+    low, high = float(finite.min()), float(finite.max())
+    span = high - low
+    chance_on_axis = False
+    if chance is not None and np.isfinite(chance):
+        reach = max(high, chance) - min(low, chance)
+        if reach <= (1 + chance_stretch) * max(span, min_span):
+            low, high, span, chance_on_axis = min(low, chance), max(high, chance), reach, True
+    pad = pad_share * span if span > 0 else min_span / 2
+    return low - pad, high + pad, chance_on_axis
+
+
 def plot_curves(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, relative: bool, stem: Path,
                 higher_is_better: bool = True, chance: float | None = None) -> tuple[Path, Path]:
+    """`curve_figure`, saved as ``stem``.png and .svg."""
+    return save(curve_figure(key, poolings, sides, relative=relative, higher_is_better=higher_is_better,
+                             chance=chance), stem)
+
+
+def curve_figure(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, relative: bool,
+                 higher_is_better: bool = True, chance: float | None = None) -> Figure:
     """One panel per pooling (stacked, so that the text stays readable on a phone), every profile's curve on it
     with its uncertainty band; each curve's best block starred, the blocks that carried refinement heads shaded in
-    the colour of the profile refined with them, and the chance level (``chance``, a fraction) on accuracies.
-    Profiles differ by colour, marker and dash, so identical curves stay visible on top of each other."""
+    the colour of the profile refined with them. Profiles differ by colour, marker and dash, so identical curves
+    stay visible on top of each other.
+
+    Each panel's y axis spans its own data (curves and bands, `data_limits`), so a 2-point change stays visible;
+    the chance level (``chance``, a fraction, on accuracies) is drawn when it lies near the data and otherwise
+    named in an annotation at the panel's foot. The paired differences are the separate delta figure
+    (`plot_deltas`), shown beside this one."""
     figure = Figure(figsize=(CURVE_WIDTH_IN, 0.6 + 3.0 * len(poolings)), layout="constrained")
     axes = figure.subplots(len(poolings), 1, squeeze=False)[:, 0]
     scale = 100.0 if key.is_percent else 1.0
     bands_used: set[str] = set()
     for axis, pooling in zip(axes, poolings):
+        shown: list[np.ndarray] = []   # every value drawn on this panel, for its y range
         for index, side in enumerate(sides):
             color = COLORS[index % len(COLORS)]
             series = side.by_pooling.get(pooling)
@@ -107,14 +144,25 @@ def plot_curves(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, r
                 if np.isfinite(low).any():
                     axis.fill_between(x, low, high, color=color, alpha=0.16, linewidth=0, zorder=2)
                     bands_used.add(band[2])
+                    shown += [low, high]
+            shown.append(series.to_numpy() * scale)
             axis.plot(x, series.to_numpy() * scale, marker=MARKERS[index % len(MARKERS)], markersize=4 + 1.5 * index,
                       markerfacecolor="none" if index else color, linestyle=LINESTYLES[index % len(LINESTYLES)],
                       color=color, label=side.label, zorder=3 + index)
             best = int(np.argmax(series.to_numpy()) if higher_is_better else np.argmin(series.to_numpy()))
             axis.plot([x[best]], [series.to_numpy()[best] * scale], marker="*", markersize=13, color=color,
                       markeredgecolor="black", zorder=8, linestyle="none")
-        if chance is not None and key.is_percent:
-            axis.axhline(chance * scale, color="grey", linestyle=(0, (4, 3)), linewidth=1, label="chance", zorder=1)
+        level = chance * scale if chance is not None and key.is_percent else None
+        low, high, chance_on_axis = data_limits(np.concatenate(shown) if shown else np.array([]), chance=level,
+                                                min_span=1.0 if key.is_percent else 0.01)
+        axis.set_ylim(low, high)
+        if level is not None and chance_on_axis:
+            axis.axhline(level, color="grey", linestyle=(0, (4, 3)), linewidth=1,
+                         label=f"chance {level:.1f}{'%' if key.is_percent else ''}", zorder=1)
+        elif level is not None:
+            where = "below" if level < low else "above"
+            axis.annotate(f"chance {level:.1f}% lies {where} (the axis fits the data)", xy=(0.01, 0.01),
+                          xycoords="axes fraction", ha="left", va="bottom", fontsize=FONT_PT, color="dimgrey")
         axis.set_title(f"{pooling} pooling", fontsize=FONT_PT)
         axis.set_xlabel("relative depth (block + 1) / depth" if relative else "block (0-based)", fontsize=FONT_PT)
         axis.set_ylabel(key.short_name + (" (%)" if key.is_percent else ""), fontsize=FONT_PT)
@@ -125,7 +173,7 @@ def plot_curves(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, r
             axis.xaxis.get_major_locator().set_params(integer=True)
     what = "; band: " + ", ".join(sorted(bands_used)) if bands_used else ""
     figure.suptitle(f"{key.title}\n(star: best block{what})", fontsize=FONT_PT)
-    return save(figure, stem)
+    return figure
 
 
 def _shade_heads(axis, head_blocks, num_blocks: int, relative: bool, color: str, *, label: str) -> None:

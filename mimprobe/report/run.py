@@ -101,6 +101,10 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
         if log:
             log(f"comparing {after.label} with {inputs[0].label}")
         pairs.append(compare(inputs[0], after, config=config, placement=found, placement_source=source))
+        if log:
+            for note in pairs[-1].notes:
+                if note.startswith("warning: "):
+                    log(note)
     document, figures = build_document(inputs, pairs, config=config, out=out, notes=notes)
     files = {"html": out / "report.html", "markdown": out / "report.md", "csv": out / "compare.csv",
              "parquet": out / "compare.parquet", "best": out / "best.csv", "class_gains": out / "class_gains.csv"}

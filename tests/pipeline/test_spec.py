@@ -75,7 +75,7 @@ def test_wrong_type_names_its_line(tmp_path):
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[profile]\npool = ["cls", "maen"]\n',
      "line 6: [profile] unknown pooling 'maen': use cls, mean, cls+mean, a comma list of them, or all"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[refine]\nhead_dims = [512, 128]\n',
-     "line 6: [refine] head_dims must be a list of 3 integers, got [512, 128]"),
+     "line 6: [refine] head_dims must be a list of 3 integers or a string, got [512, 128]"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\nimg_size = 3.5\n',
      "line 5: img_size must be an integer, got 3.5"),
     ('name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\npretrained = "yes"\n',
@@ -157,3 +157,17 @@ def test_overrides_are_validated_like_a_file():
     assert (changed.img_size, refine.epochs, refine.batch_size) == (32, 3, before.batch_size)
     with pytest.raises(BadInputError, match='unknown key "epoch" in \\[refine\\]'):
         spec.with_overrides({"refine": {"epoch": 3}})
+
+
+def test_refine_head_dims_take_three_widths_or_a_rule_and_ema_decay_defaults_to_the_scaled_official():
+    from mimprobe.pipeline.spec import spec_from_text
+
+    base = 'name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[refine]\n'
+    spec = spec_from_text(base + 'head_dims = "proportional"\n')
+    config = spec.refine.config(spec)
+    assert config.head_widths == "proportional" and config.head_hidden_dim is None and config.ema_decay is None
+    config = spec_from_text(base + "head_dims = [64, 16, 64]\nema_decay = 0.99\n").refine.config(spec)
+    assert (config.head_hidden_dim, config.head_proj_dim, config.head_predictor_dim, config.ema_decay) == \
+        (64, 16, 64, 0.99)
+    with pytest.raises(BadInputError, match=r"line 5: \[refine\] invalid --head-dims 'wide'"):
+        spec_from_text(base + 'head_dims = "wide"\n')

@@ -21,8 +21,10 @@ from mimprobe.cli import app
 from mimprobe.placement import place
 from mimprobe.refine import RefineConfig, run_refine
 from mimprobe.refine.augment import MultiViewTransform, ViewConfig
-from mimprobe.refine.schedules import StagePlan, lr_factor, resolve_queue_size, stage_lr, warmup_steps
+from mimprobe.refine.schedules import (OFFICIAL_FULL_STEPS, StagePlan, ema_scaling_note, lr_factor, resolve_ema_decay,
+                                       resolve_queue_size, stage_lr, warmup_steps)
 from mimprobe.refine.recipe import OFFICIAL_COMMIT, RECIPE, recipe_text
+from mimprobe.refine.sizing import resolve_head_dims
 from mimprobe.refine.trainer import _small_data_notes, make_ema
 
 # The official values, read from the configurations (file:line in mimprobe/refine/recipe.py's RECIPE).
@@ -47,9 +49,55 @@ OFFICIAL = {
 }
 
 
+# Defaults resolved at run time (None in RefineConfig): official for a run of official length on a GPU at 224 px.
+RESOLVED = {"ema_decay", "head_hidden_dim", "head_proj_dim", "head_predictor_dim"}
+
+
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_config_defaults_are_the_official_values(name):
-    assert getattr(RefineConfig(), name) == OFFICIAL[name]
+    config = RefineConfig()
+    if name in RESOLVED:
+        assert getattr(config, name) is None
+        dims = dict(zip(("head_hidden_dim", "head_proj_dim", "head_predictor_dim"),
+                        resolve_head_dims(config, embed_dim=1024, img_size=224, device_type="cuda")))
+        value = resolve_ema_decay(config, OFFICIAL_FULL_STEPS) if name == "ema_decay" else dims[name]
+    else:
+        value = getattr(config, name)
+    assert value == OFFICIAL[name]
+
+
+def test_the_official_ema_stands_for_a_run_of_official_length():
+    """30 epochs of 1,251 steps (ImageNet-1K at batch 1024, stage3/l16_mae.yaml) or longer: exactly 0.9999."""
+    plan = StagePlan(steps_per_epoch=1_281_167 // 1024, epochs_heads=20, epochs=30)
+    assert OFFICIAL_FULL_STEPS == plan.total_steps - plan.heads_steps == 37_530
+    for steps in (37_530, 37_531, 10 ** 6):
+        assert resolve_ema_decay(RefineConfig(), steps) == 0.9999, steps
+        assert ema_scaling_note(RefineConfig(), steps) is None
+
+
+def test_a_short_stage_keeps_the_official_time_constant_as_a_share_of_it():
+    """tau = 1 / (1 - d) is 10,000 / 37,530 of the stage (closed form); continuous at the official length; a
+    given --ema-decay is never changed."""
+    config = RefineConfig()
+    for steps in (31, 200, 5_000, 37_529):
+        decay = resolve_ema_decay(config, steps)
+        assert 1 / (1 - decay) == pytest.approx(steps * 10_000 / 37_530, rel=1e-6), steps
+    assert resolve_ema_decay(config, 37_529) == pytest.approx(0.9999, abs=1e-8)
+    assert resolve_ema_decay(config, 31) ** 31 < 0.02        # the official 0.9999 ** 31 keeps 99.7 % of the start
+    assert resolve_ema_decay(config, 1) == 0.0               # tau below one step: the export is the trained encoder
+    assert resolve_ema_decay(RefineConfig(ema_decay=0.9999), 31) == 0.9999
+    assert ema_scaling_note(RefineConfig(ema_decay=0.99), 31) is None
+    note = ema_scaling_note(config, 31)
+    assert note.startswith("EMA: decay 0.8789") and "l16_mae.yaml:200-204" in note and "37,530" in note
+
+
+@pytest.mark.parametrize("embed_dim", [192, 1024])
+def test_official_head_widths_stay_the_default_on_gpus_and_at_224_px(embed_dim):
+    config = RefineConfig()
+    for device, size in (("cuda", 32), ("cuda", 224), ("cpu", 224), ("cpu", 384)):
+        assert resolve_head_dims(config, embed_dim=embed_dim, img_size=size, device_type=device) == (2048, 256, 4096)
+    official = RefineConfig(head_dims="official")
+    assert resolve_head_dims(official, embed_dim=embed_dim, img_size=32, device_type="cpu") == (2048, 256, 4096)
 
 
 def test_recipe_table_matches_the_defaults_and_names_a_source_for_each():
@@ -77,7 +125,7 @@ def test_cli_defaults_are_the_config_defaults():
         assert cli[name] is None, name
     help_text = CliRunner().invoke(app, ["refine", "--help"], env={"COLUMNS": "200"}).output
     for option in ("--lr-heads", "--ema-warmup", "--warmup-epochs", "--warmup-fraction", "--global-scale-min",
-                   "--local-crops", "--head-init", "--recipe", "[default: 2048,256,4096]", "[default: 0.9999]"):
+                   "--local-crops", "--head-init", "--recipe", "[default: auto]", "official 0.9999"):
         assert option in help_text, option
 
 
@@ -214,11 +262,15 @@ def test_queue_default_is_official_and_cut_to_small_data():
 
 # ---------------------------------------------------------------------------------------------------- EMA
 
+# the default EMA as run_refine resolves it for a full stage of official length
+OFFICIAL_LENGTH = RefineConfig(ema_decay=resolve_ema_decay(RefineConfig(), OFFICIAL_FULL_STEPS))
+
+
 def test_ema_decay_is_constant_from_the_first_update_without_warmup():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     w0 = [p.detach().clone() for p in model.parameters()]
-    ema = make_ema(model, RefineConfig())
+    ema = make_ema(model, OFFICIAL_LENGTH)
     history = [w0]
     for _ in range(3):
         with torch.no_grad():
@@ -237,9 +289,9 @@ def test_ema_decay_is_constant_from_the_first_update_without_warmup():
 
 def test_ema_warmup_option_keeps_timms_schedule():
     model = nn.Linear(4, 4)
-    ema = make_ema(model, RefineConfig(ema_warmup=True))
+    ema = make_ema(model, RefineConfig(ema_warmup=True, ema_decay=OFFICIAL_LENGTH.ema_decay))
     assert ema.use_warmup
     assert [ema.get_decay(step) for step in (0, 1)] == [0.0, 0.0]
     assert ema.get_decay(37530) == pytest.approx(1 - 37530 ** (-2 / 3), rel=1e-9)   # 0.99911: issue 10's example
     assert ema.get_decay(10 ** 9) == 0.9999
-    assert make_ema(model, RefineConfig()).get_decay() == 0.9999
+    assert make_ema(model, OFFICIAL_LENGTH).get_decay() == 0.9999

@@ -402,3 +402,75 @@ def test_ema_follows_its_schedule_over_steps_and_resumes(tmp_path, warmup):
         for step, decay in enumerate(decays, start=1):
             expected = decay * expected + (1 - decay) * weights[step][key]
             assert torch.allclose(emas[step - 1][f"module.{key}"], expected, atol=1e-6), (key, step)
+
+
+# ------------------------------------------------------------------------------------- scaled to the run (issue 19)
+
+def _start_and_trained(out: Path) -> tuple[dict, dict, dict]:
+    """The starting encoder's, the trained encoder's and the EMA's parameters of a finished run (float64)."""
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    model = load_model(MODEL, img_size=32, init_seed=TINY.seed).model
+    names = [name for name, _ in model.named_parameters()]
+    start = model.state_dict()
+    return ({n: start[n].double() for n in names}, {n: state["encoder"][n].double() for n in names},
+            {n: state["ema"][f"module.{n}"].double() for n in names})
+
+
+def _ema_progress_by_hand(start: dict, trained: dict, ema: dict) -> float:
+    flat = {side: torch.cat([values[n].flatten() for n in start]) for side, values in
+            (("start", start), ("trained", trained), ("ema", ema))}
+    return float(torch.linalg.vector_norm(flat["ema"] - flat["start"])
+                 / torch.linalg.vector_norm(flat["trained"] - flat["start"]))
+
+
+def test_a_short_default_run_moves_the_export_and_says_how_the_ema_was_scaled(tmp_path):
+    """The default EMA (None) on a 6-step full stage: decay from the official time constant as a share of the stage,
+    stated at start-up and in config.json with its sources; ema_progress (equal to the norms computed by hand from
+    the checkpoint) >= 0.5 in log.csv, the summary and config.json. The official 0.9999, given explicitly, leaves
+    the export at the start (ema_progress ~ 0.001) and the run warns."""
+    messages: list[str] = []
+    out = tmp_path / "scaled"
+    result = refine(out, replace(TINY, ema_decay=None, epochs=2), log=messages.append)
+    resolved = json.loads((out / "config.json").read_text())
+    tau = 6 * 10_000 / 37_530
+    assert resolved["config"]["ema_decay"] == pytest.approx(1 - 1 / tau)
+    scaled = resolved["scaled"]["ema_decay"]
+    assert scaled["official"] == 0.9999 and "l16_mae.yaml:200-204" in scaled["source"] and "37,530" in scaled["rule"]
+    assert any(m.startswith(f"EMA: decay {1 - 1 / tau:.6g}") and "37,530" in m for m in messages)
+    expected = _ema_progress_by_hand(*_start_and_trained(out))
+    assert result.ema_progress == pytest.approx(expected, rel=1e-9) and expected >= 0.5
+    assert result.summary()["ema_progress"] == result.ema_progress == resolved["ema_progress"]
+    with open(out / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [(int(r["step"]), r["ema_progress"]) for r in rows if r["ema_progress"]]
+    assert [step for step, _ in logged] == [6, 9] and float(logged[-1][1]) == pytest.approx(expected, rel=1e-9)
+    assert not any(m.startswith("warning: the exported EMA") for m in messages)
+
+    messages.clear()
+    official = refine(tmp_path / "official", replace(TINY, ema_decay=0.9999, epochs=2), log=messages.append)
+    assert official.ema_progress == pytest.approx(_ema_progress_by_hand(*_start_and_trained(tmp_path / "official")),
+                                                  rel=1e-9)
+    assert official.ema_progress < 0.01
+    assert any(m.startswith("warning: the exported EMA encoder moved only 0%") for m in messages)
+    assert "ema_decay" not in json.loads((tmp_path / "official" / "config.json").read_text())["scaled"]
+
+
+def test_start_up_states_local_crops_head_widths_step_time_and_checkpoint_size(tmp_path):
+    """On the CPU at 32 px: local crops of 96/224 of 32 px (one 16 px patch) and head widths in proportion to the
+    64-wide test_vit (128, 16, 256) are said and recorded; the measured step time is said per stage; the expected
+    checkpoint and export sizes are within 5 % of the files written."""
+    messages: list[str] = []
+    out = tmp_path / "run"
+    config = replace(TINY, head_dims="auto", local_crops=2)
+    refine(out, config, log=messages.append)
+    resolved = json.loads((out / "config.json").read_text())
+    assert [resolved["config"][f"head_{n}_dim"] for n in ("hidden", "proj", "predictor")] == [128, 16, 256]
+    assert resolved["scaled"]["head_dims"]["value"] == [128, 16, 256]
+    assert resolved["scaled"]["local_size"]["value"] == 16
+    assert any(m.startswith("head_dims: [128, 16, 256] (official [2048, 256, 4096]") for m in messages)
+    assert any(m.startswith("local_size: 16 (official 96") and "96/224 of the 32 px input" in m for m in messages)
+    assert sum(" s per step (" in m and "median of its first 3 steps" in m for m in messages) == 2
+    expected = resolved["expected_bytes"]
+    assert (out / CHECKPOINT).stat().st_size == pytest.approx(expected["checkpoint"], rel=0.05)
+    assert (out / EXPORT).stat().st_size == pytest.approx(expected["export"], rel=0.02)
+    assert any(m.startswith("expected sizes: checkpoint-last.pth about") for m in messages)

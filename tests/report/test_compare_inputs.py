@@ -118,3 +118,35 @@ def test_cli_compare_into_an_existing_report_refuses_without_overwrite(profiles,
     assert len(lines) == 1 and "--overwrite" in lines[0] and str(out) in lines[0]
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
     assert runner.invoke(app, [*arguments, "--overwrite"]).exit_code == 0
+
+
+def test_compare_warns_when_the_export_barely_moved_or_no_block_differs(profiles, tmp_path):
+    """ema_progress 0.2 in the refine run folder's config.json: a warning naming the run; 0.8: none. A profile
+    compared with itself: every paired interval holds 0, so "cannot be told apart on any block"."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from mimprobe.refine.config import RefineConfig
+    from mimprobe.report.comparison import CompareConfig, compare, no_block_differs
+
+    before, after = load_profile(profiles.before), load_profile(profiles.after)
+    run = tmp_path / "run"
+    run.mkdir()
+    moved = replace(after, meta={**after.meta, "model": {**after.meta["model"],
+                                                         "checkpoint": str(run / "refined.safetensors")}})
+    config = CompareConfig(resamples=50, cka=False)
+    notes = {}
+    for progress in (0.2, 0.8):
+        (run / "config.json").write_text(json.dumps({"config": RefineConfig().to_dict(), "total_steps": 5,
+                                                     "ema_progress": progress}))
+        notes[progress] = [n for n in compare(before, moved, config=config).notes if "EMA" in n]
+    assert len(notes[0.2]) == 1 and notes[0.2][0].startswith(f"warning: {after.label} comes from a refinement ({run})")
+    assert "ema_progress 0.20 < 0.5" in notes[0.2][0] and notes[0.8] == []
+
+    itself = compare(before, before, config=config)
+    assert any(n.startswith("warning: ") and "cannot be told apart on any block" in n for n in itself.notes)
+    frame = pd.DataFrame({"low": [-0.02, 0.01], "high": [0.03, 0.05]})
+    assert not no_block_differs(frame)                  # block 1's interval excludes 0
+    assert no_block_differs(frame.assign(low=[-0.02, -0.01]))
+    assert not no_block_differs(frame.assign(low=[-0.02, float("nan")]))   # no interval: nothing to say
