@@ -19,7 +19,7 @@ Parts (sizes of the GPU run; ``--cpu-smoke`` uses test_vit at 32 px, a 2,000 x 4
    `mimprobe.metrics.knn.knn_predict` on CUDA (torch) and on the CPU (FAISS) too.
 3. Refinement: ``torchrun --nproc_per_node N -m mimprobe.cli refine`` (``--refine-processes``, default 1) on CUDA
    with bf16, heads on the last two blocks, exactly 20 optimiser steps (stage 2 only, one epoch of 20 x batch
-   images). Note: `mimprobe.refine.distributed` joins a process group (NCCL on CUDA) only when torchrun starts more
+   images). Note: `mimprobe.refinement.distributed` joins a process group (NCCL on CUDA) only when torchrun starts more
    than one process; with one, torchrun runs refine's single-process path (no collective to exercise anyway).
    On a machine with several GPUs, ``--refine-processes 2`` runs DDP over NCCL.
 

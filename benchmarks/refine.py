@@ -8,7 +8,7 @@ Run from the repository root::
 
 Measures, in one run, with seeded random weights and random images (the timing does not depend on them):
 
-* ours: one full stage-2 training step of `mimprobe.refine.trainer` (``_Trainer._train_step``) with heads on the
+* ours: one full stage-2 training step of `mimprobe.refinement.trainer` (``_Trainer._train_step``) with heads on the
   last ``--heads`` blocks: the encoder's ``forward_intermediates`` on both global views, every head's projector
   and predictor, the queue lookups (top-k with a uniform pick) and updates, the NNA loss, backward, the AdamW
   step over the layer-decay groups and the EMA update;
@@ -71,13 +71,13 @@ def build(args: argparse.Namespace):
     import timm
 
     from mimprobe._device import resolve_precision
-    from mimprobe.refine.config import RefineConfig
-    from mimprobe.refine.schedules import StagePlan
-    from mimprobe.refine.distributed import DistContext
-    from mimprobe.refine.heads import HeadConfig
-    from mimprobe.refine.network import RefineNetwork
-    from mimprobe.refine.queue import NNQueue
-    from mimprobe.refine.trainer import _Trainer
+    from mimprobe.refinement.config import RefineConfig
+    from mimprobe.refinement.schedules import StagePlan
+    from mimprobe.refinement.distributed import DistContext
+    from mimprobe.refinement.heads import HeadConfig
+    from mimprobe.refinement.network import RefineNetwork
+    from mimprobe.refinement.queue import NNQueue
+    from mimprobe.refinement.trainer import _Trainer
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)

@@ -4,7 +4,7 @@
 Ranks share nothing but the filesystem and these collectives: a barrier, an agreement (did every rank succeed?)
 and a sum. A worker stops with its launcher: torchrun's agent forwards SIGTERM/SIGINT to its workers, and if the
 agent itself dies (``kill -9``, a lost terminal) the kernel sends each worker SIGTERM (`stop_with_the_launcher`),
-which stops an extraction (it resumes from its recorded batches) and makes refine save its checkpoint. `mimprobe.refine.distributed` joins the group through `join` too and adds the refinement's own
+which stops an extraction (it resumes from its recorded batches) and makes refine save its checkpoint. `mimprobe.refinement.distributed` joins the group through `join` too and adds the refinement's own
 helpers (gathers, SyncBatchNorm).
 """
 

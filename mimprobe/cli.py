@@ -360,7 +360,7 @@ _derived("place", arguments=[_argument("profile", str, typer.Argument(..., help=
 
 def _print_recipe(value: bool) -> None:
     if value:
-        from .refine.recipe import recipe_text
+        from .refinement.recipe import recipe_text
 
         typer.echo(recipe_text())
         raise typer.Exit()

@@ -14,7 +14,7 @@ from .metrics.config import ProfileConfig
 from .options import build_config, device_option, option, option_fields, public_name, split_options, threads_option
 from .placement.config import PlaceConfig
 from .pretrain.config import MaeConfig
-from .refine.config import RefineConfig
+from .refinement.config import RefineConfig
 from .report.config import CompareConfig
 
 

@@ -83,7 +83,7 @@ def test_unknown_keywords_are_refused_with_the_closest_name():
 
 def test_text_and_python_forms_build_the_same_config():
     from mimprobe.features import ExtractConfig
-    from mimprobe.refine import RefineConfig
+    from mimprobe.refinement import RefineConfig
 
     assert build_config(ExtractConfig, {"pool": "cls,mean", "blocks": "last:4", "mean": "0.5,0.5,0.5"}) == \
         build_config(ExtractConfig, {"pool": ("cls", "mean"), "blocks": 4, "mean": (0.5, 0.5, 0.5)})
@@ -155,7 +155,7 @@ def test_refine_config_is_the_same_from_cli_and_api(monkeypatch, tmp_path):
         seen.append(kwargs["config"])
         raise BadInputError("stopped before training")
 
-    import mimprobe.refine as refine_package
+    import mimprobe.refinement as refine_package
 
     monkeypatch.setattr(refine_package, "run_refine", fake_run_refine)
     args = ["--epochs", "3", "--head-dims", "64,32,64", "--local-scale", "0.1,0.3", "--workers", "1"]
@@ -206,19 +206,14 @@ REACHED_BY = {
     "features": ("extract", "profile"),
     "metrics": ("profile",),
     "placement": ("place",),
-    "refine": ("refine",),
+    "refinement": ("refine",),
     "pretrain": ("pretrain-mae",),
     "report": ("compare",),
     "models": ("extract", "profile", "info", "refine", "pretrain-mae"),
     "data": ("extract", "profile", "refine", "pretrain-mae"),
     "pipeline": ("run", "demo"),
-    "config/extract.py": ("extract", "profile"),
-    "metrics/config.py": ("profile",),
-    "placement/config.py": ("place",),
-    "config/refine.py": ("refine",),
-    "config/pretrain.py": ("pretrain-mae",),
-    "config/compare.py": ("compare",),
-    "config/common.py": ("extract", "profile", "info", "refine", "pretrain-mae"),
+    "choices.py": ("extract", "profile", "info", "refine", "pretrain-mae"),
+    "commands.py": tuple(COMMANDS),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 

@@ -133,8 +133,8 @@ def test_head_size_note_matches_the_refine_heads():
     """The torch-free parameter count equals the real head's, and 12 default heads on a ViT-Tiny (the issue's
     1.15 GB checkpoint) are flagged."""
     from mimprobe.placement.run import HEAD_DIMS, head_parameters, head_size_note
-    from mimprobe.refine.heads import HeadConfig, NNAHead
-    from mimprobe.refine.sizing import OFFICIAL_HEAD_DIMS
+    from mimprobe.refinement.heads import HeadConfig, NNAHead
+    from mimprobe.refinement.sizing import OFFICIAL_HEAD_DIMS
 
     assert HEAD_DIMS == OFFICIAL_HEAD_DIMS   # refine's default widths on a GPU or at 224 px
     head = NNAHead(192, HeadConfig(hidden_dim=HEAD_DIMS[0], proj_dim=HEAD_DIMS[1], predictor_hidden_dim=HEAD_DIMS[2]))

@@ -113,7 +113,7 @@ def test_no_package_import_circles():
 
 
 @pytest.mark.parametrize("forbidden", ["mimprobe.models", "mimprobe.data", "mimprobe.features.extraction",
-                                       "mimprobe.pipeline", "mimprobe.refine", "mimprobe.pretrain"])
+                                       "mimprobe.pipeline", "mimprobe.refinement", "mimprobe.pretrain"])
 def test_metrics_never_import_models_data_or_extraction(forbidden):
     offenders = [(module, target) for module, targets in _graph().items() if module.startswith("mimprobe.metrics")
                  for target in targets if target == forbidden or target.startswith(forbidden + ".")]

@@ -88,7 +88,7 @@ def refine(model: str, data: Any, *, log: Log | None = None, stop_after_steps: i
            **options: Any):
     """`mimprobe refine`: NNA refinement on the placed blocks (``placement`` or ``auto``); exports
     OUT/refined.safetensors. Keywords are the command's options (see `REFINE`). Returns a `RefineResult`."""
-    from ..refine import run_refine
+    from ..refinement import run_refine
 
     configs = _configs(REFINE, options)
     run, weights, running, place_config = configs[RefineRun], configs[Weights], configs[Running], configs[PlaceConfig]

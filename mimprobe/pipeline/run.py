@@ -195,7 +195,7 @@ def _profile_before(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, pro
 
 
 def _profile_after(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
-    from ..refine.checkpoint import EXPORT
+    from ..refinement.checkpoint import EXPORT
 
     checkpoint = str(run_dir / _BY_NAME["refine"].folder / EXPORT)
     return _profile(spec, run_dir, folder, checkpoint=checkpoint, pretrained=False, progress=progress, say=say)
@@ -215,7 +215,7 @@ def _place(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bo
 
 def _refine(spec: Spec, run_dir: Path, folder: Path, *, fresh: bool, progress: bool, say) -> tuple[str, str]:
     from ..placement import PLACEMENT_FILE
-    from ..refine.checkpoint import CHECKPOINT
+    from ..refinement.checkpoint import CHECKPOINT
 
     checkpoint, pretrained = _starting_weights(spec, run_dir)
     resume = not fresh and (folder / CHECKPOINT).is_file()

@@ -123,7 +123,7 @@ HEAD_NOTE_BYTES = 1024 ** 3   # say what the heads cost once checkpoint-last.pth
 
 def head_parameters(embed_dim: int, hidden: int = HEAD_DIMS[0], proj: int = HEAD_DIMS[1],
                     predictor: int = HEAD_DIMS[2]) -> int:
-    """Trainable parameters of one NNA head on a block of width ``embed_dim`` (`mimprobe.refine.heads`: bias-free
+    """Trainable parameters of one NNA head on a block of width ``embed_dim`` (`mimprobe.refinement.heads`: bias-free
     Linears d-H-H-P and P-Q-P, each followed by an affine BatchNorm)."""
     linears = embed_dim * hidden + hidden * hidden + hidden * proj + proj * predictor + predictor * proj
     norms = 2 * (hidden + hidden + proj + predictor + proj)

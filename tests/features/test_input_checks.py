@@ -12,7 +12,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from mimprobe.cli import app
-from mimprobe.refine import RefineConfig
+from mimprobe.refinement import RefineConfig
 from tests.conftest import make_image_folder
 
 SMALL = "synthetic:classes=3,train=6,test=3,size=16"  # 18 train and 9 test images

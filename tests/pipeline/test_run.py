@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mimprobe.refine
+import mimprobe.refinement
 import mimprobe.report
 from mimprobe.errors import BadInputError, MimprobeError
 from mimprobe.pipeline import STEPS, dump_spec, load_spec, run_pipeline
@@ -142,8 +142,8 @@ def test_rerun_skips_finished_steps_and_reruns_from_a_missing_export(tmp_path, f
 def test_refinement_stopped_mid_run_resumes_where_it_stopped(tmp_path, fake_compare, monkeypatch):
     spec = _spec(tmp_path)
     run_dir = tmp_path / "run"
-    real_refine = mimprobe.refine.run_refine
-    monkeypatch.setattr(mimprobe.refine, "run_refine",
+    real_refine = mimprobe.refinement.run_refine
+    monkeypatch.setattr(mimprobe.refinement, "run_refine",
                         lambda *args, **kwargs: real_refine(*args, **{**kwargs, "stop_after_steps": 4}))
     with pytest.raises(MimprobeError, match="refinement stopped at step 4 .*rerun the same command to resume"):
         _run(spec)
@@ -152,7 +152,7 @@ def test_refinement_stopped_mid_run_resumes_where_it_stopped(tmp_path, fake_comp
     assert not (run_dir / "refine" / "refined.safetensors").exists()
     assert not (run_dir / "profile-after").exists()
 
-    monkeypatch.setattr(mimprobe.refine, "run_refine", real_refine)
+    monkeypatch.setattr(mimprobe.refinement, "run_refine", real_refine)
     result, messages = _run(spec)
     assert [r.status for r in result.steps] == ["skipped"] * 3 + ["resumed", "ran", "ran"]
     assert any("resuming at step 4" in m for m in messages)

@@ -14,7 +14,7 @@ from mimprobe.metrics.profile import ProfileConfig
 from mimprobe.pipeline import DEMO_SPEC, dump_spec, load_spec, spec_from_dict, spec_from_text
 from mimprobe.pipeline.spec import _find_line
 from mimprobe.pretrain import MaeConfig
-from mimprobe.refine import RefineConfig
+from mimprobe.refinement import RefineConfig
 from mimprobe.report import CompareConfig
 
 ANALYSES = Path(__file__).resolve().parents[2] / "analyses"

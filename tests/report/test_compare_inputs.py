@@ -78,7 +78,7 @@ def test_refine_run_settings_come_from_the_run_folder(profiles, tmp_path):
     """config.json (as `run_refine` writes it, from RefineConfig.to_dict) and the last log.csv row."""
     from dataclasses import replace
 
-    from mimprobe.refine.config import RefineConfig
+    from mimprobe.refinement.config import RefineConfig
     from mimprobe.report.inputs import find_refine_run
 
     run = tmp_path / "run"
@@ -127,7 +127,7 @@ def test_compare_warns_when_the_export_barely_moved_or_no_block_differs(profiles
 
     import pandas as pd
 
-    from mimprobe.refine.config import RefineConfig
+    from mimprobe.refinement.config import RefineConfig
     from mimprobe.report.comparison import CompareConfig, compare, no_block_differs
 
     before, after = load_profile(profiles.before), load_profile(profiles.after)

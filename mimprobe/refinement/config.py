@@ -37,10 +37,10 @@ def _areas(text: str) -> tuple[float, float]:
 @dataclass(frozen=True)
 class RefineConfig:
     """Everything that changes a refinement run's numbers: the options of `mimprobe refine`, the ``[refine]`` spec
-    section and `mimprobe.refine` (`mimprobe.options`).
+    section and `mimprobe.refinement` (`mimprobe.options`).
 
     The defaults are MIM-Refiner's main recipe (arXiv 2402.10093), read from the official stage-2 (heads) and
-    stage-3 (full) configurations of github.com/ml-jku/MIM-Refiner; `mimprobe.refine.recipe.RECIPE` maps each one to
+    stage-3 (full) configurations of github.com/ml-jku/MIM-Refiner; `mimprobe.refinement.recipe.RECIPE` maps each one to
     its source line (``mimprobe refine --recipe`` prints it). Epochs, batch, queue and head sizes are the user's
     (the official ImageNet values are in the comments). Two defaults are scaled to small data, and only when the
     data forces it: the warmup never takes more than `WARMUP_MAX_SHARE` of a stage, and the queue is cut to the
@@ -68,7 +68,7 @@ class RefineConfig:
                                           "set when smaller].", minimum=1)
     topk: int = option(20, "Stage 2: pick the neighbour uniformly from the top k (stage 1: the nearest).", minimum=1)
     # auto: the official widths, except on a CPU below 224 px, where they follow the model's width
-    # (`mimprobe.refine.sizing`: official x width / 1024, ViT-L's; recorded in config.json with the rule)
+    # (`mimprobe.refinement.sizing`: official x width / 1024, ViT-L's; recorded in config.json with the rule)
     head_dims: tuple[int, int, int] | str = option("auto", "Projector hidden, projection and predictor hidden widths "
                                                    "(official 2048,256,4096), or auto (official, but proportional to "
                                                    "the model on a CPU below 224 px), official or proportional.",
@@ -82,7 +82,7 @@ class RefineConfig:
     local_scale: tuple[float, float] = option((0.05, 0.25), "Area range of the local crops.", parse=_areas)
     global_scale_min: float = option(0.25, "Smallest area of the 2 global crops (official 0.25; BYOL 0.08).")
     # None: the official 0.9999, or on a stage 2 shorter than the official 37,530 steps the same time constant as a
-    # share of it (`mimprobe.refine.schedules.resolve_ema_decay`; config.json records the value and its source)
+    # share of it (`mimprobe.refinement.schedules.resolve_ema_decay`; config.json records the value and its source)
     ema_decay: float | None = option(None, "EMA of the encoder, constant from stage 2's first step [default: the "
                                            "official 0.9999, its 10,000-step time constant scaled to a shorter "
                                            "stage 2 as a share of the official 37,530 steps].")

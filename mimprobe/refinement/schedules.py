@@ -1,4 +1,4 @@
-"""The refinement's pure schedules (learning rate, warmup, queue size) of its options (`mimprobe.refine.config`)."""
+"""The refinement's pure schedules (learning rate, warmup, queue size) of its options (`mimprobe.refinement.config`)."""
 
 from __future__ import annotations
 

@@ -23,11 +23,11 @@ from mimprobe._threads import cpu_threads
 from mimprobe.cli import app
 from mimprobe.models import load_model
 from mimprobe.placement import place
-from mimprobe.refine import RefineConfig, run_refine
-from mimprobe.refine.checkpoint import CHECKPOINT, EXPORT
-from mimprobe.refine.heads import HeadConfig
-from mimprobe.refine.network import RefineNetwork
-from mimprobe.refine.trainer import _param_groups
+from mimprobe.refinement import RefineConfig, run_refine
+from mimprobe.refinement.checkpoint import CHECKPOINT, EXPORT
+from mimprobe.refinement.heads import HeadConfig
+from mimprobe.refinement.network import RefineNetwork
+from mimprobe.refinement.trainer import _param_groups
 
 MODEL = "test_vit"          # timm's 6-block, 64-wide test model
 DATA = "synthetic:classes=4,train=12,test=4,size=32"   # 48 train images
@@ -126,9 +126,9 @@ def test_stage_two_changes_the_encoder_and_logs_every_step(tmp_path):
 
 def test_logged_losses_are_the_nna_loss_of_each_head_written_out_with_loops(tmp_path, monkeypatch):
     """Every step's logged per-head loss is the NNA loss (mean over the ordered view pairs) of that head's
-    projections, queue neighbours and predictions, recomputed by the loop reference of tests/refine/test_loss.py,
+    projections, queue neighbours and predictions, recomputed by the loop reference of tests/refinement/test_loss.py,
     and the logged loss is their sum over heads (DESIGN.md)."""
-    from mimprobe.refine import trainer as trainer_module
+    from mimprobe.refinement import trainer as trainer_module
     from tests.refine.test_loss import loop_loss
 
     calls = []

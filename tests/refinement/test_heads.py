@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from mimprobe.refine import HeadConfig, NNAHead
+from mimprobe.refinement import HeadConfig, NNAHead
 
 SMALL = HeadConfig(hidden_dim=48, proj_dim=16, predictor_hidden_dim=40)
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from mimprobe import _disk
-from mimprobe.refine import checkpoint as checkpoint_module
-from mimprobe.refine.checkpoint import EXPORT, EXPORT_INFO, export_encoder, save_training_state
+from mimprobe.refinement import checkpoint as checkpoint_module
+from mimprobe.refinement.checkpoint import EXPORT, EXPORT_INFO, export_encoder, save_training_state
 
 INFO = {"model": "test_vit", "data_config": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 32, 32],
                                              "interpolation": "bicubic", "crop_pct": 0.9}}

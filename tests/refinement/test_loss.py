@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mimprobe.refine import multi_view_nna_loss, nna_loss
+from mimprobe.refinement import multi_view_nna_loss, nna_loss
 
 TEMPERATURE = 0.2
 

@@ -19,15 +19,15 @@ from typer.testing import CliRunner
 from mimprobe._threads import cpu_threads
 from mimprobe.cli import app
 from mimprobe.placement import place
-from mimprobe.refine import RefineConfig, run_refine
-from mimprobe.refine.augment import MultiViewTransform, ViewConfig
-from mimprobe.refine.schedules import (OFFICIAL_FULL_STEPS, StagePlan, ema_scaling_note, lr_factor, resolve_ema_decay,
+from mimprobe.refinement import RefineConfig, run_refine
+from mimprobe.refinement.augment import MultiViewTransform, ViewConfig
+from mimprobe.refinement.schedules import (OFFICIAL_FULL_STEPS, StagePlan, ema_scaling_note, lr_factor, resolve_ema_decay,
                                        resolve_queue_size, stage_lr, warmup_steps)
-from mimprobe.refine.recipe import OFFICIAL_COMMIT, RECIPE, recipe_text
-from mimprobe.refine.sizing import resolve_head_dims
-from mimprobe.refine.trainer import _small_data_notes, make_ema
+from mimprobe.refinement.recipe import OFFICIAL_COMMIT, RECIPE, recipe_text
+from mimprobe.refinement.sizing import resolve_head_dims
+from mimprobe.refinement.trainer import _small_data_notes, make_ema
 
-# The official values, read from the configurations (file:line in mimprobe/refine/recipe.py's RECIPE).
+# The official values, read from the configurations (file:line in mimprobe/refinement/recipe.py's RECIPE).
 OFFICIAL = {
     "global_scale_min": 0.25,          # train_byolaug_localviews.yaml:7 mid_scale (global crops (mid_scale, 1))
     "local_crops": 10,                 # train_byolaug_localviews.yaml:8 n_local_views

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimprobe.refine import NNQueue
+from mimprobe.refinement import NNQueue
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mimprobe.refine.distributed import CrossProcessBatchNorm1d
+from mimprobe.refinement.distributed import CrossProcessBatchNorm1d
 
 FEATURES = 6
 
