@@ -168,11 +168,11 @@ def twonn_rows(ctx: Context, pooling: str, block: int) -> list[tuple[int, Metric
 def spectrum_rows(ctx: Context, pooling: str, block: int) -> list[tuple[int, MetricRow]]:
     """alpha-ReQ and NESum from one eigendecomposition of the subset's covariance."""
     from .labelfree import alpha_req_from_spectrum, covariance_eigenvalues, nesum_from_spectrum
-    from .labelfree.spectrum import ALPHA_FIT_RANKS
+    from .labelfree.spectrum import alpha_req_fits
 
     eigenvalues = covariance_eigenvalues(ctx.labelfree_rows(block, pooling), name=ctx.name(block, pooling))
     rows = _estimate_rows(ctx, block, "nesum", nesum_from_spectrum(eigenvalues))
-    if np.count_nonzero(eigenvalues > 0) > ALPHA_FIT_RANKS[0]:  # alpha's fit starts at rank 11: no row below it
+    if alpha_req_fits(eigenvalues):  # alpha's fit starts at rank 11: a subset of fewer rows gets no alpha row
         rows = _estimate_rows(ctx, block, "alpha_req", alpha_req_from_spectrum(eigenvalues)) + rows
     return rows
 

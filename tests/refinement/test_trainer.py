@@ -129,7 +129,7 @@ def test_logged_losses_are_the_nna_loss_of_each_head_written_out_with_loops(tmp_
     projections, queue neighbours and predictions, recomputed by the loop reference of tests/refinement/test_loss.py,
     and the logged loss is their sum over heads (DESIGN.md)."""
     from mimprobe.refinement import trainer as trainer_module
-    from tests.refine.test_loss import loop_loss
+    from tests.refinement.test_loss import loop_loss
 
     calls = []
     original = trainer_module.multi_view_nna_loss

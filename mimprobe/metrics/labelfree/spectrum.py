@@ -43,6 +43,14 @@ def covariance_eigenvalues(features: np.ndarray, *, name: str = "features") -> n
     return np.clip(eigenvalues, 0.0, None)
 
 
+def alpha_req_fits(eigenvalues: np.ndarray, *, fit_ranks: tuple[int, int] = ALPHA_FIT_RANKS) -> bool:
+    """Whether the spectrum has the 3 non-zero eigenvalues in the fit range that `alpha_req_from_spectrum` needs."""
+    spectrum = np.asarray(eigenvalues, dtype=np.float64)
+    largest = float(spectrum[0]) if spectrum.size else 0.0
+    non_zero = int(np.count_nonzero(spectrum > ZERO_EIGENVALUE * largest)) if largest > 0 else 0
+    return min(int(fit_ranks[1]), non_zero) - int(fit_ranks[0]) + 1 >= 3
+
+
 def alpha_req_from_spectrum(eigenvalues: np.ndarray, *,
                             fit_ranks: tuple[int, int] = ALPHA_FIT_RANKS) -> LabelFreeEstimate:
     """Power-law decay coefficient alpha of a spectrum (largest first), fitted over ranks ``fit_ranks``.
