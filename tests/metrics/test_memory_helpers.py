@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mimprobe.errors import BadInputError
-from mimprobe.metrics.knn import _release_pages
-from mimprobe.metrics.profile import parse_bytes
+from mimprobe.metrics._memory import release_pages as _release_pages
+from mimprobe.metrics.config import parse_bytes
 
 PAGE = mmap.PAGESIZE
 SMAPS = Path("/proc/self/smaps")
