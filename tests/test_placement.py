@@ -478,7 +478,7 @@ def test_warnings_are_printed_with_one_prefix(tmp_path):
     np.savez(folder / "predictions.npz", format_version=np.array(1), rows__val=np.arange(200))
     said: list[str] = []
     (run_dir / "place").mkdir()
-    _place(SimpleNamespace(place=SimpleNamespace(options=dict)), run_dir, run_dir / "place", fresh=True,
+    _place(SimpleNamespace(options=lambda section: {}), run_dir, run_dir / "place", fresh=True,
            progress=False, say=said.append)
     placement = load_placement(run_dir / "place")
     warnings = [line for line in said if "warning:" in line]

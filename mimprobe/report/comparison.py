@@ -133,7 +133,7 @@ def refinement_warnings(pair: PairComparison) -> list[str]:
     """Warnings that the refinement may not show: its exported EMA barely left the starting weights (the refine run
     folder's ``ema_progress`` below 0.5), or after and before cannot be told apart on any block of the headline
     curve (every block's paired interval holds 0)."""
-    from ..refinement.config import ema_progress_warning
+    from ..refinement.schedules import ema_progress_warning
 
     warnings = []
     run = find_refine_run(pair.after)

@@ -164,10 +164,10 @@ def test_refine_head_dims_take_three_widths_or_a_rule_and_ema_decay_defaults_to_
 
     base = 'name = "a"\nout = "o"\nmodel = "m"\ndata = "d"\n[refine]\n'
     spec = spec_from_text(base + 'head_dims = "proportional"\n')
-    config = spec.refine.config(spec)
+    config = spec.config("refine", RefineConfig)
     assert config.head_widths == "proportional" and config.head_hidden_dim is None and config.ema_decay is None
-    config = spec_from_text(base + "head_dims = [64, 16, 64]\nema_decay = 0.99\n").refine.config(spec)
+    config = spec_from_text(base + "head_dims = [64, 16, 64]\nema_decay = 0.99\n").config("refine", RefineConfig)
     assert (config.head_hidden_dim, config.head_proj_dim, config.head_predictor_dim, config.ema_decay) == \
         (64, 16, 64, 0.99)
-    with pytest.raises(BadInputError, match=r"line 5: \[refine\] invalid --head-dims 'wide'"):
+    with pytest.raises(BadInputError, match=r"line 6: \[refine\] invalid head_dims 'wide'"):
         spec_from_text(base + 'head_dims = "wide"\n')

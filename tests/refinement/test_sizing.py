@@ -32,8 +32,8 @@ def test_auto_head_widths_are_proportional_only_on_a_cpu_below_224_px():
     assert resolve_head_dims(auto, embed_dim=192, img_size=224, device_type="cpu") == (2048, 256, 4096)
     forced = RefineConfig(head_dims="proportional")
     assert resolve_head_dims(forced, embed_dim=192, img_size=224, device_type="cuda") == (384, 48, 768)
-    partly = RefineConfig(head_proj_dim=64)       # a width given is kept; the others follow the rule
-    assert resolve_head_dims(partly, embed_dim=192, img_size=32, device_type="cpu") == (384, 64, 768)
+    given = RefineConfig(head_dims=(64, 16, 64))  # widths given are kept whatever the device
+    assert resolve_head_dims(given, embed_dim=192, img_size=32, device_type="cpu") == (64, 16, 64)
 
 
 def test_local_crops_are_96_of_224_of_the_input_rounded_to_the_patch():

@@ -464,7 +464,7 @@ def test_start_up_states_local_crops_head_widths_step_time_and_checkpoint_size(t
     config = replace(TINY, head_dims="auto", local_crops=2)
     refine(out, config, log=messages.append)
     resolved = json.loads((out / "config.json").read_text())
-    assert [resolved["config"][f"head_{n}_dim"] for n in ("hidden", "proj", "predictor")] == [128, 16, 256]
+    assert resolved["config"]["head_dims"] == [128, 16, 256]
     assert resolved["scaled"]["head_dims"]["value"] == [128, 16, 256]
     assert resolved["scaled"]["local_size"]["value"] == 16
     assert any(m.startswith("head_dims: [128, 16, 256] (official [2048, 256, 4096]") for m in messages)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mimprobe.metrics import knn, linear, linear_solver
+from mimprobe.metrics import knn, linear, linear_sklearn, linear_solver
 from mimprobe.metrics.profile import PREDICTIONS_FILE, SamplePredictions
 
 
@@ -86,7 +86,7 @@ def test_linear_hits_average_to_the_reported_accuracy(refit):
         head = linear_solver.fit_probes({0: blocks_train[block][rows_used]}, y_train[rows_used],
                                  weight_decays=[params["weight_decay"]], epochs=5, min_steps=50)
         np.testing.assert_array_equal(head.correct(blocks_test[block][None], y_test)[0, 0], hits[block])
-    sk_rows, sk_hits = linear.evaluate_linear_sklearn_with_hits(blocks_train, y_train, blocks_test, y_test,
+    sk_rows, sk_hits = linear_sklearn.evaluate_linear_sklearn_with_hits(blocks_train, y_train, blocks_test, y_test,
                                                                 c_values=(0.1, 1.0), refit=refit)
     for block in (0, 1):
         assert sk_hits[block].mean() == pytest.approx(sk_rows[block][0].value, abs=1e-12)
