@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+from ._run_folder import check_resume_overwrite
 from .choices import parse_model_kwargs
 from .features.config import ExtractConfig
 from .metrics.config import ProfileConfig
@@ -69,12 +70,18 @@ class RefineRun:
     resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
     overwrite: bool = option(False, "Start again in an OUT that holds another run.")
 
+    def __post_init__(self) -> None:
+        check_resume_overwrite(resume=self.resume, overwrite=self.overwrite)
+
 
 @dataclass(frozen=True)
 class PretrainRun:
     out: str = option(MISSING, "Folder for the run's files (mae.pth, log.csv, ...).", short="-o")
     resume: bool = option(False, "Continue the run in OUT from its last epoch.")
     overwrite: bool = option(False, "Replace another run's files in OUT.")
+
+    def __post_init__(self) -> None:
+        check_resume_overwrite(resume=self.resume, overwrite=self.overwrite)
 
 
 def _labels(text: str) -> tuple[str, ...]:

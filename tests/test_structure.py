@@ -126,7 +126,7 @@ def test_no_private_names_across_packages():
         here = _package_of(_module_name(path))
         for module, names, line in _imports(path):
             there = _package_of(module)
-            if there == here or there in ("mimprobe._threads", "mimprobe._device", "mimprobe._lock", "mimprobe._disk",
+            if there == here or there in ("mimprobe._threads", "mimprobe._device", "mimprobe._lock", "mimprobe._disk", "mimprobe._run_folder",
                                           "mimprobe._lazy",
                                           "mimprobe._messages", "mimprobe._ranks", "mimprobe._versions"):
                 continue  # a package's own private modules; the top-level support modules are shared by design

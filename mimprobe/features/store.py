@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .._disk import DiskFullError, disk_full_guard, free_bytes, replaced_atomically
+from .._run_folder import write_json_atomic  # noqa: F401  (the manifests' writer; features.progress imports it here)
 from ..errors import BadInputError
 
 FORMAT_VERSION = 1
@@ -55,14 +56,6 @@ def store_key(key_fields: dict[str, Any]) -> str:
 
 def feature_filename(block: int, pooling: str) -> str:
     return f"block{block:02d}_{pooling.replace('+', '_')}.npy"
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and ``os.replace``, so a kill or a full disk never leaves half a manifest
-    (a full disk raises `mimprobe._disk.DiskFullError`)."""
-    data = (json.dumps(payload, indent=1) + "\n").encode()  # insertion order: splits keep their order
-    with replaced_atomically(path, needed_bytes=len(data), suffix=".tmp") as tmp:  # full disk: old file kept
-        tmp.write_bytes(data)
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: str) -> int:

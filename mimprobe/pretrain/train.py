@@ -14,7 +14,6 @@ plus ``data_config``, the normalisation it was trained with (profiling the file 
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from .._versions import software_versions
 from ..data import DataSource, Split, SplitDataset, load_data
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
 from .._disk import replaced_atomically, tensor_bytes
-from ..features.store import write_json_atomic
+from .._run_folder import CsvLog, prepare_run_folder, write_json_atomic
 from ..models import LoadedModel, load_model, read_checkpoint, strip_prefixes, unwrap_checkpoint
 from .config import MaeConfig
 from ..options import build_config
@@ -144,28 +143,6 @@ def _config_dict(config: MaeConfig) -> dict[str, Any]:
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(config).items()}
 
 
-def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Make ``out`` ready; return whether a run is to be resumed from its checkpoint."""
-    if resume and overwrite:
-        raise BadInputError("use either --resume or --overwrite, not both")
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file: give a folder")
-    present = [name for name in RUN_FILES if (out / name).exists()]
-    if resume and (out / CHECKPOINT_FILE).is_file():
-        return True
-    if present and not (resume or overwrite):
-        raise BadInputError(f"--out {out} holds another run ({', '.join(present)}): pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in present:  # --overwrite, or --resume of a run killed before its first checkpoint
-            (out / name).unlink()
-    except OSError as error:
-        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
-            from None
-    return False
-
-
 def _check_size(mae_grid: tuple[int, int], patch_size: int, img_size: int, mask_ratio: float) -> None:
     num_patches = mae_grid[0] * mae_grid[1]
     keep = num_visible(num_patches, mask_ratio)
@@ -234,18 +211,6 @@ def _set_rng_state(state: dict, data_generator: torch.Generator, mask_generator:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _trim_log(path: Path, last_step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from (a kill mid-epoch leaves them behind)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= last_step]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _progress_bar(enabled: bool):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -293,7 +258,8 @@ def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: s
         raise BadInputError(f"the train split has {len(split)} images, fewer than --batch-size {config.batch_size}: "
                             "lower --batch-size")
     out = Path(out)
-    resuming = _prepare_out(out, resume=resume, overwrite=overwrite)
+    resuming = prepare_run_folder(out, run_files=RUN_FILES, checkpoint=CHECKPOINT_FILE, what="pre-training run",
+                                  resume=resume, overwrite=overwrite)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -311,6 +277,7 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
     from timm.optim import param_groups_weight_decay
 
     loaded = _build_encoder(model, checkpoint=checkpoint, config=config)
+    log = CsvLog(out / LOG_FILE, LOG_COLUMNS)  # a row per step; a resume drops those after its checkpoint
     loaded_pos_embed = loaded.model.pos_embed.detach().clone() if loaded.weights == "checkpoint" else None
     # the starting weights' preprocessing (a MAE release file: MAE's), else the timm model's data config
     data_config, _ = loaded.eval_data_config(img_size=config.img_size)
@@ -346,7 +313,7 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], data_generator, mask_generator, device)
         step, epoch, epoch_losses = int(state["step"]), int(state["epoch"]), [float(x) for x in state["epoch_losses"]]
-        _trim_log(out / LOG_FILE, step)
+        log.truncate_after(step)
         say(f"resuming {out} after epoch {epoch} of {config.epochs} (step {step})")
 
     run_info = {
@@ -373,11 +340,7 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
                         num_workers=config.workers, generator=data_generator, pin_memory=device.type == "cuda")
     started, images_done, epochs_done = time.perf_counter(), 0, 0
     last_step_end = started
-    new_log = not (out / LOG_FILE).is_file()
-    with open(out / LOG_FILE, "a", newline="") as log_handle, _progress_bar(progress) as bar:
-        writer = csv.writer(log_handle)
-        if new_log:
-            writer.writerow(LOG_COLUMNS)
+    with _progress_bar(progress) as bar:
         task = bar.add_task("MAE", total=total_steps, completed=step, loss="--", rate="--")
         while epoch < config.epochs:
             mae.train()
@@ -407,8 +370,8 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
                 rate = len(images) / max(now - last_step_end, 1e-9)  # data loading included
                 last_step_end = now
                 images_done += len(images)
-                writer.writerow([step, epoch + 1, f"{loss_value:.6f}", f"{lr:.6g}", f"{rate:.1f}"])
-                log_handle.flush()
+                log.write(dict(zip(LOG_COLUMNS, (step, epoch + 1, f"{loss_value:.6f}", f"{lr:.6g}",
+                                                 f"{rate:.1f}"))))
                 bar.update(task, completed=step, loss=f"{loss_value:.4f}",
                            rate=f"{images_done / (time.perf_counter() - started):,.1f}")
             epoch += 1

@@ -13,7 +13,6 @@ thread count).
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import time
@@ -29,6 +28,7 @@ import torch.nn as nn
 from .._device import autocast, resolve_device, resolve_precision
 from .._messages import progress_display, status_logger
 from .._versions import software_versions
+from .._run_folder import CsvLog, prepare_run_folder
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
@@ -41,7 +41,9 @@ from .distributed import (DistContext, any_process, convert_batchnorm, gather_no
                           mean_over_processes)
 from .heads import HeadConfig
 from .loss import multi_view_nna_loss
-from .network import RefineNetwork, block_cls_tokens
+from .monitor import KnnMonitor
+from .network import RefineNetwork
+from .optim import ema_progress, frozen_in_full_stage, make_ema, param_groups, set_trainable
 from .queue import NNQueue
 from .sizing import ScaledDefault, checkpoint_bytes, head_scaling, local_scaling, resolve_head_dims, size_note
 
@@ -86,18 +88,6 @@ def _check_token_model(encoder: nn.Module, name: str) -> None:
         raise BadInputError(f"refine supports ViT token models only: {name} ({type(encoder).__name__}) has "
                             "hierarchical or windowed blocks that give spatial maps, and the NNA heads are defined "
                             "on each block's CLS token; profile it with `mimprobe profile` instead")
-
-
-def _prepare_out(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not (resume or overwrite):
-        raise BadInputError(f"--out {out} holds another refinement run ({', '.join(existing)}): pass --resume to "
-                            "continue it, --overwrite to start again, or choose another --out")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:
-            for name in existing:
-                (out / name).unlink()
 
 
 def resolve_placement(placement: Any):
@@ -145,101 +135,6 @@ def _check_sizes(config: RefineConfig, n_train: int, ctx: DistContext) -> int:
     return micro
 
 
-def layer_lr_scale(name: str, *, depth: int, layer_decay: float) -> float:
-    """BEiT's layer-wise lr decay (arXiv 2106.08254; MIM-Refiner uses 0.65): block i (0-based) trains at
-    ``layer_decay ** (depth - i)``, the embeddings (patch, CLS, position tokens) one step lower at
-    ``layer_decay ** (depth + 1)``, the final norm at 1.
-
-    Not timm's ``param_groups_layer_decay``: for a model built without a classifier (``num_classes=0``) timm's
-    group matcher puts the final norm into the last block's layer, so the last block would train at the full rate
-    (scale 1) and every block one step faster than the rule above.
-    """
-    if name.startswith("blocks."):
-        return layer_decay ** (depth - int(name.split(".")[1]))
-    if name.startswith(("norm.", "fc_norm.", "head.")):
-        return 1.0
-    return layer_decay ** (depth + 1)
-
-
-def _param_groups(network: RefineNetwork, config: RefineConfig, stage: int) -> list[dict[str, Any]]:
-    """Stage 1: the heads only. Stage 2: the encoder by layer (`layer_lr_scale`; weight decay 0.05 except 1-d
-    parameters and the model's ``no_weight_decay`` tokens) plus the heads (weight decay 1e-5 except 1-d, lr scale
-    1). Parameters with ``requires_grad`` False (frozen blocks) are left out."""
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-
-    def add(param: torch.nn.Parameter, scale: float, decay: float) -> None:
-        if param.requires_grad or stage == 1:
-            groups.setdefault((scale, decay), []).append(param)
-
-    for param in network.heads.parameters():
-        add(param, 1.0, 0.0 if param.ndim <= 1 else config.head_weight_decay)
-    if stage == 2:
-        encoder = network.encoder
-        skip = set(encoder.no_weight_decay()) if hasattr(encoder, "no_weight_decay") else set()
-        depth = len(encoder.blocks)
-        for name, param in encoder.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = 0.0 if param.ndim <= 1 or name in skip else config.weight_decay
-            add(param, layer_lr_scale(name, depth=depth, layer_decay=config.layer_decay), decay)
-    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
-            for (scale, decay), params in sorted(groups.items(), key=lambda item: item[0])]
-
-
-def frozen_in_full_stage(name: str, freeze_blocks: int) -> bool:
-    """Whether the encoder parameter ``name`` stays frozen in stage 2: with ``freeze_blocks`` > 0 the embeddings
-    and the first ``freeze_blocks`` blocks."""
-    if freeze_blocks <= 0:
-        return False
-    frozen_embedding = not name.startswith(("blocks.", "norm.", "fc_norm."))
-    return frozen_embedding or (name.startswith("blocks.") and int(name.split(".")[1]) < freeze_blocks)
-
-
-def set_trainable(network: RefineNetwork, *, stage: int, freeze_blocks: int) -> None:
-    """Stage 1: encoder frozen. Stage 2: all but the embeddings and the first ``freeze_blocks`` blocks."""
-    encoder = network.encoder
-    network.encoder_frozen = stage == 1
-    for name, param in encoder.named_parameters():
-        param.requires_grad_(stage == 2 and not frozen_in_full_stage(name, freeze_blocks))
-    encoder.train(stage == 2)
-
-
-def make_ema(encoder: nn.Module, config: RefineConfig):
-    """The encoder's EMA (timm ``ModelEmaV3``), started from the encoder's weights at the start of stage 2.
-
-    Default, as the official ``callbacks/checkpoint_callbacks/ema_callback.py`` (``target_factors: [0.9999]`` in
-    the stage-3 configurations, scaled to a short stage by `config.resolve_ema_decay`): a constant decay from the
-    first update, ``ema = d * ema + (1 - d) * weights`` after every optimiser step, buffers copied rather than
-    averaged. ``ema_warmup``: timm's warmup instead (decay 0 for the first two updates, then ``1 - (1 + n)^(-2/3)``
-    capped at ``ema_decay``; buffers averaged), mimprobe's behaviour before it followed the official recipe.
-    """
-    from timm.utils import ModelEmaV3
-
-    if config.ema_decay is None:
-        raise ValueError("make_ema needs the run's decay: resolve it with config.resolve_ema_decay first")
-    if config.ema_warmup:
-        return ModelEmaV3(encoder, decay=config.ema_decay, use_warmup=True)
-    return ModelEmaV3(encoder, decay=config.ema_decay, use_warmup=False, exclude_buffers=True)
-
-
-def ema_progress(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
-                 ema: dict[str, torch.Tensor]) -> float | None:
-    """How far the EMA moved from the starting weights towards the trained ones: ``|ema - start| / |trained -
-    start|``, L2 norms over all encoder parameters together (float64). 0: the export is the starting encoder; about
-    1: it is as far from the start as the trained encoder (an EMA lags, so a finished run sits below 1). None when
-    the trained encoder did not move.
-
-    Args:
-        start, trained, ema: Parameters by name (the same names and shapes; any device).
-    """
-    moved = travelled = 0.0
-    for name, before in start.items():
-        before = before.detach().to("cpu", torch.float64)
-        moved += float((ema[name].detach().to("cpu", torch.float64) - before).square().sum())
-        travelled += float((trained[name].detach().to("cpu", torch.float64) - before).square().sum())
-    return (moved / travelled) ** 0.5 if travelled > 0 else None
-
-
 def _step_generator(seed: int, step: int, rank: int, block: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(int(np.random.SeedSequence([seed, step, rank, block, 7]).generate_state(1)[0]))
@@ -277,33 +172,6 @@ def _progress(enabled: bool):
                          TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
                          transient=False),
         enabled=enabled)
-
-
-class _CsvLog:
-    """Append rows to a CSV (rank 0 only), writing the header once."""
-
-    def __init__(self, path: Path, columns: list[str], enabled: bool):
-        self.path, self.columns, self.enabled = path, columns, enabled
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint (they will be logged again)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        with self.path.open(newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
-        self.path.unlink()
-        for row in rows:
-            self.write(row)
 
 
 def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig | None = None,
@@ -347,7 +215,8 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
                         init_seed=config.seed, model_kwargs=model_kwargs)
     _check_token_model(loaded.model, model)
-    _prepare_out(out, resume=resume, overwrite=overwrite, is_main=ctx.is_main)
+    prepare_run_folder(out, run_files=RUN_FILES, checkpoint=CHECKPOINT, what="refinement run", resume=resume,
+                       overwrite=overwrite, create=ctx.is_main)
     _barrier(ctx)
     started = time.perf_counter()
 
@@ -460,9 +329,9 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
 
     step_columns = ["step", "stage", "epoch", "loss", *[f"loss_block{b}" for b in config.head_blocks], "lr",
                     "images_per_second", "seconds", "ema_progress"]
-    step_log = _CsvLog(out / LOG_FILE, step_columns, ctx.is_main)
-    monitor_log = _CsvLog(out / MONITOR_FILE, ["step", "epoch", "stage", "encoder", "block", "knn_top1"],
-                          ctx.is_main)
+    step_log = CsvLog(out / LOG_FILE, step_columns, enabled=ctx.is_main)
+    monitor_log = CsvLog(out / MONITOR_FILE, ["step", "epoch", "stage", "encoder", "block", "knn_top1"],
+                         enabled=ctx.is_main)
 
     trainer = _Trainer(network=network, queues=queues, config=config, plan=plan, ctx=ctx, precision=precision,
                        dataset=dataset, sampler=sampler, micro=micro, start_weights=start_weights)
@@ -488,7 +357,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     say(size_note(sizes, head_params=sum(p.numel() for p in network.heads.parameters()),
                   encoder_params=sum(p.numel() for p in encoder.parameters())))
 
-    monitor = _Monitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
+    monitor = KnnMonitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
     stopped = False
     last_loss = None
     monitor_rows: list[dict[str, Any]] = []
@@ -638,7 +507,7 @@ class _Trainer:
             return
         set_trainable(self.network, stage=stage, freeze_blocks=self.config.freeze_blocks)
         self.network.heads.train()
-        groups = _param_groups(self.network, self.config, stage)
+        groups = param_groups(self.network, self.config, stage)
         self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas,
                                            fused=self.ctx.device.type in ("cpu", "cuda"))  # one kernel per step
         if self.ctx.distributed:
@@ -765,72 +634,3 @@ class _Trainer:
         """The EMA encoder after stage 2 (the evaluated and exported model in MIM-Refiner), else the encoder."""
         module = self.ema.module if self.ema is not None else self.network.encoder
         return module.state_dict()
-
-
-class _Monitor:
-    """k-NN top-1 of every head block on a small labelled subset, once per epoch (rank 0 computes, all wait)."""
-
-    def __init__(self, source, data_config: dict[str, Any], config: RefineConfig, ctx: DistContext):
-        from sklearn.model_selection import train_test_split
-
-        from ..data.dataset import SplitDataset
-        from ..data.transforms import build_eval_transform
-
-        self.ctx, self.config = ctx, config
-        train = source.splits["train"]
-        rng = np.random.default_rng(config.seed)
-        take = rng.permutation(len(train))[: config.monitor_images]
-        eval_name = next((name for name in ("test", "val") if name in source.splits), None)
-        transform = build_eval_transform(data_config)
-        size = tuple(data_config["input_size"])
-        if eval_name is None:
-            bank, query = train_test_split(take, test_size=0.2, random_state=config.seed,
-                                           stratify=train.labels[take])
-            self.sets = [(SplitDataset(train, transform, size), bank, train.labels[bank]),
-                         (SplitDataset(train, transform, size), query, train.labels[query])]
-        else:
-            evaluation = source.splits[eval_name]
-            query = rng.permutation(len(evaluation))[: max(1, config.monitor_images // 4)]
-            self.sets = [(SplitDataset(train, transform, size), take, train.labels[take]),
-                         (SplitDataset(evaluation, transform, size), query, evaluation.labels[query])]
-        self.class_names = list(source.classes)
-
-    @torch.no_grad()
-    def _features(self, encoder: nn.Module, dataset, rows: np.ndarray) -> dict[int, np.ndarray]:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=128,
-                                             num_workers=self.config.num_workers)
-        parts: dict[int, list[np.ndarray]] = {b: [] for b in self.config.head_blocks}
-        for images, _index, _error in loader:
-            with autocast(self.ctx.device, resolve_precision(self.config.precision, self.ctx.device)):
-                tokens = block_cls_tokens(encoder, images.to(self.ctx.device), list(self.config.head_blocks))
-            for block, value in tokens.items():
-                parts[block].append(value.float().cpu().numpy())
-        return {block: np.concatenate(chunks) for block, chunks in parts.items()}
-
-    def run(self, trainer: _Trainer, *, epoch: int) -> list[dict[str, Any]]:
-        from ..metrics.knn import evaluate_knn
-
-        rows: list[dict[str, Any]] = []
-        if self.ctx.is_main:
-            use_ema = trainer.ema is not None
-            encoder = trainer.ema.module if use_ema else trainer.network.encoder
-            was_training = encoder.training
-            encoder.eval()
-            (bank_set, bank_rows, bank_labels), (query_set, query_rows, query_labels) = self.sets
-            bank = self._features(encoder, bank_set, bank_rows)
-            query = self._features(encoder, query_set, query_rows)
-            encoder.train(was_training)
-            k = min(10, len(bank_rows))
-            from dataclasses import replace
-
-            from ..metrics.knn_presets import get_preset
-
-            preset = replace(get_preset("mim-refiner"), ks=(k,), headline_k=k)  # k cut to a small bank
-            for block in self.config.head_blocks:
-                found = evaluate_knn(bank[block], bank_labels, query[block], query_labels, preset=preset,
-                                     split="monitor", class_names=self.class_names)
-                top1 = next(row.value for row in found if row.metric == "knn_top1")
-                rows.append({"step": trainer.step, "epoch": epoch, "stage": trainer.plan.stage(epoch),
-                             "encoder": "ema" if use_ema else "encoder", "block": block, "knn_top1": top1})
-        _barrier(self.ctx)
-        return rows

@@ -263,7 +263,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         run_pretrain_mae("test_vit", SMALL, out=tmp_path / "resumed", **options)
     assert not (tmp_path / "resumed" / "mae.pth").exists()
     monkeypatch.setattr(train_module, "mae_lr", real_lr)
-    with pytest.raises(Exception, match="holds another run"):
+    with pytest.raises(Exception, match="holds another pre-training run"):
         run_pretrain_mae("test_vit", SMALL, out=tmp_path / "resumed", **options)
     resumed = run_pretrain_mae("test_vit", SMALL, out=tmp_path / "resumed", resume=True, **options)
     assert resumed.resumed and resumed.epochs_this_call == 1 and resumed.epoch_losses == whole.epoch_losses
@@ -312,7 +312,7 @@ BAD_CLI = {
     "image size": (["--img-size", "40"], r"--img-size 40 is not divisible by the patch size 16"),
     "too few patches": (["--img-size", "16"], r"gives 1 patches of 16 px"),
     "batch larger than data": (["--batch-size", "64"], r"train split has 8 images, fewer than --batch-size 64"),
-    "resume and overwrite": (["--resume", "--overwrite"], r"either --resume or --overwrite"),
+    "resume and overwrite": (["--resume", "--overwrite"], r"either --resume .* or --overwrite .*, not both"),
 }
 
 
@@ -324,7 +324,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, case):
     elif case == "another run":
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "log.csv").write_text("step\n")
-        pattern = r"holds another run \(log\.csv\): pass --resume .* --overwrite"
+        pattern = r"holds another pre-training run \(log\.csv\): pass --resume .* --overwrite"
     else:
         extra, pattern = BAD_CLI[case]
     args = ["pretrain-mae", "test_vit", data, "--out", str(tmp_path / "run"), *CLI_TINY, *extra]

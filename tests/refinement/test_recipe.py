@@ -25,7 +25,8 @@ from mimprobe.refinement.schedules import (OFFICIAL_FULL_STEPS, StagePlan, ema_s
                                        resolve_queue_size, stage_lr, warmup_steps)
 from mimprobe.refinement.recipe import OFFICIAL_COMMIT, RECIPE, recipe_text
 from mimprobe.refinement.sizing import resolve_head_dims
-from mimprobe.refinement.trainer import _small_data_notes, make_ema
+from mimprobe.refinement.optim import make_ema
+from mimprobe.refinement.trainer import _small_data_notes
 
 # The official values, read from the configurations (file:line in mimprobe/refinement/recipe.py's RECIPE).
 OFFICIAL = {

@@ -14,7 +14,7 @@ from mimprobe.refinement.schedules import ema_progress_warning
 from mimprobe.refinement.heads import HeadConfig
 from mimprobe.refinement.network import RefineNetwork
 from mimprobe.refinement.sizing import (checkpoint_bytes, default_local_size, proportional_head_dims, resolve_head_dims)
-from mimprobe.refinement.trainer import ema_progress
+from mimprobe.refinement.optim import ema_progress
 
 
 def test_proportional_head_widths_are_the_official_ones_times_the_width_over_vit_l():

@@ -27,7 +27,7 @@ from mimprobe.refinement import RefineConfig, run_refine
 from mimprobe.refinement.checkpoint import CHECKPOINT, EXPORT
 from mimprobe.refinement.heads import HeadConfig
 from mimprobe.refinement.network import RefineNetwork
-from mimprobe.refinement.trainer import _param_groups
+from mimprobe.refinement.optim import param_groups as _param_groups
 
 MODEL = "test_vit"          # timm's 6-block, 64-wide test model
 DATA = "synthetic:classes=4,train=12,test=4,size=32"   # 48 train images
