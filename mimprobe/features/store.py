@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .._disk import DiskFullError, disk_full_guard, free_bytes, replaced_atomically
+from .._disk import DiskFullError, disk_full_guard, free_bytes
 from .._run_folder import write_json_atomic  # noqa: F401  (the manifests' writer; features.progress imports it here)
 from ..errors import BadInputError
 
