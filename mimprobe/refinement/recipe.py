@@ -10,7 +10,7 @@ with the model size). ``mimprobe refine --recipe`` prints the table; a test chec
 
 Deliberate deviations, kept and documented where they live:
 
-* ``refine/loss.py``: each local crop's loss term uses that crop's own prediction; the official ``nnclr_loss.py``
+* ``refinement/loss.py``: each local crop's loss term uses that crop's own prediction; the official ``nnclr_loss.py``
   indexes the local terms with a counter that starts at 0, i.e. reads global predictions (an indexing slip).
 * the warmup never takes more than 40 % of a stage (`config.WARMUP_MAX_SHARE`, the longest official warmup), the
   default queue is cut to the training set (`config.resolve_queue_size`) and the default EMA keeps its official
@@ -105,7 +105,7 @@ def recipe_text() -> str:
               "the official time constant (10,000 of 37,530 steps) as a share of a shorter full stage, and on a CPU "
               "below 224 px the default head widths are the official ones x model width / 1024; each run says what "
               "it scaled and records it in config.json. Deliberate fix: local crops' loss terms use their own "
-              "predictions (refine/loss.py)."]
+              "predictions (refinement/loss.py)."]
     return "\n".join(lines)
 
 

@@ -108,7 +108,7 @@ def test_recipe_table_matches_the_defaults_and_names_a_source_for_each():
         assert row.default == getattr(defaults, row.field), row.field
         assert row.source.startswith("src/") and ":" in row.source, row.field
     text = recipe_text()
-    assert OFFICIAL_COMMIT[:7] in text and "refine/loss.py" in text
+    assert OFFICIAL_COMMIT[:7] in text and "refinement/loss.py" in text
     assert all(row.source in text for row in RECIPE)
 
 
