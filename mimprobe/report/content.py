@@ -48,6 +48,9 @@ def build_document(profiles: list[ProfileInput], pairs: list[PairComparison], *,
         sections.append(_cka_section(index, pair, suffix, out, figures))
         sections.append(_class_section(index, pair, suffix, out, figures))
         sections.append(_placement_section(index, pair, suffix))
+    labelfree = _labelfree_section(profiles)
+    if labelfree is not None:
+        sections.append(labelfree)
     sections.append(_config_section(profiles))
     sections.append(_method_section(pairs, config))
     return Document(title=title, intro=tuple(intro), sections=tuple(sections)), figures
@@ -357,6 +360,33 @@ def _placement_section(index: int, pair: PairComparison, suffix: str) -> Section
                         else ""))
     items += [note_line(note) for note in placement.notes]
     return Section(f"Placement{suffix}", f"placement-{index}", (Bullets(tuple(items)),))
+
+
+def _labelfree_section(profiles: list[ProfileInput]) -> Section | None:
+    """Label-free vs labelled: per profile, how each label-free curve tracks k-NN top-1 across its blocks (the
+    profile's ``calibration`` in profile.json), or None when no profile has one."""
+    frames = []
+    for profile in profiles:
+        records = [record for record in (profile.meta.get("calibration") or []) if record.get("against") == "knn_top1"]
+        for record in records:
+            low, high = record.get("rho_low"), record.get("rho_high")
+            rho = record.get("rho")
+            frames.append({"profile": profile.label, "metric": record["metric"], "pooling": record["pooling"],
+                           "rho vs k-NN": "undefined (a flat curve)" if rho is None else
+                           f"{rho:+.2f}" + (f" [{low:+.2f}, {high:+.2f}]" if low is not None and high is not None
+                                            else ""),
+                           "pick": f"block {record['picked_block']} ({record['pick']})",
+                           "best k-NN block": str(record["best_block"]),
+                           "k-NN lost at pick": f"{100 * float(record['accuracy_lost']):.1f} points"})
+    if not frames:
+        return None
+    text = ("Spearman's rho across blocks between each label-free curve (train split, a seeded subset) and k-NN top-1 "
+            "on the evaluation split, with its 95 % bootstrap interval over the evaluation images (the label-free "
+            "curve held fixed); the block each metric's published rule picks, and the k-NN accuracy lost there "
+            "against the best block. An interval that spans 0 means these blocks cannot tell whether the metric "
+            "tracks accuracy.")
+    return Section("Label-free vs labelled", "label-free", (Paragraph(text),
+                                                             Table(pd.DataFrame(frames), "label-free-calibration")))
 
 
 def _config_section(profiles: list[ProfileInput]) -> Section:

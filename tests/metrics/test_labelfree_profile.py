@@ -94,3 +94,15 @@ def test_place_label_free_on_an_unlabelled_image_folder(tmp_path):
     assert "label-free rule: twonn_id" in placement["reason"] and "no labels in this profile" in placement["reason"]
     refused = runner.invoke(app, ["place", str(profile), "--out", str(tmp_path / "q.json")])
     assert refused.exit_code == 2 and not (tmp_path / "q.json").exists()  # the peak rule needs labels
+
+
+def test_compare_report_has_the_label_free_section(labelled, tmp_path):
+    mimprobe.compare([str(labelled), str(labelled)], out=str(tmp_path / "report"), labels="before,after", cka=False,
+                     resamples=50)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Label-free vs labelled" in markdown
+    calibration = pd.read_csv(labelled / "calibration.csv")
+    knn = calibration[calibration["against"] == "knn_top1"]
+    for record in knn.to_dict(orient="records"):
+        if np.isfinite(record["rho"]):
+            assert f"{record['rho']:+.2f} [{record['rho_low']:+.2f}, {record['rho_high']:+.2f}]" in markdown
