@@ -159,11 +159,10 @@ def curve_figure(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, 
         if level is not None and chance_on_axis:
             axis.axhline(level, color="grey", linestyle=(0, (4, 3)), linewidth=1,
                          label=f"chance {level:.1f}{'%' if key.is_percent else ''}", zorder=1)
-        elif level is not None:
-            where = "below" if level < low else "above"
-            axis.annotate(f"chance {level:.1f}% lies {where} (the axis fits the data)", xy=(0.01, 0.01),
-                          xycoords="axes fraction", ha="left", va="bottom", fontsize=FONT_PT, color="dimgrey")
-        axis.set_title(f"{pooling} pooling", fontsize=FONT_PT)
+        chance_note = ""
+        if level is not None and not chance_on_axis:  # in the panel's title: clear of the curves and the legend
+            chance_note = f" (chance {level:.1f}%: {'below' if level < low else 'above'} the axis)"
+        axis.set_title(f"{pooling} pooling{chance_note}", fontsize=FONT_PT)
         axis.set_xlabel("relative depth (block + 1) / depth" if relative else "block (0-based)", fontsize=FONT_PT)
         axis.set_ylabel(key.short_name + (" (%)" if key.is_percent else ""), fontsize=FONT_PT)
         axis.grid(alpha=0.3)

@@ -19,7 +19,8 @@ def _sides(before: list[float], after: list[float]) -> list[SideCurve]:
 
 def _texts(axis) -> list[str]:
     legend = axis.get_legend()
-    return [t.get_text() for t in axis.texts] + ([t.get_text() for t in legend.get_texts()] if legend else [])
+    return ([t.get_text() for t in axis.texts] + [axis.get_title()]
+            + ([t.get_text() for t in legend.get_texts()] if legend else []))
 
 
 def test_the_y_axis_follows_the_data_and_names_a_far_chance_level():
