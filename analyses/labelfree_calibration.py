@@ -65,6 +65,18 @@ def main() -> None:
              "*pick*: the block the metric's published rule selects; *k-NN lost*: best block's k-NN top-1 minus the "
              "pick's, in points.", "",
              *_markdown(result), ""]
+    lines += ["Profiles (each `mimprobe profile ... --metrics knn,linear,rank,twonn,spectrum,entropy,overlap,"
+              "learnability --pool cls`):", ""]
+    for name, folder in profiles.items():
+        import json
+
+        meta = json.loads((folder / "profile.json").read_text())
+        model = meta.get("model") or {}
+        lines.append(f"- {name}: `{model.get('name')}` ({model.get('weights')}"
+                     f"{', ' + Path(model['checkpoint']).name if model.get('checkpoint') else ''}), "
+                     f"{Path(str((meta.get('dataset') or {}).get('name'))).name}, {len(meta.get('blocks', []))} "
+                     f"blocks")
+    lines.append("")
     if reliable.empty:
         lines.append("**No label-free metric tracks k-NN beyond its interval on any of these models**: at this "
                      "scale (a dozen blocks, a few hundred evaluation images) the data cannot tell; place heads "

@@ -66,10 +66,12 @@ class ProfileConfig:
     # fits read only the rows they choose from train (n shots or 1 % per class).
     eval_samples: int | None = option(50000, "Evaluation rows for low-shot and clustering (a seeded subset when "
                                              "the split is larger; recorded in the rows' params).", minimum=1)
-    # The label-free metrics' neighbour searches grow as n^2: 2,000 train rows keep all of them together within
-    # about 1.6x the k-NN metric's time on 5,000 x 192 features (benchmarks/labelfree.py).
+    # The label-free metrics' neighbour searches grow as n^2: on labelled data the subset is also cut to k-NN's
+    # evaluation queries (not below 1,000), so that each search costs less than k-NN's bank x queries
+    # (benchmarks/labelfree.py: 1.7x the k-NN metric's time for all of them together on 5,000 x 192 features).
     labelfree_samples: int | None = option(2000, "Train rows for the label-free metrics (TwoNN, spectrum, entropy, "
-                                                 "overlap, learnability; a seeded subset, recorded in the rows' "
+                                                 "overlap, learnability; a seeded subset, at most the evaluation "
+                                                 "split's size (>= 1,000) on labelled data; recorded in the rows' "
                                                  "params).", minimum=4)
     poolings: tuple[str, ...] | None = None  # poolings measured; None: every pooling in the store
 

@@ -41,6 +41,7 @@ from .registry import FAMILIES, LABEL_FREE_FAMILIES
 from .headlines import best_blocks, headlines
 
 LABEL_FREE = LABEL_FREE_FAMILIES
+LABELFREE_FLOOR = 1000   # label-free subsets are not cut below this many rows to match a small evaluation split
 COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
 HOLDOUT_FRACTION = 0.2
 PREDICTIONS_FILE = "predictions.npz"
@@ -243,7 +244,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     context = Context(store=store, views=views, plan=plan, config=config, device=resolve_device(config.device),
                       predictions=predictions, knn_group=knn_group,
                       eval_subset=_seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed),
-                      labelfree_subset=seeded_subset(len(views.labels("train")), size=config.labelfree_samples,
+                      labelfree_subset=seeded_subset(len(views.labels("train")), size=_labelfree_size(config, plan, labelled=store.labelled),
                                                      seed=config.seed) if set(metrics) & set(LABEL_FREE) else None)
     families = [FAMILIES[name] for name in metrics]
     if context.labelfree_subset is not None:
@@ -339,6 +340,17 @@ class StoreViews:
         for split in dict.fromkeys(("train", self.plan.eval_source)):
             check_finite(self.rows("train" if split == "train" else "eval", block, pooling),
                          what=f"block {block} ({pooling}) of split {split}")
+
+
+def _labelfree_size(config: ProfileConfig, plan: SplitPlan, *, labelled: bool) -> int | None:
+    """Rows of the label-free subset: ``labelfree_samples``, and on labelled data no more than k-NN's evaluation
+    queries (but at least `LABELFREE_FLOOR`). The label-free searches compare the subset with itself (n^2 pairs), k-NN
+    the bank with the queries (bank x queries), so a subset no larger than the queries keeps each of them cheaper
+    than the k-NN search of the same store."""
+    size = config.labelfree_samples
+    if size is None or not labelled:
+        return size
+    return min(size, max(len(plan.eval_index), LABELFREE_FLOOR))
 
 
 def _seeded_subset(n: int, size: int | None, *, seed: int) -> np.ndarray:
