@@ -8,7 +8,8 @@ from importlib import import_module
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+def lazy_exports(package: str, exports: dict[str, str]
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """``__getattr__``, ``__dir__`` and ``__all__`` for ``package`` exporting ``{name: ".module"}``.
 
     A name must not be the name of one of the package's submodules: once that submodule is imported, Python binds

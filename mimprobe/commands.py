@@ -5,11 +5,13 @@ same entry, and `mimprobe.pipeline.spec` reads the spec sections of the same cla
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import MISSING, dataclass
 from typing import Any
 
 from ._run_folder import check_resume_overwrite
 from .choices import parse_model_kwargs
+from .errors import BadInputError
 from .features.config import ExtractConfig
 from .metrics.config import ProfileConfig
 from .options import build_config, device_option, option, option_fields, public_name, split_options, threads_option
@@ -123,7 +125,17 @@ class Command:
         return list(seen)
 
     def configs(self, options: dict[str, Any]) -> dict[type, Any]:
-        """Every option class built from ``options`` (validated: unknown names and bad values raise)."""
+        """Every option class built from ``options`` (validated: unknown names and bad values raise).
+
+        Raises:
+            BadInputError: A name the command does not take (with the closest one), or a bad value.
+        """
+        known = self.names()
+        unknown = [name for name in options if name not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            raise BadInputError(f"{self.name} has no option {unknown[0]!r}" + (
+                f" (did you mean {close[0]}?)" if close else f": it takes {', '.join(known)}"))
         routed = split_options(self.options, {**(self.defaults or {}), **options})
         return {cls: build_config(cls, routed[cls]) for cls in self.options}
 

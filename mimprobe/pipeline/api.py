@@ -24,19 +24,7 @@ from ..errors import BadInputError
 Log = Callable[[str], None]
 
 
-def _check_known(command: Command, options: dict[str, Any]) -> None:
-    known = command.names()
-    for name in options:
-        if name not in known:
-            import difflib
-
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            raise BadInputError(f"{command.name} has no option {name!r}" + (f" (did you mean {close[0]}?)" if close
-                                                                             else f": it takes {', '.join(known)}"))
-
-
 def _configs(command: Command, options: dict[str, Any]) -> dict[type, Any]:
-    _check_known(command, options)
     return command.configs(options)
 
 
@@ -51,7 +39,8 @@ def extract(model: Any, data: Any, *, log: Log | None = None, on_batch: Any = No
     run, weights, running = configs[ExtractRun], configs[Weights], configs[Running]
     with _threads.cpu_threads(running.threads):
         return run_extract(model, data, out=run.out, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
-                           model_kwargs=weights.model_kwargs, config=configs[ExtractConfig], progress=running.progress, on_batch=on_batch, log=log)
+                           model_kwargs=weights.model_kwargs, config=configs[ExtractConfig],
+                           progress=running.progress, on_batch=on_batch, log=log)
 
 
 def profile(target: Any, data: Any = None, *, log: Log | None = None, **options: Any):
