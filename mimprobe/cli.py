@@ -122,6 +122,8 @@ PLACE_EPILOG = """
 * `mimprobe place profiles/mae-large --max-heads 8 --freeze 0.25 --out placement.json`
 * `mimprobe place profiles/digits --metric linear --plateau 0.01 --json`
 * `mimprobe place profiles/digits --blocks 8,9,10,11`  (explicit blocks; --blocks last:4 is rule last-n)
+* `mimprobe place profiles/unlabelled --rule label-free`  (no labels: from the block the TwoNN intrinsic dimension's
+  rule picks; `--rule label-free:alpha_req` reads another label-free curve)
 
 The peak rule (MIM-Refiner, arXiv 2402.10093) puts heads from the first block of the peak plateau to the last
 block; it reads only the validation split of the profile, never test. Blocks are 0-based.

@@ -41,8 +41,8 @@ class PlaceConfig:
     metric: str = option("knn", "Curve of the peak rule: knn (k-NN top-1 on val) or linear (linear-probe top-1 on "
                                 "val).", short="-m", choices=PLACEMENT_METRICS)
     pooling: str = option("cls", "Pooling of the curve: cls, mean or cls+mean.", short="-p", choices=POOLINGS)
-    max_heads: int | None = option(None, "Peak rule: at most N heads, spaced evenly to the last block (which always "
-                                         "gets one).", minimum=1)
+    max_heads: int | None = option(None, "Peak and label-free rules: at most N heads, spaced evenly to the last block "
+                                         "(which always gets one).", minimum=1)
     plateau: float | None = option(None, "Peak rule: blocks within this accuracy fraction of the peak belong to its "
                                          "plateau (0.005 = half a point) [default: 1.96 sqrt(2) standard errors of "
                                          "the validation curve].")
