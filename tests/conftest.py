@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# The suite's tensors are tiny: on a 2-core machine one thread per process (this one and the subprocesses the tests
+# start) runs them fastest, as `--threads 1` does for users. Set before torch, NumPy's BLAS or FAISS load; an
+# explicit OMP_NUM_THREADS in the environment wins.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
 import socket
 import tarfile
 from pathlib import Path
