@@ -106,3 +106,20 @@ def test_compare_report_has_the_label_free_section(labelled, tmp_path):
     for record in knn.to_dict(orient="records"):
         if np.isfinite(record["rho"]):
             assert f"{record['rho']:+.2f} [{record['rho_low']:+.2f}, {record['rho_high']:+.2f}]" in markdown
+
+
+def test_the_label_free_subset_is_cut_to_the_knn_queries_on_labelled_data():
+    """Each label-free search compares the subset with itself; k-NN the bank with the queries: on labelled data the
+    subset is cut to the evaluation split (not below 1,000 rows), so no search costs more than k-NN's."""
+    from types import SimpleNamespace
+
+    from mimprobe.metrics.config import ProfileConfig
+    from mimprobe.metrics.profile import LABELFREE_FLOOR, _labelfree_size
+
+    config = ProfileConfig(labelfree_samples=2000)
+    plan = lambda queries: SimpleNamespace(eval_index=np.arange(queries))  # noqa: E731
+    assert _labelfree_size(config, plan(1500), labelled=True) == 1500
+    assert _labelfree_size(config, plan(300), labelled=True) == LABELFREE_FLOOR == 1000
+    assert _labelfree_size(config, plan(50_000), labelled=True) == 2000
+    assert _labelfree_size(config, plan(300), labelled=False) == 2000   # no k-NN to compare with
+    assert _labelfree_size(ProfileConfig(labelfree_samples=None), plan(300), labelled=True) is None
