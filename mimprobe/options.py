@@ -208,20 +208,19 @@ def build_config(cls: type, values: Mapping[str, Any], *, base: Any = None) -> A
     return cls(**converted)
 
 
-def split_options(classes: Iterable[type], values: Mapping[str, Any], *,
-                  extra: Iterable[str] = ()) -> dict[type, dict[str, Any]]:
+def split_options(classes: Iterable[type], values: Mapping[str, Any]) -> dict[type, dict[str, Any]]:
     """Route keywords to the config classes that declare them (a name shared by several goes to each).
 
     Raises:
-        BadInputError: A keyword no class declares (and not in ``extra``), with the closest known one.
+        BadInputError: A keyword no class declares, with the closest known one.
     """
     classes = list(classes)
     known = {cls: {public_name(f) for f, _ in option_fields(cls)} for cls in classes}
     routed: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
-    every = sorted(set().union(*known.values(), extra))
+    every = sorted(set().union(*known.values()))
     for name, value in values.items():
         owners = [cls for cls in classes if name in known[cls]]
-        if not owners and name not in extra:
+        if not owners:
             raise BadInputError(f"unknown option {name!r}{_suggest_text(name, every)}: the options are "
                                 f"{', '.join(every)}")
         for cls in owners:

@@ -165,7 +165,8 @@ def check_knn_fits(preset: str, plan: SplitPlan) -> None:
     Raises:
         BadInputError: The preset's largest k is larger than a bank.
     """
-    from .knn import PRESETS as KNN_PRESETS, get_preset
+    from .knn_presets import PRESETS as KNN_PRESETS
+    from .knn_presets import get_preset
 
     banks = [(f"the fit part of train for k-NN on val ({len(plan.fit_index)} images)", len(plan.fit_index))]
     if plan.knn_loo:

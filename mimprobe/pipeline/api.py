@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import _threads
-from ..commands import (COMPARE, EXTRACT, INFO, PLACE, PRETRAIN, PROFILE, REFINE, Command, CompareConfig, CompareRun,
+from ..commands import (COMPARE, EXTRACT, INFO, PLACE, PRETRAIN, PROFILE, REFINE, CompareConfig, CompareRun,
                       ExtractConfig, ExtractRun, MaeConfig, PlaceConfig, PlaceRun, PretrainRun, ProfileConfig,
                       ProfileRun, RefineConfig, RefineRun, Running, Weights)
 from ..errors import BadInputError
 
 Log = Callable[[str], None]
-
-
-def _configs(command: Command, options: dict[str, Any]) -> dict[type, Any]:
-    return command.configs(options)
 
 
 def extract(model: Any, data: Any, *, log: Log | None = None, on_batch: Any = None, **options: Any):
@@ -35,7 +31,7 @@ def extract(model: Any, data: Any, *, log: Log | None = None, on_batch: Any = No
     `mimprobe.features.ExtractResult`."""
     from ..features.extraction import extract as run_extract
 
-    configs = _configs(EXTRACT, options)
+    configs = EXTRACT.configs(options)
     run, weights, running = configs[ExtractRun], configs[Weights], configs[Running]
     with _threads.cpu_threads(running.threads):
         return run_extract(model, data, out=run.out, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
@@ -52,7 +48,7 @@ def profile(target: Any, data: Any = None, *, log: Log | None = None, **options:
 
     from .profiling import run_profile
 
-    configs = _configs(PROFILE, options)
+    configs = PROFILE.configs(options)
     run, weights, running = configs[ProfileRun], configs[Weights], configs[Running]
     extract_config = configs[ExtractConfig]
     config = configs[ProfileConfig]
@@ -69,7 +65,7 @@ def place(profile: Any, *, preset: str | None = None, k: int | None = None, **op
     PROFILE/placement.json). Keywords are the command's options (see `PLACE`). Returns a `Placement`."""
     from ..placement.run import run_place
 
-    configs = _configs(PLACE, options)
+    configs = PLACE.configs(options)
     return run_place(profile, out=configs[PlaceRun].out, config=configs[PlaceConfig], preset=preset, k=k)
 
 
@@ -79,7 +75,7 @@ def refine(model: str, data: Any, *, log: Log | None = None, stop_after_steps: i
     OUT/refined.safetensors. Keywords are the command's options (see `REFINE`). Returns a `RefineResult`."""
     from ..refinement import run_refine
 
-    configs = _configs(REFINE, options)
+    configs = REFINE.configs(options)
     run, weights, running, place_config = configs[RefineRun], configs[Weights], configs[Running], configs[PlaceConfig]
     given_place = {name: value for name, value in options.items() if name in REFINE.only[PlaceConfig]}
     if run.auto and run.placement is not None:
@@ -126,7 +122,7 @@ def pretrain_mae(model: Any, data: Any, *, log: Log | None = None, **options: An
     command's options (see `PRETRAIN`). Returns a `PretrainResult`."""
     from ..pretrain import run_pretrain_mae
 
-    configs = _configs(PRETRAIN, options)
+    configs = PRETRAIN.configs(options)
     run, weights, running, config = configs[PretrainRun], configs[Weights], configs[Running], configs[MaeConfig]
     with _threads.cpu_threads(running.threads):
         if weights.pretrained and weights.checkpoint:
@@ -145,7 +141,7 @@ def compare(profiles: Sequence[Any], *, log: Log | None = None, **options: Any):
     command's options (see `COMPARE`). Returns a `CompareResult`."""
     from ..report import run_compare
 
-    configs = _configs(COMPARE, options)
+    configs = COMPARE.configs(options)
     run = configs[CompareRun]
     with _threads.cpu_threads(configs[Running].threads):
         return run_compare(profiles, out=run.out, labels=None if run.labels is None else list(run.labels),
@@ -158,7 +154,7 @@ def info(model: str, **options: Any) -> dict[str, Any]:
     where it comes from), as a dict."""
     from ..models import describe_model, load_model
 
-    configs = _configs(INFO, options)
+    configs = INFO.configs(options)
     weights, config = configs[Weights], configs[ExtractConfig]
     with _threads.cpu_threads(configs[Running].threads):
         loaded = load_model(model, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
