@@ -92,6 +92,7 @@ def _two_process_worker(rank: int, init_file: str, results: dict) -> None:
         y, x_grad, weight_grad, bias_grad = _run(ours, x[half], upstream[half])
         # each process holds its rows' gradients; DDP sums the parameter gradients over processes
         results[rank] = (y, x_grad, weight_grad, bias_grad, ours.running_mean.clone(), ours.running_var.clone())
+        dist.barrier()  # no rank tears gloo down while another's last collective is in flight
     finally:
         dist.destroy_process_group()
 

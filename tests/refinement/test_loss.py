@@ -165,6 +165,7 @@ def _distributed_worker(rank: int, init_file: str, out_dir: str, anchor, neighbo
             dist.all_reduce(gradient)                  # DDP: all-reduce, then divide by the world size
             results[name] = (loss.detach(), gradient / WORLD)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another's last collective is in flight (CI: SIGABRT)
     finally:
         dist.destroy_process_group()
 
