@@ -8,7 +8,7 @@ Run from the repository root::
 
 Measures, in one run, with seeded random weights and random images (the timing does not depend on them):
 
-* ours: one full stage-2 training step of `mimprobe.refinement.trainer` (``_Trainer._train_step``) with heads on the
+* ours: one full stage-2 training step of `mimprobe.refinement.engine` (``Trainer._train_step``) with heads on the
   last ``--heads`` blocks: the encoder's ``forward_intermediates`` on both global views, every head's projector
   and predictor, the queue lookups (top-k with a uniform pick) and updates, the NNA loss, backward, the AdamW
   step over the layer-decay groups and the EMA update;
@@ -77,7 +77,7 @@ def build(args: argparse.Namespace):
     from mimprobe.refinement.heads import HeadConfig
     from mimprobe.refinement.network import RefineNetwork
     from mimprobe.refinement.queue import NNQueue
-    from mimprobe.refinement.trainer import _Trainer
+    from mimprobe.refinement.engine import Trainer
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -92,7 +92,7 @@ def build(args: argparse.Namespace):
     network = RefineNetwork(encoder, blocks, HeadConfig(hidden, proj, predictor)).to(device)
     queues = torch.nn.ModuleDict({str(b): NNQueue(args.queue_size, proj) for b in blocks}).to(device)
     plan = StagePlan(steps_per_epoch=10_000, epochs_heads=0, epochs=1)
-    trainer = _Trainer(network=network, queues=queues, config=config, plan=plan, ctx=DistContext(device=device),
+    trainer = Trainer(network=network, queues=queues, config=config, plan=plan, ctx=DistContext(device=device),
                        precision=precision, dataset=None, sampler=None, micro=args.batch_size)
     trainer._enter_stage(2)
 

@@ -25,34 +25,32 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._device import autocast, resolve_device, resolve_precision
+from .._device import resolve_device, resolve_precision
 from .._messages import progress_display, status_logger
 from .._versions import software_versions
 from .._ranks import barrier
 from .._run_folder import CsvLog, prepare_run_folder
 from ..errors import BadInputError
-from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
+from .augment import MultiViewDataset, MultiViewTransform, ViewConfig
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
 from .config import RefineConfig
 from .schedules import (OFFICIAL_EMA_DECAY, OFFICIAL_EMA_SHARE, OFFICIAL_EMA_SOURCE, OFFICIAL_FULL_STEPS,
                         OFFICIAL_FULL_STEPS_SOURCE, OFFICIAL_QUEUE_SIZE, WARMUP_MAX_SHARE, StagePlan,
-                        ema_progress_warning, ema_scaling_note, resolve_ema_decay, resolve_queue_size, stage_lr,
-                     warmup_steps)
-from .distributed import (DistContext, any_process, convert_batchnorm, gather_no_grad, init_distributed,
-                          mean_over_processes)
+                        ema_progress_warning, ema_scaling_note, resolve_ema_decay, resolve_queue_size,
+                        warmup_steps)
+from .distributed import DistContext, any_process, convert_batchnorm, init_distributed
 from .heads import HeadConfig
-from .loss import multi_view_nna_loss
 from .monitor import KnnMonitor
 from .network import RefineNetwork
-from .optim import ema_progress, frozen_in_full_stage, make_ema, param_groups, set_trainable
+from .optim import frozen_in_full_stage
 from .queue import NNQueue
+from .engine import FORMAT_VERSION, Trainer
 from .sizing import ScaledDefault, checkpoint_bytes, head_scaling, local_scaling, resolve_head_dims, size_note
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
 MONITOR_FILE = "monitor.csv"
 RUN_FILES = (CONFIG_FILE, LOG_FILE, MONITOR_FILE, CHECKPOINT, EXPORT, EXPORT_INFO, "placement.json")
-FORMAT_VERSION = 1
 TIMED_STEPS = 3           # the step time is reported after this many steps of each stage
 
 
@@ -129,12 +127,6 @@ def _check_sizes(config: RefineConfig, n_train: int, ctx: DistContext) -> int:
         raise BadInputError(f"each micro-batch would hold {micro} image(s): the NNA loss needs at least 2 per "
                             "process, raise --batch-size or lower --accumulate")
     return micro
-
-
-def _step_generator(seed: int, step: int, rank: int, block: int, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(np.random.SeedSequence([seed, step, rank, block, 7]).generate_state(1)[0]))
-    return generator
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
@@ -329,7 +321,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     monitor_log = CsvLog(out / MONITOR_FILE, ["step", "epoch", "stage", "encoder", "block", "knn_top1"],
                          enabled=ctx.ranks.is_main)
 
-    trainer = _Trainer(network=network, queues=queues, config=config, plan=plan, ctx=ctx, precision=precision,
+    trainer = Trainer(network=network, queues=queues, config=config, plan=plan, ctx=ctx, precision=precision,
                        dataset=dataset, sampler=sampler, micro=micro, start_weights=start_weights)
     if state is not None:
         trainer.load_state(state)
@@ -354,6 +346,31 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                   encoder_params=sum(p.numel() for p in encoder.parameters())))
 
     monitor = KnnMonitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
+    stopped, last_loss, monitor_rows = _train(trainer, plan=plan, config=config, ctx=ctx, out=out, resolved=resolved,
+                                              logs=(step_log, monitor_log), monitor=monitor, say=say,
+                                              progress=progress, stop_after_steps=stop_after_steps)
+    barrier(ctx.ranks)
+
+    progress_value = _record_ema_progress(trainer, out=out, resolved=resolved, say=say) if ctx.ranks.is_main \
+        else None
+    export = None
+    if not stopped and ctx.ranks.is_main:
+        export = _export(trainer, out=out, loaded=loaded, img_size=img_size, data_config=data_config,
+                         head_blocks=config.head_blocks)
+        say(f"wrote {export} ({'EMA ' if trainer.ema is not None else ''}encoder, timm names)")
+    return RefineResult(out=out, export=export, steps=trainer.step, epochs_done=trainer.epoch,
+                        seconds=time.perf_counter() - started, last_loss=last_loss,
+                        head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows,
+                        ema_progress=progress_value)
+
+
+def _train(trainer: Trainer, *, plan: StagePlan, config: RefineConfig, ctx: DistContext, out: Path,
+           resolved: dict[str, Any], logs: tuple[CsvLog, CsvLog], monitor: KnnMonitor | None,
+           say: Callable[[str], None], progress: bool,
+           stop_after_steps: int | None) -> tuple[bool, float | None, list[dict[str, Any]]]:
+    """Run the remaining epochs: log every step, checkpoint every epoch, stop (with a checkpoint) on SIGTERM in any
+    process or after ``stop_after_steps``. Returns (stopped early, last loss, the k-NN monitor's rows)."""
+    step_log, monitor_log = logs
     stopped = False
     last_loss = None
     monitor_rows: list[dict[str, Any]] = []
@@ -388,34 +405,39 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                     monitor_log.write(row)
                 say("k-NN monitor, epoch {}: {}".format(
                     trainer.epoch - 1, ", ".join(f"block {r['block']} {100 * r['knn_top1']:.1f} %" for r in rows)))
-    barrier(ctx.ranks)
+    return stopped, last_loss, monitor_rows
 
-    progress_value = trainer.ema_progress() if trainer.ema is not None and ctx.ranks.is_main else None
-    if ctx.ranks.is_main and trainer.ema is not None:
-        say(f"ema_progress: {progress_value:.3f} (|ema - start| / |trained - start| over the encoder's parameters)"
-            if progress_value is not None else "ema_progress: - (the trained encoder did not move)")
-        warning = ema_progress_warning(progress_value)
-        if warning:
-            say(warning)
-        written = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else resolved
-        (out / CONFIG_FILE).write_text(json.dumps({**written, "ema_progress": progress_value}, indent=2) + "\n")
 
-    export = None
-    if not stopped and ctx.ranks.is_main:
-        info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
-                "base_weights": loaded.identity(), "encoder": "ema" if trainer.ema is not None else "encoder",
-                "head_blocks": list(config.head_blocks), "steps": trainer.step, "data_config": data_config,
-                "load_with": {"mimprobe": f"mimprobe extract {loaded.name} DATA --img-size {img_size} "
-                                          f"--checkpoint {out / EXPORT}",
-                              "timm": f"timm.create_model('{loaded.name}', pretrained=True, num_classes=0, "
-                                      f"img_size={img_size}, pretrained_cfg_overlay=dict(file='{out / EXPORT}'))"},
-                "versions": software_versions()}
-        export = export_encoder(trainer.export_state_dict(), out, info)
-        say(f"wrote {export} ({'EMA ' if trainer.ema is not None else ''}encoder, timm names)")
-    return RefineResult(out=out, export=export, steps=trainer.step, epochs_done=trainer.epoch,
-                        seconds=time.perf_counter() - started, last_loss=last_loss,
-                        head_blocks=tuple(config.head_blocks), stopped_early=stopped, monitor=monitor_rows,
-                        ema_progress=progress_value)
+def _record_ema_progress(trainer: Trainer, *, out: Path, resolved: dict[str, Any],
+                         say: Callable[[str], None]) -> float | None:
+    """Say how far the exported EMA moved (`optim.ema_progress`), warn when too little, and add it to config.json
+    (None without an EMA: a heads-only run)."""
+    if trainer.ema is None:
+        return None
+    value = trainer.ema_progress()
+    say(f"ema_progress: {value:.3f} (|ema - start| / |trained - start| over the encoder's parameters)"
+        if value is not None else "ema_progress: - (the trained encoder did not move)")
+    warning = ema_progress_warning(value)
+    if warning:
+        say(warning)
+    written = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else resolved
+    (out / CONFIG_FILE).write_text(json.dumps({**written, "ema_progress": value}, indent=2) + "\n")
+    return value
+
+
+def _export(trainer: Trainer, *, out: Path, loaded: Any, img_size: int, data_config: dict[str, Any],
+            head_blocks: tuple[int, ...]) -> Path:
+    """Write refined.safetensors (the EMA encoder after stage 2, else the encoder) and refined.json: how it was made
+    and how to load it."""
+    info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
+            "base_weights": loaded.identity(), "encoder": "ema" if trainer.ema is not None else "encoder",
+            "head_blocks": list(head_blocks), "steps": trainer.step, "data_config": data_config,
+            "load_with": {"mimprobe": f"mimprobe extract {loaded.name} DATA --img-size {img_size} "
+                                      f"--checkpoint {out / EXPORT}",
+                          "timm": f"timm.create_model('{loaded.name}', pretrained=True, num_classes=0, "
+                                  f"img_size={img_size}, pretrained_cfg_overlay=dict(file='{out / EXPORT}'))"},
+            "versions": software_versions()}
+    return export_encoder(trainer.export_state_dict(), out, info)
 
 
 def _step_time_note(timed: dict[int, list[float]], record: dict[str, Any], plan: StagePlan,
@@ -477,156 +499,3 @@ def _check_resume(state: dict[str, Any], resolved: dict[str, Any]) -> None:
                 detail = f"{saved.get(section)!r} -> {resolved.get(section)!r}"
             raise BadInputError(f"--resume with other {section} than the checkpoint ({detail}): rerun with the "
                                 "original options, or start a new --out")
-
-
-class _Trainer:
-    """The mutable training state and one epoch's loop."""
-
-    def __init__(self, *, network: RefineNetwork, queues: nn.ModuleDict, config: RefineConfig, plan: StagePlan,
-                 ctx: DistContext, precision: str, dataset: MultiViewDataset, sampler, micro: int,
-                 start_weights: dict[str, torch.Tensor]):
-        self.network, self.queues, self.config, self.plan, self.ctx = network, queues, config, plan, ctx
-        self.start_weights = start_weights   # the encoder's parameters before training (CPU), for ema_progress
-        self.precision, self.dataset, self.sampler, self.micro = precision, dataset, sampler, micro
-        self.step = 0              # optimiser steps done
-        self.epoch = 0             # epoch in progress (or the next one)
-        self.batch_in_epoch = 0    # optimiser steps done in this epoch
-        self.stage = 0
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.model: nn.Module = network
-        self.ema = None
-        self._pending_optimizer_state = None
-
-    # -- stages
-    def _enter_stage(self, stage: int) -> None:
-        if stage == self.stage:
-            return
-        set_trainable(self.network, stage=stage, freeze_blocks=self.config.freeze_blocks)
-        self.network.heads.train()
-        groups = param_groups(self.network, self.config, stage)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas,
-                                           fused=self.ctx.device.type in ("cpu", "cuda"))  # one kernel per step
-        if self.ctx.ranks.distributed:
-            import gc
-
-            from torch.nn.parallel import DistributedDataParallel
-
-            # the previous stage's wrapper must go first: its reducer's gradient hooks are removed with it
-            self.model = self.network
-            gc.collect()
-            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.network, device_ids=ids, broadcast_buffers=False)
-        if stage == 2 and self.ema is None:
-            self.ema = make_ema(self.network.encoder, self.config)
-        self.stage = stage
-
-    def _update_ema(self) -> None:
-        """One EMA update after the optimiser step (the official ``EmaCallback._track_after_update_step``)."""
-        if self.config.ema_warmup:
-            self.ema.update(self.network.encoder, step=self.step - self.plan.heads_steps)
-        else:
-            self.ema.update(self.network.encoder)  # no step: timm applies ema_decay itself, from the first update
-
-    # -- one epoch
-    def run_epoch(self) -> Iterator[dict[str, Any]]:
-        stage = self.plan.stage(self.epoch)
-        self._enter_stage(stage)
-        if self._pending_optimizer_state is not None:
-            self.optimizer.load_state_dict(self._pending_optimizer_state)
-            self._pending_optimizer_state = None
-        self.sampler.set_epoch(self.epoch)
-        self.dataset.set_epoch(self.epoch)
-        per_step = self.micro * self.config.accumulate
-        order = list(iter(self.sampler))[: self.plan.steps_per_epoch * per_step]
-        remaining = order[self.batch_in_epoch * per_step:]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.micro, sampler=remaining,
-                                             num_workers=self.config.num_workers, collate_fn=collate_views,
-                                             drop_last=True, pin_memory=self.ctx.device.type == "cuda")
-        batches = iter(loader)
-        while self.batch_in_epoch < self.plan.steps_per_epoch:
-            started = time.perf_counter()
-            record = self._train_step([next(batches) for _ in range(self.config.accumulate)], stage)
-            seconds = time.perf_counter() - started
-            record.update(images_per_second=self.config.batch_size / seconds, seconds=round(seconds, 4))
-            if stage == 2 and self.batch_in_epoch == self.plan.steps_per_epoch and self.ctx.ranks.is_main:
-                record["ema_progress"] = self.ema_progress()   # once per full-stage epoch, at its last step
-            yield record
-
-    def end_epoch(self) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
-    def _train_step(self, micro_batches: list, stage: int) -> dict[str, Any]:
-        lr = stage_lr(self.config, self.plan, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        topk = 1 if stage == 1 else self.config.topk
-        totals = torch.zeros(len(self.config.head_blocks), device=self.ctx.device)  # per head, detached
-        for views, indices in micro_batches:
-            views = [v.to(self.ctx.device, non_blocking=True) for v in views]
-            indices = indices.to(self.ctx.device)
-            with autocast(self.ctx.device, self.precision):
-                outputs = self.model(views)
-            loss = torch.zeros((), device=self.ctx.device)
-            for block in self.config.head_blocks:
-                projections, predictions = outputs[block]
-                queue = self.queues[str(block)]
-                generator = _step_generator(self.config.seed, self.step, self.ctx.ranks.rank, block, self.ctx.device)
-                neighbours = [queue.find_neighbours(projections[a].detach().float(), indices, topk=topk,
-                                                    generator=generator) for a in range(2)]
-                head_loss = multi_view_nna_loss(projections[:2], neighbours, predictions,
-                                                temperature=self.config.temperature, num_global=2,
-                                                gather=self.ctx.ranks.distributed)
-                loss = loss + head_loss  # summed over heads (DESIGN.md)
-                totals[self.config.head_blocks.index(block)] += head_loss.detach() / len(micro_batches)
-                queue.update(gather_no_grad(projections[0].detach().float()), gather_no_grad(indices))
-            (loss / len(micro_batches)).backward()
-        if self.config.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.clip_grad)
-        self.optimizer.step()
-        if stage == 2 and self.ema is not None:
-            self._update_ema()
-        self.step += 1
-        self.batch_in_epoch += 1
-        per_head = mean_over_processes(totals).tolist()  # one reduction and one device sync per step
-        record = {"step": self.step, "stage": stage, "epoch": self.epoch, "loss": sum(per_head), "lr": lr}
-        record.update({f"loss_block{b}": value for b, value in zip(self.config.head_blocks, per_head)})
-        return record
-
-    # -- state
-    def state_dict(self, resolved: dict[str, Any]) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "resolved": resolved, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "stage": self.stage,
-                "encoder": self.network.encoder.state_dict(), "heads": self.network.heads.state_dict(),
-                "queues": self.queues.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "rng": {"torch": torch.get_rng_state()}}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.network.encoder.load_state_dict(state["encoder"])
-        self.network.heads.load_state_dict(state["heads"])
-        self.queues.load_state_dict(state["queues"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if state["ema"] is not None:
-            self.ema = make_ema(self.network.encoder, self.config)
-            self.ema.load_state_dict(state["ema"])
-        if state["stage"]:
-            # rebuild the saved stage's optimiser now if the epoch to run is still in it; else the next stage
-            # starts fresh (its optimiser is new by design)
-            if self.epoch < self.plan.epochs_heads + self.plan.epochs and self.plan.stage(self.epoch) == state["stage"]:
-                self._pending_optimizer_state = state["optimizer"]
-        torch.set_rng_state(state["rng"]["torch"])
-
-    def ema_progress(self) -> float | None:
-        """`ema_progress` of the current EMA against the current encoder (None without an EMA)."""
-        if self.ema is None:
-            return None
-        return ema_progress(self.start_weights, dict(self.network.encoder.named_parameters()),
-                            dict(self.ema.module.named_parameters()))
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA encoder after stage 2 (the evaluated and exported model in MIM-Refiner), else the encoder."""
-        module = self.ema.module if self.ema is not None else self.network.encoder
-        return module.state_dict()

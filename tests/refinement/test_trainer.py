@@ -128,11 +128,11 @@ def test_logged_losses_are_the_nna_loss_of_each_head_written_out_with_loops(tmp_
     """Every step's logged per-head loss is the NNA loss (mean over the ordered view pairs) of that head's
     projections, queue neighbours and predictions, recomputed by the loop reference of tests/refinement/test_loss.py,
     and the logged loss is their sum over heads (DESIGN.md)."""
-    from mimprobe.refinement import trainer as trainer_module
+    from mimprobe.refinement import engine
     from tests.refinement.test_loss import loop_loss
 
     calls = []
-    original = trainer_module.multi_view_nna_loss
+    original = engine.multi_view_nna_loss
 
     def recording(projections, neighbours, predictions, **kwargs):
         value = original(projections, neighbours, predictions, **kwargs)
@@ -140,7 +140,7 @@ def test_logged_losses_are_the_nna_loss_of_each_head_written_out_with_loops(tmp_
                       [p.detach().float().clone() for p in predictions], kwargs["temperature"], float(value)))
         return value
 
-    monkeypatch.setattr(trainer_module, "multi_view_nna_loss", recording)
+    monkeypatch.setattr(engine, "multi_view_nna_loss", recording)
     refine(tmp_path / "run", replace(TINY, epochs_heads=1, epochs=1))
     with open(tmp_path / "run" / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
