@@ -97,6 +97,12 @@ PROFILE_EPILOG = """
 TARGET is a timm model name (then DATA is required and the features are extracted, or reused, under
 --features) or a feature store folder from `mimprobe extract`.
 
+A checkpoint series, over training: `--checkpoint 'runs/mae/checkpoint-*.pth'` (a quoted glob) or `--checkpoint
+runs/mae` (a run folder of checkpoint-<epoch>.pth files, as `mimprobe pretrain-mae --save-every 1` writes them)
+profiles every checkpoint in epoch order (numerically), each in its own store (reused when it exists), into
+OUT/checkpoints/NAME, and writes OUT/series.csv (a `checkpoint` column, plus checkpoint_step and checkpoint_order)
+and OUT/series.png (per headline curve, a heatmap of blocks x checkpoints, each checkpoint's best block boxed).
+
 Under `torchrun --nproc_per_node N -m mimprobe.cli profile ...` every process extracts its share of the batches
 and searches its shard of the k-NN bank (merged top-k lists); the probes, low-shot, clustering and rank run on
 rank 0, which alone writes the files.
@@ -288,6 +294,9 @@ def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output
     result = api.profile(arguments["target"], arguments["data"], log=_echo_err, **options)
     if result.rank != 0:  # under torchrun rank 0 reports for every rank
         return
+    if not hasattr(result, "store"):  # a checkpoint series (`SeriesResult`)
+        _say_series(result, json_output)
+        return
     _say_random_init(result.store.manifest)
     if json_output:
         typer.echo(json.dumps(result.summary(), indent=1))
@@ -300,6 +309,21 @@ def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output
             typer.echo(line)
     typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} to {result.out} "
                f"({len(result.table):,} rows, {result.seconds:.1f} s)")
+
+
+def _say_series(result: Any, json_output: bool) -> None:
+    """A checkpoint series: per checkpoint, in training order, the first headline's best block."""
+    from .metrics.profile import iter_best_lines
+
+    if json_output:
+        typer.echo(json.dumps(result.summary(), indent=1))
+        return
+    typer.echo("best block per checkpoint (0-based), in training order:")
+    for item, profile, reused in zip(result.checkpoints, result.profiles, result.reused):
+        first = next(iter_best_lines(profile.best), "no headline curve")
+        typer.echo(f"  {item.name}{' (store reused)' if reused else ''}: {' '.join(first.split())}")
+    typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} and one profile per "
+               f"checkpoint to {result.out} ({len(result.table):,} rows, {result.seconds:.1f} s)")
 
 
 _derived("profile", arguments=[_argument("target", str, typer.Argument(..., help="timm model name, or a feature "
