@@ -2,7 +2,8 @@
 
 A series is given as
 
-* a glob (``--checkpoint 'run/checkpoint-*.pth'``): every file it matches, or
+* a glob (``--checkpoint 'run/checkpoint-*.pth'``): every file it matches (those with a number in their name when
+  some have one: ``checkpoint-last.pth``, a training run's resume copy of an epoch, is left out), or
 * a run folder holding ``checkpoint-<N>.<ext>`` files (``mimprobe pretrain-mae --save-every N`` writes
   ``checkpoint-{epoch}.pth``): its numbered checkpoints only (``checkpoint-last.pth``, the resume file, is left out).
 
@@ -70,6 +71,8 @@ def resolve_checkpoint_series(checkpoint: str) -> list[SeriesCheckpoint]:
         if not paths:
             raise BadInputError(f"--checkpoint {text} matches no file: check the pattern (quote it so the shell does "
                                 "not expand it), or give a run folder of checkpoint-<epoch>.pth files")
+        if any(_step(path) is not None for path in paths):  # checkpoint-last.pth: the resume copy of an epoch
+            paths = [path for path in paths if _step(path) is not None]
     return _named(sorted(paths, key=_order))
 
 
