@@ -96,7 +96,7 @@ def run_profile_series(target: str, data: Any, *, checkpoints: str, out: str | P
     if data is None:
         raise BadInputError("a checkpoint series needs DATA: give the data to extract each checkpoint's features on")
     if pretrained:
-        raise BadInputError("use either --pretrained or --checkpoint, not both")
+        raise BadInputError("`mimprobe profile` takes either --pretrained or a checkpoint series, not both")
     series = resolve_checkpoint_series(checkpoints)
     check_same_architecture(series)
     source = checked_data(data, config)
