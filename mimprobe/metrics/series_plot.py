@@ -16,18 +16,18 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .headlines import Headline, headline_curve, select_headline  # noqa: E402
-from .plot import is_accuracy, y_label  # noqa: E402
+from .curves import Curve  # noqa: E402
+from .plot import y_label  # noqa: E402
 
 ANNOTATED_CELLS = 160   # values printed in the cells up to this many per heatmap (else the colour bar alone)
 
 
-def _rows(table: pd.DataFrame, headline: Headline, pooling: str) -> pd.DataFrame:
-    rows = select_headline(table, headline)
+def _rows(table: pd.DataFrame, headline: Curve, pooling: str) -> pd.DataFrame:
+    rows = headline.select(table)
     return rows[rows["pooling"] == pooling]
 
 
-def series_matrix(table: pd.DataFrame, headline: Headline, pooling: str,
+def series_matrix(table: pd.DataFrame, headline: Curve, pooling: str,
                   checkpoints: list[str]) -> tuple[list[int], np.ndarray]:
     """(blocks, values): the (num_blocks, num_checkpoints) values of one curve, column j from the rows whose
     ``checkpoint`` is ``checkpoints[j]`` (NaN where a checkpoint has no value for a block)."""
@@ -35,19 +35,18 @@ def series_matrix(table: pd.DataFrame, headline: Headline, pooling: str,
     values = np.full((len(blocks), len(checkpoints)), np.nan)
     row_of = {block: index for index, block in enumerate(blocks)}
     for column, name in enumerate(checkpoints):
-        curve = headline_curve(table[table["checkpoint"] == name], headline, pooling)
-        for block, value in zip(curve["block"], curve["value"]):
+        for block, value in headline.values(table[table["checkpoint"] == name], pooling).items():
             values[row_of[int(block)], column] = value
     return blocks, values
 
 
-def plot_series(table: pd.DataFrame, headlines: list[Headline], *, checkpoints: list[str], title: str,
+def plot_series(table: pd.DataFrame, headlines: list[Curve], *, checkpoints: list[str], title: str,
                 path: Path) -> None:
     """Write `series_figure` to ``path`` (PNG)."""
     series_figure(table, headlines, checkpoints=checkpoints, title=title).savefig(path, dpi=110)
 
 
-def series_figure(table: pd.DataFrame, headlines: list[Headline], *, checkpoints: list[str], title: str) -> Figure:
+def series_figure(table: pd.DataFrame, headlines: list[Curve], *, checkpoints: list[str], title: str) -> Figure:
     """The heatmaps of every headline curve and pooling of a series table: one panel per (headline, pooling), its
     image the (blocks, checkpoints) matrix of `series_matrix` (accuracies in %), in the order of ``headlines``.
 
@@ -67,7 +66,7 @@ def series_figure(table: pd.DataFrame, headlines: list[Headline], *, checkpoints
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis, (headline, pooling) in zip(axes.flat, panels):
         blocks, values = series_matrix(table, headline, pooling, checkpoints)
-        scale = 100.0 if is_accuracy(headline) else 1.0
+        scale = 100.0 if headline.is_percent else 1.0
         shown = values * scale
         image = axis.imshow(shown, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest")
         figure.colorbar(image, ax=axis, label=y_label(headline))

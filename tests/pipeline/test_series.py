@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mimprobe import BadInputError
 from mimprobe.cli import app
-from mimprobe.metrics.headlines import Headline
+from mimprobe.metrics.curves import Curve
 from mimprobe.metrics.series_plot import series_figure, series_matrix
 from mimprobe.pipeline import api
 from mimprobe.pretrain import run_pretrain_mae
@@ -95,7 +95,7 @@ def test_a_second_call_reuses_every_store(series, run_folder):
 def test_heatmaps_draw_the_table_values(series):
     _, result = series
     names = [item.name for item in result.checkpoints]
-    headline = Headline("k-NN", "knn_top1", "test", {"preset": "mim-refiner", "k": 10})
+    headline = Curve.of("knn_top1", "test", {"preset": "mim-refiner", "k": 10})
     blocks, values = series_matrix(result.table, headline, "cls", names)
     for column, name in enumerate(names):
         rows = result.table[(result.table["checkpoint"] == name) & (result.table["metric"] == "knn_top1")
