@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .._versions import software_versions
+from ..blocks import relative_depth
 from ..errors import BadInputError
 from ..metrics.profile import COLUMNS
 from .comparison import CompareConfig, PairComparison, check_same_data, compare
@@ -141,7 +142,7 @@ def merged_table(inputs: list[ProfileInput], pairs: list[PairComparison]) -> pd.
     for index, profile in enumerate(inputs):
         frame = profile.table.copy()
         frame["label"], frame["side"] = profile.label, "before" if index == 0 else "after"
-        frame["relative_depth"] = (frame["block"] + 1) / profile.num_blocks
+        frame["relative_depth"] = relative_depth(frame["block"].to_numpy(), profile.num_blocks)
         parts.append(frame)
     for pair in pairs:
         if pair.deltas.empty:
@@ -154,7 +155,7 @@ def merged_table(inputs: list[ProfileInput], pairs: list[PairComparison]) -> pd.
             "pooling": deltas["pooling"].to_numpy(), "metric": [k.metric for k in keys],
             "params": [k.params for k in keys], "value": deltas["delta"].to_numpy(dtype=float), "seed": pd.NA,
             "label": f"{pair.after.label} - {pair.before.label}", "side": "delta",
-            "relative_depth": (deltas["block"].to_numpy(dtype=float) + 1) / pair.after.num_blocks,
+            "relative_depth": relative_depth(deltas["block"].to_numpy(), pair.after.num_blocks),
             "low": deltas["low"].to_numpy(dtype=float), "high": deltas["high"].to_numpy(dtype=float)})
         parts.append(frame)
     table = pd.concat(parts, ignore_index=True)
