@@ -10,8 +10,9 @@ that store). OUT receives:
   name (its file stem), plus ``checkpoint_step`` (the epoch or step in its name), ``checkpoint_order`` (0-based
   position in training order) and ``checkpoint_path``, rows in training order;
 * ``series.png``: per headline curve and pooling, a heatmap of blocks x checkpoints (`plot_series`);
-* ``series.json``: the checkpoints (name, step, path, store, whether it was reused, profile folder), the options,
-  and each checkpoint's best blocks.
+* ``series.json``: the checkpoints (name, step, path, store, whether it was reused, profile folder and ``folder``,
+  its place in OUT), the options, and each checkpoint's best blocks. `mimprobe compare OUT` reads the series as its
+  checkpoints' profiles (`mimprobe.report.inputs.expand_series`).
 
 Everything that can be checked is checked before anything is written: the series resolves to files of one
 architecture, the data opens and fits k-NN, and the first checkpoint loads strictly into the model.
@@ -158,7 +159,7 @@ def write_series(out: Path, series: list[SeriesCheckpoint], profiles: list[Profi
         "config": asdict(config), "columns": SERIES_COLUMNS,
         "checkpoints": [{"name": item.name, "step": item.step, "order": order, "path": str(item.path),
                          "store": str(profile.store.path), "store_key": profile.store.key, "store_reused": was_reused,
-                         "profile": str(profile.out),
+                         "profile": str(profile.out), "folder": f"{PROFILES_FOLDER}/{_folder_name(item.name)}",
                          "best_blocks": json.loads(profile.best.to_json(orient="records"))}
                         for order, (item, profile, was_reused) in enumerate(zip(series, profiles, reused))],
         "versions": software_versions(), "seconds": round(time.perf_counter() - started, 2),

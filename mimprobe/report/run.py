@@ -26,7 +26,7 @@ from ..metrics.profile import COLUMNS
 from .comparison import CompareConfig, PairComparison, check_same_data, compare
 from .content import build_document, summary_lines
 from .html_report import render_html
-from .inputs import ProfileInput, find_placement, load_profile
+from .inputs import ProfileInput, expand_series, find_placement, load_profile
 from .markdown_report import render_markdown
 
 MARKER = "compare.json"
@@ -73,7 +73,8 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
     """Compare every profile with the first and write the report folder (module docstring).
 
     Args:
-        profiles: Two or more ``mimprobe profile`` folders; the first is the reference ("before").
+        profiles: Two or more ``mimprobe profile`` folders (a checkpoint series' folder counts as its checkpoints'
+            profiles, `expand_series`); the first is the reference ("before").
         out: The report folder.
         labels: A name per profile (default: the folder names, made unique).
         placement: placement.json of the refinement (default: found beside each compared profile's checkpoint).
@@ -87,9 +88,10 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
             ``config.allow_different_data``, or an OUT that holds another run's files without ``overwrite``.
     """
     started = time.perf_counter()
-    paths = [Path(p) for p in profiles]
+    paths = expand_series([Path(p) for p in profiles])  # a checkpoint series: its checkpoints' profiles
     if len(paths) < 2:
-        raise BadInputError("compare needs at least two profile folders: BEFORE AFTER [MORE...]")
+        raise BadInputError("compare needs at least two profile folders: BEFORE AFTER [MORE...], or a checkpoint "
+                            "series of two or more checkpoints")
     names = _labels(paths, labels)
     inputs = [load_profile(path, label=name) for path, name in zip(paths, names)]
     check_same_data(inputs, allow_different_data=config.allow_different_data)

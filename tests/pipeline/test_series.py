@@ -131,3 +131,14 @@ def test_bad_series_are_refused_before_anything_is_written(run_folder, tmp_path)
     with pytest.raises(BadInputError, match="mixes architectures"):
         api.profile("test_vit", DATA, checkpoint=str(mixed / "checkpoint-*.pth"), out=str(out), **PROFILE)
     assert not out.exists()
+
+
+def test_compare_reads_a_series_as_its_checkpoints_profiles(series, tmp_path):
+    from mimprobe.report import CompareConfig, run_compare
+
+    out, result = series
+    report = run_compare([out], out=tmp_path / "report", config=CompareConfig(resamples=20, cka=False))
+    assert [profile.label for profile in report.profiles] == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]
+    assert [profile.folder for profile in report.profiles] == [profile.out for profile in result.profiles]
+    table = report.table[report.table["side"] != "delta"]
+    np.testing.assert_allclose(table["relative_depth"], table["block"] / (table["block"].max()))
