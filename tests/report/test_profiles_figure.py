@@ -93,3 +93,15 @@ def test_a_pairs_differences_sit_beside_its_curves(profiles, tmp_path, recorded)
     assert row.count("<img ") == 2
     differences = html[html.index('id="differences-0"'):]
     assert "<img " not in differences[:differences.index('id="cka-0"')]   # not again in its own section
+
+
+def test_three_profiles_of_one_depth_are_drawn_over_relative_depth(profiles, tmp_path, recorded):
+    run_compare([profiles.before, profiles.after, profiles.before], out=tmp_path, labels=["a", "b", "c"],
+                config=CompareConfig(resamples=20, cka=False))
+    stem = next(name for name in recorded if name.startswith("curve_knn_top1-test-k10"))
+    for axis in recorded[stem].axes:
+        assert axis.get_xlabel() == "relative depth: block / (depth - 1)"
+        lines = [line for line in axis.get_lines() if line.get_label().startswith(("a (", "b (", "c ("))]
+        assert len(lines) == 3
+        for line in lines:
+            np.testing.assert_allclose(line.get_xdata(), np.arange(6) / 5)
