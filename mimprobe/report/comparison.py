@@ -2,8 +2,8 @@
 
 Blocks are 0-based (timm's ``blocks.{i}``). Two models of the same depth are compared block by block. Models of
 different depths have no block-to-block correspondence: their curves are drawn against relative depth
-``block / (depth - 1)`` (`mimprobe.blocks.relative_depth`: 0 the first block, 1 the last), and only the best blocks are compared (with intervals, since they
-are still measured on the same images). Profiles of different datasets are refused unless allowed; then nothing
+``block / (depth - 1)`` (`mimprobe.blocks.relative_depth`: 0 the first block, 1 the last), and only the best blocks
+are compared (with intervals, since they are still measured on the same images). Profiles of different datasets are refused unless allowed; then nothing
 that needs the same images (intervals, CKA) is computed.
 """
 

@@ -182,8 +182,8 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
         "else a note at the panel's foot names it. "
         "Bands: 95 % Wilson intervals over the evaluation images (k-NN and linear top-1 from predictions.npz, "
         "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
-            " The x axis is the relative depth block / (depth - 1) (0: the first block, 1: the last), so that models of "
-            "different depths align; each legend entry names that profile's best block."
+            " The x axis is the relative depth block / (depth - 1) (0: the first block, 1: the last), so that "
+            "models of different depths align; each legend entry names that profile's best block."
             if relative else " Blocks are 0-based.") + (
             f" Beside each curve: {beside.after.label} − {beside.before.label} per block, with its "
             f"{round(config.level * 100)} % paired bootstrap interval (k-NN and linear-probe accuracies)."
@@ -481,8 +481,8 @@ def _method_section(pairs: list[PairComparison], config: CompareConfig) -> Secti
         "Per-sample results came from: " + (", ".join(sources) if sources else "none (no intervals)") + ".",
         "CKA: linear centred kernel alignment (Kornblith et al. 2019, arXiv 1905.00414), computed exactly in "
         "minibatches of Gram-matrix rows on a seeded subset of the evaluation split.",
-        "Models of different depths, and three or more profiles, are drawn over the relative depth block / (depth - 1): "
-        "0 is the first block, 1 the last.",
+        "Models of different depths, and three or more profiles, are drawn over the relative depth "
+        "block / (depth - 1): 0 is the first block, 1 the last.",
         "Files: compare.csv / compare.parquet (the profiles' tables with label and side columns, plus delta rows "
         "with their intervals), class_gains.csv, cka_*.csv, the figures as PNG and SVG, report.md and this page.",
     ]
