@@ -82,3 +82,27 @@ def parse_block_spec(text: str) -> BlockSpec:
                 f"invalid --blocks {text!r}: use 'all', 'last:N', or a comma list such as 0,5,11 or 4-11"
             ) from None
     return indices
+
+
+RELATIVE_DEPTH_TEXT = "relative depth: block / (depth - 1)"
+
+
+def relative_depth(blocks, num_blocks: int):
+    """Where blocks sit in a model of ``num_blocks`` blocks, from 0 (the first block) to 1 (the last): block /
+    (num_blocks - 1), so that models of different depths span the same axis and their first and last blocks align
+    (as MIM-Refiner's Figure 1 lays MAE, data2vec 2.0 and refined models of different sizes on one axis, arXiv
+    2402.10093). A model of one block sits at 1.
+
+    Args:
+        blocks: 0-based block numbers (an int, or an array-like of them).
+        num_blocks: The model's depth.
+
+    Returns:
+        Floats of the same shape as ``blocks``.
+    """
+    import numpy as np
+
+    values = np.asarray(blocks, dtype=float)
+    if num_blocks <= 1:
+        return np.ones_like(values)
+    return values / (num_blocks - 1)

@@ -129,6 +129,9 @@ def _run_extract(arguments: dict[str, Any], options: dict[str, Any], json_output
     result = api.extract(arguments["model"], arguments["data"], log=_echo_err, **options)
     if result.rank != 0:  # under torchrun rank 0 reports for every rank
         return
+    if not hasattr(result, "store"):  # a checkpoint series (`SeriesResult`)
+        _say_series(result, json_output)
+        return
     _say_random_init(result.store.manifest)
     summary = result.summary()
     if json_output:
@@ -169,6 +172,21 @@ def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output
             typer.echo(line)
     typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} to {result.out} "
                f"({len(result.table):,} rows, {result.seconds:.1f} s)")
+
+
+def _say_series(result: Any, json_output: bool) -> None:
+    """A checkpoint series: per checkpoint, in training order, the first headline's best block."""
+    from .metrics.profile import iter_best_lines
+
+    if json_output:
+        typer.echo(json.dumps(result.summary(), indent=1))
+        return
+    typer.echo("best block per checkpoint (0-based), in training order:")
+    for item, profile, reused in zip(result.checkpoints, result.profiles, result.reused):
+        first = next(iter_best_lines(profile.best), "no headline curve")
+        typer.echo(f"  {item.name}{' (store reused)' if reused else ''}: {' '.join(first.split())}")
+    typer.echo(f"wrote {', '.join(Path(path).name for path in result.files.values())} and one profile per "
+               f"checkpoint to {result.out} ({len(result.table):,} rows, {result.seconds:.1f} s)")
 
 
 _derived("profile", arguments=[_argument("target", str, typer.Argument(..., help="timm model name, or a feature "

@@ -27,6 +27,12 @@ PROFILE_EPILOG = """
 TARGET is a timm model name (then DATA is required and the features are extracted, or reused, under
 --features) or a feature store folder from `mimprobe extract`.
 
+A checkpoint series, over training: `--checkpoint 'runs/mae/checkpoint-*.pth'` (a quoted glob) or `--checkpoint
+runs/mae` (a run folder of checkpoint-<epoch>.pth files, as `mimprobe pretrain-mae --save-every 1` writes them)
+profiles every checkpoint in epoch order (numerically), each in its own store (reused when it exists), into
+OUT/checkpoints/NAME, and writes OUT/series.csv (a `checkpoint` column, plus checkpoint_step and checkpoint_order)
+and OUT/series.png (per headline curve, a heatmap of blocks x checkpoints, each checkpoint's best block boxed).
+
 Under `torchrun --nproc_per_node N -m mimprobe.cli profile ...` every process extracts its share of the batches
 and searches its shard of the k-NN bank (merged top-k lists); the probes, low-shot, clustering and rank run on
 rank 0, which alone writes the files.
@@ -85,8 +91,12 @@ COMPARE_EPILOG = """
 * `mimprobe compare profiles/before profiles/after --out reports/digits`
 * `mimprobe compare base nna-4heads nna-8heads --labels mae,4-heads,8-heads --out reports/heads --overwrite`
 * `mimprobe compare before after --placement runs/mae-l/placement.json --cka-rows 5000 --json --out report`
+* `mimprobe compare profiles/mae profiles/data2vec2 profiles/refined --no-cka --out reports/figure1`
+* `mimprobe compare profiles/mae-series --out reports/over-training`  (a checkpoint series: one profile per epoch)
 
-Each input is a `mimprobe profile` folder; with more than two, every one is compared with the first. OUT gets
+Each input is a `mimprobe profile` folder, or a checkpoint series' folder (`mimprobe profile --checkpoint
+'run/checkpoint-*.pth'`: its checkpoints' profiles, in training order); with more than two, every one is compared
+with the first, and all are drawn on one figure per curve over the relative depth block / (depth - 1). OUT gets
 report.html (self-contained: it opens offline), report.md, the figures as PNG and SVG, compare.csv/.parquet,
 best.csv, class_gains.csv, cka_*.csv and compare.json. The placement is read from the refine run folder of the
 after profile's checkpoint (RUN/placement.json) unless --placement is given. Blocks are 0-based.

@@ -43,10 +43,14 @@ def profile(target: Any, data: Any = None, *, log: Log | None = None, **options:
     """`mimprobe profile`: extract (or reuse) a store and measure every block; writes the profile files to ``out``.
 
     ``target`` is a timm model name (with ``data``) or a feature store folder. Keywords are the command's options
-    (``out`` required; ``metrics="knn,linear"``, ``threads=1``, ...; see `PROFILE`). Returns a `ProfileResult`."""
+    (``out`` required; ``metrics="knn,linear"``, ``threads=1``, ...; see `PROFILE`). Returns a `ProfileResult`; with
+    ``checkpoint`` a series (a glob such as ``"run/checkpoint-*.pth"``, or a run folder of ``checkpoint-<epoch>.pth``)
+    every checkpoint is profiled in training order and a `SeriesResult` is returned (`mimprobe.pipeline.series`)."""
     from dataclasses import replace
 
+    from ..models.checkpoint_series import is_checkpoint_series
     from .profiling import run_profile
+    from .series import run_profile_series
 
     configs = PROFILE.configs(options)
     run, weights, running = configs[ProfileRun], configs[Weights], configs[Running]
@@ -55,6 +59,11 @@ def profile(target: Any, data: Any = None, *, log: Log | None = None, **options:
     if "pool" in options or "poolings" in options:  # a store's poolings: those asked for, else all it holds
         config = replace(config, poolings=extract_config.poolings)
     with _threads.cpu_threads(running.threads):
+        if is_checkpoint_series(weights.checkpoint):
+            return run_profile_series(target, data, checkpoints=weights.checkpoint, out=run.out, config=config,
+                                      features_dir=run.features, pretrained=weights.pretrained,
+                                      model_kwargs=weights.model_kwargs, extract_config=extract_config,
+                                      progress=running.progress, log=log)
         return run_profile(target, data, out=run.out, config=config, features_dir=run.features,
                            extract_config=extract_config, checkpoint=weights.checkpoint,
                            pretrained=weights.pretrained, model_kwargs=weights.model_kwargs, progress=running.progress, log=log)

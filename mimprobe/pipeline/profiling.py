@@ -49,6 +49,27 @@ def open_or_extract(target: str | Path, data: str | None, *, features_dir: Path,
     return result.store
 
 
+def checked_data(data: Any, config: ProfileConfig) -> Any:
+    """The data source of a profile to extract, opened once, with k-NN's bank and queries checked against the
+    preset's k before anything is extracted or written.
+
+    Raises:
+        BadInputError: Data that cannot be opened, or a train split too small for the preset's k.
+    """
+    from ..data import DataSource, load_data
+
+    source = data if isinstance(data, DataSource) else load_data(data)
+    if config.metrics is not None and "knn" not in config.metrics:
+        return source
+    eval_split = next((name for name in ("test", "val") if name in source.splits), None)
+    if "train" in source.splits and source.labelled:
+        check_knn_fits(config.preset, plan_from_labels(
+            source.splits["train"].labels, labelled=True, eval_split=eval_split,
+            n_eval=len(source.splits[eval_split]) if eval_split else 0, val_fraction=config.val_fraction,
+            seed=config.seed))
+    return source
+
+
 def run_profile(target: str | Path, data: str | None = None, *, out: str | Path, config: ProfileConfig | None = None,
                 features_dir: str | Path | None = None, checkpoint: str | None = None, pretrained: bool = False,
                 model_kwargs: dict[str, Any] | None = None, extract_config: Any = None, progress: bool = True,
@@ -66,17 +87,8 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
     """
     config = config or ProfileConfig()
     out = Path(out)
-    if data is not None and not (Path(str(target)) / "manifest.json").is_file() and \
-            (config.metrics is None or "knn" in config.metrics):
-        from ..data import load_data
-
-        data = load_data(data)  # opened once, here and for the extraction
-        eval_split = next((name for name in ("test", "val") if name in data.splits), None)
-        if "train" in data.splits and data.labelled:  # k-NN checked before anything is extracted or written
-            check_knn_fits(config.preset, plan_from_labels(
-                data.splits["train"].labels, labelled=True, eval_split=eval_split,
-                n_eval=len(data.splits[eval_split]) if eval_split else 0, val_fraction=config.val_fraction,
-                seed=config.seed))
+    if data is not None and not (Path(str(target)) / "manifest.json").is_file():
+        data = checked_data(data, config)  # opened once, here and for the extraction
     started = time.perf_counter()
     ranks, _ = join_ranks(resolve_device(config.device))  # torchrun: all ranks extract and search; rank 0 writes
     if not ranks.is_main:

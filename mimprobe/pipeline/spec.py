@@ -280,6 +280,11 @@ def _check(spec: Spec, fail) -> None:
     """Each section's configs built as its command builds them (every value checked before any step runs)."""
     if spec.pretrained and spec.checkpoint:
         fail(None, "pretrained", "use either pretrained = true or checkpoint = \"...\", not both")
+    from ..models.checkpoint_series import is_checkpoint_series
+
+    if is_checkpoint_series(spec.checkpoint):  # the pipeline refines one set of weights
+        fail(None, "checkpoint", f"checkpoint = \"{spec.checkpoint}\" names a series of checkpoints (a glob or a run "
+                                 "folder): a spec starts from one file; profile a series with `mimprobe profile`")
     for key in ("img_size", "threads"):
         value = getattr(spec, key)
         if value is not None and value < 1:

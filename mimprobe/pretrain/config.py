@@ -37,6 +37,10 @@ class MaeConfig:
     device: str = device_option()
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16.",
                             choices=PRECISIONS)
+    # per-epoch snapshots for `mimprobe profile --checkpoint RUN` (a series); checkpoint-last.pth stays the resume file
+    save_every: int | None = option(None, "Also keep the weights every N epochs (and after the last) as "
+                                          "checkpoint-{epoch}.pth, a series `mimprobe profile --checkpoint OUT` "
+                                          "profiles [default: none].", minimum=1)
     # resume is bit-exact with the same number
     workers: int = option(0, "DataLoader worker processes.", minimum=0)
 

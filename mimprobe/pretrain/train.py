@@ -9,7 +9,9 @@ Only the ``train`` split of the data is used (MAE needs no labels; unlabelled fo
 Files in ``out``: ``config.json`` (resolved configuration, model identity, data, versions, result), ``log.csv``
 (step, epoch, loss, lr, images_per_second), ``checkpoint-last.pth`` (model + decoder in the MAE layout under
 ``model``, optimizer, step, epoch, RNG states, config) and, at the end, ``mae.pth`` = ``{"model": state_dict}``
-plus ``data_config``, the normalisation it was trained with (profiling the file reuses it).
+plus ``data_config``, the normalisation it was trained with (profiling the file reuses it). With ``save_every`` N,
+also ``checkpoint-{epoch}.pth`` after every N-th epoch and after the last one: ``mae.pth``'s layout plus ``epoch`` and
+``step`` (no optimizer), the series that ``mimprobe profile MODEL DATA --checkpoint OUT`` profiles epoch by epoch.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ RUN_FILES = (CONFIG_FILE, LOG_FILE, CHECKPOINT_FILE, EXPORT_FILE)
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_second")
 SPLIT = "train"
 # options that may change between a run and its resumption (they do not change what is trained)
-RESUMABLE_CHANGES = ("device", "precision", "workers")
+RESUMABLE_CHANGES = ("device", "precision", "workers", "save_every")
+EPOCH_CHECKPOINT = "checkpoint-{epoch}.pth"   # `save_every`: the weights after an epoch (1-based)
 
 
 @dataclass
@@ -258,8 +261,11 @@ def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: s
         raise BadInputError(f"the train split has {len(split)} images, fewer than --batch-size {config.batch_size}: "
                             "lower --batch-size")
     out = Path(out)
-    resuming = prepare_run_folder(out, run_files=RUN_FILES, checkpoint=CHECKPOINT_FILE, what="pre-training run",
-                                  resume=resume, overwrite=overwrite)
+    # a previous run's epoch snapshots are its files too: --overwrite deletes them, a plain rerun is refused
+    snapshots = tuple(path.name for path in out.glob("checkpoint-*.pth") if path.stem.split("-", 1)[1].isdigit()) \
+        if out.is_dir() else ()
+    resuming = prepare_run_folder(out, run_files=RUN_FILES + snapshots, checkpoint=CHECKPOINT_FILE,
+                                  what="pre-training run", resume=resume, overwrite=overwrite)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -377,6 +383,9 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
             epoch += 1
             epochs_done += 1
             epoch_losses.append(sum(losses) / len(losses))
+            if config.save_every and (epoch % config.save_every == 0 or epoch == config.epochs):
+                _save_atomic({"model": mae.mae_state_dict(), "data_config": data_config, "epoch": epoch,
+                              "step": step}, out / EPOCH_CHECKPOINT.format(epoch=epoch))
             _save_atomic({"model": mae.mae_state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                           "epoch": epoch, "epoch_losses": epoch_losses,
                           "rng": _rng_state(data_generator, mask_generator, device), "config": _config_dict(config),

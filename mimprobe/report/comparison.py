@@ -2,8 +2,8 @@
 
 Blocks are 0-based (timm's ``blocks.{i}``). Two models of the same depth are compared block by block. Models of
 different depths have no block-to-block correspondence: their curves are drawn against relative depth
-``(block + 1) / depth`` (1 is the last block), and only the best blocks are compared (with intervals, since they
-are still measured on the same images). Profiles of different datasets are refused unless allowed; then nothing
+``block / (depth - 1)`` (`mimprobe.blocks.relative_depth`: 0 the first block, 1 the last), and only the best blocks
+are compared (with intervals, since they are still measured on the same images). Profiles of different datasets are refused unless allowed; then nothing
 that needs the same images (intervals, CKA) is computed.
 """
 
@@ -95,7 +95,7 @@ def compare(before: ProfileInput, after: ProfileInput, *, config: CompareConfig 
     notes: list[str] = []
     if not same_depth:
         notes.append(f"{before.label} has {before.num_blocks} blocks and {after.label} {after.num_blocks}: curves are "
-                     "compared by relative depth (block + 1) / depth, and only the best blocks are compared")
+                     "compared by relative depth block / (depth - 1), and only the best blocks are compared")
     if not same_data:
         notes.append(f"{before.label} and {after.label} were profiled on different data ({before.dataset_name}, "
                      f"{after.dataset_name}): no bootstrap intervals and no CKA")

@@ -18,7 +18,7 @@ from ..placement import note_line
 from .comparison import CompareConfig, PairComparison
 from ..metrics.curves import Curve, curve_rows
 from .curves import curve
-from .document import Bullets, Document, Image, Paragraph, Section, Table
+from .document import Bullets, Document, Image, Paragraph, Row, Section, Table
 from .inputs import ProfileInput, find_refine_run, weights_phrase
 from .plots import SideCurve, plot_cka, plot_class_gains, plot_curves, plot_deltas
 
@@ -40,12 +40,15 @@ def build_document(profiles: list[ProfileInput], pairs: list[PairComparison], *,
     intro.append(Bullets(tuple(summary_lines(pairs, config)), kind="summary"))
     for pair in pairs:
         intro += [Paragraph(note, kind="note") for note in pair.notes]
-    sections = [_curves_section(profiles, pairs, out, figures)]
+    # one before/after pair of the same depth: each curve's paired differences sit beside it (same row)
+    beside = pairs[0] if len(pairs) == 1 and pairs[0].same_depth else None
+    sections = [_curves_section(profiles, pairs, out, figures, config=config, beside=beside)]
     for index, pair in enumerate(pairs):
         suffix = f": {pair.after.label} vs {pair.before.label}" if len(pairs) > 1 else ""
         sections.append(_best_section(index, pair, suffix, config))
         if pair.same_depth:
-            sections.append(_delta_section(index, pair, suffix, config, out, figures))
+            sections.append(_delta_section(index, pair, suffix, config, out, figures,
+                                           figures_beside_curves=pair is beside))
         sections.append(_cka_section(index, pair, suffix, out, figures))
         sections.append(_class_section(index, pair, suffix, out, figures))
         sections.append(_placement_section(index, pair, suffix))
@@ -162,9 +165,12 @@ def _blocks(blocks) -> str:
 
 # --- sections ------------------------------------------------------------------------------------------------
 
-def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], out: Path,
-                    figures: list[Path]) -> Section:
-    relative = any(pair.relative_depth for pair in pairs)
+def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], out: Path, figures: list[Path], *,
+                    config: CompareConfig, beside: PairComparison | None = None) -> Section:
+    """Every curve, all profiles on one figure per curve. Over the relative depth block / (depth - 1) when the
+    depths differ or there are three or more profiles (MIM-Refiner's Figure 1); with ``beside`` (a single
+    before/after pair of one depth) each curve figure has the pair's difference figure beside it."""
+    relative = any(pair.relative_depth for pair in pairs) or len(profiles) >= 3
     keys = [key for key in pairs[0].keys if all(key in pair.keys for pair in pairs)]
     poolings = [p for p in pairs[0].poolings if all(p in pair.poolings for pair in pairs)]
     placements = {pair.after.label: pair.placement for pair in pairs}
@@ -176,9 +182,13 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
         "else a note at the panel's foot names it. "
         "Bands: 95 % Wilson intervals over the evaluation images (k-NN and linear top-1 from predictions.npz, "
         "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
-            " The x axis is the relative depth (block + 1) / depth, since the models have different depths."
-            if relative else " Blocks are 0-based."))]
-    more: list[Image] = []
+            " The x axis is the relative depth block / (depth - 1) (0: the first block, 1: the last), so that "
+            "models of different depths align; each legend entry names that profile's best block."
+            if relative else " Blocks are 0-based.") + (
+            f" Beside each curve: {beside.after.label} − {beside.before.label} per block, with its "
+            f"{round(config.level * 100)} % paired bootstrap interval (k-NN and linear-probe accuracies)."
+            if beside is not None else ""))]
+    more: list[Image | Row] = []
     classes = {len(profile.meta.get("classes") or []) for profile in profiles}
     chance = 1.0 / classes.pop() if len(classes) == 1 and 0 not in classes else None
     for key in keys:
@@ -190,8 +200,11 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
                             higher_is_better=key.higher_is_better, chance=chance)
         png, svg = saved
         figures += [png, svg]
-        image = Image(png, key.title + (" (higher is better)" if key.higher_is_better else " (lower is better)"),
-                      svg, saved.font_px)
+        image: Image | Row = Image(png, key.title + (" (higher is better)" if key.higher_is_better
+                                                     else " (lower is better)"), svg, saved.font_px)
+        difference = _difference_image(0, beside, key, poolings, config, out, figures) if beside else None
+        if difference is not None:
+            image = Row((image, difference))
         (parts if is_leading(key, profiles[0].preset) else more).append(image)
     folded = (Section(f"More curves ({len(more)}: other k-NN settings, validation splits, cluster scores, rank)",
                       "curves-more", tuple(more), folded=True),) if more else ()
@@ -243,25 +256,39 @@ def _best_section(index: int, pair: PairComparison, suffix: str, config: Compare
         Paragraph(text), Table(pd.DataFrame.from_records(records), f"best-{index}", text_columns=("pooling",))))
 
 
+def _difference_image(index: int, pair: PairComparison, key: Curve, poolings: list[str] | None,
+                      config: CompareConfig, out: Path, figures: list[Path]) -> Image | None:
+    """The pair's per-block differences of one curve (`plot_deltas`, one panel per pooling), or None without rows."""
+    rows = pair.deltas[pair.deltas["key"] == key]
+    if rows.empty:
+        return None
+    saved = plot_deltas(key, rows, label=f"{pair.after.label} − {pair.before.label}",
+                        stem=out / f"delta_{index}_{key.slug}", level=config.level, poolings=poolings)
+    png, svg = saved
+    figures += [png, svg]
+    return Image(png, f"{key.title}: {pair.after.label} − {pair.before.label} per block, with its paired interval",
+                 svg, saved.font_px)
+
+
 def _delta_section(index: int, pair: PairComparison, suffix: str, config: CompareConfig, out: Path,
-                   figures: list[Path]) -> Section:
+                   figures: list[Path], *, figures_beside_curves: bool = False) -> Section:
     parts: list[Paragraph | Table | Image] = [Paragraph(
         f"Per block (0-based): {pair.before.label}, {pair.after.label} and the difference (after minus before; "
         f"accuracies in %, differences in points), with {round(config.level * 100)} % paired bootstrap intervals "
         f"over the same evaluation images ({config.resamples:,} resamples, seed {config.seed}) for k-NN and "
-        "linear-probe accuracies.")]
+        "linear-probe accuracies." + (" The figures of these differences sit beside their curves under Block curves."
+                                      if figures_beside_curves else ""))]
     subsections, more = [], []
     for key in pair.keys:
         rows = pair.deltas[pair.deltas["key"] == key]
         if rows.empty:
             continue
         body: list[Paragraph | Table | Image] = []
+        if not figures_beside_curves:  # else the figure sits beside its curve in "Block curves"
+            image = _difference_image(index, pair, key, None, config, out, figures)
+            if image is not None:
+                body.append(image)
         if rows["low"].notna().any():
-            saved = plot_deltas(key, rows, label=f"{pair.after.label} − {pair.before.label}",
-                                stem=out / f"delta_{index}_{key.slug}", level=config.level)
-            png, svg = saved
-            figures += [png, svg]
-            body.append(Image(png, f"{key.title}: per-block differences with their intervals", svg, saved.font_px))
             source = pair.interval_sources.get(key.title)
             if source:
                 body.append(Paragraph(f"Per-sample results: {source}."))
@@ -454,7 +481,8 @@ def _method_section(pairs: list[PairComparison], config: CompareConfig) -> Secti
         "Per-sample results came from: " + (", ".join(sources) if sources else "none (no intervals)") + ".",
         "CKA: linear centred kernel alignment (Kornblith et al. 2019, arXiv 1905.00414), computed exactly in "
         "minibatches of Gram-matrix rows on a seeded subset of the evaluation split.",
-        "Models of different depths are compared by relative depth (block + 1) / depth.",
+        "Models of different depths, and three or more profiles, are drawn over the relative depth "
+        "block / (depth - 1): 0 is the first block, 1 the last.",
         "Files: compare.csv / compare.parquet (the profiles' tables with label and side columns, plus delta rows "
         "with their intervals), class_gains.csv, cka_*.csv, the figures as PNG and SVG, report.md and this page.",
     ]

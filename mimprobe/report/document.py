@@ -43,10 +43,18 @@ class Image:
 
 
 @dataclass(frozen=True)
+class Row:
+    """Figures side by side (a curve and its paired differences): one row on a wide page; on a phone-wide one they
+    stack, each at the column's width, so that their text stays readable."""
+
+    images: tuple[Image, ...]
+
+
+@dataclass(frozen=True)
 class Section:
     title: str
     anchor: str
-    parts: tuple[Paragraph | Bullets | Table | Image, ...]
+    parts: tuple[Paragraph | Bullets | Table | Image | Row, ...]
     subsections: tuple["Section", ...] = ()
     folded: bool = False                  # shown closed (HTML <details>): secondary content under the headline
 

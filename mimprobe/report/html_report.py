@@ -14,7 +14,7 @@ import base64
 import html
 from pathlib import Path
 
-from .document import Bullets, Document, Image, Paragraph, Section, Table
+from .document import Bullets, Document, Image, Paragraph, Row, Section, Table
 
 STYLE = """
 :root { color-scheme: light; }
@@ -29,6 +29,8 @@ p, li { overflow-wrap: anywhere; }
 nav ul { columns: 2 16rem; padding-left: 1.2rem; margin: .2rem 0; }
 img { display: block; max-width: 100%; height: auto; margin: .4rem 0; background: #fff; }
 figure { margin: 1rem 0; }
+.row { display: flex; flex-wrap: wrap; gap: 0 1rem; align-items: flex-start; }
+.row figure { flex: 1 1 330px; min-width: 0; }
 figcaption { font-size: .85rem; color: #555e6b; }
 .scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; margin: .4rem 0 1.2rem; max-width: 100%; }
 table { border-collapse: collapse; font-size: .86rem; font-variant-numeric: tabular-nums; background: #fff; }
@@ -128,6 +130,9 @@ def _part(part: Paragraph | Bullets | Table | Image) -> str:
         return _table(part)
     if isinstance(part, Image):
         return _image(part.png, part.caption, part.font_px)
+    if isinstance(part, Row):
+        return '<div class="row">\n' + "".join(_image(image.png, image.caption, image.font_px)
+                                                for image in part.images) + "</div>\n"
     raise TypeError(f"unknown document part {type(part).__name__}")
 
 

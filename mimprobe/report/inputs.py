@@ -60,6 +60,38 @@ class ProfileInput:
         return str(model.get("weights") or _first(self.table, "checkpoint"))
 
 
+SERIES_FILE = "series.json"   # written by `mimprobe profile --checkpoint SERIES` (`mimprobe.pipeline.series`)
+
+
+def expand_series(paths: list[Path]) -> list[Path]:
+    """The profile folders of the inputs: a checkpoint series' folder (series.json, no profile.json) becomes its
+    checkpoints' profile folders in training order; other folders stay as they are.
+
+    Raises:
+        BadInputError: A series.json that cannot be read or names a profile folder that is gone.
+    """
+    import json
+
+    expanded: list[Path] = []
+    for path in paths:
+        marker = path / SERIES_FILE
+        if not marker.is_file() or (path / "profile.json").is_file():
+            expanded.append(path)
+            continue
+        try:
+            entries = json.loads(marker.read_text())["checkpoints"]
+            folders = [path / entry["folder"] for entry in sorted(entries, key=lambda entry: entry["order"])]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BadInputError(f"{marker} is not a readable checkpoint series ({error}): profile the series again "
+                                "with `mimprobe profile --checkpoint`") from None
+        missing = [folder for folder in folders if not folder.is_dir()]
+        if missing:
+            raise BadInputError(f"the checkpoint series {path} lists {missing[0]}, which does not exist: profile the "
+                                "series again, or compare its profile folders one by one")
+        expanded += folders
+    return expanded
+
+
 def load_profile(path: str | Path, *, label: str | None = None) -> ProfileInput:
     """Read a ``mimprobe profile`` folder.
 

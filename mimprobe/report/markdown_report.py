@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .document import Bullets, Document, Image, Paragraph, Section, Table
+from .document import Bullets, Document, Image, Paragraph, Row, Section, Table
 
 
 def render_markdown(document: Document) -> str:
@@ -38,6 +38,9 @@ def _part(part: Paragraph | Bullets | Table | Image) -> list[str]:
         return _table(part)
     if isinstance(part, Image):
         return [f"![{_inline(part.caption)}]({part.png.name})", "", f"*{_inline(part.caption)}*", ""]
+    if isinstance(part, Row):  # inline images on one line: side by side where the page is wide enough
+        return [" ".join(f"![{_inline(image.caption)}]({image.png.name})" for image in part.images), "",
+                "*" + " | ".join(_inline(image.caption) for image in part.images) + "*", ""]
     raise TypeError(f"unknown document part {type(part).__name__}")
 
 

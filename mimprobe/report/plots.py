@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, Agg, no pyplot state): block curves, deltas, CKA heatmap, per-class gains.
 
 Every figure is written as PNG (embedded in report.html, linked from report.md) and SVG. Blocks are 0-based, as
-timm's ``blocks.{i}``; curves of models of different depths are drawn against relative depth (block + 1) / depth.
+timm's ``blocks.{i}``; curves of models of different depths, and of three or more profiles, are drawn against the
+relative depth block / (depth - 1) (`mimprobe.blocks.relative_depth`: 0 the first block, 1 the last).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..blocks import RELATIVE_DEPTH_TEXT, relative_depth
 from ..placement import Placement
 from .cka import StoreCka
 from ..metrics.curves import Curve
@@ -77,7 +79,7 @@ def smallest_text_px(figure: Figure) -> float | None:
 
 
 def _x(blocks: np.ndarray, num_blocks: int, relative: bool) -> np.ndarray:
-    return (np.asarray(blocks, dtype=float) + 1) / num_blocks if relative else np.asarray(blocks, dtype=float)
+    return relative_depth(blocks, num_blocks) if relative else np.asarray(blocks, dtype=float)
 
 
 def data_limits(values: np.ndarray, *, chance: float | None = None, pad_share: float = 0.1,
@@ -120,8 +122,12 @@ def curve_figure(key: Curve, poolings: list[str], sides: list[SideCurve], *, rel
 
     Each panel's y axis spans its own data (curves and bands, `data_limits`), so a 2-point change stays visible;
     the chance level (``chance``, a fraction, on accuracies) is drawn when it lies near the data and otherwise
-    named in an annotation at the panel's foot. The paired differences are the separate delta figure
-    (`plot_deltas`), shown beside this one."""
+    named in an annotation at the panel's foot. The paired differences of a before/after pair are `delta_figure`,
+    laid out beside this one, panel row by panel row.
+
+    With ``relative`` (models of different depths, or three or more profiles: MIM-Refiner's Figure 1, arXiv
+    2402.10093) the x axis is `mimprobe.blocks.relative_depth`, 0 the first block and 1 the last of every model, and
+    each legend entry names that profile's best block."""
     figure = Figure(figsize=(CURVE_WIDTH_IN, 0.6 + 3.0 * len(poolings)), layout="constrained")
     axes = figure.subplots(len(poolings), 1, squeeze=False)[:, 0]
     scale = 100.0 if key.is_percent else 1.0
@@ -146,10 +152,13 @@ def curve_figure(key: Curve, poolings: list[str], sides: list[SideCurve], *, rel
                     bands_used.add(band[2])
                     shown += [low, high]
             shown.append(series.to_numpy() * scale)
+            best = int(np.argmax(series.to_numpy()) if higher_is_better else np.argmin(series.to_numpy()))
+            # over relative depth the legend names each profile's best block and depth (its star's position)
+            name = (f"{side.label} (best: block {int(series.index[best])} of {side.num_blocks})" if relative
+                    else side.label)
             axis.plot(x, series.to_numpy() * scale, marker=MARKERS[index % len(MARKERS)], markersize=4 + 1.5 * index,
                       markerfacecolor="none" if index else color, linestyle=LINESTYLES[index % len(LINESTYLES)],
-                      color=color, label=side.label, zorder=3 + index)
-            best = int(np.argmax(series.to_numpy()) if higher_is_better else np.argmin(series.to_numpy()))
+                      color=color, label=name, zorder=3 + index)
             axis.plot([x[best]], [series.to_numpy()[best] * scale], marker="*", markersize=13, color=color,
                       markeredgecolor="black", zorder=8, linestyle="none")
         level = chance * scale if chance is not None and key.is_percent else None
@@ -163,7 +172,7 @@ def curve_figure(key: Curve, poolings: list[str], sides: list[SideCurve], *, rel
         if level is not None and not chance_on_axis:  # in the panel's title: clear of the curves and the legend
             chance_note = f" (chance {level:.1f}%: {'below' if level < low else 'above'} the axis)"
         axis.set_title(f"{pooling} pooling{chance_note}", fontsize=FONT_PT)
-        axis.set_xlabel("relative depth (block + 1) / depth" if relative else "block (0-based)", fontsize=FONT_PT)
+        axis.set_xlabel(RELATIVE_DEPTH_TEXT if relative else "block (0-based)", fontsize=FONT_PT)
         axis.set_ylabel(key.short_name + (" (%)" if key.is_percent else ""), fontsize=FONT_PT)
         axis.grid(alpha=0.3)
         axis.tick_params(labelsize=FONT_PT)
@@ -184,39 +193,57 @@ def _shade_heads(axis, head_blocks, num_blocks: int, relative: bool, color: str,
             runs[-1].append(block)
         else:
             runs.append([block])
-    step = 1.0 / num_blocks if relative else 1.0
+    step = 1.0 / max(num_blocks - 1, 1) if relative else 1.0
     for position, run in enumerate(runs):
         left, right = _x(np.array([run[0], run[-1]]), num_blocks, relative)
         axis.axvspan(left - step / 2, right + step / 2, color=color, alpha=0.10, linewidth=0, zorder=0,
                      label=label if position == 0 else None)
 
 
-def plot_deltas(key: Curve, deltas: pd.DataFrame, *, label: str, stem: Path, level: float) -> tuple[Path, Path]:
-    """Per-block differences (after minus before) per pooling, with their bootstrap intervals as error bars."""
-    figure = Figure(figsize=(CURVE_WIDTH_IN, 3.4), layout="constrained")
-    axis = figure.subplots()
+def plot_deltas(key: Curve, deltas: pd.DataFrame, *, label: str, stem: Path, level: float,
+                poolings: list[str] | None = None) -> tuple[Path, Path]:
+    """`delta_figure`, saved as ``stem``.png and .svg."""
+    return save(delta_figure(key, deltas, label=label, level=level, poolings=poolings), stem)
+
+
+def delta_figure(key: Curve, deltas: pd.DataFrame, *, label: str, level: float,
+                 poolings: list[str] | None = None) -> Figure:
+    """Per-block differences (after minus before) with their paired bootstrap intervals as error bars: one panel per
+    pooling, stacked and sized as `curve_figure`'s, so that the two figures side by side put each pooling's
+    difference panel beside its curve panel (same row).
+
+    Args:
+        key: The curve.
+        deltas: Its `PairComparison.deltas` rows (pooling, block, delta, low, high; fractions for accuracies).
+        label: "AFTER − BEFORE", the panels' title.
+        level: Coverage of the intervals (for the axis label).
+        poolings: Panels, top to bottom (default: the poolings of ``deltas`` in order); a pooling without rows gets
+            an empty panel, so that rows stay aligned with the curve figure.
+    """
+    poolings = poolings or list(dict.fromkeys(deltas["pooling"]))
+    figure = Figure(figsize=(CURVE_WIDTH_IN, 0.6 + 3.0 * len(poolings)), layout="constrained")
+    axes = figure.subplots(len(poolings), 1, squeeze=False)[:, 0]
     scale = 100.0 if key.is_percent else 1.0
-    poolings = list(dict.fromkeys(deltas["pooling"]))
-    width = 0.8 / max(len(poolings), 1)
-    for index, pooling in enumerate(poolings):
-        rows = deltas[deltas["pooling"] == pooling]
-        x = rows["block"].to_numpy(dtype=float) + (index - (len(poolings) - 1) / 2) * width
-        y = rows["delta"].to_numpy() * scale
-        low, high = rows["low"].to_numpy() * scale, rows["high"].to_numpy() * scale
+    for index, (axis, pooling) in enumerate(zip(axes, poolings)):
+        rows = deltas[deltas["pooling"] == pooling].sort_values("block")
+        x = rows["block"].to_numpy(dtype=float)
+        y = rows["delta"].to_numpy(dtype=float) * scale
+        low, high = rows["low"].to_numpy(dtype=float) * scale, rows["high"].to_numpy(dtype=float) * scale
         error = np.vstack([y - low, high - y])
         error = np.where(np.isfinite(error), error, 0.0)
-        axis.bar(x, y, width=width, color=COLORS[index % len(COLORS)], alpha=0.75, label=pooling)
-        axis.errorbar(x, y, yerr=error, fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
-    axis.axhline(0, color="black", linewidth=0.8)
-    axis.set_xlabel("block (0-based)", fontsize=FONT_PT)
-    axis.set_ylabel(("difference (points)" if key.is_percent else "difference")
-                    + f", {round(level * 100)} % CI", fontsize=FONT_PT)
-    axis.xaxis.get_major_locator().set_params(integer=True)
-    axis.grid(alpha=0.3, axis="y")
-    axis.tick_params(labelsize=FONT_PT)
-    axis.legend(fontsize=FONT_PT)
-    axis.set_title(f"{label}: {key.title}", fontsize=FONT_PT)
-    return save(figure, stem)
+        axis.bar(x, y, width=0.7, color=COLORS[index % len(COLORS)], alpha=0.75)
+        if np.isfinite(low).any():
+            axis.errorbar(x, y, yerr=error, fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_title(f"{pooling} pooling: {label}", fontsize=FONT_PT)
+        axis.set_xlabel("block (0-based)", fontsize=FONT_PT)
+        axis.set_ylabel(("difference (points)" if key.is_percent else "difference")
+                        + f", {round(level * 100)} % CI", fontsize=FONT_PT)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3, axis="y")
+        axis.tick_params(labelsize=FONT_PT)
+    figure.suptitle(f"{key.title}\n(after − before, paired interval)", fontsize=FONT_PT)
+    return figure
 
 
 def plot_cka(cka: StoreCka, *, label_x: str, label_y: str, stem: Path) -> tuple[Path, Path]:

@@ -21,12 +21,13 @@ import pandas as pd
 
 from .._run_folder import claim_folder
 from .._versions import software_versions
+from ..blocks import relative_depth
 from ..errors import BadInputError
 from ..metrics.profile import COLUMNS
 from .comparison import CompareConfig, PairComparison, check_same_data, compare
 from .content import build_document, summary_lines
 from .html_report import render_html
-from .inputs import ProfileInput, find_placement, load_profile
+from .inputs import ProfileInput, expand_series, find_placement, load_profile
 from .markdown_report import render_markdown
 
 MARKER = "compare.json"
@@ -73,7 +74,8 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
     """Compare every profile with the first and write the report folder (module docstring).
 
     Args:
-        profiles: Two or more ``mimprobe profile`` folders; the first is the reference ("before").
+        profiles: Two or more ``mimprobe profile`` folders (a checkpoint series' folder counts as its checkpoints'
+            profiles, `expand_series`); the first is the reference ("before").
         out: The report folder.
         labels: A name per profile (default: the folder names, made unique).
         placement: placement.json of the refinement (default: found beside each compared profile's checkpoint).
@@ -87,9 +89,10 @@ def run_compare(profiles: Sequence[str | Path], *, out: str | Path, labels: Sequ
             ``config.allow_different_data``, or an OUT that holds another run's files without ``overwrite``.
     """
     started = time.perf_counter()
-    paths = [Path(p) for p in profiles]
+    paths = expand_series([Path(p) for p in profiles])  # a checkpoint series: its checkpoints' profiles
     if len(paths) < 2:
-        raise BadInputError("compare needs at least two profile folders: BEFORE AFTER [MORE...]")
+        raise BadInputError("compare needs at least two profile folders: BEFORE AFTER [MORE...], or a checkpoint "
+                            "series of two or more checkpoints")
     names = _labels(paths, labels)
     inputs = [load_profile(path, label=name) for path, name in zip(paths, names)]
     check_same_data(inputs, allow_different_data=config.allow_different_data)
@@ -142,7 +145,7 @@ def merged_table(inputs: list[ProfileInput], pairs: list[PairComparison]) -> pd.
     for index, profile in enumerate(inputs):
         frame = profile.table.copy()
         frame["label"], frame["side"] = profile.label, "before" if index == 0 else "after"
-        frame["relative_depth"] = (frame["block"] + 1) / profile.num_blocks
+        frame["relative_depth"] = relative_depth(frame["block"].to_numpy(), profile.num_blocks)
         parts.append(frame)
     for pair in pairs:
         if pair.deltas.empty:
@@ -155,7 +158,7 @@ def merged_table(inputs: list[ProfileInput], pairs: list[PairComparison]) -> pd.
             "pooling": deltas["pooling"].to_numpy(), "metric": [k.metric for k in keys],
             "params": [k.params for k in keys], "value": deltas["delta"].to_numpy(dtype=float), "seed": pd.NA,
             "label": f"{pair.after.label} - {pair.before.label}", "side": "delta",
-            "relative_depth": (deltas["block"].to_numpy(dtype=float) + 1) / pair.after.num_blocks,
+            "relative_depth": relative_depth(deltas["block"].to_numpy(), pair.after.num_blocks),
             "low": deltas["low"].to_numpy(dtype=float), "high": deltas["high"].to_numpy(dtype=float)})
         parts.append(frame)
     table = pd.concat(parts, ignore_index=True)

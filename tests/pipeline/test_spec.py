@@ -171,3 +171,14 @@ def test_refine_head_dims_take_three_widths_or_a_rule_and_ema_decay_defaults_to_
         (64, 16, 64, 0.99)
     with pytest.raises(BadInputError, match=r"line 6: \[refine\] invalid head_dims 'wide'"):
         spec_from_text(base + 'head_dims = "wide"\n')
+
+
+BASE = {"name": "n", "out": "o", "model": "test_vit", "data": "digits"}
+
+
+def test_a_checkpoint_series_is_refused_in_a_spec(tmp_path):
+    (tmp_path / "checkpoint-1.pth").write_bytes(b"")
+    for series in (str(tmp_path / "checkpoint-*.pth"), str(tmp_path)):
+        with pytest.raises(BadInputError, match="names a series of checkpoints"):
+            spec_from_dict({**BASE, "checkpoint": series})
+    spec_from_dict({**BASE, "checkpoint": str(tmp_path / "checkpoint-1.pth")})
