@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..errors import BadInputError
 from ..features.store import FeatureStore
+from ..metrics.points import point_rows
 from ..metrics.profile import PREDICTIONS_FILE, SamplePredictions
 from ..placement import PLACEMENT_FILE, Placement, load_placement
 from ..placement.run import model_depth, read_profile
@@ -71,6 +72,7 @@ def load_profile(path: str | Path, *, label: str | None = None) -> ProfileInput:
         raise BadInputError(f"profile folder {folder} not found: make one with `mimprobe profile MODEL DATA --out "
                             f"{folder}`")
     table, meta, folder = read_profile(folder)
+    table = point_rows(table)  # the blocks' outputs (a profile's points inside the blocks are not compared)
     num_blocks, _ = model_depth(meta, table)
     predictions_path = folder / PREDICTIONS_FILE
     predictions = SamplePredictions.load(predictions_path) if predictions_path.is_file() else None
