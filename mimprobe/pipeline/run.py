@@ -371,7 +371,7 @@ def headline_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         if deltas is not None:
             found = deltas[(deltas["metric"] == curve.metric) & (deltas["split"] == curve.split)
                            & (deltas["pooling"] == row["pooling"]) & (deltas["block"] == row["last_block"])]
-            found = found[found["params"].map(lambda text: _has_params(text, curve.params))]
+            found = found[found["params"].map(lambda text: _has_params(text, curve.param_dict))]
             if len(found) == 1 and pd.notna(found["low"].iloc[0]):
                 entry["last_delta_low"] = float(found["low"].iloc[0])
                 entry["last_delta_high"] = float(found["high"].iloc[0])
