@@ -42,7 +42,7 @@ from ._finite import check_finite
 from ._rows import MetricRow, carve_validation
 from .families import Context
 from .labelfree import seeded_subset
-from .points import best_blocks_by_point, calibrate_by_point, for_point, point_rows, table_points
+from .points import best_blocks_by_point, calibrate_by_point
 from .registry import FAMILIES, LABEL_FREE_FAMILIES
 from .headlines import headlines
 
@@ -450,10 +450,8 @@ def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig
     table.to_csv(files["csv"], index=False)
     table.to_parquet(files["parquet"], index=False)
     predictions.save(files["predictions"])
-    drawn = table_points(table)[0] if not table.empty else "block"  # the block point, when the store has it
-    plot_profile(point_rows(table, drawn), headlines(config.preset, point_rows(table, drawn)),
-                 best[best["point"] == drawn], title=_title(store), path=Path(files["png"]),
-                 predictions=for_point(predictions, drawn), num_classes=len(store.classes) if store.labelled else None)
+    plot_profile(table, headlines(config.preset, table), best, title=_title(store), path=Path(files["png"]),
+                 predictions=predictions, num_classes=len(store.classes) if store.labelled else None)
     seconds = time.perf_counter() - started
     payload = {
         "config": asdict(config), "store": str(store.path), "store_key": store.key,

@@ -100,3 +100,31 @@ def test_placement_reads_the_block_point(profiles, tmp_path):
     for name in ("profile.json", "predictions.npz"):
         shutil.copy(block.out / name, old / name)
     assert run_place(old, out=tmp_path / "c.json").head_blocks == block_placement.head_blocks
+
+
+def test_profile_png_draws_each_point_as_a_curve_of_the_same_panel(profiles, monkeypatch, tmp_path):
+    import matplotlib.figure
+
+    from mimprobe.metrics.headlines import headlines
+    from mimprobe.metrics.plot import plot_profile
+
+    points, _ = profiles
+    drawn = {}
+
+    def keep(figure, path, **kwargs):
+        for axis in figure.axes:
+            if axis.get_legend() is not None:
+                drawn[axis.get_title().split(";")[0]] = {line.get_label(): line.get_ydata()
+                                                         for line in axis.get_lines()
+                                                         if not line.get_label().startswith("_")}
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    table = points.table
+    plot_profile(table, headlines("mim-refiner", table), points.best, title="t", path=tmp_path / "p.png",
+                 predictions=points.predictions, num_classes=4)
+    linear = next(lines for title, lines in drawn.items() if title.startswith("linear probe top-1"))
+    assert set(linear) == {"cls, block", "cls, attn", "cls, mlp_hidden", "chance (1/4)"}  # one panel, one legend
+    for point in ("block", "attn", "mlp_hidden"):
+        curve = table[(table["point"] == point) & (table["metric"] == "linear_top1")
+                      & (table["split"] == "test")].sort_values("block")["value"].to_numpy()
+        np.testing.assert_allclose(linear[f"cls, {point}"], 100 * curve)
