@@ -58,16 +58,16 @@ def _data(args: argparse.Namespace) -> str:
     return f"synthetic:classes=10,train={args.images // 10},test=1,size={args.img_size}"
 
 
-def _extract(loaded, args: argparse.Namespace, points: str, out: Path) -> float:
+def _extract(loaded, args: argparse.Namespace, points: str, out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one extraction into a fresh store."""
     from mimprobe import extract
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = extract(loaded, _data(args), out=out, img_size=args.img_size, points=points, pool="cls,mean",
                      batch_size=args.batch_size, device="cpu", precision="fp32", progress=False)
-    seconds = time.perf_counter() - started
-    assert not result.reused and result.store.points == (["block"] if points == "block" else
-                                                           list(result.store.points))
-    return seconds
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    assert not result.reused and len(result.store.points) == (1 if points == "block" else 6)
+    return seconds, cpu_seconds
 
 
 def _load(args: argparse.Namespace):
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     loaded = _load(args)
     with tempfile.TemporaryDirectory() as out:
-        seconds = _extract(loaded, args, args.child, Path(out))
+        seconds, _ = _extract(loaded, args, args.child, Path(out))
     print(json.dumps({"points": args.child, "seconds": seconds,
                       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
@@ -108,19 +108,23 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     loaded = _load(args)
     times: dict[str, list[float]] = {"block": [], "all": []}
+    cpu_times: dict[str, list[float]] = {"block": [], "all": []}
     monitor = CpuMonitor()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats + 1):  # the first of each is the warm-up
             for points in ("block", "all"):
-                seconds = _extract(loaded, args, points, Path(scratch) / f"{points}-{repeat}")
-                log(f"{points}: {seconds:.2f} s" + (" (warm-up)" if repeat == 0 else ""))
+                seconds, cpu_seconds = _extract(loaded, args, points, Path(scratch) / f"{points}-{repeat}")
+                log(f"{points}: {seconds:.2f} s, CPU {cpu_seconds:.2f} s" + (" (warm-up)" if repeat == 0 else ""))
                 if repeat:
                     times[points].append(seconds)
+                    cpu_times[points].append(cpu_seconds)
     load = monitor.stop()
     load_after = os.getloadavg()
     medians = {points: statistics.median(values) for points, values in times.items()}
     ratio = medians["all"] / medians["block"]
+    cpu_medians = {points: statistics.median(values) for points, values in cpu_times.items()}
+    cpu_ratio = cpu_medians["all"] / cpu_medians["block"]
     memory = {points: peak_rss(args, points) for points in ("block", "all")}
     for points, found in memory.items():
         log(f"{points}: peak RSS {found['max_rss_bytes'] / 2**20:.0f} MiB")
@@ -136,20 +140,22 @@ def main(argv: list[str] | None = None) -> None:
         f"{images} synthetic images, pooling cls and mean, batch {args.batch_size}, CPU fp32; each run into a fresh "
         f"store; one warm-up each, then {args.repeats} runs alternating block / all in one process.",
         "",
-        "| points | arrays per split | median s | runs (s) | peak RSS (fresh process) |",
-        "|---|---:|---:|---|---:|",
-        f"| block | {len(structure.blocks) * 2} | {medians['block']:.2f} | "
-        f"{', '.join(f'{t:.2f}' for t in times['block'])} | {memory['block']['max_rss_bytes'] / 2**20:.0f} MiB |",
-        f"| all (6 points) | {len(structure.blocks) * 2 * 6} | {medians['all']:.2f} | "
-        f"{', '.join(f'{t:.2f}' for t in times['all'])} | {memory['all']['max_rss_bytes'] / 2**20:.0f} MiB |",
+        "| points | arrays per split | median wall s | median CPU s | runs, wall (s) | peak RSS (fresh process) |",
+        "|---|---:|---:|---:|---|---:|",
+        *(f"| {name} | {len(structure.blocks) * 2 * count} | {medians[points]:.2f} | {cpu_medians[points]:.2f} | "
+          f"{', '.join(f'{t:.2f}' for t in times[points])} | {memory[points]['max_rss_bytes'] / 2**20:.0f} MiB |"
+          for points, name, count in (("block", "block", 1), ("all", "all (6 points)", 6))),
         "",
-        f"Ratio all / block (medians): **{ratio:.3f}** (goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'}).",
+        f"Ratio all / block (medians): wall **{ratio:.3f}**, CPU time of the process **{cpu_ratio:.3f}** (goal <= "
+        f"{GOAL}: {'met' if max(ratio, cpu_ratio) <= GOAL else 'NOT met'}). The CPU time is the steadier figure on a "
+        "shared machine (one torch thread: it does not count the time other processes held the cores).",
         "",
         f"Load: 1-min load average {load_before[0]:.2f} before and {load_after[0]:.2f} after the timed runs on "
         f"{os.cpu_count()} CPUs; other processes used {100 * (load['other_share'] or 0):.0f} % of the machine "
         "during them.",
     ])
-    raw = {"times": times, "medians": medians, "ratio": ratio, "memory": memory, "load": load,
+    raw = {"times": times, "medians": medians, "ratio": ratio, "cpu_times": cpu_times, "cpu_medians": cpu_medians,
+           "cpu_ratio": cpu_ratio, "memory": memory, "load": load,
            "loadavg_before": load_before, "loadavg_after": load_after, "args": vars(args) | {"report": str(args.report)}}
     publish(SECTION, body, raw, report=args.report, no_report=args.no_report,
             total_seconds=time.perf_counter() - started)

@@ -38,6 +38,9 @@ from .store import (FORMAT_VERSION, MANIFEST, DamagedStoreError, FeatureStore, R
                     create_store, feature_arrays, feature_filename, store_key, write_json_atomic)
 
 
+STORE_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
 @dataclass
 class ExtractResult:
     """What `extract` did."""
@@ -547,7 +550,8 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
                                 block_tokens, pooling, num_prefix_tokens=structure["num_prefix_tokens"],
                                 has_class_token=structure["has_class_token"], norm=outputs.pooled_norm)
                     for where, pooled in pooled_points.items():
-                        pooled = pooled.cpu().numpy().astype(dtype)
+                        # torch's cast: numpy's float16 astype is several times slower (the same rounding)
+                        pooled = pooled.to("cpu", STORE_TORCH_DTYPES[dtype.name]).numpy()
                         pooled[bad_rows] = 0
                         writers[where].write(start, pooled)
                     for row in bad_rows:

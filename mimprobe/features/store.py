@@ -329,7 +329,7 @@ class RowWriter:
     def __init__(self, path: Path, row_bytes: int):
         self.path = Path(path)
         self.fd = os.open(path, os.O_WRONLY)
-        self.offset = npy_data_offset(path)
+        self.offset = read_npy_header(path)[2]  # the header alone: no memory map per file
         self.row_bytes = row_bytes
 
     def write(self, start_row: int, rows: np.ndarray) -> None:

@@ -128,3 +128,29 @@ def test_profile_png_draws_each_point_as_a_curve_of_the_same_panel(profiles, mon
         curve = table[(table["point"] == point) & (table["metric"] == "linear_top1")
                       & (table["split"] == "test")].sort_values("block")["value"].to_numpy()
         np.testing.assert_allclose(linear[f"cls, {point}"], 100 * curve)
+
+
+def test_compare_draws_each_point_as_an_extra_curve_and_compares_the_block_point(profiles, monkeypatch, tmp_path):
+    from mimprobe.report import CompareConfig, content, run_compare
+
+    points, block = profiles
+    drawn = {}
+    original = content.plot_curves
+
+    def keep(key, poolings, sides, **kwargs):
+        drawn[key] = sides
+        return original(key, poolings, sides, **kwargs)
+
+    monkeypatch.setattr(content, "plot_curves", keep)
+    result = run_compare([block.out, points.out], out=tmp_path / "report", labels=["plain", "inner"],
+                         config=CompareConfig(resamples=50, cka=False))
+    linear = next(sides for key, sides in drawn.items() if key.metric == "linear_top1" and key.split == "test")
+    assert [side.label for side in linear] == ["plain", "inner, block", "inner, attn", "inner, mlp_hidden"]
+    table = points.table
+    for side, point in zip(linear[1:], ("block", "attn", "mlp_hidden")):
+        expected = table[(table["point"] == point) & (table["metric"] == "linear_top1")
+                         & (table["split"] == "test")].set_index("block")["value"].sort_index()
+        np.testing.assert_allclose(side.by_pooling["cls"].to_numpy(), expected.to_numpy())
+        assert "cls" in side.bands  # Wilson bands from the point's own predictions
+    deltas = result.pairs[0].deltas  # the deltas compare the block point: the same numbers on both sides
+    assert len(deltas) and np.allclose(deltas["delta"].to_numpy(dtype=float), 0)
