@@ -179,7 +179,8 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
         "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
             " The x axis is the relative depth (block + 1) / depth, since the models have different depths."
             if relative else " Blocks are 0-based.") + (
-            " Profiles measured with --points add one curve per point inside the blocks (legend \"profile, point\"); "
+            " Profiles made by `mimprobe profile` with --points add one curve per point inside the blocks (legend "
+            "\"profile, point\"); "
             "the differences and best blocks below compare the blocks' outputs." if any(p.points for p in profiles)
             else ""))]
     more: list[Image] = []
