@@ -10,6 +10,8 @@ from typing import Any
 from .errors import BadInputError
 
 POOLINGS = ("cls", "mean", "cls+mean")   # token pooling of a block's output (`mimprobe.features.pooling`)
+# where a block is read (`mimprobe.features.points`): its output, or a point inside it, in the block's forward order
+POINTS = ("block", "norm1", "attn", "norm2", "mlp_hidden", "mlp")
 STORE_DTYPES = ("float16", "float32")    # feature store arrays (`mimprobe.features.store`)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # compute precision (`mimprobe._device`)
 
@@ -28,6 +30,23 @@ def parse_poolings(text: str) -> tuple[str, ...]:
         raise BadInputError(f"unknown pooling {unknown[0] if unknown else text!r}: use {', '.join(POOLINGS)}, "
                             "a comma list of them, or all")
     return poolings
+
+
+def parse_points(text: str) -> tuple[str, ...]:
+    """``--points``: ``"attn,block"`` -> ("block", "attn") (in `POINTS` order, so that the order typed does not make
+    another store); ``"all"`` -> every point.
+
+    Raises:
+        BadInputError: An unknown point or an empty list.
+    """
+    if text.strip() == "all":
+        return POINTS
+    points = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(points - set(POINTS))
+    if unknown or not points:
+        raise BadInputError(f"unknown point {unknown[0] if unknown else text!r}: use {', '.join(POINTS)}, a comma "
+                            "list of them, or all")
+    return tuple(point for point in POINTS if point in points)
 
 
 def parse_channel_values(text: str | None, option: str) -> list[float] | None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..blocks import BlockSpec, parse_block_spec
 from ..errors import BadInputError
 from ..options import check_options, device_option, img_size_option, option
-from ..choices import POOLINGS, PRECISIONS, STORE_DTYPES, parse_channel_values, parse_poolings
+from ..choices import (POINTS, POOLINGS, PRECISIONS, STORE_DTYPES, parse_channel_values, parse_points,
+                       parse_poolings)
 
 
 def _channels(option_name: str) -> Callable[[str], tuple[float, ...]]:
@@ -26,8 +27,14 @@ class ExtractConfig:
                                "from the end).", short="-b", parse=parse_block_spec, show_default="all")
     poolings: tuple[str, ...] = option(("cls",), "cls, mean (patch tokens only), cls+mean, a comma list, or all.",
                                        flag="pool", short="-p", parse=parse_poolings, choices=POOLINGS)
-    norm: str = option("raw", "raw block outputs (MIM-Refiner), or final: the model's last norm applied.",
-                       choices=("raw", "final"))
+    norm: str = option("raw", "raw block outputs (MIM-Refiner), or final: the model's last norm applied (to the "
+                              "block point only; the points inside a block are read raw).", choices=("raw", "final"))
+    # every point comes from the same forward pass (hooks); each is its own array of the store and part of its key
+    points: tuple[str, ...] = option(("block",), "Where each block is read: block (its output), norm1, attn (the "
+                                     "attention branch after layer scale, before the residual add), norm2, mlp_hidden "
+                                     "(the MLP's hidden activation, pooled as tokens), mlp (the MLP branch), a comma "
+                                     "list, or all. Pre-norm ViT, BEiT and EVA blocks only, for points other than "
+                                     "block.", parse=parse_points, choices=POINTS)
     # on resume, the store's own batch size is used (same batches, same bytes)
     batch_size: int = option(64, "Images per forward pass.", minimum=1)
     workers: int = option(0, "DataLoader worker processes for decoding images.", minimum=0)
@@ -60,6 +67,13 @@ class ExtractConfig:
         object.__setattr__(self, "poolings", tuple(dict.fromkeys(self.poolings)))  # unique, in the order given
         if not self.poolings:
             raise BadInputError(f"--pool needs at least one pooling: use {', '.join(POOLINGS)}")
+        if isinstance(self.points, str):
+            object.__setattr__(self, "points", (self.points,))
+        if not self.points:
+            raise BadInputError(f"--points needs at least one point: use {', '.join(POINTS)}")
+        order = {point: position for position, point in enumerate(POINTS)}  # unknown ones: check_options names them
+        object.__setattr__(self, "points", tuple(sorted(dict.fromkeys(self.points),
+                                                        key=lambda p: order.get(p, len(order)))))
         if self.mean is not None:
             object.__setattr__(self, "mean", tuple(self.mean))
         if self.std is not None:

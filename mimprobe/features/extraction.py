@@ -32,9 +32,13 @@ from ..options import build_config
 from ..models.families import block_layout
 from . import progress as batch_progress
 from .blockwise import BlockOutputs
+from .points import PointReader, block_modules, check_points, point_width
 from .pooling import pool_tokens
 from .store import (FORMAT_VERSION, MANIFEST, DamagedStoreError, FeatureStore, RowWriter,
-                    create_store, feature_filename, store_key, write_json_atomic)
+                    create_store, feature_arrays, feature_filename, store_key, write_json_atomic)
+
+
+STORE_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -55,7 +59,8 @@ class ExtractResult:
             "store": str(self.store.path), "key": manifest["key"], "reused": self.reused, "resumed": self.resumed,
             "complete": manifest["complete"], "model": manifest["model"]["name"],
             "dataset": manifest["dataset"]["name"], "splits": manifest["dataset"]["splits"],
-            "blocks": manifest["blocks"], "poolings": manifest["poolings"], "feature_dims": manifest["feature_dims"],
+            "blocks": manifest["blocks"], "poolings": manifest["poolings"],
+            "points": manifest.get("points", ["block"]), "feature_dims": manifest["feature_dims"],
             "dtype": manifest["dtype"], "bad_images": len(manifest["bad_images"]), "images_processed": self.images,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images / self.seconds, 2) if self.seconds > 0 and self.images else None,
@@ -116,16 +121,43 @@ def _feature_dim(structure: dict[str, Any], block: int, pooling: str) -> int:
     return 2 * width if pooling == "cls+mean" else width
 
 
+def _point_feature_dims(loaded: LoadedModel, structure: dict[str, Any], blocks: list[int],
+                        config: ExtractConfig) -> dict[str, dict[str, dict[str, int]]]:
+    """Width of every point other than ``block``, per block and pooling (the manifest's ``point_feature_dims``)."""
+    modules = block_modules(loaded.model, blocks, block_layout(loaded.model, loaded.name).block_modules)
+    dims = {}
+    for point in config.points:
+        if point == "block":
+            continue
+        widths = {block: point_width(modules[block], point, structure["block_widths"][block]) for block in blocks}
+        dims[point] = {str(block): {p: 2 * widths[block] if p == "cls+mean" else widths[block]
+                                    for p in config.poolings} for block in blocks}
+    return dims
+
+
+def _point_reader(loaded: LoadedModel, structure: dict[str, Any], blocks: list[int], points: tuple[str, ...],
+                  poolings: tuple[str, ...]) -> PointReader:
+    """The hooks that pool the points inside the chosen blocks (refused first where the blocks have none)."""
+    modules = block_modules(loaded.model, blocks, block_layout(loaded.model, loaded.name).block_modules)
+    check_points(loaded.name, modules, points)
+    return PointReader(modules, points, poolings, num_prefix_tokens=structure["num_prefix_tokens"],
+                       has_class_token=structure["has_class_token"])
+
+
 def _check_block_outputs(loaded: LoadedModel, blocks: list[int], norm: str, data_config: dict[str, Any],
-                         structure: dict[str, Any]) -> None:
+                         structure: dict[str, Any], points: tuple[str, ...] = ("block",),
+                         poolings: tuple[str, ...] = ("mean",)) -> None:
     """Run one blank image through the chosen blocks before any store is made, so that a model whose block outputs
-    cannot be read (or a --norm it does not end with) is refused with one line instead of failing mid-store."""
+    cannot be read (or a --norm it does not end with, or points inside its blocks it does not have) is refused with
+    one line instead of failing mid-store."""
     outputs = BlockOutputs(loaded.model, blocks, norm=norm, layout=block_layout(loaded.model, loaded.name))
+    reader = _point_reader(loaded, structure, blocks, points, poolings)
     parameter = next(loaded.model.parameters(), None)
     images = torch.zeros(1, *data_config["input_size"], device=parameter.device if parameter is not None else "cpu")
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), reader:
             tokens = outputs(images)
+            reader.take()
     except Exception as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
         raise BadInputError(f"model {loaded.name} cannot be profiled: reading its blocks' outputs from an input of "
@@ -187,13 +219,15 @@ def extract(model: str | LoadedModel, data: str | DataSource, *, out: str | Path
         img_size=config.img_size, crop_pct=config.crop_pct, mean=config.mean, std=config.std,
         interpolation=config.interpolation)
     _check_input_size(loaded, data_config)
-    _check_block_outputs(loaded, blocks, config.norm, data_config, structure)
+    _check_block_outputs(loaded, blocks, config.norm, data_config, structure, config.points, config.poolings)
 
     key_fields = {
         "format_version": FORMAT_VERSION, "model": loaded.identity(), "dataset": source.fingerprint,
         "transform": data_config, "transform_source": data_config_source, "blocks": blocks,
         "poolings": list(config.poolings), "norm": config.norm, "dtype": config.store_dtype, "precision": precision,
     }
+    if config.points != ("block",):  # block alone keeps the key of the stores made before points existed
+        key_fields["points"] = list(config.points)
     key = store_key(key_fields)
     store_dir = out / f"{_slug(loaded.name)}__{_slug(source.short_name)}__{key[:12]}"
     widths = {structure["block_widths"][block] for block in blocks}  # one width, except across Hiera's stages
@@ -325,7 +359,7 @@ def _open_or_create(store_dir: Path, *, key: str, key_fields: dict[str, Any], lo
         if manifest["complete"]:
             batch_progress.remove_rank_files(store_dir)  # left by a kill just after the store was completed
             say(f"reusing feature store {store_dir} (same key {key[:12]}: same model, data, transform, "
-                f"blocks, pooling, norm and dtype)")
+                f"blocks, points, pooling, norm and dtype)")
             return manifest, "reused"
         if batch_progress.consolidate(store_dir, manifest):
             write_json_atomic(manifest_path, manifest)
@@ -379,17 +413,16 @@ def _check_first_batches(store_dir: Path, manifest: dict[str, Any], *, source: D
              data_config=data_config, device=device, precision=precision, config=scratch_config, progress=False,
              on_batch=None)
         for name, rows in firsts.items():
-            for block in manifest["blocks"]:
-                for pooling in manifest["poolings"]:
-                    file = f"{name}/{feature_filename(block, pooling)}"
-                    stored = np.load(store_dir / file, mmap_mode="r")[:rows].astype(np.float32)
-                    fresh = np.load(scratch_dir / file).astype(np.float32)
-                    scale = max(float(np.abs(fresh).max()), 1e-6)
-                    difference = float(np.abs(stored - fresh).max())
-                    if difference > VERIFY_TOLERANCE * scale:
-                        raise DamagedStoreError(store_dir, file, f"rows 0-{rows - 1} differ from the same images "
-                                                f"extracted again (max difference {difference:.3g}, values up to "
-                                                f"{scale:.3g}): the images or weights changed under the same key")
+            for block, point, pooling in feature_arrays(manifest):
+                file = f"{name}/{feature_filename(block, pooling, point)}"
+                stored = np.load(store_dir / file, mmap_mode="r")[:rows].astype(np.float32)
+                fresh = np.load(scratch_dir / file).astype(np.float32)
+                scale = max(float(np.abs(fresh).max()), 1e-6)
+                difference = float(np.abs(stored - fresh).max())
+                if difference > VERIFY_TOLERANCE * scale:
+                    raise DamagedStoreError(store_dir, file, f"rows 0-{rows - 1} differ from the same images "
+                                            f"extracted again (max difference {difference:.3g}, values up to "
+                                            f"{scale:.3g}): the images or weights changed under the same key")
 
 
 def _check_labels(store_dir: Path, manifest: dict[str, Any], source: DataSource) -> None:
@@ -422,13 +455,16 @@ def _new_store(store_dir: Path, *, key: str, key_fields: dict[str, Any], loaded:
         "transform_source": key_fields["transform_source"],
         "blocks": blocks,
         "poolings": list(config.poolings),
+        "points": list(config.points),   # block: the blocks' outputs; others: inside the blocks, read raw
         "norm": config.norm,
         "dtype": config.store_dtype,
         "precision": precision,
         "feature_dims": feature_dims,  # per pooling; None when the chosen blocks differ in width (Hiera)
         "block_feature_dims": {str(block): {p: _feature_dim(structure, block, p) for p in config.poolings}
                                for block in blocks},
+        "point_feature_dims": _point_feature_dims(loaded, structure, blocks, config),  # per point, block, pooling
         "files": {"labels": "{split}/labels.npy", "features": "{split}/block{block:02d}_{pooling}.npy",
+                  "point_features": "{split}/block{block:02d}_{point}_{pooling}.npy",
                   "pooling_in_filename": {p: p.replace("+", "_") for p in config.poolings}},
         "batch_size": config.batch_size,
         "progress": {name: 0 for name in source.splits},
@@ -465,6 +501,8 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
     model = loaded.model.to(device).eval()
     transform = build_eval_transform(data_config)
     outputs = BlockOutputs(model, manifest["blocks"], norm=manifest["norm"], layout=block_layout(model, loaded.name))
+    points = tuple(manifest.get("points", ["block"]))
+    reader = _point_reader(loaded, structure, manifest["blocks"], points, tuple(manifest["poolings"]))
     dtype = np.dtype(manifest["dtype"])
     batch_size = manifest["batch_size"]
     items = batch_progress.rank_items(manifest, ranks.rank, ranks.world_size)
@@ -472,7 +510,7 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
     my_bad: list[dict[str, Any]] = []
     finished = 0
     images_done, started = 0, time.perf_counter()
-    with _progress_bar(progress) as bar, torch.inference_mode():
+    with _progress_bar(progress) as bar, torch.inference_mode(), reader:
         for split_name, split in source.splits.items():
             total_rows = len(split)
             mine = [batch for name, batch in items if name == split_name]
@@ -485,9 +523,11 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
             dataset = SplitDataset(split, transform, tuple(data_config["input_size"]))
             loader = DataLoader(dataset, batch_sampler=rows_of, num_workers=config.workers,
                                 pin_memory=device.type == "cuda")
-            writers = {(block, pooling): RowWriter(store_dir / split_name / feature_filename(block, pooling),
-                                                   _feature_dim(structure, block, pooling) * dtype.itemsize)
-                       for block in manifest["blocks"] for pooling in manifest["poolings"]}
+            writers = {(block, point, pooling): RowWriter(
+                store_dir / split_name / feature_filename(block, pooling, point),
+                _feature_dim(structure, block, pooling) * dtype.itemsize if point == "block"
+                else manifest["point_feature_dims"][point][str(block)][pooling] * dtype.itemsize)
+                for block, point, pooling in feature_arrays(manifest)}
             label_writer = RowWriter(store_dir / split_name / "labels.npy", 8)
             try:
                 for batch, (images, indices, errors) in zip(mine, loader):
@@ -500,16 +540,20 @@ def _run(manifest: dict[str, Any], store_dir: Path, *, ranks: Ranks, source: Dat
                                                 "pass --skip-bad-images to skip it")
                     with autocast(device, precision):
                         tokens = outputs(images.to(device, non_blocking=True))
+                    pooled_points = reader.take()  # (block, point, pooling) -> (batch, dim), pooled in the hooks
                     for block, block_tokens in tokens.items():
+                        if "block" not in points:
+                            break
                         block_tokens = block_tokens.float()
                         for pooling in manifest["poolings"]:
-                            pooled = pool_tokens(block_tokens, pooling,
-                                                 num_prefix_tokens=structure["num_prefix_tokens"],
-                                                 has_class_token=structure["has_class_token"],
-                                                 norm=outputs.pooled_norm)
-                            pooled = pooled.cpu().numpy().astype(dtype)
-                            pooled[bad_rows] = 0
-                            writers[(block, pooling)].write(start, pooled)
+                            pooled_points[(block, "block", pooling)] = pool_tokens(
+                                block_tokens, pooling, num_prefix_tokens=structure["num_prefix_tokens"],
+                                has_class_token=structure["has_class_token"], norm=outputs.pooled_norm)
+                    for where, pooled in pooled_points.items():
+                        # torch's cast: numpy's float16 astype is several times slower (the same rounding)
+                        pooled = pooled.to("cpu", STORE_TORCH_DTYPES[dtype.name]).numpy()
+                        pooled[bad_rows] = 0
+                        writers[where].write(start, pooled)
                     for row in bad_rows:
                         label_writer.write(start + row, np.array([-1], dtype=np.int64))
                         my_bad.append({"split": split_name, "index": start + row,

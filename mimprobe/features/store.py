@@ -1,10 +1,16 @@
-"""The FeatureStore: a directory of per-(split, block, pooling) ``.npy`` files and a manifest.
+"""The FeatureStore: a directory of per-(split, block, point, pooling) ``.npy`` files and a manifest.
 
 Layout::
 
-    manifest.json                     format version, content key, model/data identity, progress, completion
-    {split}/labels.npy                (n,) int64; -1 for unlabelled data and images skipped as unreadable
-    {split}/block{BB}_{pooling}.npy   (n, dim) float16 or float32; pooling "cls+mean" is written "cls_mean"
+    manifest.json                             format version, content key, model/data identity, progress, completion
+    {split}/labels.npy                        (n,) int64; -1 for unlabelled data and images skipped as unreadable
+    {split}/block{BB}_{pooling}.npy           (n, dim) float16 or float32: the block's output (point ``block``);
+                                              pooling "cls+mean" is written "cls_mean"
+    {split}/block{BB}_{point}_{pooling}.npy   a point inside the block (``attn``, ``mlp_hidden``, ...; see
+                                              `mimprobe.features.points`), of its own width
+
+The manifest's ``points`` lists the points (a manifest without it, as written before points existed, holds the
+``block`` point alone); ``point_feature_dims`` gives the width of every other point per block and pooling.
 
 Rows are written in place at their dataset index (``os.pwrite`` into pre-sized ``.npy`` files), so memory is
 bounded by the batch and an interrupted run resumes at the last recorded row. Under torchrun several processes
@@ -37,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 from ..choices import STORE_DTYPES  # noqa: E402  (one definition, with the options)
 STORE_POOLINGS = ("cls", "mean", "cls+mean")
+from ..choices import POINTS as STORE_POINTS  # noqa: E402
 CHUNK_ROWS = 65536  # rows read at a time by verify_content
 
 
@@ -54,8 +61,21 @@ def store_key(key_fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def feature_filename(block: int, pooling: str) -> str:
-    return f"block{block:02d}_{pooling.replace('+', '_')}.npy"
+def feature_filename(block: int, pooling: str, point: str = "block") -> str:
+    """``block03_cls.npy`` for a block's output, ``block03_mlp_hidden_cls.npy`` for a point inside it."""
+    middle = "" if point == "block" else f"{point}_"
+    return f"block{block:02d}_{middle}{pooling.replace('+', '_')}.npy"
+
+
+def manifest_points(manifest: dict[str, Any]) -> list[str]:
+    """The points of a store; ``["block"]`` for a manifest written before points existed."""
+    return list(manifest.get("points") or ["block"])
+
+
+def feature_arrays(manifest: dict[str, Any]) -> list[tuple[int, str, str]]:
+    """Every (block, point, pooling) array of a store, in file order."""
+    return [(block, point, pooling) for block in manifest["blocks"] for point in manifest_points(manifest)
+            for pooling in manifest["poolings"]]
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: str) -> int:
@@ -97,10 +117,9 @@ def create_store(store_dir: str | os.PathLike, manifest: dict[str, Any], labels:
             for split, rows in manifest["dataset"]["splits"].items():
                 (store_dir / split).mkdir()
                 np.save(store_dir / split / "labels.npy", np.asarray(labels[split]).astype(np.int64))
-                for block in manifest["blocks"]:
-                    for pooling in manifest["poolings"]:
-                        create_npy(store_dir / split / feature_filename(block, pooling),
-                                   (rows, _declared_dim(manifest, block, pooling)), manifest["dtype"])
+                for block, point, pooling in feature_arrays(manifest):
+                    create_npy(store_dir / split / feature_filename(block, pooling, point),
+                               (rows, _declared_dim(manifest, block, pooling, point)), manifest["dtype"])
             write_json_atomic(store_dir / MANIFEST, manifest)
     except BaseException:
         shutil.rmtree(store_dir, ignore_errors=True)  # nothing in it was recorded yet
@@ -114,9 +133,8 @@ def store_bytes(manifest: dict[str, Any]) -> int:
     total = 0
     for rows in manifest["dataset"]["splits"].values():
         total += 8 * rows
-        for block in manifest["blocks"]:
-            for pooling in manifest["poolings"]:
-                total += rows * int(_declared_dim(manifest, block, pooling)) * itemsize
+        for block, point, pooling in feature_arrays(manifest):
+            total += rows * int(_declared_dim(manifest, block, pooling, point)) * itemsize
     return total
 
 
@@ -126,9 +144,10 @@ def remaining_bytes(store_dir: Path) -> int | None:
     try:
         manifest = json.loads((Path(store_dir) / MANIFEST).read_text())
         itemsize = np.dtype(manifest["dtype"]).itemsize
-        return sum((rows - int(manifest["progress"].get(split, 0))) * int(_declared_dim(manifest, block, pooling))
-                   * itemsize for split, rows in manifest["dataset"]["splits"].items()
-                   for block in manifest["blocks"] for pooling in manifest["poolings"])
+        return sum((rows - int(manifest["progress"].get(split, 0)))
+                   * int(_declared_dim(manifest, block, pooling, point)) * itemsize
+                   for split, rows in manifest["dataset"]["splits"].items()
+                   for block, point, pooling in feature_arrays(manifest))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -179,6 +198,10 @@ def _schema_problem(manifest: Any) -> str | None:
         return "has no valid blocks (0-based integers)"
     if not manifest["poolings"] or any(p not in STORE_POOLINGS for p in manifest["poolings"]):
         return f"has poolings {manifest['poolings']}, not among {', '.join(STORE_POOLINGS)}"
+    points = manifest.get("points", ["block"])
+    if not isinstance(points, list) or not points or any(p not in STORE_POINTS for p in points) \
+            or len(set(points)) != len(points):
+        return f"has points {points}, not a list of distinct ones among {', '.join(STORE_POINTS)}"
     if manifest["dtype"] not in STORE_DTYPES:
         return f"has dtype {manifest['dtype']!r}, not {' or '.join(STORE_DTYPES)}"
     if manifest["batch_size"] < 1:
@@ -195,25 +218,35 @@ def _schema_problem(manifest: Any) -> str | None:
     if manifest["key"] != store_key(manifest["key_fields"]):
         return "has key_fields that no longer give its key (edited by hand?)"
     key_fields = manifest["key_fields"]
+    if key_fields.get("points", ["block"]) != points:  # the key holds points other than block alone
+        return "has points that differ from its key_fields (edited by hand?)"
     for name, value in (("blocks", manifest["blocks"]), ("poolings", manifest["poolings"]),
                         ("norm", manifest["norm"]), ("dtype", manifest["dtype"]),
                         ("dataset", dataset["fingerprint"])):
         if name in key_fields and key_fields[name] != value:
             return f"has {name} that differ from its key_fields (edited by hand?)"
-    for block in manifest["blocks"]:
-        for pooling in manifest["poolings"]:
-            dim = _declared_dim(manifest, block, pooling)
-            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-                return f"has no feature width for block {block} ({pooling})"
-            per_block = (manifest.get("block_feature_dims") or {}).get(str(block), {}).get(pooling, dim)
-            if per_block != dim:
-                return f"declares width {dim} and {per_block} for block {block} ({pooling})"
+    for block, point, pooling in feature_arrays(manifest):
+        dim = _declared_dim(manifest, block, pooling, point)
+        where = f"block {block}" + (f" point {point}" if point != "block" else "")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            return f"has no feature width for {where} ({pooling})"
+        if point != "block":
+            continue
+        per_block = (manifest.get("block_feature_dims") or {}).get(str(block), {}).get(pooling, dim)
+        if per_block != dim:
+            return f"declares width {dim} and {per_block} for {where} ({pooling})"
     return None
 
 
-def _declared_dim(manifest: dict[str, Any], block: int, pooling: str) -> Any:
+def _declared_dim(manifest: dict[str, Any], block: int, pooling: str, point: str = "block") -> Any:
     """The width the manifest declares for one block's pooled features: ``feature_dims`` (per pooling), or
-    ``block_feature_dims`` (per block and pooling) where the blocks differ in width and ``feature_dims`` is null."""
+    ``block_feature_dims`` (per block and pooling) where the blocks differ in width and ``feature_dims`` is null;
+    for a point inside the block, ``point_feature_dims`` (per point, block and pooling)."""
+    if point != "block":
+        by_point = manifest.get("point_feature_dims")
+        by_block = by_point.get(point) if isinstance(by_point, dict) else None
+        by_pooling = by_block.get(str(block)) if isinstance(by_block, dict) else None
+        return by_pooling.get(pooling) if isinstance(by_pooling, dict) else None
     dims = manifest.get("feature_dims")
     if isinstance(dims, dict) and dims.get(pooling) is not None:
         return dims[pooling]
@@ -231,10 +264,10 @@ def verify_structure(path: Path, manifest: dict[str, Any]) -> None:
     if problem:
         raise DamagedStoreError(path, MANIFEST, problem)
     files = [(f"{split}/labels.npy", (n,), np.dtype("<i8")) for split, n in manifest["dataset"]["splits"].items()]
-    files += [(f"{split}/{feature_filename(block, pooling)}", (n, _declared_dim(manifest, block, pooling)),
-               np.dtype(manifest["dtype"]).newbyteorder("<"))
+    files += [(f"{split}/{feature_filename(block, pooling, point)}",
+               (n, _declared_dim(manifest, block, pooling, point)), np.dtype(manifest["dtype"]).newbyteorder("<"))
               for split, n in manifest["dataset"]["splits"].items()
-              for block in manifest["blocks"] for pooling in manifest["poolings"]]
+              for block, point, pooling in feature_arrays(manifest)]
     for name, shape, dtype in files:
         file = path / name
         if not file.is_file():
@@ -275,20 +308,19 @@ def verify_content(path: Path, manifest: dict[str, Any]) -> None:
         if len(wrong):
             raise DamagedStoreError(path, f"{split}/labels.npy", f"has label {labels[wrong[0]]} at row {wrong[0]}, "
                                     f"outside {low}..{high}")
-        for block in manifest["blocks"]:
-            for pooling in manifest["poolings"]:
-                name = f"{split}/{feature_filename(block, pooling)}"
-                features = np.load(path / name, mmap_mode="r")
-                for start in range(0, done, CHUNK_ROWS):
-                    rows = np.asarray(features[start:min(done, start + CHUNK_ROWS)], dtype=np.float32)
-                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-                    if len(bad):
-                        raise DamagedStoreError(path, name, f"has NaN or Inf in row {start + bad[0]}")
-                    empty = np.flatnonzero(~rows.any(axis=1) & ~skipped[start:start + len(rows)])
-                    if len(empty):
-                        raise DamagedStoreError(path, name, f"has an all-zero row {start + empty[0]} that was "
-                                                "recorded as written (a lost write)")
-                del features
+        for block, point, pooling in feature_arrays(manifest):
+            name = f"{split}/{feature_filename(block, pooling, point)}"
+            features = np.load(path / name, mmap_mode="r")
+            for start in range(0, done, CHUNK_ROWS):
+                rows = np.asarray(features[start:min(done, start + CHUNK_ROWS)], dtype=np.float32)
+                bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+                if len(bad):
+                    raise DamagedStoreError(path, name, f"has NaN or Inf in row {start + bad[0]}")
+                empty = np.flatnonzero(~rows.any(axis=1) & ~skipped[start:start + len(rows)])
+                if len(empty):
+                    raise DamagedStoreError(path, name, f"has an all-zero row {start + empty[0]} that was "
+                                            "recorded as written (a lost write)")
+            del features
 
 
 class RowWriter:
@@ -297,7 +329,7 @@ class RowWriter:
     def __init__(self, path: Path, row_bytes: int):
         self.path = Path(path)
         self.fd = os.open(path, os.O_WRONLY)
-        self.offset = npy_data_offset(path)
+        self.offset = read_npy_header(path)[2]  # the header alone: no memory map per file
         self.row_bytes = row_bytes
 
     def write(self, start_row: int, rows: np.ndarray) -> None:
@@ -371,6 +403,11 @@ class FeatureStore:
         return list(self.manifest["poolings"])
 
     @property
+    def points(self) -> list[str]:
+        """Where the blocks were read: ``block`` (their outputs) and points inside them (`mimprobe.features.points`)."""
+        return manifest_points(self.manifest)
+
+    @property
     def classes(self) -> list[str]:
         return list(self.manifest["dataset"]["classes"])
 
@@ -405,20 +442,24 @@ class FeatureStore:
         labels = np.load(self.path / split / "labels.npy")
         return labels[self.valid_mask(split)] if valid_only and self.manifest["bad_images"] else labels
 
-    def features(self, split: str, block: int, pooling: str = "cls", *, valid_only: bool = True,
-                 allow_partial: bool = False) -> np.ndarray:
-        """(n, dim) features of one block as a read-only memory map (a copy if skipped rows are removed).
+    def features(self, split: str, block: int, pooling: str = "cls", *, point: str = "block",
+                 valid_only: bool = True, allow_partial: bool = False) -> np.ndarray:
+        """(n, dim) features of one block (its output, or the point ``point`` inside it) as a read-only memory map
+        (a copy if skipped rows are removed).
 
         Raises:
-            BadInputError: Unknown split, block or pooling, or an incomplete store.
+            BadInputError: Unknown split, block, point or pooling, or an incomplete store.
         """
         self._check_split(split)
         if block not in self.blocks:
             raise BadInputError(f"block {block} not in store {self.path}: it has blocks {self.blocks}")
         if pooling not in self.poolings:
             raise BadInputError(f"pooling {pooling!r} not in store {self.path}: it has {', '.join(self.poolings)}")
+        if point not in self.points:
+            raise BadInputError(f"point {point!r} not in store {self.path}: it has {', '.join(self.points)} (extract "
+                                f"with --points {point})")
         self._check_ready(allow_partial)
-        features = np.load(self.path / split / feature_filename(block, pooling), mmap_mode="r")
+        features = np.load(self.path / split / feature_filename(block, pooling, point), mmap_mode="r")
         if valid_only and self.manifest["bad_images"]:
             return np.asarray(features[self.valid_mask(split)])
         return features
@@ -426,4 +467,4 @@ class FeatureStore:
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
         return (f"FeatureStore({str(self.path)!r}, {state}, splits={self.splits}, blocks={len(self.blocks)}, "
-                f"poolings={self.poolings})")
+                f"poolings={self.poolings}, points={self.points})")

@@ -2,7 +2,9 @@
 measures on a store's rows, as `profile_store` calls it.
 
 Every function takes the `Context` of one profile, the pooling, and a block (scope ``block``) or every block (scope
-``pooling``), and returns ``[(block, MetricRow), ...]``. Each imports its metric's module when called.
+``pooling``), and returns ``[(block, MetricRow), ...]``. The context reads one point of the blocks (``ctx.point``:
+their outputs, or a point inside them; `mimprobe.metrics.points`), so that every family measures (block, point) as
+it measures a block. Each imports its metric's module when called.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ class Context:
     knn_group: Any = None            # the torchrun process group of the sharded k-NN bank, or None
     eval_subset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # low-shot / clustering rows
     labelfree_subset: Any = None     # `labelfree.Subset` of the train split's rows (seeded; size recorded)
+    point: str = "block"             # the point of the blocks that ``views`` reads
 
     def name(self, block: int, pooling: str) -> str:
-        return f"block {block} ({pooling})"
+        return f"block {block}" + (f" point {self.point}" if self.point != "block" else "") + f" ({pooling})"
 
     def labelfree_rows(self, block: int, pooling: str) -> np.ndarray:
         """(m, d) float64 rows of the train split's label-free subset."""
@@ -75,7 +78,7 @@ def _record_knn(ctx: Context, found: list[MetricRow], hits: dict[tuple[int, floa
     for row in found:
         if row.metric == "knn_top1":
             ctx.predictions.add(split=row.split, source=source, rows=rows, metric=row.metric, block=block,
-                                pooling=pooling, params=row.params_json(),
+                                pooling=pooling, params=row.params_json(), point=ctx.point,
                                 hits=hits[(row.params["k"], row.params["T"])])
 
 
@@ -104,7 +107,7 @@ def linear_rows(ctx: Context, pooling: str, blocks: list[int]) -> list[tuple[int
             test_row = next(row for row in found if row.metric == "linear_top1")
             ctx.predictions.add(split=plan.eval_split, source=plan.eval_source, rows=plan.eval_index,
                                 metric="linear_top1", block=block, pooling=pooling, params=test_row.params_json(),
-                                hits=hits_by_block[block])
+                                hits=hits_by_block[block], point=ctx.point)
     return rows
 
 

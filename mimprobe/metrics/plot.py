@@ -1,5 +1,6 @@
-"""profile.png: one panel per headline metric, the block curves per pooling with their uncertainty, the best block
-marked, the blocks not distinguishable from it ringed, and the chance level of accuracies drawn."""
+"""profile.png: one panel per headline metric, the block curves per pooling (and per point, for a store with points
+inside the blocks: `mimprobe.metrics.points`) with their uncertainty, the best block marked, the blocks not
+distinguishable from it ringed, and the chance level of accuracies drawn."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pandas as pd  # noqa: E402
 
 from .curves import Curve  # noqa: E402
 from .headlines import headline_curve  # noqa: E402
+from .points import POINT, for_point, point_rows, table_points  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -32,9 +34,11 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
     """Draw the block curves of every headline (blocks 0-based, as timm's ``blocks.{i}``).
 
     Args:
-        table: The profile's long table.
+        table: The profile's long table; each point of its ``point`` column is an extra curve of every panel,
+            labelled "pooling, point" (a table without the column, or with the block point alone: "pooling").
         headlines: The curves to draw (`Curve`, e.g. `headlines`), one panel each.
-        best: `best_blocks` output (best block and ``tied_blocks`` per headline title and pooling).
+        best: `best_blocks` (or `best_blocks_by_point`) output: best block and ``tied_blocks`` per headline title,
+            pooling (and point).
         title: Figure title.
         path: The PNG to write.
         predictions: The profile's `SamplePredictions`, for the binomial intervals (None: low-shot bands only).
@@ -46,21 +50,27 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
     figure, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 3.6 * rows), squeeze=False)
     for axis, headline in zip(axes.flat, headlines):
         scale = 100.0 if headline.is_percent else 1.0
-        poolings = list(dict.fromkeys(headline.select(table)["pooling"]))
+        points = table_points(table)
+        series = [(point, pooling) for point in points
+                  for pooling in dict.fromkeys(headline.select(point_rows(table, point))["pooling"])]
         bands = set()
-        for index, pooling in enumerate(poolings):
-            curve = headline_curve(table, headline, pooling, predictions=predictions)
+        for index, (point, pooling) in enumerate(series):
+            rows = point_rows(table, point)
+            curve = headline_curve(rows, headline, pooling, predictions=for_point(predictions, point))
             if curve.empty:
                 continue
             x, y = curve["block"].to_numpy(), curve["value"].to_numpy() * scale
-            # distinct marker and dash per pooling, so identical curves stay visible on top of each other
+            # distinct marker and dash per series, so identical curves stay visible on top of each other
             line, = axis.plot(x, y, marker=MARKERS[index % len(MARKERS)], markersize=4,
-                              linestyle=LINESTYLES[index % len(LINESTYLES)], label=pooling, zorder=3)
+                              linestyle=LINESTYLES[index % len(LINESTYLES)],
+                              label=pooling if points == ["block"] else f"{pooling}, {point}", zorder=3)
             low, high = curve["low"].to_numpy() * scale, curve["high"].to_numpy() * scale
             if np.isfinite(low).any():
                 axis.fill_between(x, low, high, color=line.get_color(), alpha=0.18, linewidth=0, zorder=2)
                 bands.update(curve["interval"].loc[np.isfinite(low)])
             best_row = best[(best["metric"] == headline.title) & (best["pooling"] == pooling)]
+            if POINT in best_row:
+                best_row = best_row[best_row[POINT] == point]
             if best_row.empty:
                 continue
             block = int(best_row["best_block"].iloc[0])

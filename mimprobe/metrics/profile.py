@@ -1,4 +1,9 @@
-"""`profile`: every metric for every block and pooling of a FeatureStore, as one long table, plus the best blocks.
+"""`profile`: every metric for every block, point and pooling of a FeatureStore, as one long table, plus the best
+blocks.
+
+A store with points inside the blocks (`mimprobe.features.points`) is measured point by point: every metric treats
+(block, point) as it treats a block, and the table's ``point`` column says which (``block`` for the blocks'
+outputs; `mimprobe.metrics.points`).
 
 Reads only the FeatureStore (metrics never need the model). Splits:
 
@@ -15,10 +20,11 @@ paired bootstrap intervals over the same evaluation images (`mimprobe.report`).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +43,14 @@ from ._finite import check_finite
 from ._rows import MetricRow, carve_validation
 from .families import Context
 from .labelfree import seeded_subset
-from .labelfree.profile_calibration import calibrate_profile
+from .points import best_blocks_by_point, calibrate_by_point
 from .registry import FAMILIES, LABEL_FREE_FAMILIES
-from .headlines import best_blocks, headlines
+from .headlines import headlines
 
 LABEL_FREE = LABEL_FREE_FAMILIES
 LABELFREE_FLOOR = 1000   # label-free subsets are not cut below this many rows to match a small evaluation split
-COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "pooling", "metric", "params", "value", "seed"]
+COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "point", "pooling", "metric", "params", "value",
+           "seed"]
 HOLDOUT_FRACTION = 0.2
 PREDICTIONS_FILE = "predictions.npz"
 PREDICTIONS_FORMAT = 1
@@ -56,10 +63,12 @@ class SamplePredictions:
     For a split (``"test"``, ``"val"``, ``"train-loo"``, ...): ``sources[split]`` is the store split its rows come
     from, ``rows[split]`` the (n,) int64 indices of those rows in it (valid rows, as `FeatureStore.features`
     returns them), and ``hits[split][(metric, block, pooling, params)]`` one (n,) bool vector per table row, whose
-    mean is that row's ``value`` (``params`` is the row's canonical JSON).
+    mean is that row's ``value`` (``params`` is the row's canonical JSON); rows of a point inside the block have
+    the point as a fifth element of the key: ``(metric, block, pooling, params, point)``.
 
     Saved as ``predictions.npz``: ``format_version``, and per split ``source__SPLIT`` (str), ``rows__SPLIT``
-    (n,) int64, ``keys__SPLIT`` (m,) str (JSON ``[metric, block, pooling, params]``), ``hits__SPLIT`` (m, n) bool.
+    (n,) int64, ``keys__SPLIT`` (m,) str (JSON ``[metric, block, pooling, params]``, ``[..., point]`` for a point
+    other than ``block``), ``hits__SPLIT`` (m, n) bool.
     """
 
     sources: dict[str, str] = field(default_factory=dict)
@@ -67,7 +76,7 @@ class SamplePredictions:
     hits: dict[str, dict[tuple[str, int, str, str], np.ndarray]] = field(default_factory=dict)
 
     def add(self, *, split: str, source: str, rows: np.ndarray, metric: str, block: int, pooling: str,
-            params: str, hits: np.ndarray) -> None:
+            params: str, hits: np.ndarray, point: str = "block") -> None:
         """Record one table row's (n,) correctness over the evaluation ``rows`` of store split ``source``."""
         rows, hits = np.asarray(rows, dtype=np.int64), np.asarray(hits, dtype=bool)
         if hits.shape != rows.shape:
@@ -75,11 +84,12 @@ class SamplePredictions:
         if split in self.rows and (self.sources[split] != source or not np.array_equal(self.rows[split], rows)):
             raise ValueError(f"split {split!r} was recorded with other evaluation rows")
         self.sources[split], self.rows[split] = source, rows
-        self.hits.setdefault(split, {})[(metric, int(block), pooling, params)] = hits
+        self.hits.setdefault(split, {})[_hits_key(metric, block, pooling, params, point)] = hits
 
-    def get(self, *, metric: str, split: str, block: int, pooling: str, params: str) -> np.ndarray | None:
+    def get(self, *, metric: str, split: str, block: int, pooling: str, params: str,
+            point: str = "block") -> np.ndarray | None:
         """The (n,) correctness of one table row, or None when it was not recorded."""
-        return self.hits.get(split, {}).get((metric, int(block), pooling, params))
+        return self.hits.get(split, {}).get(_hits_key(metric, block, pooling, params, point))
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {"format_version": np.array(PREDICTIONS_FORMAT)}
@@ -116,9 +126,17 @@ class SamplePredictions:
             loaded.sources[split] = str(arrays[f"source__{split}"])
             loaded.rows[split] = arrays[f"rows__{split}"].astype(np.int64)
             keys = [tuple(json.loads(str(key))) for key in arrays[name]]
-            loaded.hits[split] = {(str(m), int(b), str(p), str(q)): hits
-                                  for (m, b, p, q), hits in zip(keys, arrays[f"hits__{split}"])}
+            loaded.hits[split] = {_hits_key(str(key[0]), int(key[1]), str(key[2]), str(key[3]),
+                                            str(key[4]) if len(key) > 4 else "block"): hits
+                                  for key, hits in zip(keys, arrays[f"hits__{split}"])}
         return loaded
+
+
+def _hits_key(metric: str, block: int, pooling: str, params: str, point: str) -> tuple:
+    """The key of one row's hits: (metric, block, pooling, params), with the point appended unless ``block`` (so
+    that files written before points existed read the same)."""
+    key = (metric, int(block), pooling, params)
+    return key if point == "block" else (*key, point)
 
 
 @dataclass
@@ -208,7 +226,8 @@ def _resolve_metrics(config: ProfileConfig, store: FeatureStore, labels: np.ndar
 def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, progress: bool = True,
                   log: Callable[[str], None] | None = None,
                   predictions: SamplePredictions | None = None) -> pd.DataFrame:
-    """Measure every block and pooling of a complete store; return the long table (DESIGN.md columns).
+    """Measure every block, point and pooling of a complete store; return the long table (DESIGN.md columns, and
+    ``point``: `mimprobe.metrics.points`).
 
     Args:
         predictions: When given, receives the per-sample correctness of every ``knn_top1`` and ``linear_top1``
@@ -233,8 +252,8 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     if "knn" in metrics:
         check_knn_fits(config.preset, plan)
     views = StoreViews(store, plan)
-    rows: list[tuple[int, str, MetricRow]] = []
-    blocks = store.blocks
+    rows: list[tuple[int, str, str, MetricRow]] = []
+    blocks, points = store.blocks, store.points
     # Under torchrun every rank runs the k-NN calls, each searching its shard of the bank (merged top-k lists);
     # the other metrics run on rank 0 alone: the probe is memory-bandwidth bound on one GPU and its heads are
     # tiny, so data-parallel would add an all-reduce per step for no gain at this size.
@@ -265,32 +284,35 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
             TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[seconds]:>8.1f} s in this metric"), console=console, disable=not progress),
             enabled=progress) as bar:
-        tasks = {f.name: bar.add_task(f.name, total=len(blocks) * len(poolings), seconds=0.0) for f in families}
+        tasks = {f.name: bar.add_task(f.name, total=len(blocks) * len(poolings) * len(points), seconds=0.0)
+                 for f in families}
         spent = dict.fromkeys(tasks, 0.0)
 
-        def run(family, pooling: str, where) -> None:
+        def run(family, at: Context, pooling: str, where) -> None:
             started = time.perf_counter()
-            rows.extend((block, pooling, row) for block, row in family.compute(context, pooling, where))
+            rows.extend((block, at.point, pooling, row) for block, row in family.compute(at, pooling, where))
             spent[family.name] += time.perf_counter() - started
             bar.update(tasks[family.name], advance=len(where) if isinstance(where, list) else 1,
                        seconds=round(spent[family.name], 1))
 
-        for pooling in poolings:
-            for block in blocks:
-                views.check_finite(block, pooling)  # the one read of each block for NaN/Inf
+        for point in points:  # each point of the blocks is measured as the blocks' outputs are
+            at = replace(context, views=views.at(point), point=point)
+            for pooling in poolings:
+                for block in blocks:
+                    at.views.check_finite(block, pooling)  # the one read of each block for NaN/Inf
+                    for family in families:
+                        if family.scope == "block":
+                            run(family, at, pooling, block)
                 for family in families:
-                    if family.scope == "block":
-                        run(family, pooling, block)
-            for family in families:
-                if family.scope == "pooling":
-                    run(family, pooling, list(blocks))
+                    if family.scope == "pooling":
+                        run(family, at, pooling, list(blocks))
     manifest = store.manifest
     identity = {"model": manifest["model"]["name"],
                 "checkpoint": manifest["model"].get("checkpoint") or manifest["model"]["weights"],
                 "dataset": manifest["dataset"]["name"]}
-    records = [{**identity, "split": row.split, "block": block, "pooling": pooling, "metric": row.metric,
-                "params": row.params_json(), "value": float(row.value), "seed": row.seed}
-               for block, pooling, row in rows]
+    records = [{**identity, "split": row.split, "block": block, "point": point, "pooling": pooling,
+                "metric": row.metric, "params": row.params_json(), "value": float(row.value), "seed": row.seed}
+               for block, point, pooling, row in rows]
     table = pd.DataFrame.from_records(records, columns=COLUMNS)
     table["seed"] = table["seed"].astype("Int64")
     return table
@@ -303,11 +325,12 @@ class StoreViews:
     and the probes' training rows), ``eval`` (the evaluation rows), ``fit`` and ``val`` (the carved validation
     split and the rest of the bank). `rows` returns the store's memory map itself or a lazy `RowSubset` of it,
     never a copy of a split: the metrics read them chunk by chunk under the memory budget. Rows of images the
-    store skipped (label -1) are left out, as `FeatureStore.features` would.
+    store skipped (label -1) are left out, as `FeatureStore.features` would. A view reads one point of the blocks
+    (``point``; `at` gives the same rows of another point).
     """
 
-    def __init__(self, store: FeatureStore, plan: SplitPlan):
-        self.store, self.plan = store, plan
+    def __init__(self, store: FeatureStore, plan: SplitPlan, point: str = "block"):
+        self.store, self.plan, self.point = store, plan, point
         valid = {split: np.flatnonzero(store.valid_mask(split)) for split in {"train", plan.eval_source}}
         labels = {split: store.labels(split) for split in valid}
         index = {"train": np.arange(len(labels["train"])), "bank": plan.train_index, "eval": plan.eval_index,
@@ -316,6 +339,12 @@ class StoreViews:
         self._positions = index
         self._store_rows = {name: valid[self._source[name]][rows] for name, rows in index.items()}
         self._labels = {name: labels[self._source[name]][rows] for name, rows in index.items()}
+
+    def at(self, point: str) -> "StoreViews":
+        """The same row sets, reading the point ``point`` of the blocks."""
+        view = copy.copy(self)
+        view.point = point
+        return view
 
     def labels(self, name: str) -> np.ndarray:
         """(m,) labels of row set ``name``."""
@@ -329,7 +358,7 @@ class StoreViews:
         """(m, d) features of row set ``name``: the memory map, or a lazy `RowSubset` of it."""
         from ._block_rows import lazy_rows
 
-        source = self.store.features(self._source[name], block, pooling, valid_only=False)
+        source = self.store.features(self._source[name], block, pooling, point=self.point, valid_only=False)
         return lazy_rows(source, self._store_rows[name])
 
     def sample(self, name: str, subset: np.ndarray, block: int, pooling: str) -> np.ndarray:
@@ -340,8 +369,9 @@ class StoreViews:
         """Fail with a one-line message on NaN/Inf in the block's train or evaluation rows: the one read of each
         block for it (the metrics are told the rows are checked)."""
         for split in dict.fromkeys(("train", self.plan.eval_source)):
+            where = f"block {block}" + (f" point {self.point}" if self.point != "block" else "")
             check_finite(self.rows("train" if split == "train" else "eval", block, pooling),
-                         what=f"block {block} ({pooling}) of split {split}")
+                         what=f"{where} ({pooling}) of split {split}")
 
 
 def _labelfree_size(config: ProfileConfig, plan: SplitPlan, *, labelled: bool) -> int | None:
@@ -406,8 +436,8 @@ def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig
         return ProfileResult(table=table, best=pd.DataFrame(), out=out, store=store, files={},
                              seconds=time.perf_counter() - started, predictions=predictions, rank=ranks.rank)
     claim_folder(out, occupied=None, overwrite=False)  # only now: every check has passed (a profile is rewritten)
-    best = best_blocks(table, config.preset, predictions=predictions)
-    calibration = calibrate_profile(table, preset=config.preset, predictions=predictions, seed=config.seed)
+    best = best_blocks_by_point(table, config.preset, predictions=predictions)
+    calibration = calibrate_by_point(table, preset=config.preset, predictions=predictions, seed=config.seed)
     files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),
              "json": str(out / "profile.json"), "png": str(out / "profile.png"),
              "predictions": str(out / PREDICTIONS_FILE)}
@@ -425,6 +455,7 @@ def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig
         "model": store.manifest["model"], "dataset": {k: v for k, v in store.manifest["dataset"].items()
                                                       if k != "classes"},
         "classes": store.classes, "blocks": store.blocks, "poolings": list(config.poolings or store.poolings),
+        "points": store.points,
         "columns": COLUMNS, "best_blocks": json.loads(best.to_json(orient="records")),  # NaN -> null
         # label-free vs labelled: each label-free curve against k-NN and linear top-1 (`calibrate_profile`)
         "calibration": json.loads(calibration.to_json(orient="records")),
@@ -449,8 +480,9 @@ def iter_best_lines(best: pd.DataFrame) -> Iterable[str]:
     for record in best.to_dict(orient="records"):
         percent = record.get("unit", "fraction") == "fraction"  # the registry's unit of the curve's metric
         shown = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3g}")
-        text = (f"{record['metric']:<48} {record['pooling']:<9} block {record['best_block']:>2}  "
-                f"{shown(record['best_value'])}")
+        point = record.get("point") or "block"
+        where = f"block {record['best_block']:>2}" + (f" {point}" if point != "block" else "")
+        text = f"{record['metric']:<48} {record['pooling']:<9} {where}  {shown(record['best_value'])}"
         low, high = record.get("best_low"), record.get("best_high")
         if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
             how = (f"95 % CI, n={record['n']}" if record.get("interval") == "wilson" else "± 1 s.d. over seeds")

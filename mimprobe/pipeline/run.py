@@ -323,6 +323,7 @@ def headline_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     import pandas as pd
 
     from ..metrics.headlines import best_blocks, headlines
+    from ..metrics.points import point_rows
     from ..placement import read_profile
 
     run_dir = Path(run_dir)
@@ -331,6 +332,7 @@ def headline_rows(run_dir: str | Path) -> list[dict[str, Any]]:
                                                         for name in ("profile-before", "profile-after"))
     except BadInputError:
         return []
+    table_before, table_after = point_rows(table_before), point_rows(table_after)  # the blocks' outputs
     preset = (meta.get("config") or {}).get("preset") or "mim-refiner"
     curves = {headline.title: headline for headline in headlines(preset, table_before)}
     after = {(row["metric"], row["pooling"]): row for row in best_blocks(table_after, preset).to_dict("records")}

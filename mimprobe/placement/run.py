@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from .._versions import software_versions
+from ..metrics.points import point_rows
 from ..errors import BadInputError
 from ..head_widths import OFFICIAL_HEAD_DIMS, head_parameters, proportional_head_dims
 from ..options import build_config
@@ -82,9 +83,11 @@ def run_place(profile: str | Path, *, out: str | Path | None = None, config: Pla
     config = build_config(PlaceConfig, options, base=config or PlaceConfig())
     options = {**config.place_options(), "preset": preset, "k": k}
     table, meta, folder = read_profile(profile)
+    table = point_rows(table)  # heads read block outputs: placement reads the block point (`metrics.points`)
     num_blocks, depth_source = model_depth(meta, table)
     options["preset"] = options["preset"] or (meta.get("config") or {}).get("preset")
-    options["calibration"] = meta.get("calibration")
+    options["calibration"] = [record for record in meta.get("calibration") or []
+                              if record.get("point", "block") == "block"] if meta.get("calibration") else None
     options.setdefault("val_images", validation_images(folder, split="train-loo" if not (
         (table["split"] == "val").any()) else "val"))
     placement = place(table, num_blocks=num_blocks, source=str(folder.resolve()), **options)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..metrics.headlines import PRIMARY_K, headline_curve, indistinguishable_blocks
 from ..metrics.knn import PRESETS as KNN_PRESETS
+from ..metrics.points import for_point
 from ..placement import note_line
 from .comparison import CompareConfig, PairComparison
 from ..metrics.curves import Curve, curve_rows
@@ -187,15 +188,28 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
             if relative else " Blocks are 0-based.") + (
             f" Beside each curve: {beside.after.label} − {beside.before.label} per block, with its "
             f"{round(config.level * 100)} % paired bootstrap interval (k-NN and linear-probe accuracies)."
-            if beside is not None else ""))]
+            if beside is not None else "") + (
+            " Profiles made by `mimprobe profile` with --points add one curve per point inside the blocks (legend "
+            "\"profile, point\"); "
+            "the differences and best blocks below compare the blocks' outputs." if any(p.points for p in profiles)
+            else ""))]
     more: list[Image | Row] = []
     classes = {len(profile.meta.get("classes") or []) for profile in profiles}
     chance = 1.0 / classes.pop() if len(classes) == 1 and 0 not in classes else None
+    point_tables = {(profile.label, point): curve_rows(rows) for profile in profiles
+                    for point, rows in profile.points.items()}
     for key in keys:
-        sides = [SideCurve(profile.label, {p: curve(tables[profile.label], key, p) for p in poolings},
-                           profile.num_blocks, placements.get(profile.label),
-                           {p: band for p in poolings if (band := curve_band(profile, key, p)) is not None})
-                 for profile in profiles]
+        sides = []
+        for profile in profiles:  # the blocks' outputs, then each point inside the blocks as an extra curve
+            sides.append(SideCurve(profile.label + (", block" if profile.points else ""),
+                                   {p: curve(tables[profile.label], key, p) for p in poolings},
+                                   profile.num_blocks, placements.get(profile.label),
+                                   {p: band for p in poolings if (band := curve_band(profile, key, p)) is not None}))
+            sides += [SideCurve(f"{profile.label}, {point}",
+                                {p: curve(point_tables[(profile.label, point)], key, p) for p in poolings},
+                                profile.num_blocks, None,
+                                {p: band for p in poolings if (band := curve_band(profile, key, p, point)) is not None})
+                      for point in profile.points]
         saved = plot_curves(key, poolings, sides, relative=relative, stem=out / f"curve_{key.slug}",
                             higher_is_better=key.higher_is_better, chance=chance)
         png, svg = saved
@@ -224,10 +238,13 @@ def is_leading(key: Curve, preset: str) -> bool:
                                         and params.get("k") == PRIMARY_K.get(preset, params.get("k")))
 
 
-def curve_band(profile: ProfileInput, key: Curve, pooling: str) -> tuple[pd.Series, pd.Series, str] | None:
-    """(block → low, block → high, what the band is) of one profile's curve, from its table and predictions.npz
-    (`mimprobe.metrics.headlines.headline_curve`); None when the curve has no interval."""
-    found = headline_curve(profile.table, key, pooling, predictions=profile.predictions)
+def curve_band(profile: ProfileInput, key: Curve, pooling: str,
+               point: str = "block") -> tuple[pd.Series, pd.Series, str] | None:
+    """(block → low, block → high, what the band is) of one profile's curve (of the blocks' outputs, or of a point
+    inside them), from its table and predictions.npz (`mimprobe.metrics.headlines.headline_curve`); None when the
+    curve has no interval."""
+    table = profile.table if point == "block" else profile.points[point]
+    found = headline_curve(table, key, pooling, predictions=for_point(profile.predictions, point))
     found = found[np.isfinite(found["low"].to_numpy(dtype=float))]
     if found.empty:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..errors import BadInputError
 from ..features.store import FeatureStore
+from ..metrics.points import point_rows, table_points
 from ..metrics.profile import PREDICTIONS_FILE, SamplePredictions
 from ..placement import PLACEMENT_FILE, Placement, load_placement
 from ..placement.run import model_depth, read_profile
@@ -21,6 +22,10 @@ class ProfileInput:
 
     ``predictions`` is None for profiles written before ``predictions.npz`` existed; ``store`` is None when the
     feature store named in profile.json is gone (then CKA and recomputed k-NN correctness are unavailable).
+
+    ``table`` holds the rows of the blocks' outputs (point ``block``): the deltas, best blocks and per-class gains
+    compare those. ``points`` holds the rows of each point inside the blocks the profile measured
+    (`mimprobe.metrics.points`), drawn as extra curves of the block-curve panels.
     """
 
     label: str
@@ -30,6 +35,7 @@ class ProfileInput:
     num_blocks: int
     predictions: SamplePredictions | None
     store: FeatureStore | None
+    points: dict[str, pd.DataFrame] = field(default_factory=dict)   # point -> its rows (points other than block)
 
     @property
     def preset(self) -> str:
@@ -103,11 +109,13 @@ def load_profile(path: str | Path, *, label: str | None = None) -> ProfileInput:
         raise BadInputError(f"profile folder {folder} not found: make one with `mimprobe profile MODEL DATA --out "
                             f"{folder}`")
     table, meta, folder = read_profile(folder)
+    points = {point: point_rows(table, point) for point in table_points(table) if point != "block"}
+    table = point_rows(table)  # the blocks' outputs: what the deltas and best blocks compare
     num_blocks, _ = model_depth(meta, table)
     predictions_path = folder / PREDICTIONS_FILE
     predictions = SamplePredictions.load(predictions_path) if predictions_path.is_file() else None
     return ProfileInput(label=label or folder.resolve().name, folder=folder, table=table, meta=meta,
-                        num_blocks=num_blocks, predictions=predictions, store=_open_store(meta, folder))
+                        num_blocks=num_blocks, predictions=predictions, store=_open_store(meta, folder), points=points)
 
 
 def _open_store(meta: dict[str, Any], folder: Path) -> FeatureStore | None:

@@ -81,7 +81,8 @@ def calibration_lines(calibration: pd.DataFrame) -> list[str]:
                     if np.isfinite(record["rho_low"]) else "")
         rho = (f"rho {record['rho']:+.2f}{interval}" if np.isfinite(record["rho"])
                else "rho undefined (a flat curve)")
-        lines.append(f"  {record['metric']:<22} {record['pooling']:<9} {rho}  picks "
+        where = record['pooling'] + (f" {record['point']}" if record.get("point", "block") != "block" else "")
+        lines.append(f"  {record['metric']:<22} {where:<9} {rho}  picks "
                      f"block {record['picked_block']} ({record['pick']}), loses "
                      f"{100 * record['accuracy_lost']:.1f} points against block {record['best_block']}")
     reliable = knn[(knn["oriented_low"] > 0)] if "oriented_low" in knn else knn.iloc[0:0]
