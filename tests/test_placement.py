@@ -469,7 +469,7 @@ def test_place_cli_reads_the_validation_size_and_imports_no_torch(tmp_path):
     assert "warning: the validation split holds 200 images" in result.stderr
     assert "does not vary with depth" in result.stderr
     twelve = runner.invoke(app, ["place", str(folder), "--plateau", "0.5"])
-    assert twelve.exit_code == 0 and "warning: 12 heads of the default size" in twelve.stderr
+    assert twelve.exit_code == 0 and "warning: 12 heads of the official widths" in twelve.stderr
 
 
 def test_warnings_are_printed_with_one_prefix(tmp_path):
