@@ -1,5 +1,9 @@
-"""Run folders, one behaviour for every training command (`mimprobe pretrain-mae`, `mimprobe refine`): preparing
-``--out`` (``--resume`` / ``--overwrite``), the per-step CSV log that a resume trims, and atomic writes.
+"""Output folders, one behaviour for every command that writes one (`claim_folder`): a file is refused, a folder
+holding another run's (or anyone's) files is refused unless ``--overwrite``, which deletes the command's own files
+and nothing else; all of it checked before anything is written. On top of it, for the training commands
+(`mimprobe pretrain-mae`, `mimprobe refine`): ``--resume``, the per-step CSV log that a resume trims, and atomic
+writes. `mimprobe compare` and `mimprobe run` decide what "another run" is (compare.json, spec.resolved.toml) and
+claim their folders the same way.
 
 * `prepare_run_folder`: a file is refused; a folder holding another run's files is refused unless ``resume``
   (continue from its checkpoint) or ``overwrite`` (its files are deleted first, nothing else); the two together are
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,46 @@ def check_resume_overwrite(*, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise BadInputError("use either --resume (continue the run in --out) or --overwrite (start it again), "
                             "not both")
+
+
+def claim_folder(out: Path, *, occupied: str | None, overwrite: bool, own_entries: Sequence[str] = (),
+                 advice: str = "choose another --out, or pass --overwrite", label: str = "--out",
+                 create: bool = True) -> None:
+    """Take ``out`` for a command's output, before anything is written.
+
+    Args:
+        out: The folder.
+        occupied: What the folder already holds that belongs to someone else ("another refinement run (log.csv)"),
+            or None when the command may write there.
+        overwrite: The user's ``--overwrite``: write there anyway, deleting ``own_entries`` first.
+        own_entries: The names (files or folders) the command writes in ``out``: the only things ``overwrite``
+            deletes.
+        advice: What the refusal tells the user to do.
+        label: How messages name the folder (``--out``, ``run folder``).
+        create: Create the folder and delete with ``overwrite`` (False on processes of a distributed run that do
+            not own it: they only check).
+
+    Raises:
+        BadInputError: ``out`` is a file; ``occupied`` without ``overwrite``; a folder that cannot be written.
+    """
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{label} {out} is a file: give a folder")
+    if occupied and not overwrite:
+        raise BadInputError(f"{label} {out} holds {occupied}: {advice}")
+    if not create:
+        return
+    try:
+        if overwrite:
+            for name in own_entries:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot write to {label} {out}: {error.strerror or error}; choose a writable "
+                            "folder") from None
 
 
 def prepare_run_folder(out: Path, *, run_files: Sequence[str], checkpoint: str, what: str, resume: bool,
@@ -54,20 +99,13 @@ def prepare_run_folder(out: Path, *, run_files: Sequence[str], checkpoint: str, 
     check_resume_overwrite(resume=resume, overwrite=overwrite)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file: give a folder")
-    present = [name for name in run_files if (out / name).exists()]
     if resume and (out / checkpoint).is_file():
         return True
-    if present and not (resume or overwrite):
-        raise BadInputError(f"--out {out} holds another {what} ({', '.join(present)}): pass --resume to continue "
-                            "it, --overwrite to start again, or choose another --out")
-    if create:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in present:  # --overwrite, or --resume of a run killed before its first checkpoint
-                (out / name).unlink()
-        except OSError as error:
-            raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable "
-                                "folder") from None
+    present = [name for name in run_files if (out / name).exists()]
+    # --resume of a run killed before its first checkpoint starts afresh over its files
+    claim_folder(out, occupied=f"another {what} ({', '.join(present)})" if present else None,
+                 overwrite=overwrite or resume, own_entries=present, create=create,
+                 advice="pass --resume to continue it, --overwrite to start again, or choose another --out")
     return False
 
 

@@ -194,7 +194,6 @@ def build_config(cls: type, values: Mapping[str, Any], *, base: Any = None) -> A
         BadInputError: An unknown keyword (with the closest known one), a wrong type or an invalid value.
     """
     by_name = {public_name(f): f for f, _ in option_fields(cls)}
-    by_name.update({f.name: f for f in by_name.values() if f.name not in by_name})  # the field's own name too
     hints = typing.get_type_hints(cls)
     converted: dict[str, Any] = {}
     for name, value in values.items():

@@ -81,6 +81,16 @@ def test_unknown_keywords_are_refused_with_the_closest_name():
         mimprobe.place("unused", threads=1)
 
 
+def test_an_option_has_one_name_its_flag_not_its_field():
+    """``pool`` is the option (CLI --pool, spec key, keyword); the dataclass field behind it (``poolings``) is not a
+    second spelling of it."""
+    from mimprobe.features.config import ExtractConfig
+
+    assert build_config(ExtractConfig, {"pool": "cls,mean"}).poolings == ("cls", "mean")
+    with pytest.raises(BadInputError, match="unknown option 'poolings'.*did you mean pool"):
+        build_config(ExtractConfig, {"poolings": "cls,mean"})
+
+
 def test_text_and_python_forms_build_the_same_config():
     from mimprobe.features import ExtractConfig
     from mimprobe.refinement import RefineConfig

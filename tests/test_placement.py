@@ -129,19 +129,32 @@ def test_a_clear_peak_on_a_small_split_places_as_before():
     assert not any("binomial noise" in note for note in after.notes)
 
 
-def test_head_size_note_matches_the_refine_heads():
-    """The torch-free parameter count equals the real head's, and 12 default heads on a ViT-Tiny (the issue's
-    1.15 GB checkpoint) are flagged."""
-    from mimprobe.placement.run import HEAD_DIMS, head_parameters, head_size_note
-    from mimprobe.refinement.heads import HeadConfig, NNAHead
-    from mimprobe.refinement.sizing import OFFICIAL_HEAD_DIMS
+def test_head_size_note_matches_the_refine_heads(tmp_path):
+    """The torch-free parameter count equals the real heads' at both widths, the note's sizes equal what refine
+    itself expects (`sizing.checkpoint_bytes` on the real modules), and 12 official heads on a ViT-Tiny (the
+    issue's 1.15 GB checkpoint) are flagged with the proportional widths' size beside them."""
+    import timm
+    from torch import nn
 
-    assert HEAD_DIMS == OFFICIAL_HEAD_DIMS   # refine's default widths on a GPU or at 224 px
-    head = NNAHead(192, HeadConfig(hidden_dim=HEAD_DIMS[0], proj_dim=HEAD_DIMS[1], predictor_hidden_dim=HEAD_DIMS[2]))
-    assert head_parameters(192) == sum(p.numel() for p in head.parameters())
-    note = head_size_note(12, {"embed_dim": 192, "num_params": 5_487_552})
-    assert note.startswith("warning: 12 heads") and "1.1 GiB" in note
-    assert head_size_note(4, {"embed_dim": 192, "num_params": 5_487_552}) is None
+    from mimprobe.placement.run import head_size_note
+    from mimprobe.head_widths import OFFICIAL_HEAD_DIMS, head_parameters, proportional_head_dims
+    from mimprobe.refinement.heads import HeadConfig, NNAHead
+    from mimprobe.refinement.sizing import checkpoint_bytes
+
+    encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    encoder_params = sum(p.numel() for p in encoder.parameters())
+    for dims in (OFFICIAL_HEAD_DIMS, proportional_head_dims(192)):
+        head = NNAHead(192, HeadConfig(hidden_dim=dims[0], proj_dim=dims[1], predictor_hidden_dim=dims[2]))
+        assert head_parameters(192, dims) == sum(p.numel() for p in head.parameters())
+    heads = nn.ModuleList(NNAHead(192, HeadConfig(hidden_dim=d[0], proj_dim=d[1], predictor_hidden_dim=d[2]))
+                          for d in [proportional_head_dims(192)] * 12)
+    expected = checkpoint_bytes(encoder, heads, nn.Module(), trained_encoder_params=encoder_params,
+                                full_stage=True)["checkpoint"]
+    note = head_size_note(12, {"embed_dim": 192, "num_params": encoder_params})
+    assert note.startswith("warning: 12 heads of the official widths (2048/256/4096") and "1.1 GiB" in note
+    assert f"(384/48/768, refine's default on a CPU below 224 px, or --head-dims proportional) about " \
+           f"{expected / 1024 ** 3:.2f} GiB" in note
+    assert head_size_note(4, {"embed_dim": 192, "num_params": encoder_params}) is None
 
 
 def test_ties_take_the_first_peak():

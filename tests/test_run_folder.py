@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from mimprobe._run_folder import CsvLog, prepare_run_folder
+from mimprobe._run_folder import CsvLog, claim_folder, prepare_run_folder
 from mimprobe.cli import app
 from mimprobe.errors import BadInputError
 
@@ -55,3 +55,23 @@ def test_csv_log_truncates_to_the_resumed_step(tmp_path):
     quiet = CsvLog(tmp_path / "other.csv", ["step"], enabled=False)
     quiet.write({"step": 1})
     assert not (tmp_path / "other.csv").exists()
+
+
+def test_claim_folder_overwrite_deletes_only_the_commands_own_entries(tmp_path):
+    """The one folder behaviour of every command (compare and run claim theirs through it too)."""
+    out = tmp_path / "out"
+    (out / "features").mkdir(parents=True)
+    (out / "features" / "x.npy").write_bytes(b"1")
+    (out / "report.html").write_text("old")
+    (out / "mine.txt").write_text("the user's")
+    with pytest.raises(BadInputError, match=r"--out .* holds another report: do this$"):
+        claim_folder(out, occupied="another report", overwrite=False, own_entries=("features", "report.html"),
+                     advice="do this")
+    assert (out / "report.html").read_text() == "old"       # refused before anything is touched
+    claim_folder(out, occupied="another report", overwrite=True, own_entries=("features", "report.html", "gone"))
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInputError, match="run folder .*file is a file: give a folder"):
+        claim_folder(tmp_path / "file", occupied=None, overwrite=True, label="run folder")
+    claim_folder(tmp_path / "new" / "deep", occupied=None, overwrite=False)
+    assert (tmp_path / "new" / "deep").is_dir()

@@ -1,5 +1,5 @@
 """Rows of a k-NN search: reading and preparing feature rows chunk by chunk (finite check, standardise, L2),
-merging and re-ranking neighbour lists, and the input checks, shared by the FAISS (`mimprobe.metrics.knn`) and
+merging and re-ranking neighbour lists, and the input checks, shared by the FAISS (`mimprobe.metrics.knn_search`) and
 torch (`mimprobe.metrics._knn_torch`) searches."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Exact k-NN search in torch (CPU or CUDA): chunked float32 matmul of normalised rows + ``torch.topk``.
 
-The same search as `knn._search` (FAISS): queries and bank are prepared by `knn.prepare` (read as float32,
+The same search as `knn_search._search` (FAISS): queries and bank are prepared by `_knn_rows.prepare` (read as float32,
 standardised with the train statistics if asked, L2-normalised by ``faiss.normalize_L2``), so both backends see
 bit-identical rows, and the float32 GEMM's k + 8 candidates are re-ranked by their float64 similarity
-(`rescore_tensors`, `knn.rescore`), so both return the same neighbours although their GEMMs round differently.
+(`rescore_tensors`, `_knn_rows.rescore`), so both return the same neighbours although their GEMMs round differently.
 
 DINOv2's ``KnnModule`` (facebookresearch/dinov2, ``dinov2/eval/knn.py``) searches the same way on the GPU:
 similarity ``features @ bank.T`` and ``topk`` per chunk. Here the bank is also cut into tiles of ``tile_rows``
@@ -23,12 +23,10 @@ import torch
 
 from .._threads import cpu_threads
 from ..errors import BadInputError
+from .knn_plan import DEFAULT_CHUNK_SIZE, LIBRARY_BYTES, RESULT_BYTES  # the FAISS planner's counts
 
-DEFAULT_CHUNK_SIZE = 8192         # query rows per matmul, as the FAISS path
 DEFAULT_TILE_BYTES = 256 * 2 ** 20  # one (chunk, tile) float32 similarity block without a memory budget
 DEVICE_FREE_FRACTION = 0.9        # without a budget, a CUDA search plans for this share of the free memory
-_LIBRARY_BYTES = 8 * 2 ** 20      # kept aside for allocator slack and BLAS buffers, as the FAISS planner
-_RESULT_BYTES = 8 + 8             # one neighbour: float64 (re-ranked) similarity + int64 index
 _MERGE_BYTES = 60                 # per neighbour: concatenated pair, sort values and order, gathered indices
 _SCORE_BYTES = 8                  # per similarity: the float32 block and topk's workspace (conservative)
 
@@ -101,12 +99,12 @@ def plan_torch_search(n_train: int, n_query: int, dim: int, max_k: int, *, sourc
         shard_rows = min(int(shard_size or n_train), n_train)
         tile_rows = max(1, min(shard_rows, DEFAULT_TILE_BYTES // (4 * chunk_cap)))
         return TorchSearchPlan(chunk_rows=chunk_cap, shard_rows=shard_rows, tile_rows=tile_rows)
-    budget = int(memory_budget) - min(_LIBRARY_BYTES, int(memory_budget) // 4)
+    budget = int(memory_budget) - min(LIBRARY_BYTES, int(memory_budget) // 4)
     bank_bytes = n_train * dim * 4
     if bank_bytes <= budget // 2 and (shard_size is None or shard_size >= n_train):
-        shard_rows, query_budget, per_row = n_train, budget - bank_bytes, max_k * _RESULT_BYTES
+        shard_rows, query_budget, per_row = n_train, budget - bank_bytes, max_k * RESULT_BYTES
     else:
-        available = budget - n_query * max_k * _RESULT_BYTES
+        available = budget - n_query * max_k * RESULT_BYTES
         shard_rows, query_budget = max(available // 2, 0) // (dim * 4), available // 2
         if shard_rows < 1:
             raise BadInputError(f"memory budget {budget} bytes is too small for the merged results of "
@@ -130,7 +128,7 @@ def torch_search(train: np.ndarray, query: np.ndarray, k: int, *, exclude_self: 
                  threads: int | None, name: str, first_row: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first query row, (rows, k) float64 similarities, (rows, k) int64 train indices) chunk by chunk.
 
-    The contract of `knn._search` (``k`` at most the bank's rows): decreasing float64 similarities of the
+    The contract of `knn_search._search` (``k`` at most the bank's rows): decreasing float64 similarities of the
     re-ranked candidates, leave-one-out drops each query's own row by index. ``first_row``: the index of
     ``train``'s first row in the whole bank (a process' shard), for messages.
     """
@@ -207,9 +205,9 @@ def chunk_topk(chunk: torch.Tensor, bank: torch.Tensor, k: int, *, tile_rows: in
 
 def rescore_tensors(chunk: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, keep: int, *,
                     workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`knn.rescore` on tensors: candidates re-ranked by their float64 inner product, the best ``keep`` kept.
+    """`_knn_rows.rescore` on tensors: candidates re-ranked by their float64 inner product, the best ``keep`` kept.
 
-    On the CPU it is `knn.rescore` itself (on the tensors' memory), so the torch and FAISS backends re-rank with
+    On the CPU it is `_knn_rows.rescore` itself (on the tensors' memory), so the torch and FAISS backends re-rank with
     the same arithmetic; on CUDA the float64 products run on the device, ``workspace_bytes`` (the similarity
     tile's share of the budget, free by now) of candidate rows at a time.
 
@@ -234,7 +232,7 @@ def rescore_tensors(chunk: torch.Tensor, bank: torch.Tensor, candidates: torch.T
 def merge_topk(best_sims: torch.Tensor, best_idx: torch.Tensor, sims: torch.Tensor,
                idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The best ``best_sims.shape[1]`` of the running (rows, k) and new (rows, k') neighbours; on equal
-    similarity the running ones (earlier bank rows) come first, as `knn._merge_into`'s stable argsort."""
+    similarity the running ones (earlier bank rows) come first, as `_knn_rows.merge_into`'s stable argsort."""
     all_sims = torch.cat([best_sims, sims], dim=1)
     all_idx = torch.cat([best_idx, idx], dim=1)
     order = torch.sort(all_sims, dim=1, descending=True, stable=True).indices[:, :best_sims.shape[1]]

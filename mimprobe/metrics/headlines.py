@@ -17,72 +17,45 @@ Every curve carries how sure its values are (`headline_curve`):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .curves import Curve
 from .intervals import DEFAULT_LEVEL, mcnemar_pvalue, wilson_interval
 from .knn_presets import PRESETS
-from .registry import metric_info
 
 PRIMARY_K = {name: preset.headline_k for name, preset in PRESETS.items()}  # the k each preset's curve reports
 
 
-@dataclass(frozen=True)
-class Headline:
-    """A curve worth plotting and ranking: one metric on one split with fixed parameters."""
-
-    title: str
-    metric: str
-    split: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def higher_is_better(self) -> bool:
-        """From the registry (`mimprobe.metrics.registry`): every headline metric is a higher-is-better one today."""
-        info = metric_info(self.metric)
-        return info is None or info.direction != "lower"
-
-
-def headlines(preset: str, table: pd.DataFrame) -> list[Headline]:
+def headlines(preset: str, table: pd.DataFrame) -> list[Curve]:
     """The curves of the plot and the best-block table, those present in ``table``."""
     eval_splits = [s for s in ("test", "val", "train-holdout") if s in set(table["split"])]
     eval_split = eval_splits[0] if eval_splits else "train"
     knn_eval = "train-loo" if "train-loo" in set(table["split"]) else eval_split
-    k = PRIMARY_K[preset]
+    knn = {"preset": preset, "k": PRIMARY_K[preset]}
     candidates = [
-        Headline(f"k-NN top-1 ({preset}, k={k}), {knn_eval}", "knn_top1", knn_eval, {"preset": preset, "k": k}),
-        Headline(f"k-NN top-1 ({preset}, k={k}), val (placement)", "knn_top1", "val", {"preset": preset, "k": k}),
-        Headline(f"linear probe top-1, {eval_split}", "linear_top1", eval_split),
-        Headline(f"1-shot top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"shots": 1}),
-        Headline(f"5-shot top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"shots": 5}),
-        Headline(f"1% labels top-1 (mean of 3), {eval_split}", "lowshot_top1_mean", eval_split, {"percent": 1}),
-        Headline(f"k-means ACC, {eval_split}", "cluster_acc", eval_split),
-        Headline(f"k-means NMI, {eval_split}", "cluster_nmi", eval_split),
-        Headline("effective rank (RankMe), train", "rankme", "train"),
+        Curve.of("knn_top1", knn_eval, knn),
+        Curve.of("knn_top1", "val", knn),            # the curve placement reads
+        Curve.of("linear_top1", eval_split),
+        Curve.of("lowshot_top1_mean", eval_split, {"shots": 1}),
+        Curve.of("lowshot_top1_mean", eval_split, {"shots": 5}),
+        Curve.of("lowshot_top1_mean", eval_split, {"percent": 1}),
+        Curve.of("cluster_acc", eval_split),
+        Curve.of("cluster_nmi", eval_split),
+        Curve.of("rankme", "train"),
     ]
-    return [h for h in candidates if not select_headline(table, h).empty]
+    return list(dict.fromkeys(c for c in candidates if not c.select(table).empty))
 
 
-def select_headline(table: pd.DataFrame, headline: Headline) -> pd.DataFrame:
-    """The table's rows of one headline: its metric and split, and rows whose params hold the headline's."""
-    rows = table[(table["metric"] == headline.metric) & (table["split"] == headline.split)]
-    if headline.params and not rows.empty:
-        params = rows["params"].map(json.loads)
-        keep = params.map(lambda p: all(p.get(key) == value for key, value in headline.params.items()))
-        rows = rows[keep]
-    return rows
-
-
-def headline_curve(table: pd.DataFrame, headline: Headline, pooling: str, *, predictions: Any = None,
+def headline_curve(table: pd.DataFrame, headline: Curve, pooling: str, *, predictions: Any = None,
                    level: float = DEFAULT_LEVEL) -> pd.DataFrame:
     """One headline's curve for one pooling, with its uncertainty (see the module docstring).
 
     Args:
         table: The profile's long table.
-        headline: Which curve.
+        headline: Which curve (a `Curve`, e.g. one of `headlines`).
         pooling: Which pooling's rows.
         predictions: The profile's `SamplePredictions` (``predictions.npz``), or None (then only low-shot curves
             get a band).
@@ -93,14 +66,14 @@ def headline_curve(table: pd.DataFrame, headline: Headline, pooling: str, *, pre
         an interval), ``n`` (evaluation images behind a binomial interval, else 0), ``interval`` (what the band is:
         ``"wilson"``, ``"seed-sd"`` or ``""``) and ``hits`` (the (n,) bool correctness, or None).
     """
-    rows = select_headline(table, headline)
+    rows = headline.select(table)
     rows = rows[rows["pooling"] == pooling]
     records = []
     for block, group in rows.groupby("block", sort=True):
         value = float(group["value"].mean())
         record = {"block": int(block), "value": value, "low": np.nan, "high": np.nan, "n": 0, "interval": "",
                   "hits": None}
-        if headline.metric in ("knn_top1", "linear_top1") and predictions is not None and len(group) == 1:
+        if headline.has_samples and predictions is not None and len(group) == 1:
             hits = predictions.get(metric=headline.metric, split=headline.split, block=int(block), pooling=pooling,
                                    params=str(group["params"].iloc[0]))
             if hits is not None and len(hits):
@@ -164,16 +137,14 @@ def best_blocks(table: pd.DataFrame, preset: str, *, predictions: Any = None) ->
     """
     records = []
     for headline in headlines(preset, table):
-        rows = select_headline(table, headline)
+        rows = headline.select(table)
         for pooling in dict.fromkeys(rows["pooling"]):
             curve = headline_curve(table, headline, pooling, predictions=predictions)
-            values = curve["value"].to_numpy()
-            position = int(np.argmax(values) if headline.higher_is_better else np.argmin(values))
-            best, last = curve.iloc[position], curve.iloc[-1]
+            best_block, _ = headline.best(curve.set_index("block")["value"])
+            best, last = curve[curve["block"] == best_block].iloc[0], curve.iloc[-1]
             tied = indistinguishable_blocks(curve, int(best["block"]))
-            info = metric_info(headline.metric)
             records.append({"metric": headline.title, "table_metric": headline.metric,
-                            "unit": info.unit if info else "number", "pooling": pooling,
+                            "unit": headline.unit, "pooling": pooling,
                             "best_block": int(best["block"]),
                             "best_value": float(best["value"]), "best_low": float(best["low"]),
                             "best_high": float(best["high"]), "interval": best["interval"], "n": int(best["n"]),

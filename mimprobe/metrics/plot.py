@@ -14,23 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .headlines import Headline, headline_curve, select_headline  # noqa: E402
+from .curves import Curve  # noqa: E402
+from .headlines import headline_curve  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v")
 LINESTYLES = ("-", "--", "-.", ":")
 _BAND = {"wilson": "95 % Wilson interval", "seed-sd": "± 1 s.d. over seeds"}
 
 
-def is_accuracy(headline: Headline) -> bool:
-    """Top-1 accuracies and k-means ACC: fractions drawn in percent, with a chance level."""
-    return "top1" in headline.metric or headline.metric == "cluster_acc"
-
-
-def y_label(headline: Headline) -> str:
-    """The panel's y-axis label: what is drawn and in which unit."""
-    if is_accuracy(headline):
-        return "k-means ACC (%)" if headline.metric == "cluster_acc" else "top-1 accuracy (%)"
-    return {"cluster_nmi": "NMI (0-1)", "rankme": "effective rank"}.get(headline.metric, headline.metric)
+def y_label(headline: Curve) -> str:
+    """The panel's y-axis label: what is drawn and in which unit (accuracies, the registry's fractions, in %)."""
+    return headline.short_name + (" (%)" if headline.is_percent else "")
 
 
 def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, title: str, path: Path,
@@ -39,7 +33,7 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
 
     Args:
         table: The profile's long table.
-        headlines: The `Headline` curves to draw, one panel each.
+        headlines: The curves to draw (`Curve`, e.g. `headlines`), one panel each.
         best: `best_blocks` output (best block and ``tied_blocks`` per headline title and pooling).
         title: Figure title.
         path: The PNG to write.
@@ -51,8 +45,8 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
     rows = math.ceil(count / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 3.6 * rows), squeeze=False)
     for axis, headline in zip(axes.flat, headlines):
-        scale = 100.0 if is_accuracy(headline) else 1.0
-        poolings = list(dict.fromkeys(select_headline(table, headline)["pooling"]))
+        scale = 100.0 if headline.is_percent else 1.0
+        poolings = list(dict.fromkeys(headline.select(table)["pooling"]))
         bands = set()
         for index, pooling in enumerate(poolings):
             curve = headline_curve(table, headline, pooling, predictions=predictions)
@@ -78,7 +72,7 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
                           color=line.get_color(), markerfacecolor="none", zorder=4)  # color: keep the cycle
             axis.plot([block], [at[block]], marker="*", markersize=13, color=line.get_color(),
                       markeredgecolor="black", zorder=5, linestyle="none")
-        if is_accuracy(headline) and num_classes:
+        if headline.is_percent and num_classes:
             axis.axhline(100.0 / num_classes, color="grey", linestyle=(0, (4, 3)), linewidth=1,
                          label=f"chance (1/{num_classes})", zorder=1)
         what = "; band: " + ", ".join(_BAND[b] for b in sorted(bands)) if bands else ""

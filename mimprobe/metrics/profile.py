@@ -28,6 +28,7 @@ import pandas as pd
 from .._device import resolve_device
 from .._messages import progress_display
 from .._ranks import current as current_ranks
+from .._run_folder import claim_folder
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..features.store import FeatureStore
@@ -412,11 +413,7 @@ def measure_store(store: FeatureStore, *, out: str | Path, config: ProfileConfig
     if not ranks.is_main:  # its k-NN rows only; rank 0 has the whole table and writes the files
         return ProfileResult(table=table, best=pd.DataFrame(), out=out, store=store, files={},
                              seconds=time.perf_counter() - started, predictions=predictions, rank=ranks.rank)
-    try:  # only now: every check has passed
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
-            from None
+    claim_folder(out, occupied=None, overwrite=False)  # only now: every check has passed (a profile is rewritten)
     best = best_blocks(table, config.preset, predictions=predictions)
     calibration = calibrate_profile(table, preset=config.preset, predictions=predictions, seed=config.seed)
     files = {"csv": str(out / "profile.csv"), "parquet": str(out / "profile.parquet"),

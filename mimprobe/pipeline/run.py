@@ -20,7 +20,6 @@ is refused unless ``overwrite``, which starts again from nothing.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _threads
+from .._run_folder import claim_folder
 from .._versions import software_versions
 from ..errors import BadInputError, MimprobeError
 from . import api
@@ -254,8 +254,6 @@ def _complete(folder: Path, step: Step) -> bool:
 
 def _prepare_run_dir(run_dir: Path, spec: Spec, *, source: str | None, overwrite: bool) -> None:
     """Refuse a folder that holds another run (unless ``overwrite``); write spec.resolved.toml."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise BadInputError(f"out {run_dir} is a file: give a folder for the run")
     entries = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
     resolved_path = run_dir / RESOLVED_FILE
     problem = None
@@ -270,21 +268,8 @@ def _prepare_run_dir(run_dir: Path, spec: Spec, *, source: str | None, overwrite
                 problem = f"another spec's run ({'; '.join(differences[:3])})"
     elif entries:
         problem = f"other files ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})"
-    if problem and not overwrite:
-        raise BadInputError(f"run folder {run_dir} holds {problem}: pass --overwrite to start again there, or set "
-                            "another out")
-    if overwrite:
-        for name in OWN_ENTRIES:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BadInputError(f"cannot create the run folder {run_dir}: {error.strerror or error}; set another out") \
-            from None
+    claim_folder(run_dir, occupied=problem, overwrite=overwrite, own_entries=OWN_ENTRIES, label="run folder",
+                 advice="pass --overwrite to start again there, or set another out")
     if not resolved_path.is_file():
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         header = (f"The resolved spec of this run ({'from ' + source if source else 'built in Python'}, {stamp}):\n"
@@ -369,7 +354,7 @@ def headline_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         if deltas is not None:
             found = deltas[(deltas["metric"] == curve.metric) & (deltas["split"] == curve.split)
                            & (deltas["pooling"] == row["pooling"]) & (deltas["block"] == row["last_block"])]
-            found = found[found["params"].map(lambda text: _has_params(text, curve.params))]
+            found = found[found["params"].map(lambda text: _has_params(text, curve.param_dict))]
             if len(found) == 1 and pd.notna(found["low"].iloc[0]):
                 entry["last_delta_low"] = float(found["low"].iloc[0])
                 entry["last_delta_high"] = float(found["high"].iloc[0])

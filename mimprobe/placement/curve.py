@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from ..errors import BadInputError
+from ..metrics.curves import Curve
 
 PLACEMENT_METRICS = ("knn", "linear")
 LABELS = {"knn": "k-NN top-1", "linear": "linear-probe top-1"}
@@ -17,15 +18,26 @@ _TABLE_COLUMNS = ("split", "block", "pooling", "metric", "params", "value")
 
 @dataclass(frozen=True)
 class ValidationCurve:
-    """One metric on the validation split, one value per block (mean over seeds when a profile repeats rows)."""
+    """The values of one validation `Curve` for one pooling, one per block (mean over seeds when a profile repeats
+    rows), and what placement says about the choice of curve."""
 
-    metric: str
-    metric_name: str
-    split: str
+    metric: str                       # the placement metric: knn or linear
+    curve: Curve
     pooling: str
-    params: dict[str, Any] = field(default_factory=dict)
     values: tuple[tuple[int, float], ...] = ()
     notes: tuple[str, ...] = ()
+
+    @property
+    def metric_name(self) -> str:
+        return self.curve.metric
+
+    @property
+    def split(self) -> str:
+        return self.curve.split
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.curve.param_dict
 
 
 def validation_curve(table: pd.DataFrame, *, metric: str = "knn", pooling: str = "cls", preset: str | None = None,
@@ -76,8 +88,9 @@ def validation_curve(table: pd.DataFrame, *, metric: str = "knn", pooling: str =
     if rows["value"].isna().any():
         bad = int(rows.loc[rows["value"].isna(), "block"].iloc[0])
         raise BadInputError(f"{name} on {split} is NaN at block {bad}: re-run `mimprobe profile`")
-    values = rows.groupby("block")["value"].mean().sort_index()
-    return ValidationCurve(metric=metric, metric_name=name, split=split, pooling=pooling, params=params,
+    curve = Curve.of(name, split, params)
+    values = curve.values(table, pooling)
+    return ValidationCurve(metric=metric, curve=curve, pooling=pooling,
                            values=tuple((int(b), float(v)) for b, v in values.items()), notes=tuple(notes))
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .._versions import software_versions
 from ..errors import BadInputError
+from ..head_widths import OFFICIAL_HEAD_DIMS, head_parameters, proportional_head_dims
 from ..options import build_config
 from .config import PlaceConfig
 from .record import Placement
@@ -115,35 +116,36 @@ def validation_images(folder: Path, *, split: str) -> int | None:
         return None
 
 
-# Default head of `mimprobe refine` (RefineConfig.head_hidden_dim / head_proj_dim / head_predictor_dim, from
-# MIM-Refiner's NNCLR head; tests/test_placement.py checks they agree): kept here so `place` needs no torch.
-HEAD_DIMS = (2048, 256, 4096)
 HEAD_NOTE_BYTES = 1024 ** 3   # say what the heads cost once checkpoint-last.pth would pass 1 GiB
 
 
-def head_parameters(embed_dim: int, hidden: int = HEAD_DIMS[0], proj: int = HEAD_DIMS[1],
-                    predictor: int = HEAD_DIMS[2]) -> int:
-    """Trainable parameters of one NNA head on a block of width ``embed_dim`` (`mimprobe.refinement.heads`: bias-free
-    Linears d-H-H-P and P-Q-P, each followed by an affine BatchNorm)."""
-    linears = embed_dim * hidden + hidden * hidden + hidden * proj + proj * predictor + predictor * proj
-    norms = 2 * (hidden + hidden + proj + predictor + proj)
-    return linears + norms
+def _checkpoint_bytes(heads: int, per_head: int, encoder: int) -> int:
+    """checkpoint-last.pth in float32: each head's weights and two AdamW moments; the encoder's weights, moments
+    and EMA (`mimprobe.refinement.sizing.checkpoint_bytes` counts the same from the real modules)."""
+    return 4 * (3 * heads * per_head + 4 * encoder)
 
 
 def head_size_note(heads: int, structure: dict[str, Any]) -> str | None:
-    """A note on the checkpoint size the heads imply when it passes `HEAD_NOTE_BYTES` (None below, or without the
-    model's width): weights and the two AdamW moments in float32 for the heads, and for the encoder also its EMA."""
-    width, encoder = structure.get("embed_dim"), structure.get("num_params")
+    """A note on the checkpoint size the heads imply when, at refine's official widths (its default on a GPU or
+    at 224 px and more), it passes `HEAD_NOTE_BYTES`, with the size at the proportional widths refine takes by
+    default on a CPU below 224 px (None below the threshold, or without the model's width)."""
+    width, encoder = structure.get("embed_dim"), int(structure.get("num_params") or 0)
     if not width or not heads:
         return None
-    per_head = head_parameters(int(width))
-    size = 4 * (3 * heads * per_head + 4 * int(encoder or 0))
+    official, proportional = OFFICIAL_HEAD_DIMS, proportional_head_dims(int(width))
+    per_head = head_parameters(int(width), official)
+    size = _checkpoint_bytes(heads, per_head, encoder)
     if size < HEAD_NOTE_BYTES:
         return None
-    share = f", {heads * per_head / int(encoder):.0f}x the encoder's {int(encoder) / 1e6:.1f} M" if encoder else ""
-    return (f"warning: {heads} heads of the default size hold {heads * per_head / 1e6:.1f} M parameters{share}: "
-            f"refine's checkpoint-last.pth will be about {size / 1024 ** 3:.1f} GiB; use --max-heads or smaller "
-            "refine --head-dims")
+    gib = 1024 ** 3
+    share = f", {heads * per_head / encoder:.0f}x the encoder's {encoder / 1e6:.1f} M" if encoder else ""
+    small = _checkpoint_bytes(heads, head_parameters(int(width), proportional), encoder)
+    widths = "/".join(map(str, proportional))
+    return (f"warning: {heads} heads of the official widths ({'/'.join(map(str, official))}, refine's default on a "
+            f"GPU or at 224 px and more) hold {heads * per_head / 1e6:.1f} M parameters{share}: refine's "
+            f"checkpoint-last.pth will be about {size / gib:.1f} GiB; at the widths proportional to this model "
+            f"({widths}, refine's default on a CPU below 224 px, or --head-dims proportional) about "
+            f"{small / gib:.2f} GiB; fewer heads with --max-heads")
 
 
 def placement_path(profile: str | Path, out: str | Path | None = None) -> Path:

@@ -1,39 +1,28 @@
 """Process-group helpers for refinement under ``torchrun`` (NCCL on GPU, gloo on CPU).
 
 The same command runs with one process or many: `init_distributed` reads torchrun's environment
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and returns a `DistContext`; without it everything degrades to
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and returns a `DistContext` (its `Ranks` and device); without it everything degrades to
 single-process no-ops.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .._ranks import join
+from .._ranks import Ranks, join
 
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process stands: ``rank`` of ``world_size``, and its device."""
+    """Where this training process stands among torchrun's (`mimprobe._ranks.Ranks`: rank, world size, the device
+    of its collectives), and the device it computes on (``cuda:LOCAL_RANK`` under torchrun on GPUs)."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    ranks: Ranks = Ranks()
     device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main process writes files and prints progress."""
-        return self.rank == 0
 
 
 def init_distributed(device: torch.device) -> DistContext:
@@ -45,10 +34,7 @@ def init_distributed(device: torch.device) -> DistContext:
         device: The resolved device; for CUDA each process takes ``cuda:LOCAL_RANK``.
     """
     ranks, device = join(device)
-    if not ranks.distributed:
-        return DistContext(device=device)
-    return DistContext(rank=ranks.rank, world_size=ranks.world_size, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                       device=device)
+    return DistContext(ranks=ranks, device=device)
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

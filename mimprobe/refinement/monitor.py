@@ -60,7 +60,7 @@ class KnnMonitor:
         from ..metrics.knn import evaluate_knn
 
         rows: list[dict[str, Any]] = []
-        if self.ctx.is_main:
+        if self.ctx.ranks.is_main:
             use_ema = trainer.ema is not None
             encoder = trainer.ema.module if use_ema else trainer.network.encoder
             was_training = encoder.training
@@ -81,6 +81,6 @@ class KnnMonitor:
                 top1 = next(row.value for row in found if row.metric == "knn_top1")
                 rows.append({"step": trainer.step, "epoch": epoch, "stage": trainer.plan.stage(epoch),
                              "encoder": "ema" if use_ema else "encoder", "block": block, "knn_top1": top1})
-        if self.ctx.distributed:
+        if self.ctx.ranks.distributed:
             torch.distributed.barrier()
         return rows

@@ -21,14 +21,11 @@ import torch
 from torch import nn
 
 from .config import RefineConfig
+from ..head_widths import (HEAD_WIDTH_MULTIPLE, OFFICIAL_HEAD_DIMS, OFFICIAL_HEAD_SOURCE,  # noqa: F401
+                          OFFICIAL_HEAD_WIDTH_OF, OFFICIAL_IMG_SIZE, proportional_head_dims)
 
-OFFICIAL_HEAD_DIMS = (2048, 256, 4096)    # nnclr.yaml:19-23: proj_hidden_dim, output_dim, pred_hidden_dim
-OFFICIAL_HEAD_SOURCE = "src/zztemplates/models/nnclr.yaml:19-23"
-OFFICIAL_HEAD_WIDTH_OF = 1024             # ViT-L's embed_dim: the smallest model the official widths were used for
-OFFICIAL_IMG_SIZE = 224                   # train_byolaug_localviews.yaml:4 global_resolution
 OFFICIAL_LOCAL_SIZE = 96                  # train_byolaug_localviews.yaml:5 local_resolution
 LOCAL_SOURCE = "src/zztemplates/datasets/imagenet/train_byolaug_localviews.yaml:4-5,70"
-HEAD_WIDTH_MULTIPLE = 16                  # proportional widths are rounded to a multiple of this (and at least it)
 ADAMW_STATES = 2                          # exp_avg and exp_avg_sq per trained parameter
 
 
@@ -36,14 +33,6 @@ def default_local_size(img_size: int, patch_size: int) -> int:
     """The local crops' side for an input of ``img_size``: 96/224 of it (the official 96 px at 224 px), rounded to
     a multiple of ``patch_size`` (at least one patch)."""
     return max(patch_size, round(img_size * OFFICIAL_LOCAL_SIZE / OFFICIAL_IMG_SIZE / patch_size) * patch_size)
-
-
-def proportional_head_dims(embed_dim: int) -> tuple[int, int, int]:
-    """The official head widths (2048, 256, 4096) times ``embed_dim / 1024`` (ViT-L's width), each rounded to a
-    multiple of 16 and at least 16: (384, 48, 768) for ViT-Tiny's 192, (768, 96, 1536) for ViT-S, the official
-    widths for ViT-L."""
-    return tuple(max(HEAD_WIDTH_MULTIPLE, round(width * embed_dim / OFFICIAL_HEAD_WIDTH_OF / HEAD_WIDTH_MULTIPLE)
-                     * HEAD_WIDTH_MULTIPLE) for width in OFFICIAL_HEAD_DIMS)
 
 
 def head_widths_rule(config: RefineConfig, *, img_size: int, device_type: str) -> str:

@@ -28,6 +28,7 @@ import torch.nn as nn
 from .._device import autocast, resolve_device, resolve_precision
 from .._messages import progress_display, status_logger
 from .._versions import software_versions
+from .._ranks import barrier
 from .._run_folder import CsvLog, prepare_run_folder
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig, collate_views
@@ -103,11 +104,6 @@ def resolve_placement(placement: Any):
     return load_placement(placement)
 
 
-def _barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
-        torch.distributed.barrier()
-
-
 def _check_placement(placement, num_blocks: int, model: str) -> None:
     bad = [b for b in placement.head_blocks if not 0 <= b < num_blocks]
     if bad:
@@ -125,10 +121,10 @@ def _check_sizes(config: RefineConfig, n_train: int, ctx: DistContext) -> int:
                             f"use at most {n_train}")
     if config.batch_size > n_train:
         raise BadInputError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} images)")
-    if config.batch_size % (ctx.world_size * config.accumulate):
+    if config.batch_size % (ctx.ranks.world_size * config.accumulate):
         raise BadInputError(f"--batch-size {config.batch_size} must divide by processes x --accumulate "
-                            f"({ctx.world_size} x {config.accumulate})")
-    micro = config.batch_size // (ctx.world_size * config.accumulate)
+                            f"({ctx.ranks.world_size} x {config.accumulate})")
+    micro = config.batch_size // (ctx.ranks.world_size * config.accumulate)
     if micro < 2:
         raise BadInputError(f"each micro-batch would hold {micro} image(s): the NNA loss needs at least 2 per "
                             "process, raise --batch-size or lower --accumulate")
@@ -211,13 +207,13 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     config = config or RefineConfig()
     out = Path(out)
     ctx = init_distributed(resolve_device(device))
-    say = status_logger(log, progress=progress and ctx.is_main)
+    say = status_logger(log, progress=progress and ctx.ranks.is_main)
     loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
                         init_seed=config.seed, model_kwargs=model_kwargs)
     _check_token_model(loaded.model, model)
     prepare_run_folder(out, run_files=RUN_FILES, checkpoint=CHECKPOINT, what="refinement run", resume=resume,
-                       overwrite=overwrite, create=ctx.is_main)
-    _barrier(ctx)
+                       overwrite=overwrite, create=ctx.ranks.is_main)
+    barrier(ctx.ranks)
     started = time.perf_counter()
 
     placement = resolve_placement(placement)
@@ -278,7 +274,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the same heads in every process and every run of the same options
         network = RefineNetwork(encoder, list(config.head_blocks), head_config)
-    if ctx.distributed:
+    if ctx.ranks.distributed:
         convert_batchnorm(network.heads, ctx.device)
     network.to(ctx.device)
     queues = nn.ModuleDict({str(b): NNQueue(config.queue_size, config.head_proj_dim)
@@ -286,13 +282,13 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
 
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(range(len(dataset)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+    sampler = DistributedSampler(range(len(dataset)), num_replicas=ctx.ranks.world_size, rank=ctx.ranks.rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
     per_process = micro * config.accumulate
     steps_per_epoch = len(sampler) // per_process
     if steps_per_epoch < 1:
         raise BadInputError(f"--batch-size {config.batch_size} leaves no full batch per epoch for "
-                            f"{len(dataset)} images on {ctx.world_size} process(es): lower it")
+                            f"{len(dataset)} images on {ctx.ranks.world_size} process(es): lower it")
     plan = StagePlan(steps_per_epoch=steps_per_epoch, epochs_heads=config.epochs_heads, epochs=config.epochs)
     full_steps = plan.epochs * steps_per_epoch
     ema_note = ema_scaling_note(config, full_steps)
@@ -311,7 +307,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
 
     identity = {"model": loaded.identity(), "data": {"spec": str(data), "fingerprint": source.fingerprint,
                                                      "train_images": len(train_split)},
-                "world_size": ctx.world_size}
+                "world_size": ctx.ranks.world_size}
     resolved = {"format_version": FORMAT_VERSION, "config": config.to_dict(), **identity,
                 "placement": placement.to_dict(), "precision": precision, "device": str(ctx.device),
                 "img_size": img_size, "steps_per_epoch": steps_per_epoch, "total_steps": plan.total_steps,
@@ -323,15 +319,15 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     if resume:
         state = load_training_state(out / CHECKPOINT)
         _check_resume(state, resolved)
-    elif ctx.is_main:
+    elif ctx.ranks.is_main:
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
         (out / "placement.json").write_text(json.dumps(placement.to_dict(), indent=1) + "\n")
 
     step_columns = ["step", "stage", "epoch", "loss", *[f"loss_block{b}" for b in config.head_blocks], "lr",
                     "images_per_second", "seconds", "ema_progress"]
-    step_log = CsvLog(out / LOG_FILE, step_columns, enabled=ctx.is_main)
+    step_log = CsvLog(out / LOG_FILE, step_columns, enabled=ctx.ranks.is_main)
     monitor_log = CsvLog(out / MONITOR_FILE, ["step", "epoch", "stage", "encoder", "block", "knn_top1"],
-                         enabled=ctx.is_main)
+                         enabled=ctx.ranks.is_main)
 
     trainer = _Trainer(network=network, queues=queues, config=config, plan=plan, ctx=ctx, precision=precision,
                        dataset=dataset, sampler=sampler, micro=micro, start_weights=start_weights)
@@ -345,7 +341,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     say(f"refining {model} on {source.summary()}: heads on blocks {list(config.head_blocks)} "
         f"({placement.rule} rule), {config.freeze_blocks} frozen blocks, {plan.total_steps} steps "
         f"({config.epochs_heads} heads-only + {config.epochs} full epochs of {steps_per_epoch}), "
-        f"{ctx.world_size} process(es) on {ctx.device}, {precision}")
+        f"{ctx.ranks.world_size} process(es) on {ctx.device}, {precision}")
     for note in _small_data_notes(config, plan, requested_queue):
         say(note)
     for record in scaled_defaults:
@@ -362,7 +358,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     last_loss = None
     monitor_rows: list[dict[str, Any]] = []
     timed: dict[int, list[float]] = {}
-    with _sigterm_flag() as flag, _progress(progress and ctx.is_main) as bar:
+    with _sigterm_flag() as flag, _progress(progress and ctx.ranks.is_main) as bar:
         task = bar.add_task("refine", total=plan.total_steps, completed=trainer.step, loss="--", lr="--", ips="--")
         while trainer.epoch < plan.epochs_heads + plan.epochs:
             for record in trainer.run_epoch():
@@ -380,7 +376,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                     break
             if not stopped:
                 trainer.end_epoch()
-            if ctx.is_main:
+            if ctx.ranks.is_main:
                 save_training_state(out / CHECKPOINT, trainer.state_dict(resolved))
             if stopped:
                 say(f"stopped at step {trainer.step}; checkpoint saved to {out / CHECKPOINT}: rerun with --resume")
@@ -392,10 +388,10 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                     monitor_log.write(row)
                 say("k-NN monitor, epoch {}: {}".format(
                     trainer.epoch - 1, ", ".join(f"block {r['block']} {100 * r['knn_top1']:.1f} %" for r in rows)))
-    _barrier(ctx)
+    barrier(ctx.ranks)
 
-    progress_value = trainer.ema_progress() if trainer.ema is not None and ctx.is_main else None
-    if ctx.is_main and trainer.ema is not None:
+    progress_value = trainer.ema_progress() if trainer.ema is not None and ctx.ranks.is_main else None
+    if ctx.ranks.is_main and trainer.ema is not None:
         say(f"ema_progress: {progress_value:.3f} (|ema - start| / |trained - start| over the encoder's parameters)"
             if progress_value is not None else "ema_progress: - (the trained encoder did not move)")
         warning = ema_progress_warning(progress_value)
@@ -405,7 +401,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
         (out / CONFIG_FILE).write_text(json.dumps({**written, "ema_progress": progress_value}, indent=2) + "\n")
 
     export = None
-    if not stopped and ctx.is_main:
+    if not stopped and ctx.ranks.is_main:
         info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
                 "base_weights": loaded.identity(), "encoder": "ema" if trainer.ema is not None else "encoder",
                 "head_blocks": list(config.head_blocks), "steps": trainer.step, "data_config": data_config,
@@ -510,7 +506,7 @@ class _Trainer:
         groups = param_groups(self.network, self.config, stage)
         self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas,
                                            fused=self.ctx.device.type in ("cpu", "cuda"))  # one kernel per step
-        if self.ctx.distributed:
+        if self.ctx.ranks.distributed:
             import gc
 
             from torch.nn.parallel import DistributedDataParallel
@@ -552,7 +548,7 @@ class _Trainer:
             record = self._train_step([next(batches) for _ in range(self.config.accumulate)], stage)
             seconds = time.perf_counter() - started
             record.update(images_per_second=self.config.batch_size / seconds, seconds=round(seconds, 4))
-            if stage == 2 and self.batch_in_epoch == self.plan.steps_per_epoch and self.ctx.is_main:
+            if stage == 2 and self.batch_in_epoch == self.plan.steps_per_epoch and self.ctx.ranks.is_main:
                 record["ema_progress"] = self.ema_progress()   # once per full-stage epoch, at its last step
             yield record
 
@@ -576,12 +572,12 @@ class _Trainer:
             for block in self.config.head_blocks:
                 projections, predictions = outputs[block]
                 queue = self.queues[str(block)]
-                generator = _step_generator(self.config.seed, self.step, self.ctx.rank, block, self.ctx.device)
+                generator = _step_generator(self.config.seed, self.step, self.ctx.ranks.rank, block, self.ctx.device)
                 neighbours = [queue.find_neighbours(projections[a].detach().float(), indices, topk=topk,
                                                     generator=generator) for a in range(2)]
                 head_loss = multi_view_nna_loss(projections[:2], neighbours, predictions,
                                                 temperature=self.config.temperature, num_global=2,
-                                                gather=self.ctx.distributed)
+                                                gather=self.ctx.ranks.distributed)
                 loss = loss + head_loss  # summed over heads (DESIGN.md)
                 totals[self.config.head_blocks.index(block)] += head_loss.detach() / len(micro_batches)
                 queue.update(gather_no_grad(projections[0].detach().float()), gather_no_grad(indices))

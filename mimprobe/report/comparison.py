@@ -20,7 +20,8 @@ from .config import CompareConfig
 from ..placement import Placement
 from .bootstrap import paired_bootstrap
 from .cka import StoreCka, store_cka
-from .curves import CLASS_METRIC, CurveKey, best_of, curve, curve_keys, curve_params, curve_rows, headline_key
+from ..metrics.curves import CLASS_METRIC, Curve, curve_rows, protocol_params
+from .curves import curve, curve_keys, headline_key
 from .inputs import ProfileInput, find_refine_run
 from .samples import SampleHits, curve_hits
 
@@ -39,7 +40,7 @@ class PairComparison:
 
     before: ProfileInput
     after: ProfileInput
-    keys: list[CurveKey]
+    keys: list[Curve]
     poolings: list[str]
     same_depth: bool
     same_data: bool
@@ -47,7 +48,7 @@ class PairComparison:
     best: pd.DataFrame
     class_gains: pd.DataFrame
     class_pooling: str | None
-    headline: CurveKey | None
+    headline: Curve | None
     placement: Placement | None = None
     placement_source: str = ""
     cka: StoreCka | None = None
@@ -159,7 +160,7 @@ def no_block_differs(deltas: pd.DataFrame) -> bool:
     return bool(((low <= 0) & (high >= 0)).all())
 
 
-def _paired_hits(before: ProfileInput, after: ProfileInput, key: CurveKey, pooling: str, rows_before: pd.DataFrame,
+def _paired_hits(before: ProfileInput, after: ProfileInput, key: Curve, pooling: str, rows_before: pd.DataFrame,
                  rows_after: pd.DataFrame) -> tuple[SampleHits, SampleHits] | None:
     if not key.has_samples:
         return None
@@ -170,12 +171,12 @@ def _paired_hits(before: ProfileInput, after: ProfileInput, key: CurveKey, pooli
     return hits_before, hits_after
 
 
-def _of(rows: pd.DataFrame, key: CurveKey, pooling: str) -> pd.DataFrame:
+def _of(rows: pd.DataFrame, key: Curve, pooling: str) -> pd.DataFrame:
     return rows[(rows["metric"] == key.metric) & (rows["split"] == key.split) & (rows["curve_params"] == key.params)
                 & (rows["pooling"] == pooling)]
 
 
-def _block_deltas(key: CurveKey, pooling: str, before: pd.Series, after: pd.Series,
+def _block_deltas(key: Curve, pooling: str, before: pd.Series, after: pd.Series,
                   hits: tuple[SampleHits, SampleHits] | None, config: CompareConfig) -> pd.DataFrame:
     blocks = [b for b in before.index if b in after.index]
     frame = pd.DataFrame({"key": [key] * len(blocks), "pooling": pooling, "block": blocks,
@@ -193,10 +194,10 @@ def _block_deltas(key: CurveKey, pooling: str, before: pd.Series, after: pd.Seri
     return frame
 
 
-def _best_delta(key: CurveKey, pooling: str, before: pd.Series, after: pd.Series,
+def _best_delta(key: Curve, pooling: str, before: pd.Series, after: pd.Series,
                 hits: tuple[SampleHits, SampleHits] | None, config: CompareConfig) -> dict:
-    block_before, value_before = best_of(before, key)
-    block_after, value_after = best_of(after, key)
+    block_before, value_before = key.best(before)
+    block_after, value_after = key.best(after)
     low = high = np.nan
     if hits is not None and block_before in hits[0].by_block and block_after in hits[1].by_block:
         interval = paired_bootstrap(hits[0].by_block[block_before], hits[1].by_block[block_after],
@@ -213,20 +214,20 @@ def _class_pooling(poolings: list[str]) -> str | None:
     return "cls" if "cls" in poolings else poolings[0]
 
 
-def _class_gains(before: ProfileInput, after: ProfileInput, headline: CurveKey | None, pooling: str | None,
+def _class_gains(before: ProfileInput, after: ProfileInput, headline: Curve | None, pooling: str | None,
                  rows_before: pd.DataFrame, rows_after: pd.DataFrame) -> pd.DataFrame:
     """Per-class k-NN accuracy at each side's best block of the headline curve."""
     columns = ["class", "before_block", "before", "after_block", "after", "gain"]
     if headline is None or pooling is None or headline.metric != "knn_top1":
         return pd.DataFrame(columns=columns)
-    block_before = best_of(curve(rows_before, headline, pooling), headline)[0]
-    block_after = best_of(curve(rows_after, headline, pooling), headline)[0]
+    block_before = headline.best(curve(rows_before, headline, pooling))[0]
+    block_after = headline.best(curve(rows_after, headline, pooling))[0]
     per_side = []
     for profile, block in ((before, block_before), (after, block_after)):
         table = profile.table
         rows = table[(table["metric"] == CLASS_METRIC) & (table["split"] == headline.split)
                      & (table["pooling"] == pooling) & (table["block"] == block)]
-        keep = [curve_params(CLASS_METRIC, p) == headline.params for p in rows["params"]]
+        keep = [protocol_params(p) == headline.params for p in rows["params"]]
         rows = rows[keep]
         classes = [json.loads(p)["class"] for p in rows["params"]]
         per_side.append(pd.Series(rows["value"].to_numpy(), index=classes))

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.headlines import PRIMARY_K, Headline, headline_curve, indistinguishable_blocks
+from ..metrics.headlines import PRIMARY_K, headline_curve, indistinguishable_blocks
 from ..metrics.knn import PRESETS as KNN_PRESETS
 from ..placement import note_line
 from .comparison import CompareConfig, PairComparison
-from .curves import CurveKey, curve, curve_rows, format_delta, format_value, unit
+from ..metrics.curves import Curve, curve_rows
+from .curves import curve
 from .document import Bullets, Document, Image, Paragraph, Section, Table
 from .inputs import ProfileInput, find_refine_run, weights_phrase
 from .plots import SideCurve, plot_cka, plot_class_gains, plot_curves, plot_deltas
@@ -73,8 +74,8 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
         interval = _interval_text(row["low"], row["high"], key, config)
         lines.append(
             f"{prefix}best block for {key.title} ({row['pooling']}): {pair.before.label} block {row['before_block']} "
-            f"at {format_value(row['before_value'], key)}{unit(key)}, {pair.after.label} block {row['after_block']} at "
-            f"{format_value(row['after_value'], key)}{unit(key)}: {format_delta(row['delta'], key)}"
+            f"at {key.format_value(row['before_value'])}{key.unit_suffix}, {pair.after.label} block {row['after_block']} at "
+            f"{key.format_value(row['after_value'])}{key.unit_suffix}: {key.format_delta(row['delta'])}"
             f"{' points' if key.is_percent else ''}{interval}.")
         ties = [(profile.label, _tied(profile, key, row["pooling"], int(block)))
                 for profile, block in ((pair.before, row["before_block"]), (pair.after, row["after_block"]))]
@@ -90,13 +91,13 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
                 top, worst = rows.loc[gains.idxmax()], rows.loc[gains.idxmin()]
                 points = " points" if key.is_percent else ""
                 if gains.max() > 0:
-                    text = (f"{prefix}biggest gain at block {int(top['block'])}: {format_delta(top['delta'], key)}"
-                            f"{points} ({format_value(top['before'], key)} → {format_value(top['after'], key)}"
-                            f"{unit(key)})")
+                    text = (f"{prefix}biggest gain at block {int(top['block'])}: {key.format_delta(top['delta'])}"
+                            f"{points} ({key.format_value(top['before'])} → {key.format_value(top['after'])}"
+                            f"{key.unit_suffix})")
                 else:
                     text = f"{prefix}no block improved on {key.title} ({row['pooling']})"
                 if gains.min() < 0:
-                    text += (f"; largest drop at block {int(worst['block'])}: {format_delta(worst['delta'], key)}"
+                    text += (f"; largest drop at block {int(worst['block'])}: {key.format_delta(worst['delta'])}"
                              f"{points}")
                 lines.append(text + ".")
         lines += _chance_lines(pair, config, prefix)
@@ -123,9 +124,9 @@ def summary_lines(pairs: list[PairComparison], config: CompareConfig) -> list[st
     return lines
 
 
-def _tied(profile: ProfileInput, key: CurveKey, pooling: str, best_block: int) -> list[int] | None:
+def _tied(profile: ProfileInput, key: Curve, pooling: str, best_block: int) -> list[int] | None:
     """The blocks of a profile's curve not distinguishable from ``best_block`` (`indistinguishable_blocks`)."""
-    found = headline_curve(profile.table, Headline(key.title, key.metric, key.split, key.param_dict), pooling,
+    found = headline_curve(profile.table, key, pooling,
                            predictions=profile.predictions)
     if found.empty or best_block not in set(found["block"]) or found["hits"].isna().all():
         return None
@@ -149,10 +150,10 @@ def _chance_lines(pair: PairComparison, config: CompareConfig, prefix: str) -> l
             "than trust any single one (neighbouring blocks' intervals are correlated)."]
 
 
-def _interval_text(low: float, high: float, key: CurveKey, config: CompareConfig) -> str:
+def _interval_text(low: float, high: float, key: Curve, config: CompareConfig) -> str:
     if not np.isfinite(low) or not np.isfinite(high):
         return " (no interval)"
-    return f" ({round(config.level * 100)} % CI {format_delta(low, key)} to {format_delta(high, key)})"
+    return f" ({round(config.level * 100)} % CI {key.format_delta(low)} to {key.format_delta(high)})"
 
 
 def _blocks(blocks) -> str:
@@ -200,7 +201,7 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
 LEADING = ("knn_top1", "linear_top1", "lowshot_top1_mean", "cluster_acc")
 
 
-def is_leading(key: CurveKey, preset: str) -> bool:
+def is_leading(key: Curve, preset: str) -> bool:
     """The curves that carry the result and lead the report (k-NN of the preset's k, linear probe, low-shot,
     k-means ACC) on the evaluation split; the others are folded."""
     if key.metric not in LEADING or key.split == "val":
@@ -210,11 +211,10 @@ def is_leading(key: CurveKey, preset: str) -> bool:
                                         and params.get("k") == PRIMARY_K.get(preset, params.get("k")))
 
 
-def curve_band(profile: ProfileInput, key: CurveKey, pooling: str) -> tuple[pd.Series, pd.Series, str] | None:
+def curve_band(profile: ProfileInput, key: Curve, pooling: str) -> tuple[pd.Series, pd.Series, str] | None:
     """(block → low, block → high, what the band is) of one profile's curve, from its table and predictions.npz
     (`mimprobe.metrics.headlines.headline_curve`); None when the curve has no interval."""
-    headline = Headline(key.title, key.metric, key.split, key.param_dict)
-    found = headline_curve(profile.table, headline, pooling, predictions=profile.predictions)
+    found = headline_curve(profile.table, key, pooling, predictions=profile.predictions)
     found = found[np.isfinite(found["low"].to_numpy(dtype=float))]
     if found.empty:
         return None
@@ -225,14 +225,14 @@ def curve_band(profile: ProfileInput, key: CurveKey, pooling: str) -> tuple[pd.S
 def _best_section(index: int, pair: PairComparison, suffix: str, config: CompareConfig) -> Section:
     records = []
     for row in pair.best.to_dict(orient="records"):
-        key: CurveKey = row["key"]
+        key: Curve = row["key"]
         records.append({
             "metric": key.title, "pooling": row["pooling"],
             f"{pair.before.label}: block, value": f"{row['before_block']}: "
-                                                 f"{format_value(row['before_value'], key)}{unit(key)}",
+                                                 f"{key.format_value(row['before_value'])}{key.unit_suffix}",
             f"{pair.after.label}: block, value": f"{row['after_block']}: "
-                                                f"{format_value(row['after_value'], key)}{unit(key)}",
-            f"difference [{round(config.level * 100)} % CI]": format_delta(row["delta"], key)
+                                                f"{key.format_value(row['after_value'])}{key.unit_suffix}",
+            f"difference [{round(config.level * 100)} % CI]": key.format_delta(row["delta"])
             + (f" {_ci(row['low'], row['high'], key)}" if np.isfinite(row["low"]) else "")})
     text = ("The best block of each curve on each side (0-based) and its value; the difference is best against "
             "best, with a paired bootstrap interval where per-sample results exist (accuracy differences in "
@@ -276,23 +276,23 @@ def _delta_section(index: int, pair: PairComparison, suffix: str, config: Compar
     return Section(f"Per-block differences{suffix}", f"differences-{index}", tuple(parts), tuple(subsections))
 
 
-def _pooling_deltas(rows: pd.DataFrame, key: CurveKey, pair: PairComparison, config: CompareConfig) -> pd.DataFrame:
+def _pooling_deltas(rows: pd.DataFrame, key: Curve, pair: PairComparison, config: CompareConfig) -> pd.DataFrame:
     """One pooling's blocks: before, after, difference and interval (five columns: they fit a phone's width)."""
     rows = rows.sort_values("block")
     suffix = " (%)" if key.is_percent else ""
     frame = pd.DataFrame({"block": [str(b) for b in rows["block"]],
-                          f"{pair.before.label}{suffix}": [format_value(v, key) for v in rows["before"]],
-                          f"{pair.after.label}{suffix}": [format_value(v, key) for v in rows["after"]],
-                          "difference": [format_delta(v, key) for v in rows["delta"]]})
+                          f"{pair.before.label}{suffix}": [key.format_value(v) for v in rows["before"]],
+                          f"{pair.after.label}{suffix}": [key.format_value(v) for v in rows["after"]],
+                          "difference": [key.format_delta(v) for v in rows["delta"]]})
     if rows["low"].notna().any():
         frame[f"{round(config.level * 100)} % CI"] = [_ci(lo, hi, key) for lo, hi in zip(rows["low"], rows["high"])]
     return frame
 
 
-def _ci(low: float, high: float, key: CurveKey) -> str:
+def _ci(low: float, high: float, key: Curve) -> str:
     if not np.isfinite(low) or not np.isfinite(high):
         return "–"
-    return f"[{format_delta(low, key)}, {format_delta(high, key)}]"
+    return f"[{key.format_delta(low)}, {key.format_delta(high)}]"
 
 
 def _cka_section(index: int, pair: PairComparison, suffix: str, out: Path, figures: list[Path]) -> Section:
@@ -337,9 +337,9 @@ def _class_section(index: int, pair: PairComparison, suffix: str, out: Path, fig
     key = pair.headline
     table = pd.DataFrame({
         "class": [str(c) for c in ordered["class"]],
-        f"{pair.before.label} (%)": [format_value(v, key) for v in ordered["before"]],
-        f"{pair.after.label} (%)": [format_value(v, key) for v in ordered["after"]],
-        "gain (points)": [format_delta(v, key) for v in ordered["gain"]]})
+        f"{pair.before.label} (%)": [key.format_value(v) for v in ordered["before"]],
+        f"{pair.after.label} (%)": [key.format_value(v) for v in ordered["after"]],
+        "gain (points)": [key.format_delta(v) for v in ordered["gain"]]})
     return Section(title, f"classes-{index}", (Paragraph(text), Table(table, f"class-gains-{index}"),
                                                Image(png, "per-class gain in k-NN top-1 (points)", svg,
                                                      saved.font_px)))

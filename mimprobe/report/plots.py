@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from ..placement import Placement
 from .cka import StoreCka
-from .curves import CurveKey
+from ..metrics.curves import Curve
 
 DPI = 110
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
@@ -104,14 +104,14 @@ def data_limits(values: np.ndarray, *, chance: float | None = None, pad_share: f
     return low - pad, high + pad, chance_on_axis
 
 
-def plot_curves(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, relative: bool, stem: Path,
+def plot_curves(key: Curve, poolings: list[str], sides: list[SideCurve], *, relative: bool, stem: Path,
                 higher_is_better: bool = True, chance: float | None = None) -> tuple[Path, Path]:
     """`curve_figure`, saved as ``stem``.png and .svg."""
     return save(curve_figure(key, poolings, sides, relative=relative, higher_is_better=higher_is_better,
                              chance=chance), stem)
 
 
-def curve_figure(key: CurveKey, poolings: list[str], sides: list[SideCurve], *, relative: bool,
+def curve_figure(key: Curve, poolings: list[str], sides: list[SideCurve], *, relative: bool,
                  higher_is_better: bool = True, chance: float | None = None) -> Figure:
     """One panel per pooling (stacked, so that the text stays readable on a phone), every profile's curve on it
     with its uncertainty band; each curve's best block starred, the blocks that carried refinement heads shaded in
@@ -191,7 +191,7 @@ def _shade_heads(axis, head_blocks, num_blocks: int, relative: bool, color: str,
                      label=label if position == 0 else None)
 
 
-def plot_deltas(key: CurveKey, deltas: pd.DataFrame, *, label: str, stem: Path, level: float) -> tuple[Path, Path]:
+def plot_deltas(key: Curve, deltas: pd.DataFrame, *, label: str, stem: Path, level: float) -> tuple[Path, Path]:
     """Per-block differences (after minus before) per pooling, with their bootstrap intervals as error bars."""
     figure = Figure(figsize=(CURVE_WIDTH_IN, 3.4), layout="constrained")
     axis = figure.subplots()

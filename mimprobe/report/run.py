@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._run_folder import claim_folder
 from .._versions import software_versions
 from ..errors import BadInputError
 from ..metrics.profile import COLUMNS
@@ -206,30 +207,21 @@ def _prepare_out(out: Path, record: dict[str, Any], *, overwrite: bool) -> None:
     """Create OUT, or accept it when it is empty; refuse a folder with files in it (a previous report included)
     unless ``overwrite``, before anything is written. With ``overwrite`` the files a previous compare listed in
     compare.json are removed (figures differ between runs); nothing else is deleted."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file: give a folder for the report")
     previous: dict[str, Any] = {}
+    occupied = None
     if out.is_dir() and any(out.iterdir()):
         marker = out / MARKER
         try:
             previous = json.loads(marker.read_text()) if marker.is_file() else {}
         except (OSError, json.JSONDecodeError):
             previous = {}
-        if not overwrite:
-            same = previous and all(previous.get(key) == value for key, value in record.items())
-            what = ("a report of the same comparison" if same else "another comparison") if previous \
-                else "other files"
-            raise BadInputError(f"--out {out} holds {what}: choose an empty folder, or pass --overwrite to write "
-                                "the report there")
-    for name in previous.get("files", []):
-        path = out / Path(name).name
-        if path.is_file():
-            path.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BadInputError(f"cannot write to --out {out}: {error.strerror or error}; choose a writable folder") \
-            from None
+        same = previous and all(previous.get(key) == value for key, value in record.items())
+        occupied = ("a report of the same comparison" if same else "another comparison") if previous \
+            else "other files"
+    # figures differ between runs: --overwrite removes those a previous compare listed, nothing else
+    own = [Path(name).name for name in previous.get("files", [])]
+    claim_folder(out, occupied=occupied, overwrite=overwrite, own_entries=own,
+                 advice="choose an empty folder, or pass --overwrite to write the report there")
 
 
 def _num(value: float) -> float | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .curves import CurveKey
+from ..metrics.curves import Curve
 from .inputs import ProfileInput
 
 
@@ -27,7 +27,7 @@ class SampleHits:
         return self.source == other.source and np.array_equal(self.rows, other.rows)
 
 
-def curve_hits(profile: ProfileInput, key: CurveKey, pooling: str, rows: pd.DataFrame) -> SampleHits | None:
+def curve_hits(profile: ProfileInput, key: Curve, pooling: str, rows: pd.DataFrame) -> SampleHits | None:
     """The correctness vectors behind one curve (``rows``: the profile's `curve_rows` of this key and pooling, with
     each block's full ``params``), or None when the profile's predictions.npz does not hold them."""
     if not key.has_samples:

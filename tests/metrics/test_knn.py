@@ -305,7 +305,7 @@ def test_threads_bound_faiss_during_the_search_and_are_restored(monkeypatch):
     while it searches, and the previous counts come back afterwards."""
     import faiss
 
-    from mimprobe.metrics import knn as knn_module
+    from mimprobe.metrics import knn_search as knn_module
 
     seen = []
     original = faiss.knn

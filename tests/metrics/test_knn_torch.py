@@ -1,6 +1,6 @@
 """The torch k-NN backend (chunked matmul + topk, CPU here, CUDA when present) against the FAISS backend.
 
-Both prepare bit-identical float32 rows (`knn._prepare`) and re-rank their float32 GEMM candidates by float64
+Both prepare bit-identical float32 rows (`_knn_rows.prepare`) and re-rank their float32 GEMM candidates by float64
 similarity (`knn.rescore`), so on the CPU they must return identical neighbours, similarities, votes and rows
 (no tolerance), although the two GEMMs round differently; a float64 brute force checks the re-ranking itself on
 data made of near-duplicates, where float32 GEMMs misorder neighbours.

@@ -182,7 +182,7 @@ def test_summary_counts_intervals_excluding_zero_and_names_random_init(report, p
 def test_curve_bands_are_wilson_intervals_of_the_predictions(report, profiles):
     from mimprobe.metrics.intervals import wilson_interval
     from mimprobe.report.content import curve_band
-    from mimprobe.report.curves import CurveKey
+    from mimprobe.metrics.curves import Curve
 
     after = report.profiles[1]
     key = next(k for k in report.pairs[0].keys if k.metric == "knn_top1" and k.split == "test")
@@ -197,17 +197,17 @@ def test_curve_bands_are_wilson_intervals_of_the_predictions(report, profiles):
         expected = wilson_interval(hits.sum(), len(hits))
         assert (low[block], high[block]) == pytest.approx(tuple(map(float, expected)))
         assert low[block] <= row["value"] <= high[block]
-    assert curve_band(after, CurveKey("rankme", "train"), "cls") is None
+    assert curve_band(after, Curve("rankme", "train"), "cls") is None
 
 
 def test_summary_names_the_blocks_not_distinguishable_from_the_best(report):
-    from mimprobe.metrics.headlines import Headline, headline_curve, indistinguishable_blocks
+    from mimprobe.metrics.headlines import headline_curve, indistinguishable_blocks
     from mimprobe.report.content import summary_lines
 
     pair = report.pairs[0]
     row = pair.best[(pair.best["key"] == pair.headline) & (pair.best["pooling"] == pair.class_pooling)].iloc[0]
     key = pair.headline
-    curve = headline_curve(pair.before.table, Headline(key.title, key.metric, key.split, key.param_dict), "cls",
+    curve = headline_curve(pair.before.table, key, "cls",
                            predictions=pair.before.predictions)
     expected = indistinguishable_blocks(curve, int(row["before_block"]))
     lines = summary_lines(report.pairs, CONFIG)

@@ -15,7 +15,8 @@ from mimprobe.report import CompareConfig, linear_cka
 from mimprobe.report.bootstrap import paired_bootstrap
 from mimprobe.report.cka import store_cka, subset_rows
 from mimprobe.report.comparison import compare
-from mimprobe.report.curves import best_of, curve, curve_rows
+from mimprobe.metrics.curves import curve_rows
+from mimprobe.report.curves import curve
 from mimprobe.report.inputs import load_profile
 
 CONFIG = CompareConfig(resamples=300, cka=False)
@@ -76,8 +77,8 @@ def test_best_block_intervals_pair_each_side_at_its_own_best_block(shifted_pair)
     checked = 0
     for record in pair.best.to_dict(orient="records"):
         key, pooling = record["key"], record["pooling"]
-        block_before, value_before = best_of(curve(rows_before, key, pooling), key)
-        block_after, value_after = best_of(curve(rows_after, key, pooling), key)
+        block_before, value_before = key.best(curve(rows_before, key, pooling))
+        block_after, value_after = key.best(curve(rows_after, key, pooling))
         assert (record["before_block"], record["after_block"]) == (block_before, block_after)
         assert record["delta"] == pytest.approx(value_after - value_before)
         if not key.has_samples:
@@ -99,7 +100,7 @@ def test_per_class_gains_read_each_side_at_its_own_best_block(shifted_pair):
     gains = pair.class_gains.set_index("class")
     headline, pooling = pair.headline, pair.class_pooling
     assert headline.metric == "knn_top1" and pooling == "cls"
-    blocks = [best_of(curve(curve_rows(side.table), headline, pooling), headline)[0] for side in (before, after)]
+    blocks = [headline.best(curve(curve_rows(side.table), headline, pooling))[0] for side in (before, after)]
     assert blocks[0] != blocks[1]
     assert gains["before_block"].unique().tolist() == [blocks[0]] and gains["after_block"].unique().tolist() == [
         blocks[1]]

@@ -11,7 +11,7 @@ import pytest
 
 from mimprobe.errors import BadInputError
 from mimprobe.report import CompareConfig, compare, load_profile, run_compare
-from mimprobe.report.curves import CurveKey, curve_params
+from mimprobe.metrics.curves import Curve, protocol_params
 
 CONFIG = CompareConfig(resamples=400)
 
@@ -28,7 +28,7 @@ def test_profile_without_predictions_gives_no_interval_and_says_why(profiles, tm
     config = CompareConfig(resamples=400, cka=False)
     pair = compare(load_profile(copies[0]), load_profile(copies[1]), config=config)
     saved = compare(load_profile(profiles.before), load_profile(profiles.after), config=config)
-    key = CurveKey("knn_top1", "test", curve_params("knn_top1", '{"k":10,"preset":"mim-refiner","standardize":true,'
+    key = Curve("knn_top1", "test", protocol_params('{"k":10,"preset":"mim-refiner","standardize":true,'
                                                                 '"T":0.07,"weighting":"exp"}'))
     assert key.title not in pair.interval_sources and saved.interval_sources[key.title] == "predictions.npz"
     mine = pair.deltas[pair.deltas["key"] == key].reset_index(drop=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mimprobe.report.curves import CurveKey
+from mimprobe.metrics.curves import Curve
 from mimprobe.report.plots import SideCurve, curve_figure, data_limits
 
-KEY = CurveKey("knn_top1", "test", '{"k":10,"preset":"mim-refiner","T":0.07}')
+KEY = Curve.of("knn_top1", "test", '{"k":10,"preset":"mim-refiner","T":0.07}')
 
 
 def _sides(before: list[float], after: list[float]) -> list[SideCurve]:
