@@ -259,9 +259,10 @@ def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike
 
 def feature_set_order(feature_sets: Mapping) -> list:
     """The keys of ``{key: (n, d) features}`` in probing and reporting order: block numbers ascending, then the
-    named feature sets (multi-block readouts, `mimprobe.metrics.readout`) by name."""
-    return sorted(feature_sets, key=lambda key: (0, key, "") if isinstance(key, (int, np.integer))
-                  else (1, 0, str(key)))
+    named feature sets (multi-block readouts, `mimprobe.metrics.readout`) in the mapping's order."""
+    position = {key: index for index, key in enumerate(feature_sets)}
+    return sorted(feature_sets, key=lambda key: (0, key) if isinstance(key, (int, np.integer))
+                  else (1, position[key]))
 
 
 def _block_groups(train_blocks: Mapping[int, ArrayLike], blocks: list[int],

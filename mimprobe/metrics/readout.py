@@ -207,20 +207,58 @@ def readout_rows(readout: Readout, found: Sequence[MetricRow]) -> list[MetricRow
                       row.seed) for row in found]
 
 
-def readout_summary(table, *, split: str | None = None) -> list[dict]:
-    """The readout rows of a profile table (the test split's, or ``split``'s): one record per readout and pooling
-    with ``label``, ``readout``, ``pooling``, ``blocks``, ``value`` (a fraction) and ``split``; [] when none."""
-    rows = table[table["metric"] == TEST_METRIC]
+def readout_records(table, *, metric: str = TEST_METRIC, split: str | None = None) -> list[dict]:
+    """The readout rows of a profile table (``metric``: the evaluation split's, or the validation split's
+    ``linear_readout_val_top1``; ``split``: only that split's), one record per readout and pooling, in table order:
+    ``label`` (e.g. "DINOv2 last4+avg"), ``readout``, ``pooling``, ``blocks``, ``poolings``, ``value`` (a
+    fraction), ``split``; [] when there are none."""
+    rows = table[table["metric"] == metric]
     if split is not None:
         rows = rows[rows["split"] == split]
     records = []
     for record in rows.to_dict(orient="records"):
         params = json.loads(record["params"])
-        name = params["readout"]
-        label = Readout(name, record["pooling"], ()).label
-        records.append({"label": label, "readout": name, "pooling": record["pooling"], "blocks": params["blocks"],
-                        "value": float(record["value"]), "split": record["split"]})
+        records.append({"label": Readout(params["readout"], record["pooling"], ()).label,
+                        "readout": params["readout"], "pooling": record["pooling"], "blocks": params["blocks"],
+                        "poolings": params["poolings"], "value": float(record["value"]), "split": record["split"]})
     return records
+
+
+def reference_lines(table, metric: str, split: str) -> dict[str, list[tuple[str, float]]]:
+    """The readouts to draw beside a per-block curve of ``metric`` on ``split`` (``linear_top1`` or
+    ``linear_val_top1``; none for other metrics): {pooling: [(label, value), ...]}."""
+    readout_metric = PER_BLOCK_METRICS.get(metric)
+    if readout_metric is None:
+        return {}
+    lines: dict[str, list[tuple[str, float]]] = {}
+    for record in readout_records(table, metric=readout_metric, split=split):
+        lines.setdefault(record["pooling"], []).append((record["label"], record["value"]))
+    return lines
+
+
+def iter_readout_lines(table) -> list[str]:
+    """Console lines: each readout's top-1 on the evaluation split beside the best single block's linear probe of
+    the same pooling, so that a reader sees whether any block alone beats it."""
+    lines = []
+    for record in readout_records(table):
+        blocks = table[(table["metric"] == "linear_top1") & (table["split"] == record["split"])
+                       & (table["pooling"] == record["pooling"])]
+        span = f"blocks {block_span(record['blocks'])} ({'+'.join(record['poolings'])})"
+        text = f"{record['label']:<24} {span:<28} {100 * record['value']:.1f} %"
+        if not blocks.empty:
+            best = blocks.loc[blocks["value"].idxmax()]
+            text += (f"  (best single block: {int(best['block'])} ({record['pooling']}) "
+                     f"{100 * float(best['value']):.1f} %)")
+        lines.append(text)
+    return lines
+
+
+def block_span(blocks: Sequence[int]) -> str:
+    """``[8, 9, 10, 11]`` -> ``8-11``; other sets as a comma list."""
+    blocks = list(blocks)
+    if len(blocks) > 1 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]}-{blocks[-1]}"
+    return ",".join(map(str, blocks))
 
 
 def is_readout_metric(metric: str) -> bool:

@@ -26,6 +26,7 @@ from mimprobe.data import SplitDataset, build_eval_transform
 from mimprobe.errors import BadInputError
 from mimprobe.metrics._block_rows import ConcatenatedRows, RowSubset
 from mimprobe.metrics._rows import carve_validation
+from mimprobe.metrics.curves import table_curves
 from mimprobe.metrics.headlines import best_blocks, headline_curve, headlines
 from mimprobe.metrics.linear_solver import DEFAULT_C_VALUES
 from mimprobe.metrics.profile import ProfileConfig, profile_store
@@ -222,6 +223,7 @@ def test_readout_rows_leave_the_per_block_curves_and_placement_alone(final_store
             pd.testing.assert_frame_equal(headline_curve(profiled, headline, pooling).drop(columns="hits"),
                                           headline_curve(plain, headline, pooling).drop(columns="hits"))
     pd.testing.assert_frame_equal(best_blocks(profiled, "mim-refiner"), best_blocks(plain, "mim-refiner"))
+    assert table_curves(profiled) == table_curves(plain)  # the compare report's curves
     for metric in ("knn", "linear"):
         assert validation_curve(profiled, metric=metric) == validation_curve(plain, metric=metric)
 
@@ -247,6 +249,20 @@ def test_a_raw_store_is_refused_before_anything_is_written(tmp_path):
     # `all` needs neither the final norm nor a given pooling
     table = profile_store(raw, ProfileConfig(metrics=("linear",), readout="all"), progress=False)
     assert set(table[table["metric"] == "linear_readout_top1"]["pooling"]) == {"cls", "mean"}
+
+
+def test_the_console_lists_the_readouts_beside_the_best_single_block(final_store, tmp_path):
+    result = runner.invoke(app, ["profile", str(final_store.path), "--out", str(tmp_path), "--metrics", "linear",
+                                 "--readout", "last4+avg,all", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "profile.csv")
+    value = readout_row(table, "last4+avg")["value"]
+    lines = result.stdout.split("multi-block readouts (linear probe top-1, --readout):\n")[1].splitlines()
+    assert lines[0].split() == ["DINOv2", "last4+avg", "blocks", "2-5", "(cls+mean)", f"{100 * value:.1f}", "%",
+                                *lines[0].split()[7:]]
+    best = table[(table["metric"] == "linear_top1") & (table["pooling"] == "cls")]["value"].max()
+    assert lines[0].endswith(f"{100 * best:.1f} %)") and "best single block" in lines[0]
+    assert [line.split()[:3] for line in lines[1:3]] == [["all", "blocks", "(cls)"], ["all", "blocks", "(mean)"]]
 
 
 def test_bad_readout_settings_are_refused(final_store, tmp_path):
