@@ -26,7 +26,7 @@ def readout_profiles(tmp_path_factory):
     root = tmp_path_factory.mktemp("readout-profiles")
     features = str(root / "features")
     mimprobe.profile("test_vit", DATA, out=str(root / "a"), features=features, readout="last4+avg,all", **OPTIONS)
-    mimprobe.profile("test_vit", DATA, out=str(root / "b"), features=features, readout="last1", **OPTIONS)
+    mimprobe.profile("test_vit", DATA, out=str(root / "b"), features=features, readout="last1,last4+avg", **OPTIONS)
     return root / "a", root / "b"
 
 
@@ -43,7 +43,8 @@ def test_compare_report_lists_readouts_and_draws_no_curve_of_them(readout_profil
     header, *rows = read_tables((tmp_path / "report" / "report.html").read_text())["readouts"]
     table = pd.DataFrame(rows, columns=header).set_index("readout")
     assert table.loc["DINOv2 last4+avg", "A: top-1"] == f"{100 * _readout_value(a, 'last4+avg', 'cls'):.1f}%"
-    assert table.loc["DINOv2 last4+avg", "B: top-1"] == "–"
+    assert table.loc["DINOv2 last4+avg", "B: top-1"] == f"{100 * _readout_value(b, 'last4+avg', 'cls'):.1f}%"
+    assert table.loc["all blocks (cls)", "B: top-1"] == "–"
     assert table.loc["DINOv2 last1", "B: top-1"] == f"{100 * _readout_value(b, 'last1', 'cls'):.1f}%"
     assert table.loc["all blocks (mean)", "blocks read"] == "0-5 (mean)"
     assert table.loc["DINOv2 last4+avg", "blocks read"] == "2-5 (cls+mean)"
