@@ -155,6 +155,7 @@ _derived("extract", arguments=[_argument("model", str, typer.Argument(..., help=
 def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output: bool) -> None:
     from .metrics.labelfree.profile_calibration import calibration_lines
     from .metrics.profile import iter_best_lines
+    from .metrics.readout import iter_readout_lines
     from .pipeline import api
 
     result = api.profile(arguments["target"], arguments["data"], log=_echo_err, **options)
@@ -167,6 +168,11 @@ def _run_profile(arguments: dict[str, Any], options: dict[str, Any], json_output
     typer.echo("best blocks (0-based):")
     for line in iter_best_lines(result.best):
         typer.echo(f"  {line}")
+    readouts = iter_readout_lines(result.table)
+    if readouts:
+        typer.echo("multi-block readouts (linear probe top-1, --readout):")
+        for line in readouts:
+            typer.echo(f"  {line}")
     if result.calibration is not None:
         for line in calibration_lines(result.calibration):
             typer.echo(line)

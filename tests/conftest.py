@@ -62,13 +62,12 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", {"cat": 5, "dog": 4, "eel": 3})
 
 
-@pytest.fixture(scope="session")
-def cifar_subset(tmp_path_factory) -> Path:
-    """The first 20 train and 10 test JPEGs of each CIFAR-10 class, unpacked into a temporary folder."""
+def unpack_cifar(root: Path, *, train: int, test: int) -> Path:
+    """The first ``train`` train and ``test`` test JPEGs of each CIFAR-10 class, unpacked into ``root`` (skips the
+    calling test when ../shared is absent)."""
     if not CIFAR_TAR.is_file():
         pytest.skip(f"real-image test needs {CIFAR_TAR} (the project's shared folder), which is absent here")
-    root = tmp_path_factory.mktemp("cifar10")
-    quota = {"train": 20, "test": 10}
+    quota = {"train": train, "test": test}
     counts: dict[tuple[str, str], int] = {}
     with tarfile.open(CIFAR_TAR, "r:gz") as archive:
         for member in archive:
@@ -85,3 +84,11 @@ def cifar_subset(tmp_path_factory) -> Path:
             if len(counts) == 20 and all(counts[k] >= quota[k[0]] for k in counts):
                 break
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(tmp_path_factory) -> Path:
+    """The first 20 train and 10 test JPEGs of each CIFAR-10 class, unpacked into a temporary folder."""
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"real-image test needs {CIFAR_TAR} (the project's shared folder), which is absent here")
+    return unpack_cifar(tmp_path_factory.mktemp("cifar10"), train=20, test=10)

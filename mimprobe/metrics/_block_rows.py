@@ -57,6 +57,62 @@ class RowSubset:
         return selected
 
 
+class ConcatenatedRows:
+    """The column concatenation of several (n, d_i) arrays with the same rows, read only when sliced: a lazy
+    ``np.concatenate(parts, axis=1)`` of shape (n, sum d_i) (a multi-block readout, `mimprobe.metrics.readout`).
+
+    Behaves as that array for what the probes do with their inputs (``shape``, ``dtype``, ``len``, slices and
+    sorted integer-array indexing, each returning a copy, and ``np.asarray``); each part is read for the rows asked
+    only, and a read-only memory map's pages are dropped from the resident set afterwards, so that scanning the
+    concatenation holds one chunk of it, never the whole.
+
+    Args:
+        parts: (n, d_i) arrays, memory maps or `RowSubset`s, in column order.
+    """
+
+    ndim = 2
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        lengths = {int(np.shape(part)[0]) for part in self.parts}
+        if not self.parts or len(lengths) != 1:
+            raise BadInputError(f"concatenated features need parts with one number of rows, got {sorted(lengths)}")
+        self.widths = [int(np.shape(part)[1]) for part in self.parts]
+        self.shape = (lengths.pop(), sum(self.widths))
+        self.dtype = np.result_type(*(part.dtype for part in self.parts))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __getitem__(self, index) -> np.ndarray:
+        from ._memory import release_pages
+
+        if isinstance(index, tuple):
+            raise TypeError("ConcatenatedRows takes a row index (slice or integer array), not a tuple")
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([index])][0]
+        if not isinstance(index, slice):
+            index = np.asarray(index, dtype=np.int64)
+        count = len(range(*index.indices(self.shape[0]))) if isinstance(index, slice) else len(index)
+        out = np.empty((count, self.shape[1]), self.dtype)
+        column = 0
+        for part, width in zip(self.parts, self.widths):
+            if isinstance(index, slice) or not isinstance(part, np.memmap) or count == 0:
+                window = selected = part[index]
+            else:  # one contiguous window of the map, then the rows of it: locality, and its pages dropped below
+                first, last = int(index.min()), int(index.max()) + 1
+                window = part[first:last]
+                selected = window[index - first]
+            out[:, column:column + width] = selected
+            release_pages(window)
+            column += width
+        return out
+
+
 def lazy_rows(source: np.ndarray, rows: np.ndarray | None) -> "np.ndarray | RowSubset":
     """``source`` itself when ``rows`` is every row in order (or None), else a `RowSubset`."""
     if rows is None or (len(rows) == source.shape[0] and np.array_equal(rows, np.arange(source.shape[0]))):

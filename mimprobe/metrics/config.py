@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import BadInputError
 from ..options import check_options, device_option, option, seed_option
 from .knn_presets import PRESETS as KNN_PRESETS
+from .readout import READOUTS, parse_readouts
 from .registry import FAMILY_NAMES
 
 METRICS = FAMILY_NAMES          # the --metrics words (`mimprobe.metrics.registry`)
@@ -73,12 +74,24 @@ class ProfileConfig:
                                                  "overlap, learnability; a seeded subset, at most the evaluation "
                                                  "split's size (>= 1,000) on labelled data; recorded in the rows' "
                                                  "params).", minimum=4)
+    # Multi-block readouts trained beside the per-block linear probes (`mimprobe.metrics.readout`): DINOv2's
+    # linear-evaluation inputs need a --norm final store with cls and mean poolings; all is blocks x dim wide.
+    readout: tuple[str, ...] = option((), "Multi-block linear readouts, a comma list: last1, last4, last1+avg, "
+                                          "last4+avg (DINOv2's: class tokens of the last n blocks, + the last "
+                                          "block's mean patch token; need --norm final --pool cls,mean), all (every "
+                                          "block concatenated, per pooling), or none.", parse=parse_readouts,
+                                      choices=READOUTS, show_default="none")
     poolings: tuple[str, ...] | None = None  # poolings measured; None: every pooling in the store
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
             object.__setattr__(self, "metrics", tuple(self.metrics))
+        readout = parse_readouts(self.readout) if isinstance(self.readout, str) else self.readout
+        object.__setattr__(self, "readout", tuple(dict.fromkeys(readout or ())))
         check_options(self)
+        if self.readout and self.metrics is not None and "linear" not in self.metrics:
+            raise BadInputError(f"--readout {','.join(self.readout)} is trained by the linear probe: add linear to "
+                                "--metrics, or drop --readout")
         if not 0 < self.val_fraction < 1:
             raise BadInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 

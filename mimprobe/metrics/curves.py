@@ -163,11 +163,13 @@ def curve_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The table's curve rows with a ``curve_params`` column (`protocol_params`), one value per (curve, pooling,
     block).
 
-    Per-seed rows of metrics that have a ``_mean`` row, ``_std`` rows and per-class rows are left out; a duplicate
-    (curve, pooling, block) is averaged, as `Curve.values` does.
+    Per-seed rows of metrics that have a ``_mean`` row, ``_std`` rows, per-class rows and rows that read several
+    blocks at once (the registry's ``per_block=False``: multi-block readouts, `mimprobe.metrics.readout`, shown as
+    reference lines instead) are left out; a duplicate (curve, pooling, block) is averaged, as `Curve.values` does.
     """
     metrics = set(table["metric"])
     drop = {m for m in metrics if m.endswith("_std") or f"{m}_mean" in metrics} | {CLASS_METRIC}
+    drop |= {m for m in metrics if (info := metric_info(m)) is not None and not info.per_block}
     rows = table[~table["metric"].isin(drop)].copy()
     rows["curve_params"] = [protocol_params(p) for p in rows["params"]]
     grouped = rows.groupby(["metric", "split", "curve_params", "pooling", "block"], sort=False)

@@ -32,6 +32,7 @@ class Context:
     eval_subset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # low-shot / clustering rows
     labelfree_subset: Any = None     # `labelfree.Subset` of the train split's rows (seeded; size recorded)
     point: str = "block"             # the point of the blocks that ``views`` reads
+    readouts: dict = field(default_factory=dict)  # pooling -> [`readout.Readout`] its linear probe call trains
 
     def name(self, block: int, pooling: str) -> str:
         return f"block {block}" + (f" point {self.point}" if self.point != "block" else "") + f" ({pooling})"
@@ -83,12 +84,19 @@ def _record_knn(ctx: Context, found: list[MetricRow], hits: dict[tuple[int, floa
 
 
 def linear_rows(ctx: Context, pooling: str, blocks: list[int]) -> list[tuple[int, MetricRow]]:
-    """Linear probes of every block of a pooling in one batched pass (or scikit-learn's, the reference path)."""
+    """Linear probes of every block of a pooling in one batched pass (or scikit-learn's, the reference path), and
+    of the multi-block readouts (``--readout``) drawn beside this pooling's curve, as more feature sets of the same
+    call (`mimprobe.metrics.readout`)."""
     from . import linear
+    from .readout import readout_rows
 
     views, plan, config = ctx.views, ctx.plan, ctx.config
     train_blocks = {block: views.rows("bank", block, pooling) for block in blocks}
     eval_blocks = {block: views.rows("eval", block, pooling) for block in blocks}
+    readouts = {readout.key: readout for readout in ctx.readouts.get(pooling, [])}
+    for key, readout in readouts.items():
+        train_blocks[key] = readout.features(lambda block, read: views.rows("bank", block, read))
+        eval_blocks[key] = readout.features(lambda block, read: views.rows("eval", block, read))
     if config.probe == "batched":
         found_by_block, hits_by_block = linear.evaluate_linear_with_hits(
             train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
@@ -101,13 +109,16 @@ def linear_rows(ctx: Context, pooling: str, blocks: list[int]) -> list[tuple[int
             train_blocks, views.labels("bank"), eval_blocks, views.labels("eval"), split=plan.eval_split,
             seed=config.seed, val_fraction=config.val_fraction)
     rows = []
-    for block, found in found_by_block.items():
+    for key, found in found_by_block.items():
+        block = key
+        if key in readouts:  # its own metric names, block = the last block read
+            found, block = readout_rows(readouts[key], found), readouts[key].last_block
         rows += [(block, row) for row in found]
         if ctx.predictions is not None:
-            test_row = next(row for row in found if row.metric == "linear_top1")
+            test_row = next(row for row in found if row.metric in ("linear_top1", "linear_readout_top1"))
             ctx.predictions.add(split=plan.eval_split, source=plan.eval_source, rows=plan.eval_index,
-                                metric="linear_top1", block=block, pooling=pooling, params=test_row.params_json(),
-                                hits=hits_by_block[block], point=ctx.point)
+                               metric=test_row.metric, block=block, pooling=pooling, params=test_row.params_json(),
+                               hits=hits_by_block[key], point=ctx.point)
     return rows
 
 

@@ -70,7 +70,9 @@ def evaluate_linear(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLi
 
     Args:
         train_blocks: {block: (n_train, d) features}, e.g. ``store.features("train", block, pooling)`` (float16
-            memory maps are read block by block as float32).
+            memory maps are read block by block as float32). Keys other than block numbers name other feature
+            sets probed the same way, e.g. a multi-block readout's lazy concatenation (`mimprobe.metrics.readout`):
+            sets of one width are trained in the same batched pass, each with its own head per C.
         train_labels: (n_train,) integer labels.
         test_blocks: {block: (n_test, d) features}, the same blocks.
         test_labels: (n_test,) integer labels.
@@ -227,11 +229,11 @@ def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike
                   assume_finite: bool = False) -> list[int]:
     """Shapes, labels, block sets and finiteness (unless the caller checked it: ``assume_finite``), before any
     training; returns the sorted blocks."""
-    blocks = sorted(train_blocks)
+    blocks = feature_set_order(train_blocks)
     if not blocks:
         raise BadInputError("no blocks to probe: train_blocks is empty")
-    if sorted(test_blocks) != blocks:
-        raise BadInputError(f"train and test have different blocks: {blocks} vs {sorted(test_blocks)}")
+    if feature_set_order(test_blocks) != blocks:
+        raise BadInputError(f"train and test have different blocks: {blocks} vs {feature_set_order(test_blocks)}")
     for name, labels, features in (("train", train_labels, train_blocks), ("test", test_labels, test_blocks)):
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -253,6 +255,14 @@ def _check_inputs(train_blocks: Mapping[int, ArrayLike], train_labels: ArrayLike
             for block in blocks:
                 check_finite(features[block], what=f"block {block} of split {name}")
     return blocks
+
+
+def feature_set_order(feature_sets: Mapping) -> list:
+    """The keys of ``{key: (n, d) features}`` in probing and reporting order: block numbers ascending, then the
+    named feature sets (multi-block readouts, `mimprobe.metrics.readout`) in the mapping's order."""
+    position = {key: index for index, key in enumerate(feature_sets)}
+    return sorted(feature_sets, key=lambda key: (0, key) if isinstance(key, (int, np.integer))
+                  else (1, position[key]))
 
 
 def _block_groups(train_blocks: Mapping[int, ArrayLike], blocks: list[int],

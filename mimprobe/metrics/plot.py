@@ -1,6 +1,7 @@
 """profile.png: one panel per headline metric, the block curves per pooling (and per point, for a store with points
 inside the blocks: `mimprobe.metrics.points`) with their uncertainty, the best block marked, the blocks not
-distinguishable from it ringed, and the chance level of accuracies drawn."""
+distinguishable from it ringed, the chance level of accuracies drawn, and the multi-block readouts (``--readout``)
+as labelled horizontal lines in the linear-probe panel."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ import pandas as pd  # noqa: E402
 from .curves import Curve  # noqa: E402
 from .headlines import headline_curve  # noqa: E402
 from .points import POINT, for_point, point_rows, table_points  # noqa: E402
+from .readout import reference_lines  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v")
 LINESTYLES = ("-", "--", "-.", ":")
+# Multi-block readouts (horizontal lines beside the linear-probe curves): colours after the pooling curves' C0-C2
+READOUT_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "black")
 _BAND = {"wilson": "95 % Wilson interval", "seed-sd": "± 1 s.d. over seeds"}
 
 
@@ -82,6 +86,13 @@ def plot_profile(table: pd.DataFrame, headlines: list, best: pd.DataFrame, *, ti
                           color=line.get_color(), markerfacecolor="none", zorder=4)  # color: keep the cycle
             axis.plot([block], [at[block]], marker="*", markersize=13, color=line.get_color(),
                       markeredgecolor="black", zorder=5, linestyle="none")
+        readouts = [line for found in reference_lines(table, headline.metric, headline.split).values()
+                    for line in found]
+        for index, (label, value) in enumerate(readouts):
+            # every readout as a reference line: does any single block's curve reach it?
+            axis.axhline(value * scale, color=READOUT_COLORS[index % len(READOUT_COLORS)],
+                         linestyle=(0, (1, 1.5)), linewidth=1.4, zorder=2,
+                         label=f"{label}: {headline.format_value(value)}")
         if headline.is_percent and num_classes:
             axis.axhline(100.0 / num_classes, color="grey", linestyle=(0, (4, 3)), linewidth=1,
                          label=f"chance (1/{num_classes})", zorder=1)

@@ -246,6 +246,14 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
         raise BadInputError(f"pooling {missing[0]} is not in store {store.path}: it has {', '.join(store.poolings)}")
     train_labels_all = store.labels("train")
     metrics = _resolve_metrics(config, store, train_labels_all)
+    readouts = {}
+    if config.readout:
+        from .readout import plan_readouts
+
+        if "linear" not in metrics:
+            raise BadInputError(f"--readout {','.join(config.readout)} is trained by the linear probe, which this "
+                                "profile does not run (unlabelled data, or --metrics without linear): drop --readout")
+        readouts = plan_readouts(config.readout, store=store, poolings=poolings, memory_budget=config.memory_budget)
     if log and config.metrics is None and metrics == LABEL_FREE:
         log(f"the data has no labels: running the label-free metrics only ({', '.join(LABEL_FREE)})")
     plan = plan_splits(store, val_fraction=config.val_fraction, seed=config.seed)
@@ -263,7 +271,7 @@ def profile_store(store: FeatureStore, config: ProfileConfig | None = None, *, p
     if knn_group is not None and not current_ranks().is_main:
         metrics = tuple(m for m in metrics if m == "knn")
     context = Context(store=store, views=views, plan=plan, config=config, device=resolve_device(config.device),
-                      predictions=predictions, knn_group=knn_group,
+                      predictions=predictions, knn_group=knn_group, readouts=readouts,
                       eval_subset=_seeded_subset(len(plan.eval_index), config.eval_samples, seed=config.seed),
                       labelfree_subset=seeded_subset(len(views.labels("train")), size=_labelfree_size(config, plan, labelled=store.labelled),
                                                      seed=config.seed) if set(metrics) & set(LABEL_FREE) else None)

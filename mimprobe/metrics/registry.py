@@ -61,6 +61,9 @@ class MetricInfo:
             `mimprobe.metrics.labelfree.calibration.RULES`); None for rows that are not curves to rank (spreads,
             standard errors).
         unit: ``fraction`` (shown in percent) or ``number``.
+        per_block: Whether the rows form a curve over blocks (every block's own value). False for a value that
+            reads several blocks at once (a multi-block readout, `mimprobe.metrics.readout`): curves, headlines,
+            best blocks and placement leave it out; reports show it as a reference line.
     """
 
     name: str
@@ -68,6 +71,7 @@ class MetricInfo:
     family: str
     direction: str | None = "higher"
     unit: str = "fraction"
+    per_block: bool = True
 
     @property
     def label_free(self) -> bool:
@@ -103,6 +107,9 @@ METRIC_INFO: dict[str, MetricInfo] = {info.name: info for info in (
     MetricInfo("linear_top1", "linear probe top-1", "linear"),
     MetricInfo("knn_class_top1", "k-NN top-1 of one class", "knn", direction=None),
     MetricInfo("linear_val_top1", "linear probe top-1 (probe selection split)", "linear"),
+    MetricInfo("linear_readout_top1", "multi-block readout linear probe top-1", "linear", per_block=False),
+    MetricInfo("linear_readout_val_top1", "multi-block readout linear probe top-1 (probe selection split)", "linear",
+               per_block=False),
     MetricInfo("lowshot_top1_mean", "low-shot top-1", "lowshot"),
     MetricInfo("lowshot_top1_std", "low-shot top-1 (s.d. over seeds)", "lowshot", direction=None),
     MetricInfo("cluster_acc", "k-means ACC", "cluster"),

@@ -87,6 +87,13 @@ def run_profile(target: str | Path, data: str | None = None, *, out: str | Path,
     """
     config = config or ProfileConfig()
     out = Path(out)
+    if config.readout and not (Path(str(target)) / "manifest.json").is_file():
+        from ..features.config import ExtractConfig
+        from ..metrics.readout import check_readout_store
+
+        extraction = extract_config or ExtractConfig()  # checked before the model or data is touched
+        check_readout_store(config.readout, norm=extraction.norm, poolings=extraction.poolings,
+                            where="the extraction")
     if data is not None and not (Path(str(target)) / "manifest.json").is_file():
         data = checked_data(data, config)  # opened once, here and for the extraction
     started = time.perf_counter()

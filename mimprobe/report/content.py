@@ -18,6 +18,7 @@ from ..metrics.points import for_point
 from ..placement import note_line
 from .comparison import CompareConfig, PairComparison
 from ..metrics.curves import Curve, curve_rows
+from ..metrics.readout import block_span, readout_records, reference_lines
 from .curves import curve
 from .document import Bullets, Document, Image, Paragraph, Row, Section, Table
 from .inputs import ProfileInput, find_refine_run, weights_phrase
@@ -53,6 +54,9 @@ def build_document(profiles: list[ProfileInput], pairs: list[PairComparison], *,
         sections.append(_cka_section(index, pair, suffix, out, figures))
         sections.append(_class_section(index, pair, suffix, out, figures))
         sections.append(_placement_section(index, pair, suffix))
+    readouts = _readout_section(profiles)
+    if readouts is not None:
+        sections.append(readouts)
     labelfree = _labelfree_section(profiles)
     if labelfree is not None:
         sections.append(labelfree)
@@ -182,7 +186,9 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
         "changes stay visible: the chance level (1 / classes) is the dashed grey line when it lies near the data, "
         "else a note at the panel's foot names it. "
         "Bands: 95 % Wilson intervals over the evaluation images (k-NN and linear top-1 from predictions.npz, "
-        "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none." + (
+        "k-means ACC), ± 1 standard deviation over seeds for low-shot means; the other metrics have none. "
+        "Horizontal dotted or dashed lines in a profile's colour: its multi-block readouts (--readout), one linear "
+        "probe on several blocks at once, beside its per-block linear-probe curve." + (
             " The x axis is the relative depth block / (depth - 1) (0: the first block, 1: the last), so that "
             "models of different depths align; each legend entry names that profile's best block."
             if relative else " Blocks are 0-based.") + (
@@ -204,7 +210,8 @@ def _curves_section(profiles: list[ProfileInput], pairs: list[PairComparison], o
             sides.append(SideCurve(profile.label + (", block" if profile.points else ""),
                                    {p: curve(tables[profile.label], key, p) for p in poolings},
                                    profile.num_blocks, placements.get(profile.label),
-                                   {p: band for p in poolings if (band := curve_band(profile, key, p)) is not None}))
+                                   {p: band for p in poolings if (band := curve_band(profile, key, p)) is not None},
+                                   reference_lines(profile.table, key.metric, key.split)))
             sides += [SideCurve(f"{profile.label}, {point}",
                                 {p: curve(point_tables[(profile.label, point)], key, p) for p in poolings},
                                 profile.num_blocks, None,
@@ -404,6 +411,40 @@ def _placement_section(index: int, pair: PairComparison, suffix: str) -> Section
                         else ""))
     items += [note_line(note) for note in placement.notes]
     return Section(f"Placement{suffix}", f"placement-{index}", (Bullets(tuple(items)),))
+
+
+def _readout_section(profiles: list[ProfileInput]) -> Section | None:
+    """The multi-block readouts (``--readout``) of every profile beside its best single-block linear probe of the
+    same pooling; None when no profile has any."""
+    found = {profile.label: readout_records(profile.table) for profile in profiles}
+    if not any(found.values()):
+        return None
+    keys = list(dict.fromkeys((r["label"], r["pooling"], block_span(r["blocks"]), "+".join(r["poolings"]))
+                              for records in found.values() for r in records))
+    frame = []
+    for label, pooling, blocks, read in keys:
+        record = {"readout": label, "blocks read": f"{blocks} ({read})"}
+        for profile in profiles:
+            match = [r for r in found[profile.label] if (r["label"], r["pooling"]) == (label, pooling)]
+            best = _best_single_block(profile.table, match[0]["split"], pooling) if match else None
+            record[f"{profile.label}: top-1"] = f"{100 * match[0]['value']:.1f}%" if match else "–"
+            record[f"{profile.label}: best single block"] = (f"{best[0]} ({pooling}): {100 * best[1]:.1f}%"
+                                                             if best else "–")
+        frame.append(record)
+    text = ("Linear probes on several blocks at once, trained in the same pass as the per-block probes (same "
+            "validation split and C grid): DINOv2's linear-evaluation inputs (class tokens of the last n blocks "
+            "after the final norm, + the last block's mean patch token for +avg) and all blocks concatenated; "
+            "beside each, the best single block's linear probe of the same pooling.")
+    return Section("Multi-block readouts", "readouts", (
+        Paragraph(text), Table(pd.DataFrame.from_records(frame), "readouts", text_columns=("blocks read",))))
+
+
+def _best_single_block(table: pd.DataFrame, split: str, pooling: str) -> tuple[int, float] | None:
+    rows = table[(table["metric"] == "linear_top1") & (table["split"] == split) & (table["pooling"] == pooling)]
+    if rows.empty:
+        return None
+    best = rows.loc[rows["value"].idxmax()]
+    return int(best["block"]), float(best["value"])
 
 
 def _labelfree_section(profiles: list[ProfileInput]) -> Section | None:

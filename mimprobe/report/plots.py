@@ -25,18 +25,22 @@ COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da
 
 @dataclass(frozen=True)
 class SideCurve:
-    """One profile's curves of a key: {pooling: (block → value)}, its depth, its placement (if any), and the
-    uncertainty of each curve: {pooling: (block → low, block → high, what the band is)} (absent: no band)."""
+    """One profile's curves of a key: {pooling: (block → value)}, its depth, its placement (if any), the
+    uncertainty of each curve: {pooling: (block → low, block → high, what the band is)} (absent: no band), and
+    values that read several blocks at once, drawn as horizontal reference lines: {pooling: [(label, value)]}
+    (the multi-block readouts beside the linear-probe curve, `mimprobe.metrics.readout.reference_lines`)."""
 
     label: str
     by_pooling: dict[str, pd.Series]
     num_blocks: int
     placement: Placement | None = None
     bands: dict[str, tuple[pd.Series, pd.Series, str]] = field(default_factory=dict)
+    references: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
 LINESTYLES = ("-", "--", "-.", ":")
+READOUT_DASHES = ((0, (1, 1.5)), (0, (5, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1)), (0, (8, 3)), (0, (1, 3)))
 # Rendered text must stay >= 10 CSS px when a figure is scaled to a 390 px phone column (about 350 px of image):
 # a figure of width W inches needs fonts of at least 2.1 W points (pt * 110/72 px * 350 / (110 W) >= 10).
 CURVE_WIDTH_IN = 4.6
@@ -161,6 +165,11 @@ def curve_figure(key: Curve, poolings: list[str], sides: list[SideCurve], *, rel
                       color=color, label=name, zorder=3 + index)
             axis.plot([x[best]], [series.to_numpy()[best] * scale], marker="*", markersize=13, color=color,
                       markeredgecolor="black", zorder=8, linestyle="none")
+            for number, (name, value) in enumerate(side.references.get(pooling, [])):
+                # a multi-block readout: does any single block of this profile's curve reach it?
+                axis.axhline(value * scale, color=color, linestyle=READOUT_DASHES[number % len(READOUT_DASHES)],
+                             linewidth=1.2, zorder=2, label=f"{name} ({side.label}): {key.format_value(value)}")
+                shown.append(np.array([value * scale]))
         level = chance * scale if chance is not None and key.is_percent else None
         low, high, chance_on_axis = data_limits(np.concatenate(shown) if shown else np.array([]), chance=level,
                                                 min_span=1.0 if key.is_percent else 0.01)
