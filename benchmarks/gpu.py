@@ -149,7 +149,7 @@ def part_profile(size: dict, work: Path, env: dict[str, str]) -> dict:
     """profile on the device vs the CPU (FAISS) k-NN: equal per-sample top-1 correctness, equal predictions."""
     from mimprobe.features import FeatureStore
     from mimprobe.metrics.knn import PRESETS, knn_predict
-    from mimprobe.metrics.profile import SamplePredictions
+    from mimprobe.metrics.predictions import SamplePredictions
 
     store_dir = work / "store"
     shutil.rmtree(store_dir, ignore_errors=True)

@@ -24,7 +24,7 @@ class Context:
 
     store: Any                       # the FeatureStore
     views: Any                       # `mimprobe.metrics.profile.StoreViews`
-    plan: Any                        # `mimprobe.metrics.profile.SplitPlan`
+    plan: Any                        # `mimprobe.metrics.splits.SplitPlan`
     config: Any                      # `ProfileConfig`
     device: Any                      # torch device of the probe (and of k-NN on CUDA)
     predictions: Any = None          # `SamplePredictions` or None

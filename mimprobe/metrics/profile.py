@@ -24,7 +24,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,10 @@ from ..errors import BadInputError
 from ..features.store import FeatureStore
 from ..metrics.config import METRICS, PRESETS, ProfileConfig  # noqa: F401  (the profile's options)
 from ._finite import check_finite
-from ._rows import MetricRow, carve_validation
+from ._rows import MetricRow
 from .families import Context
+from .predictions import PREDICTIONS_FILE, SamplePredictions
+from .splits import SplitPlan, check_knn_fits, plan_splits
 from .labelfree import seeded_subset
 from .points import best_blocks_by_point, calibrate_by_point
 from .registry import FAMILIES, LABEL_FREE_FAMILIES
@@ -51,154 +53,6 @@ LABEL_FREE = LABEL_FREE_FAMILIES
 LABELFREE_FLOOR = 1000   # label-free subsets are not cut below this many rows to match a small evaluation split
 COLUMNS = ["model", "checkpoint", "dataset", "split", "block", "point", "pooling", "metric", "params", "value",
            "seed"]
-HOLDOUT_FRACTION = 0.2
-PREDICTIONS_FILE = "predictions.npz"
-PREDICTIONS_FORMAT = 1
-
-
-@dataclass
-class SamplePredictions:
-    """Per-sample top-1 correctness of accuracy rows of the table, grouped by the table's split.
-
-    For a split (``"test"``, ``"val"``, ``"train-loo"``, ...): ``sources[split]`` is the store split its rows come
-    from, ``rows[split]`` the (n,) int64 indices of those rows in it (valid rows, as `FeatureStore.features`
-    returns them), and ``hits[split][(metric, block, pooling, params)]`` one (n,) bool vector per table row, whose
-    mean is that row's ``value`` (``params`` is the row's canonical JSON); rows of a point inside the block have
-    the point as a fifth element of the key: ``(metric, block, pooling, params, point)``.
-
-    Saved as ``predictions.npz``: ``format_version``, and per split ``source__SPLIT`` (str), ``rows__SPLIT``
-    (n,) int64, ``keys__SPLIT`` (m,) str (JSON ``[metric, block, pooling, params]``, ``[..., point]`` for a point
-    other than ``block``), ``hits__SPLIT`` (m, n) bool.
-    """
-
-    sources: dict[str, str] = field(default_factory=dict)
-    rows: dict[str, np.ndarray] = field(default_factory=dict)
-    hits: dict[str, dict[tuple[str, int, str, str], np.ndarray]] = field(default_factory=dict)
-
-    def add(self, *, split: str, source: str, rows: np.ndarray, metric: str, block: int, pooling: str,
-            params: str, hits: np.ndarray, point: str = "block") -> None:
-        """Record one table row's (n,) correctness over the evaluation ``rows`` of store split ``source``."""
-        rows, hits = np.asarray(rows, dtype=np.int64), np.asarray(hits, dtype=bool)
-        if hits.shape != rows.shape:
-            raise ValueError(f"{metric} block {block}: {hits.shape} hits for {rows.shape} rows")
-        if split in self.rows and (self.sources[split] != source or not np.array_equal(self.rows[split], rows)):
-            raise ValueError(f"split {split!r} was recorded with other evaluation rows")
-        self.sources[split], self.rows[split] = source, rows
-        self.hits.setdefault(split, {})[_hits_key(metric, block, pooling, params, point)] = hits
-
-    def get(self, *, metric: str, split: str, block: int, pooling: str, params: str,
-            point: str = "block") -> np.ndarray | None:
-        """The (n,) correctness of one table row, or None when it was not recorded."""
-        return self.hits.get(split, {}).get(_hits_key(metric, block, pooling, params, point))
-
-    def save(self, path: str | Path) -> None:
-        arrays: dict[str, np.ndarray] = {"format_version": np.array(PREDICTIONS_FORMAT)}
-        for split, entries in self.hits.items():
-            keys = list(entries)
-            arrays[f"source__{split}"] = np.array(self.sources[split])
-            arrays[f"rows__{split}"] = self.rows[split]
-            arrays[f"keys__{split}"] = np.array([json.dumps(list(key)) for key in keys], dtype=str)
-            arrays[f"hits__{split}"] = (np.stack([entries[key] for key in keys]) if keys
-                                        else np.zeros((0, len(self.rows[split])), bool))
-        np.savez_compressed(path, **arrays)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SamplePredictions":
-        """Read ``predictions.npz`` back.
-
-        Raises:
-            BadInputError: Not a predictions file of this format.
-        """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError) as error:
-            raise BadInputError(f"{path} is not a readable predictions file ({error}): re-run `mimprobe profile`") \
-                from None
-        if int(arrays.get("format_version", -1)) != PREDICTIONS_FORMAT:
-            raise BadInputError(f"{path}: predictions format {arrays.get('format_version')} is not "
-                                f"{PREDICTIONS_FORMAT}; re-run `mimprobe profile` with this version")
-        loaded = cls()
-        for name in arrays:
-            if not name.startswith("keys__"):
-                continue
-            split = name[len("keys__"):]
-            loaded.sources[split] = str(arrays[f"source__{split}"])
-            loaded.rows[split] = arrays[f"rows__{split}"].astype(np.int64)
-            keys = [tuple(json.loads(str(key))) for key in arrays[name]]
-            loaded.hits[split] = {_hits_key(str(key[0]), int(key[1]), str(key[2]), str(key[3]),
-                                            str(key[4]) if len(key) > 4 else "block"): hits
-                                  for key, hits in zip(keys, arrays[f"hits__{split}"])}
-        return loaded
-
-
-def _hits_key(metric: str, block: int, pooling: str, params: str, point: str) -> tuple:
-    """The key of one row's hits: (metric, block, pooling, params), with the point appended unless ``block`` (so
-    that files written before points existed read the same)."""
-    key = (metric, int(block), pooling, params)
-    return key if point == "block" else (*key, point)
-
-
-@dataclass
-class SplitPlan:
-    train: str
-    eval_split: str                           # name written in the table
-    train_index: np.ndarray                   # rows of train used as the bank / training set
-    eval_source: str                          # store split the evaluation rows come from
-    eval_index: np.ndarray
-    fit_index: np.ndarray                     # train rows for the fit → val k-NN
-    val_index: np.ndarray
-    knn_loo: bool                             # k-NN on train with leave-one-out instead of an eval split
-
-
-def plan_splits(store: FeatureStore, *, val_fraction: float, seed: int) -> SplitPlan:
-    """Decide which rows train, validate and evaluate (see the module docstring)."""
-    if "train" not in store.splits:
-        raise BadInputError(f"store {store.path} has no train split (it has {', '.join(store.splits)})")
-    eval_split = next((name for name in ("test", "val") if name in store.splits), None)
-    return plan_from_labels(store.labels("train"), labelled=store.labelled, eval_split=eval_split,
-                            n_eval=len(store.labels(eval_split)) if eval_split else 0, val_fraction=val_fraction,
-                            seed=seed)
-
-
-def plan_from_labels(labels: np.ndarray, *, labelled: bool, eval_split: str | None, n_eval: int,
-                     val_fraction: float, seed: int) -> SplitPlan:
-    """`plan_splits` from the (n,) train labels and the evaluation split's name and size."""
-    labelled = labelled and (labels >= 0).any()
-    fit, val = carve_validation(labels, fraction=val_fraction, seed=seed) if labelled else (np.arange(len(labels)),) * 2
-    if eval_split is not None:
-        return SplitPlan("train", eval_split, np.arange(len(labels)), eval_split, np.arange(n_eval), fit, val,
-                         knn_loo=False)
-    train_index, holdout = (carve_validation(labels, fraction=HOLDOUT_FRACTION, seed=seed) if labelled
-                            else (np.arange(len(labels)),) * 2)
-    if labelled:  # the validation split is carved from the rows outside the hold-out, as the probes carve theirs
-        fit, val = (train_index[part] for part in carve_validation(labels[train_index], fraction=val_fraction,
-                                                                   seed=seed))
-    return SplitPlan("train", "train-holdout", train_index, "train", holdout, fit, val, knn_loo=True)
-
-
-def check_knn_fits(preset: str, plan: SplitPlan) -> None:
-    """Refuse a k-NN preset whose largest k exceeds the smallest neighbour bank of the plan, naming the presets
-    and options that would fit (before anything is extracted or measured).
-
-    Raises:
-        BadInputError: The preset's largest k is larger than a bank.
-    """
-    from .knn_presets import PRESETS as KNN_PRESETS
-    from .knn_presets import get_preset
-
-    banks = [(f"the fit part of train for k-NN on val ({len(plan.fit_index)} images)", len(plan.fit_index))]
-    if plan.knn_loo:
-        banks.append((f"train, one left out per query ({len(plan.train_index) - 1} images)", len(plan.train_index) - 1))
-    else:
-        banks.append((f"train ({len(plan.train_index)} images)", len(plan.train_index)))
-    where, smallest = min(banks, key=lambda bank: bank[1])
-    k = max(get_preset(preset).ks)
-    if k <= smallest:
-        return
-    fits = [f"{name} (k={max(p.ks)})" for name, p in KNN_PRESETS.items() if max(p.ks) <= smallest]
-    choices = (f"--preset {' or '.join(fits)}, " if fits else "") + "more train images, or --metrics without knn"
-    raise BadInputError(f"k-NN preset {preset} needs k={k} neighbours but the smallest bank is {where}: use {choices}")
 
 
 def _resolve_metrics(config: ProfileConfig, store: FeatureStore, labels: np.ndarray) -> tuple[str, ...]:

@@ -13,7 +13,8 @@ from .._device import resolve_device
 from .._ranks import join as join_ranks
 from ..errors import BadInputError
 from ..features.store import FeatureStore
-from ..metrics.profile import ProfileConfig, ProfileResult, check_knn_fits, measure_store, plan_from_labels
+from ..metrics.profile import ProfileConfig, ProfileResult, measure_store
+from ..metrics.splits import check_knn_fits, plan_from_labels
 
 
 def open_or_extract(target: str | Path, data: str | None, *, features_dir: Path, checkpoint: str | None = None,

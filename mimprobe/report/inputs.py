@@ -11,7 +11,7 @@ import pandas as pd
 from ..errors import BadInputError
 from ..features.store import FeatureStore
 from ..metrics.points import point_rows, table_points
-from ..metrics.profile import PREDICTIONS_FILE, SamplePredictions
+from ..metrics.predictions import PREDICTIONS_FILE, SamplePredictions
 from ..placement import PLACEMENT_FILE, Placement, load_placement
 from ..placement.run import model_depth, read_profile
 

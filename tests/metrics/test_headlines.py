@@ -10,7 +10,8 @@ from scipy.stats import binomtest
 
 from mimprobe.metrics.headlines import best_blocks, headline_curve, headlines
 from mimprobe.metrics.plot import plot_profile
-from mimprobe.metrics.profile import COLUMNS, SamplePredictions, iter_best_lines
+from mimprobe.metrics.predictions import SamplePredictions
+from mimprobe.metrics.profile import COLUMNS, iter_best_lines
 
 KNN_PARAMS = json.dumps({"preset": "mim-refiner", "k": 10, "T": 0.07}, sort_keys=True, separators=(",", ":"))
 

@@ -13,7 +13,8 @@ import pytest
 
 from mimprobe import extract
 from mimprobe.metrics.points import best_blocks_by_point, point_rows, with_points
-from mimprobe.metrics.profile import COLUMNS, ProfileConfig, SamplePredictions, iter_best_lines
+from mimprobe.metrics.predictions import SamplePredictions
+from mimprobe.metrics.profile import COLUMNS, ProfileConfig, iter_best_lines
 from mimprobe.pipeline.profiling import run_profile
 from mimprobe.placement import run_place
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from mimprobe.metrics.profile import SamplePredictions
+from mimprobe.metrics.predictions import SamplePredictions
 from mimprobe.report import CompareConfig, linear_cka
 from mimprobe.report.bootstrap import paired_bootstrap
 from mimprobe.report.cka import store_cka, subset_rows

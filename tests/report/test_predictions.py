@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from mimprobe.metrics import knn, linear, linear_sklearn, linear_solver
-from mimprobe.metrics.profile import PREDICTIONS_FILE, SamplePredictions
+from mimprobe.metrics.predictions import PREDICTIONS_FILE, SamplePredictions
 
 
 def test_profile_predictions_average_to_the_table_values(profiles):
