@@ -171,3 +171,12 @@ def test_refine_head_dims_take_three_widths_or_a_rule_and_ema_decay_defaults_to_
         (64, 16, 64, 0.99)
     with pytest.raises(BadInputError, match=r"line 6: \[refine\] invalid head_dims 'wide'"):
         spec_from_text(base + 'head_dims = "wide"\n')
+
+
+def test_model_kwargs_is_a_top_level_inline_table_that_round_trips(tmp_path):
+    """``model_kwargs = {patch_size = 4}`` is a key, not a section: it reaches the spec and its resolved dump."""
+    path = _write(tmp_path, GOOD.replace('data = "synthetic"\n', 'data = "synthetic"\nmodel_kwargs = {patch_size = 4}\n'))
+    spec = load_spec(path)
+    assert spec.model_kwargs == {"patch_size": 4}
+    assert load_spec(_write(tmp_path, dump_spec(spec), "resolved.toml")) == spec
+    assert "unknown section [refien]" in _error(_write(tmp_path, GOOD + "\n[refien]\nepochs = 1\n", "bad.toml"))
