@@ -165,10 +165,10 @@ class MaskedAutoencoder(nn.Module):
     With ``decoder_depth=0`` it is SimMIM's design instead (Xie et al., arXiv 2111.09886, Sec. 3 and the official
     ``models/simmim.py``): the encoder sees every patch, the hidden ones replaced by a learned mask token, and a
     linear prediction head (each encoder output token to its patch's pixels: SimMIM's 1x1 convolution and pixel
-    shuffle) leaves the
-    whole reconstruction to the encoder's last blocks, the setting in which MIM-Refiner (arXiv 2402.10093,
-    Sec. 3) finds them least abstract. The loss stays MAE's (MSE on the hidden patches, ``norm_pix_loss``), so
-    that the two designs differ only in their architecture; SimMIM itself uses L1 on raw pixels.
+    shuffle) leaves the whole reconstruction to the encoder's last blocks, the setting in which MIM-Refiner (arXiv
+    2402.10093, Sec. 3) finds them least abstract. The loss stays MAE's (MSE on the hidden patches,
+    ``norm_pix_loss``), so that the two designs differ only in their architecture; SimMIM itself uses L1 on raw
+    pixels.
 
     The encoder keeps its own parts (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``, ``norm``); its
     ``pos_embed`` becomes the fixed 2-D sin-cos table with a zero class-token row and is frozen, as in MAE.
