@@ -221,7 +221,7 @@ def spec_from_dict(values: dict[str, Any], *, source: _Source | None = None) -> 
         if key in SECTIONS:
             if not isinstance(value, dict):
                 fail(None, key, f"{key} must be a section [{key}], got {_show(value)}")
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and key not in top_names:  # model_kwargs is a top-level inline table
             close = difflib.get_close_matches(key, list(SECTIONS), n=1, cutoff=0.6)
             fail(None, key, f"unknown section [{key}]" + (f" (did you mean [{close[0]}]?)" if close else
                                                            f" (known: {', '.join(f'[{s}]' for s in SECTIONS)})"))

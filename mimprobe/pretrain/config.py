@@ -29,7 +29,10 @@ class MaeConfig:
     # targets are per-patch normalised pixels (official default for results)
     norm_pix_loss: bool = option(True, "Per-patch normalised pixel targets (official).", cli=False)
     decoder_dim: int = option(128, "Decoder width (official MAE: 512).", minimum=1)
-    decoder_depth: int = option(2, "Decoder blocks (official MAE: 8).", minimum=1)
+    # 0: SimMIM (arXiv 2111.09886): mask tokens in the encoder and a linear pixel head, so the encoder's last blocks
+    # do the reconstruction (MIM-Refiner, arXiv 2402.10093, Sec. 3: light decoders make them less abstract)
+    decoder_depth: int = option(2, "Decoder blocks (official MAE: 8); 0: SimMIM's linear head, the encoder sees "
+                                   "every patch with hidden ones as a mask token.", minimum=0)
     decoder_heads: int = option(4, "Decoder attention heads (official MAE: 16).", minimum=1)
     crop_scale: tuple[float, float] = option((0.2, 1.0), "RandomResizedCrop area range (official 0.2-1).",
                                              cli=False)

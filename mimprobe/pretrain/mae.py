@@ -162,6 +162,14 @@ class MaskedAutoencoder(nn.Module):
     """A timm ViT encoder that sees only the visible patches, and a light decoder that predicts the pixels of
     the masked ones (official ``MaskedAutoencoderViT``).
 
+    With ``decoder_depth=0`` it is SimMIM's design instead (Xie et al., arXiv 2111.09886, Sec. 3 and the official
+    ``models/simmim.py``): the encoder sees every patch, the hidden ones replaced by a learned mask token, and a
+    linear prediction head (each encoder output token to its patch's pixels: SimMIM's 1x1 convolution and pixel
+    shuffle) leaves the whole reconstruction to the encoder's last blocks, the setting in which MIM-Refiner (arXiv
+    2402.10093, Sec. 3) finds them least abstract. The loss stays MAE's (MSE on the hidden patches,
+    ``norm_pix_loss``), so that the two designs differ only in their architecture; SimMIM itself uses L1 on raw
+    pixels.
+
     The encoder keeps its own parts (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``, ``norm``); its
     ``pos_embed`` becomes the fixed 2-D sin-cos table with a zero class-token row and is frozen, as in MAE.
 
@@ -170,7 +178,8 @@ class MaskedAutoencoder(nn.Module):
             token's row, and square patches; images must have the size it was built for (also with
             ``dynamic_img_size``). It is used (and trained) in place.
         decoder_dim: Decoder width (official base/large: 512).
-        decoder_depth: Decoder blocks (official: 8).
+        decoder_depth: Decoder blocks (official: 8); 0: SimMIM's linear head on an encoder that sees mask tokens
+            (``decoder_dim`` and ``decoder_heads`` are then unused).
         decoder_heads: Decoder attention heads (official: 16).
         mlp_ratio: Decoder MLP ratio.
         norm_pix_loss: Normalise every target patch by its own mean and standard deviation.
@@ -183,13 +192,14 @@ class MaskedAutoencoder(nn.Module):
                  mlp_ratio: float = 4.0, norm_pix_loss: bool = True):
         super().__init__()
         _check_encoder(encoder)
-        if decoder_dim < 4 or decoder_dim % 4 or decoder_dim % decoder_heads:
+        if decoder_depth < 0:
+            raise ValueError(f"decoder depth must be at least 0 (got {decoder_depth})")
+        if decoder_depth and (decoder_dim < 4 or decoder_dim % 4 or decoder_dim % decoder_heads):
             raise ValueError(f"decoder width {decoder_dim} must be divisible by 4 and by the number of heads "
                              f"({decoder_heads})")
-        if decoder_depth < 1:
-            raise ValueError(f"decoder depth must be at least 1 (got {decoder_depth})")
         self.encoder = encoder
         self.norm_pix_loss = norm_pix_loss
+        self.linear_head = decoder_depth == 0  # SimMIM: mask tokens in the encoder, one linear layer after it
         self.patch_size = int(encoder.patch_embed.patch_size[0])
         self.grid_size = tuple(int(g) for g in encoder.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -197,6 +207,11 @@ class MaskedAutoencoder(nn.Module):
         with torch.no_grad():
             encoder.pos_embed.copy_(sincos_pos_embed(self.grid_size, embed_dim))
         encoder.pos_embed.requires_grad_(False)
+        if self.linear_head:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # (1, 1, D): replaces a hidden patch
+            self.decoder_pred = nn.Linear(embed_dim, self.patch_size ** 2 * 3)
+            self._init_decoder()
+            return
 
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
@@ -212,7 +227,9 @@ class MaskedAutoencoder(nn.Module):
     def _init_decoder(self) -> None:
         """Official initialisation of the decoder: xavier-uniform linears, unit LayerNorms, N(0, 0.02) mask token."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in [self.decoder_embed, *self.decoder_blocks.modules(), self.decoder_norm, self.decoder_pred]:
+        decoder = [self.decoder_pred] if self.linear_head else [self.decoder_embed, *self.decoder_blocks.modules(),
+                                                                 self.decoder_norm, self.decoder_pred]
+        for module in decoder:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
@@ -222,14 +239,15 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward_encoder(self, images: torch.Tensor, masking: Masking) -> torch.Tensor:
-        """Encode the visible patches.
+        """Encode the visible patches (with the linear head: every patch, the hidden ones as the mask token).
 
         Args:
             images: (B, 3, H, W) normalised images.
             masking: Which patches are visible.
 
         Returns:
-            (B, 1 + K, D): the class token and the K visible patch tokens, after the final norm.
+            (B, 1 + K, D): the class token and the K visible patch tokens, after the final norm; with the linear
+            head (B, 1 + N, D), every patch in image order.
         """
         enc = self.encoder
         expected = (self.grid_size[0] * self.patch_size, self.grid_size[1] * self.patch_size)
@@ -237,8 +255,12 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"images of {tuple(images.shape[-2:])} px, but the encoder was built for {expected}")
         x = enc.patch_embed(images)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, D): timm's patch embedding may return (B, h, w, D)
+        if self.linear_head:  # official SimMIM: x * (1 - w) + mask_token * w, before the position embedding
+            hidden = masking.mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+            x = x * (1 - hidden) + self.mask_token.to(x.dtype) * hidden
         x = x + enc.pos_embed[:, 1:, :]
-        x = torch.gather(x, dim=1, index=masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        if not self.linear_head:
+            x = torch.gather(x, dim=1, index=masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
         cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = enc.norm_pre(torch.cat([cls, x], dim=1))
         for block in enc.blocks:
@@ -249,12 +271,14 @@ class MaskedAutoencoder(nn.Module):
         """Predict every patch's pixels from the visible tokens and mask tokens.
 
         Args:
-            latent: (B, 1 + K, D) encoder output.
+            latent: (B, 1 + K, D) encoder output; with the linear head (B, 1 + N, D).
             masking: The mask used by the encoder.
 
         Returns:
             (B, N, p²·3) predictions in image order (class token dropped).
         """
+        if self.linear_head:
+            return self.decoder_pred(latent[:, 1:, :])
         x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
         batch, _, width = x.shape
         mask_tokens = self.mask_token.expand(batch, self.num_patches - (x.shape[1] - 1), -1)

@@ -131,9 +131,9 @@ def _validate(config: MaeConfig) -> None:
         (config.base_lr > 0, f"base lr must be positive (got {config.base_lr})"),
         (config.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more (got {config.warmup_epochs})"),
         (config.workers >= 0, f"--workers must be 0 or more (got {config.workers})"),
-        (config.decoder_depth >= 1, f"--decoder-depth must be at least 1 (got {config.decoder_depth})"),
-        (config.decoder_heads >= 1 and config.decoder_dim >= 4 and config.decoder_dim % 4 == 0
-         and config.decoder_dim % config.decoder_heads == 0,
+        (config.decoder_depth >= 0, f"--decoder-depth must be 0 (a linear head) or more (got {config.decoder_depth})"),
+        (config.decoder_depth == 0 or config.decoder_heads >= 1 and config.decoder_dim >= 4
+         and config.decoder_dim % 4 == 0 and config.decoder_dim % config.decoder_heads == 0,
          f"--decoder-dim ({config.decoder_dim}) must be a multiple of 4 and of --decoder-heads ({config.decoder_heads})"),
         (0 < config.crop_scale[0] <= config.crop_scale[1] <= 1, f"crop scale {config.crop_scale} must lie in (0, 1]"),
     ]
@@ -177,7 +177,7 @@ def _load_decoder(mae: MaskedAutoencoder, checkpoint: str, say: Callable[[str], 
     state, _ = unwrap_checkpoint(read_checkpoint(checkpoint))
     state = strip_prefixes(state)
     decoder = {key: value for key, value in state.items() if key == "mask_token" or key.startswith("decoder_")}
-    if "decoder_embed.weight" not in decoder:
+    if "decoder_pred.weight" not in decoder:
         say(f"{checkpoint} has no MAE decoder: the decoder starts from a random initialisation")
         return
     expected = {key: value for key, value in mae.mae_state_dict().items()
@@ -335,7 +335,9 @@ def _train(model: str | LoadedModel, source: DataSource, data_spec: str, split: 
         "versions": software_versions(),
     }
     if not resuming:
-        say(f"MAE pre-training {loaded.name} at {img_size} px ({mae.num_patches} patches of {mae.patch_size} px, "
+        design = ("SimMIM-style pre-training (linear head, mask tokens in the encoder)" if mae.linear_head
+                  else "MAE pre-training")
+        say(f"{design} {loaded.name} at {img_size} px ({mae.num_patches} patches of {mae.patch_size} px, "
             f"{run_info['resolved']['visible_patches']} visible) on {source.summary()}; using the train split: "
             f"{steps_per_epoch} steps x {config.epochs} epochs, peak lr {peak_lr:.3g}")
     write_json_atomic(out / CONFIG_FILE, {**run_info, "complete": False})

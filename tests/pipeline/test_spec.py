@@ -182,3 +182,12 @@ def test_a_checkpoint_series_is_refused_in_a_spec(tmp_path):
         with pytest.raises(BadInputError, match="names a series of checkpoints"):
             spec_from_dict({**BASE, "checkpoint": series})
     spec_from_dict({**BASE, "checkpoint": str(tmp_path / "checkpoint-1.pth")})
+
+
+def test_model_kwargs_is_a_top_level_inline_table_that_round_trips(tmp_path):
+    """``model_kwargs = {patch_size = 4}`` is a key, not a section: it reaches the spec and its resolved dump."""
+    path = _write(tmp_path, GOOD.replace('data = "synthetic"\n', 'data = "synthetic"\nmodel_kwargs = {patch_size = 4}\n'))
+    spec = load_spec(path)
+    assert spec.model_kwargs == {"patch_size": 4}
+    assert load_spec(_write(tmp_path, dump_spec(spec), "resolved.toml")) == spec
+    assert "unknown section [refien]" in _error(_write(tmp_path, GOOD + "\n[refien]\nepochs = 1\n", "bad.toml"))

@@ -166,6 +166,50 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def _simmim(seed: int = 0) -> MaskedAutoencoder:
+    return MaskedAutoencoder(_encoder(seed=seed), decoder_depth=0)
+
+
+def test_linear_head_encoder_equals_timm_when_the_mask_token_is_the_hidden_patch():
+    """SimMIM (decoder_depth=0): hidden patches enter the encoder as the mask token. On an image of identical
+    patches whose embedding is the mask token, hiding patches changes nothing, so the output is timm's own
+    forward_features on the whole image; with any other mask token it differs."""
+    mae = _simmim().eval()
+    images = torch.randn(2, 3, 16, 16).repeat(1, 1, 4, 4)  # (2, 3, 64, 64): 16 identical 16-px patches per image
+    masking = random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = mae.encoder.forward_features(images)  # (2, 17, 64)
+        patch = mae.encoder.patch_embed(images[:1]).reshape(1, 16, -1)[:, :1]  # (1, 1, 64)
+        images = images[:1].expand(2, -1, -1, -1)
+        reference = reference[:1].expand(2, -1, -1)
+        mae.mask_token.copy_(patch)
+        ours = mae.forward_encoder(images, masking)
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+        mae.mask_token.add_(torch.randn(64))  # not a constant: pre-norm blocks ignore a shift of all channels
+        assert (mae.forward_encoder(images, masking) - reference).abs().max() > 1e-2
+    assert ours.shape == (2, 17, 64)  # every patch, not only the visible ones
+
+
+def test_linear_head_never_sees_hidden_pixels_and_trains_the_encoder():
+    mae = _simmim()
+    assert sorted(name for name, _ in mae.named_parameters() if not name.startswith("encoder.")) == [
+        "decoder_pred.bias", "decoder_pred.weight", "mask_token"]
+    assert mae.mask_token.shape == (1, 1, 64) and mae.decoder_pred.weight.shape == (16 * 16 * 3, 64)
+    images = torch.randn(2, 3, 64, 64)
+    masking = random_masking(2, 16, 0.5, generator=torch.Generator().manual_seed(3))
+    hidden = unpatchify(masking.mask.unsqueeze(-1).expand(-1, -1, 16 * 16 * 3), 16, (4, 4)).bool()
+    mae.eval()
+    with torch.no_grad():
+        base = mae(images, masking=masking).pred
+        same = mae(torch.where(hidden, images + 5.0, images), masking=masking).pred  # hidden pixels changed
+        moved = mae(torch.where(hidden, images, images + 5.0), masking=masking).pred  # visible pixels changed
+    torch.testing.assert_close(same, base)
+    assert (moved - base).abs().max() > 1e-2
+    mae.train()
+    mae(images, masking=masking).loss.backward()  # the hidden patches' loss reaches the first block
+    assert mae.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_lr_schedule_warms_up_linearly_then_follows_the_cosine():
     lrs = [mae_lr(step, total_steps=100, warmup_steps=10, peak_lr=1.0, min_lr=0.1) for step in range(101)]
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
@@ -217,6 +261,27 @@ def test_export_is_an_official_mae_file_that_loads_strictly(trained):
         assert torch.equal(reloaded_state[key], value), key
     assert not torch.equal(trained_encoder["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
     assert torch.equal(trained_encoder["pos_embed"], sincos_pos_embed((4, 4), 64))  # frozen during training
+
+
+def test_linear_head_run_exports_a_file_that_loads_strictly(tmp_path):
+    loaded = load_model("test_vit", img_size=64)
+    messages = []
+    result = run_pretrain_mae(loaded, SMALL, out=tmp_path, epochs=1, progress=False, log=messages.append,
+                              **{**TINY, "decoder_depth": 0})
+    assert any(message.startswith("SimMIM-style pre-training") for message in messages), messages
+    state, _ = unwrap_checkpoint(torch.load(result.export, map_location="cpu", weights_only=True))
+    assert {key for key in state if not key.startswith("blocks.")} == {
+        "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+        "mask_token", "decoder_pred.weight", "decoder_pred.bias"}
+    assert state["mask_token"].shape == (1, 1, 64)  # the encoder's width: it enters the encoder
+    reloaded = load_model("test_vit", checkpoint=result.export, img_size=64)
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[key], value), key
+    again = run_pretrain_mae("test_vit", SMALL, out=tmp_path / "again", checkpoint=str(result.export), epochs=1,
+                             progress=False, log=messages.append, **{**TINY, "decoder_depth": 0, "lr": 1e-12})
+    assert any("continuing the MAE decoder" in message for message in messages), messages
+    torch.testing.assert_close(torch.load(again.export, weights_only=True)["model"]["decoder_pred.weight"],
+                               state["decoder_pred.weight"], atol=1e-8, rtol=0)
 
 
 def test_run_files_record_the_config_and_every_step(trained):
@@ -311,6 +376,7 @@ BAD_CLI = {
     "batch of one": (["--batch-size", "1"], r"--batch-size must be at least 2"),
     "image size": (["--img-size", "40"], r"--img-size 40 is not divisible by the patch size 16"),
     "too few patches": (["--img-size", "16"], r"gives 1 patches of 16 px"),
+    "negative decoder depth": (["--decoder-depth", "-1"], r"decoder-depth"),
     "batch larger than data": (["--batch-size", "64"], r"train split has 8 images, fewer than --batch-size 64"),
     "resume and overwrite": (["--resume", "--overwrite"], r"either --resume .* or --overwrite .*, not both"),
 }
