@@ -119,6 +119,20 @@ def test_a_flat_noisy_curve_places_few_heads_and_warns(seed):
                                                                val_images=20000).notes)
 
 
+def test_a_varying_curve_whose_plateau_reaches_the_first_block_is_not_called_flat():
+    """The demo's case: 135 validation images, a curve that peaks at block 2 and falls by the last block
+    (it varies with depth: homogeneity p << 0.05), with block 0 within the tolerance of the peak. The fallback to
+    the last third stays, but the warning must not say the curve does not vary."""
+    curve = [0.78, 0.82, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.56, 0.52, 0.48, 0.45]
+    placement = place(table(rows(curve)), num_blocks=12, val_images=135)
+    warnings = [note for note in placement.notes if note.startswith("warning: ")]
+    assert placement.head_blocks == (8, 9, 10, 11)
+    assert not any("does not vary with depth" in note for note in warnings)
+    assert any("varies with depth (homogeneity test p = " in note and "every block from the first lies within"
+               in note for note in warnings)
+    assert "the noise cannot locate the plateau's start" in placement.reason
+
+
 def test_a_clear_peak_on_a_small_split_places_as_before():
     """A tent with 6-point steps: even on 200 images (tolerance about 8 points at 90 %) the peak is clear."""
     curve = tent(12, 8)

@@ -145,17 +145,24 @@ def place(table: pd.DataFrame | None, *, num_blocks: int, rule: str = "peak", me
         start = plateau_start
         if flat:  # --max-heads still caps the count, spaced over these blocks
             start = num_blocks - math.ceil(FLAT_SHARE * num_blocks)
-            notes.append(f"warning: the validation curve does not vary with depth beyond its binomial noise "
-                         f"(homogeneity test p = {homogeneity:.2f} over {len(curve.values)} blocks; peak-to-block "
-                         f"tolerance {plateau * 100:.1f} points): it cannot say where the plateau starts, so "
-                         f"heads go on the last third of the blocks ({start}-{num_blocks - 1}, MIM-Refiner's ViT-L "
-                         "layout) instead of all; profile more validation images, or choose with --plateau or "
-                         "--rule last-n")
+            if homogeneity >= FLAT_PVALUE:
+                why = (f"the validation curve does not vary with depth beyond its binomial noise (homogeneity test "
+                       f"p = {homogeneity:.2f} over {len(curve.values)} blocks; peak-to-block tolerance "
+                       f"{plateau * 100:.1f} points)")
+            else:  # it varies, but the tolerance is so wide that the first block already lies on the plateau
+                why = (f"the validation curve varies with depth (homogeneity test p = {homogeneity:.2g} over "
+                       f"{len(curve.values)} blocks), but every block from the first lies within the peak-to-block "
+                       f"tolerance of {plateau * 100:.1f} points")
+            notes.append(f"warning: {why}: it cannot say where the plateau starts, so heads go on the last third of "
+                         f"the blocks ({start}-{num_blocks - 1}, MIM-Refiner's ViT-L layout) instead of all; profile "
+                         "more validation images, or choose with --plateau or --rule last-n")
         heads = _spaced(start, num_blocks - 1, max_heads)
         how = _heads_phrase(heads, start, num_blocks - 1)
         reason = (f"{label} on {where} ({pooling}) peaks at block {peak_block} ({100 * peak_value:.1f} %); the "
                   f"plateau within {within} starts at block {plateau_start}, so " + (
-                      f"the curve is flat within its noise and the last third (flat curve) gets the heads: {how}"
+                      ("the curve is flat within its noise" if homogeneity >= FLAT_PVALUE else
+                       "the noise cannot locate the plateau's start") + f" and the last third (flat curve) gets the "
+                      f"heads: {how}"
                       if flat else how))
     else:
         heads = _requested_blocks(rule, n=n, blocks=blocks, num_blocks=num_blocks)
