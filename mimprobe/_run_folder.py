@@ -79,6 +79,15 @@ def claim_folder(out: Path, *, occupied: str | None, overwrite: bool, own_entrie
                             "folder") from None
 
 
+def epoch_snapshots(out: Path) -> tuple[str, ...]:
+    """The names of a run folder's per-epoch files (``checkpoint-{epoch}.*``, ``--save-every``): a previous run's
+    files too, so ``--overwrite`` deletes them and a plain rerun is refused."""
+    if not out.is_dir():
+        return ()
+    return tuple(sorted(path.name for path in out.glob("checkpoint-*.*")
+                        if path.name.split(".", 1)[0].split("-", 1)[1].isdigit()))
+
+
 def prepare_run_folder(out: Path, *, run_files: Sequence[str], checkpoint: str, what: str, resume: bool,
                        overwrite: bool, create: bool = True) -> bool:
     """Make ``out`` ready for a run; return whether it resumes from ``out / checkpoint``.

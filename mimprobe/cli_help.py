@@ -132,7 +132,7 @@ interrupted one resumes. An OUT that holds another spec's run is refused unless 
 DEMO_EPILOG = """
 **Examples**
 
-* `mimprobe demo`  (writes mimprobe-demo/ in the current folder: about 2 minutes on a 2-core CPU, longer when it is busy)
+* `mimprobe demo`  (writes mimprobe-demo/ in the current folder: about 3 minutes on a 2-core CPU, longer when it is busy)
 * `mimprobe demo --out /tmp/demo --json`
 * `mimprobe demo --fast --out /tmp/smoke`  (a seconds-long run on synthetic images that checks the installation)
 

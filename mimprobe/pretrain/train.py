@@ -32,7 +32,7 @@ from .._versions import software_versions
 from ..data import DataSource, Split, SplitDataset, load_data
 from ..errors import BadImageError, BadInputError, CheckpointError, MimprobeError
 from .._disk import replaced_atomically, tensor_bytes
-from .._run_folder import CsvLog, prepare_run_folder, write_json_atomic
+from .._run_folder import CsvLog, epoch_snapshots, prepare_run_folder, write_json_atomic
 from ..models import LoadedModel, load_model, read_checkpoint, strip_prefixes, unwrap_checkpoint
 from .config import MaeConfig
 from ..options import build_config
@@ -261,10 +261,7 @@ def run_pretrain_mae(model: str | LoadedModel, data: str | DataSource, *, out: s
         raise BadInputError(f"the train split has {len(split)} images, fewer than --batch-size {config.batch_size}: "
                             "lower --batch-size")
     out = Path(out)
-    # a previous run's epoch snapshots are its files too: --overwrite deletes them, a plain rerun is refused
-    snapshots = tuple(path.name for path in out.glob("checkpoint-*.pth") if path.stem.split("-", 1)[1].isdigit()) \
-        if out.is_dir() else ()
-    resuming = prepare_run_folder(out, run_files=RUN_FILES + snapshots, checkpoint=CHECKPOINT_FILE,
+    resuming = prepare_run_folder(out, run_files=RUN_FILES + epoch_snapshots(out), checkpoint=CHECKPOINT_FILE,
                                   what="pre-training run", resume=resume, overwrite=overwrite)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)

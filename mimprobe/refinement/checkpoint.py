@@ -38,7 +38,8 @@ def load_training_state(path: Path) -> dict[str, Any]:
                             "start again without --resume") from None
 
 
-def export_encoder(state_dict: dict[str, torch.Tensor], out: Path, info: dict[str, Any]) -> Path:
+def export_encoder(state_dict: dict[str, torch.Tensor], out: Path, info: dict[str, Any], *, name: str = EXPORT,
+                   with_info: bool = True) -> Path:
     """Save an encoder state dict (timm names) as safetensors, with a JSON note on how to load it.
 
     The file loads strictly with ``mimprobe extract MODEL DATA --checkpoint FILE`` and with
@@ -48,14 +49,15 @@ def export_encoder(state_dict: dict[str, torch.Tensor], out: Path, info: dict[st
     ``save_file`` creates 0600).
     """
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    path = out / EXPORT
+    path = out / name
     metadata = {"format": "timm", "model": str(info.get("model", ""))}
     if info.get("data_config") is not None:  # the preprocessing it was refined with: `load_model` reuses it
         metadata["data_config"] = json.dumps(info["data_config"], sort_keys=True)
     data = deterministic_safetensors(tensors, metadata)
     with replaced_atomically(path, needed_bytes=len(data)) as partial:
         partial.write_bytes(data)
-    write_text_atomic(out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+    if with_info:
+        write_text_atomic(out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
     return path
 
 

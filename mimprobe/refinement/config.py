@@ -99,6 +99,11 @@ class RefineConfig:
     num_workers: int = option(0, "DataLoader worker processes.", flag="workers", minimum=0)
     monitor_images: int = option(0, "k-NN monitor on N labelled images every epoch (0: off).", flag="monitor",
                                  minimum=0)
+    # per-epoch exports for `mimprobe profile --checkpoint RUN` (a series over refinement); resumable when changed
+    save_every: int | None = option(None, "Also export the encoder every N epochs (and after the last) as "
+                                          "checkpoint-{epoch}.safetensors (the EMA encoder in the full stage, as "
+                                          "refined.safetensors), a series `mimprobe profile --checkpoint OUT` "
+                                          "profiles [default: none].", minimum=1)
 
     @property
     def head_widths(self) -> str:

@@ -29,7 +29,7 @@ from .._device import resolve_device, resolve_precision
 from .._messages import progress_display, status_logger
 from .._versions import software_versions
 from .._ranks import barrier
-from .._run_folder import CsvLog, prepare_run_folder
+from .._run_folder import CsvLog, epoch_snapshots, prepare_run_folder
 from ..errors import BadInputError
 from .augment import MultiViewDataset, MultiViewTransform, ViewConfig
 from .checkpoint import CHECKPOINT, EXPORT, EXPORT_INFO, export_encoder, load_training_state, save_training_state
@@ -51,6 +51,8 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
 MONITOR_FILE = "monitor.csv"
 RUN_FILES = (CONFIG_FILE, LOG_FILE, MONITOR_FILE, CHECKPOINT, EXPORT, EXPORT_INFO, "placement.json")
+RESUMABLE_CHANGES = ("save_every",)           # options a --resume may change: they leave the training as it was
+SNAPSHOT = "checkpoint-{epoch}.safetensors"   # --save-every: the exported encoder after an epoch (1-based)
 TIMED_STEPS = 3           # the step time is reported after this many steps of each stage
 
 
@@ -203,7 +205,7 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
     loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, img_size=config.img_size,
                         init_seed=config.seed, model_kwargs=model_kwargs)
     _check_token_model(loaded.model, model)
-    prepare_run_folder(out, run_files=RUN_FILES, checkpoint=CHECKPOINT, what="refinement run", resume=resume,
+    prepare_run_folder(out, run_files=RUN_FILES + epoch_snapshots(out), checkpoint=CHECKPOINT, what="refinement run", resume=resume,
                        overwrite=overwrite, create=ctx.ranks.is_main)
     barrier(ctx.ranks)
     started = time.perf_counter()
@@ -346,9 +348,14 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
                   encoder_params=sum(p.numel() for p in encoder.parameters())))
 
     monitor = KnnMonitor(source, data_config, config, ctx) if config.monitor_images and source.labelled else None
+    def snapshot(epoch: int) -> None:  # --save-every: the encoder after this epoch, as refined.safetensors is
+        _export(trainer, out=out, loaded=loaded, img_size=img_size, data_config=data_config,
+                head_blocks=config.head_blocks, name=SNAPSHOT.format(epoch=epoch))
+
     stopped, last_loss, monitor_rows = _train(trainer, plan=plan, config=config, ctx=ctx, out=out, resolved=resolved,
                                               logs=(step_log, monitor_log), monitor=monitor, say=say,
-                                              progress=progress, stop_after_steps=stop_after_steps)
+                                              progress=progress, stop_after_steps=stop_after_steps,
+                                              snapshot=snapshot)
     barrier(ctx.ranks)
 
     progress_value = _record_ema_progress(trainer, out=out, resolved=resolved, say=say) if ctx.ranks.is_main \
@@ -366,10 +373,11 @@ def run_refine(model: str, data: str, *, out: str | Path, config: RefineConfig |
 
 def _train(trainer: Trainer, *, plan: StagePlan, config: RefineConfig, ctx: DistContext, out: Path,
            resolved: dict[str, Any], logs: tuple[CsvLog, CsvLog], monitor: KnnMonitor | None,
-           say: Callable[[str], None], progress: bool,
-           stop_after_steps: int | None) -> tuple[bool, float | None, list[dict[str, Any]]]:
-    """Run the remaining epochs: log every step, checkpoint every epoch, stop (with a checkpoint) on SIGTERM in any
-    process or after ``stop_after_steps``. Returns (stopped early, last loss, the k-NN monitor's rows)."""
+           say: Callable[[str], None], progress: bool, stop_after_steps: int | None,
+           snapshot: Callable[[int], None]) -> tuple[bool, float | None, list[dict[str, Any]]]:
+    """Run the remaining epochs: log every step, checkpoint every epoch (and with ``save_every``, export the encoder
+    through ``snapshot``), stop (with a checkpoint) on SIGTERM in any process or after ``stop_after_steps``.
+    Returns (stopped early, last loss, the k-NN monitor's rows)."""
     step_log, monitor_log = logs
     stopped = False
     last_loss = None
@@ -395,6 +403,9 @@ def _train(trainer: Trainer, *, plan: StagePlan, config: RefineConfig, ctx: Dist
                 trainer.end_epoch()
             if ctx.ranks.is_main:
                 save_training_state(out / CHECKPOINT, trainer.state_dict(resolved))
+                last_epoch = trainer.epoch == plan.epochs_heads + plan.epochs
+                if not stopped and config.save_every and (trainer.epoch % config.save_every == 0 or last_epoch):
+                    snapshot(trainer.epoch)
             if stopped:
                 say(f"stopped at step {trainer.step}; checkpoint saved to {out / CHECKPOINT}: rerun with --resume")
                 break
@@ -426,9 +437,9 @@ def _record_ema_progress(trainer: Trainer, *, out: Path, resolved: dict[str, Any
 
 
 def _export(trainer: Trainer, *, out: Path, loaded: Any, img_size: int, data_config: dict[str, Any],
-            head_blocks: tuple[int, ...]) -> Path:
+            head_blocks: tuple[int, ...], name: str = EXPORT) -> Path:
     """Write refined.safetensors (the EMA encoder after stage 2, else the encoder) and refined.json: how it was made
-    and how to load it."""
+    and how to load it; or, under another ``name``, an epoch's snapshot alone (`SNAPSHOT`)."""
     info = {"model": loaded.name, "img_size": img_size, "model_kwargs": loaded.model_kwargs,
             "base_weights": loaded.identity(), "encoder": "ema" if trainer.ema is not None else "encoder",
             "head_blocks": list(head_blocks), "steps": trainer.step, "data_config": data_config,
@@ -437,7 +448,7 @@ def _export(trainer: Trainer, *, out: Path, loaded: Any, img_size: int, data_con
                           "timm": f"timm.create_model('{loaded.name}', pretrained=True, num_classes=0, "
                                   f"img_size={img_size}, pretrained_cfg_overlay=dict(file='{out / EXPORT}'))"},
             "versions": software_versions()}
-    return export_encoder(trainer.export_state_dict(), out, info)
+    return export_encoder(trainer.export_state_dict(), out, info, name=name, with_info=name == EXPORT)
 
 
 def _step_time_note(timed: dict[int, list[float]], record: dict[str, Any], plan: StagePlan,
@@ -490,6 +501,8 @@ def _check_resume(state: dict[str, Any], resolved: dict[str, Any]) -> None:
     if state.get("format_version") != FORMAT_VERSION:
         raise BadInputError("the checkpoint was written by another mimprobe version: start a new --out")
     saved = state["resolved"]
+    saved = {**saved, "config": {k: v for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES}}
+    resolved = {**resolved, "config": {k: v for k, v in resolved["config"].items() if k not in RESUMABLE_CHANGES}}
     for section in ("config", "model", "data", "world_size", "precision"):
         if saved.get(section) != resolved.get(section):
             if section == "config":

@@ -474,3 +474,33 @@ def test_start_up_states_local_crops_head_widths_step_time_and_checkpoint_size(t
     assert (out / CHECKPOINT).stat().st_size == pytest.approx(expected["checkpoint"], rel=0.05)
     assert (out / EXPORT).stat().st_size == pytest.approx(expected["export"], rel=0.02)
     assert any(m.startswith("expected sizes: checkpoint-last.pth about") for m in messages)
+
+
+def test_save_every_exports_each_epoch_and_profile_reads_them_as_a_series(tmp_path):
+    """--save-every 1: checkpoint-{epoch}.safetensors after each epoch; the heads-only epoch's is the starting
+    encoder, the last equals refined.safetensors byte for byte, and `mimprobe profile --checkpoint RUN` profiles
+    the run as a series in epoch order. --overwrite deletes the snapshots; a resume may change --save-every."""
+    import mimprobe
+
+    out = tmp_path / "run"
+    refine(out, replace(TINY, epochs=2, save_every=1))
+    names = sorted(path.name for path in out.glob("checkpoint-*.safetensors"))
+    assert names == ["checkpoint-1.safetensors", "checkpoint-2.safetensors", "checkpoint-3.safetensors"]
+    start = load_model(MODEL, img_size=32, init_seed=TINY.seed).model.state_dict()
+    first = load_file(str(out / "checkpoint-1.safetensors"))
+    assert all(torch.equal(first[key], start[key]) for key in start)           # stage 1 leaves the encoder alone
+    assert (out / "checkpoint-3.safetensors").read_bytes() == (out / EXPORT).read_bytes()
+    assert not torch.equal(load_file(str(out / "checkpoint-2.safetensors"))["blocks.5.mlp.fc1.weight"],
+                           start["blocks.5.mlp.fc1.weight"])
+    series = mimprobe.profile(MODEL, DATA, checkpoint=str(out), out=str(tmp_path / "series"), img_size=32,
+                              metrics="knn", preset="dino", progress=False)
+    assert list(dict.fromkeys(series.table["checkpoint_order"])) == [0, 1, 2]
+    assert list(dict.fromkeys(series.table["checkpoint"])) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+    refine(out, replace(TINY, epochs=2), overwrite=True)            # the old snapshots go with the old run
+    assert not list(out.glob("checkpoint-*.safetensors"))
+    stopped = refine(tmp_path / "resumed", replace(TINY, epochs=2), stop_after_steps=4)
+    assert stopped.stopped_early
+    refine(tmp_path / "resumed", replace(TINY, epochs=2, save_every=2), resume=True)
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*.safetensors")) == \
+        ["checkpoint-2.safetensors", "checkpoint-3.safetensors"]
