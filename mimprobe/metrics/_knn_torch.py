@@ -23,7 +23,7 @@ import torch
 
 from .._threads import cpu_threads
 from ..errors import BadInputError
-from .knn_plan import DEFAULT_CHUNK_SIZE, LIBRARY_BYTES, RESULT_BYTES  # the FAISS planner's counts
+from .knn_plan import DEFAULT_CHUNK_SIZE, RESULT_BYTES, split_budget  # the FAISS planner's counts and cut
 
 DEFAULT_TILE_BYTES = 256 * 2 ** 20  # one (chunk, tile) float32 similarity block without a memory budget
 DEVICE_FREE_FRACTION = 0.9        # without a budget, a CUDA search plans for this share of the free memory
@@ -99,18 +99,10 @@ def plan_torch_search(n_train: int, n_query: int, dim: int, max_k: int, *, sourc
         shard_rows = min(int(shard_size or n_train), n_train)
         tile_rows = max(1, min(shard_rows, DEFAULT_TILE_BYTES // (4 * chunk_cap)))
         return TorchSearchPlan(chunk_rows=chunk_cap, shard_rows=shard_rows, tile_rows=tile_rows)
-    budget = int(memory_budget) - min(LIBRARY_BYTES, int(memory_budget) // 4)
-    bank_bytes = n_train * dim * 4
-    if bank_bytes <= budget // 2 and (shard_size is None or shard_size >= n_train):
-        shard_rows, query_budget, per_row = n_train, budget - bank_bytes, max_k * RESULT_BYTES
-    else:
-        available = budget - n_query * max_k * RESULT_BYTES
-        shard_rows, query_budget = max(available // 2, 0) // (dim * 4), available // 2
-        if shard_rows < 1:
-            raise BadInputError(f"memory budget {budget} bytes is too small for the merged results of "
-                                f"{n_query} queries x {max_k} neighbours: raise the budget")
-        shard_rows = min(shard_rows, int(shard_size or n_train), n_train)
-        per_row = 0  # the query chunk's results are the merged results, already set aside
+    sharded, shard_rows, query_budget = split_budget(int(memory_budget), n_train=n_train, n_query=n_query, dim=dim,
+                                                     max_k=max_k, shard_size=shard_size)
+    # a sharded search's chunk results are the merged results, already set aside
+    per_row = 0 if sharded else max_k * RESULT_BYTES
     per_row += dim * (4 + source_itemsize) + max_k * _MERGE_BYTES + int(extra_row_bytes)
     wanted_tile = min(shard_rows, 1024)  # at least faiss' similarity tile, if the budget allows
     chunk_rows = min(chunk_cap, query_budget // (per_row + _SCORE_BYTES * wanted_tile))

@@ -55,6 +55,31 @@ class SearchPlan:
         return self.shard_rows < n_train
 
 
+def split_budget(memory_budget: int, *, n_train: int, n_query: int, dim: int, max_k: int,
+                 shard_size: int | None) -> tuple[bool, int, int]:
+    """How both search backends (FAISS here, torch in `_knn_torch.plan_torch_search`) cut a memory budget between
+    the bank and the query chunks: (sharded, bank rows per shard, bytes left for query chunks).
+
+    8 MiB (at most a quarter) is set aside for the libraries' own buffers. The float32 bank is held whole when it
+    fits in half of the rest (and no smaller ``shard_size`` is asked for), the remainder going to query chunks;
+    otherwise the (n_query, max_k) merged results are set aside and what is left is split evenly between a bank
+    shard (at most ``shard_size`` rows) and the query chunks.
+
+    Raises:
+        BadInputError: Not even the merged results fit.
+    """
+    budget = memory_budget - min(LIBRARY_BYTES, memory_budget // 4)
+    bank_bytes = n_train * dim * 4
+    if bank_bytes <= budget // 2 and (shard_size is None or shard_size >= n_train):
+        return False, n_train, budget - bank_bytes
+    available = budget - n_query * max_k * RESULT_BYTES
+    shard_rows = max(available // 2, 0) // (dim * 4)
+    if shard_rows < 1:
+        raise BadInputError(f"memory budget {budget} bytes is too small for the merged results of "
+                            f"{n_query} queries x {max_k} neighbours: raise the budget")
+    return True, min(shard_rows, int(shard_size or n_train), n_train), available // 2
+
+
 def plan_search(n_train: int, n_query: int, dim: int, max_k: int, *, num_classes: int = 0,
                 source_itemsize: int = 4, chunk_size: int | None = None, shard_size: int | None = None,
                 memory_budget: int | None = None, extra_row_bytes: int = 0) -> SearchPlan:
@@ -73,19 +98,8 @@ def plan_search(n_train: int, n_query: int, dim: int, max_k: int, *, num_classes
             raise BadInputError(f"{label} must be a positive number, got {value}")
     if memory_budget is None:
         return SearchPlan(chunk_rows=int(chunk_size or DEFAULT_CHUNK_SIZE), shard_rows=int(shard_size or n_train))
-    budget = int(memory_budget) - min(LIBRARY_BYTES, int(memory_budget) // 4)
-    bank_bytes = n_train * dim * 4
-    sharded = bank_bytes > budget // 2 or (shard_size is not None and shard_size < n_train)
-    if not sharded:
-        shard_rows, query_budget = n_train, budget - bank_bytes
-    else:
-        available = budget - n_query * max_k * RESULT_BYTES
-        shard_rows, query_budget = max(available // 2, 0) // (dim * 4), available // 2
-        if shard_rows < 1:
-            raise BadInputError(f"memory budget {budget} bytes is too small for the merged results of "
-                                f"{n_query} queries x {max_k} neighbours: raise the budget")
-        if shard_size is not None:
-            shard_rows = min(shard_rows, int(shard_size))
+    sharded, shard_rows, query_budget = split_budget(int(memory_budget), n_train=n_train, n_query=n_query, dim=dim,
+                                                     max_k=max_k, shard_size=shard_size)
     chunk_rows = chunk_rows_for_budget(query_budget, dim=dim, max_k=max_k, num_classes=num_classes,
                                        source_itemsize=source_itemsize, bank_rows=min(shard_rows, n_train),
                                        merge=sharded, extra_row_bytes=extra_row_bytes)
