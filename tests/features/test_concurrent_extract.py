@@ -44,6 +44,7 @@ def _extract_after(barrier, out: str, report, slow: bool) -> None:
         report.put((os.getpid(), f"{type(error).__name__}: {error}", None, 0, messages))
 
 
+@pytest.mark.slow  # 8 trials of two processes racing for one store (5 s); CI runs it
 def test_eight_concurrent_pairs_end_byte_identical_to_a_single_run(tmp_path):
     reference = extract("test_vit", DATA, out=tmp_path / "single", **OPTIONS).store
     expected = _tree_bytes(reference.path)

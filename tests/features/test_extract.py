@@ -198,6 +198,7 @@ def test_sigkill_then_resume_gives_byte_identical_files(tmp_path, condition):
     assert _tree_bytes(resumed.store.path) == _tree_bytes(reference.path)
 
 
+@pytest.mark.slow  # a third kill point beside the two parametrised ones (5 s); CI runs it
 def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path):
     reference = extract("test_vit", RESUME_DATA, out=tmp_path / "ref", img_size=32, batch_size=8,
                         pool=("cls", "mean"), progress=False).store

@@ -68,6 +68,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow  # a killed subprocess extraction (5 s); CI runs it
 def test_interrupted_tar_shard_extraction_resumes_byte_identical(layouts, tmp_path, split="train", done=8):
     """Killed after 8 train rows (two batches of 4): mid-way through the second of four train shards of 6."""
     reference = extract("test_vit", layouts["tar"], out=tmp_path / "ref", **OPTIONS).store

@@ -96,6 +96,7 @@ def test_place_label_free_on_an_unlabelled_image_folder(tmp_path):
     assert refused.exit_code == 2 and not (tmp_path / "q.json").exists()  # the peak rule needs labels
 
 
+@pytest.mark.slow  # a whole compare report of two profiles: 11 s on a quiet 2-core machine; CI runs it
 def test_compare_report_has_the_label_free_section(labelled, tmp_path):
     mimprobe.compare([str(labelled), str(labelled)], out=str(tmp_path / "report"), labels="before,after", cka=False,
                      resamples=50)

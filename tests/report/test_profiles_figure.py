@@ -95,6 +95,7 @@ def test_a_pairs_differences_sit_beside_its_curves(profiles, tmp_path, recorded)
     assert "<img " not in differences[:differences.index('id="cka-0"')]   # not again in its own section
 
 
+@pytest.mark.slow  # the same-depth variant of the relative-depth figure test (7 s); CI runs it
 def test_three_profiles_of_one_depth_are_drawn_over_relative_depth(profiles, tmp_path, recorded):
     run_compare([profiles.before, profiles.after, profiles.before], out=tmp_path, labels=["a", "b", "c"],
                 config=CompareConfig(resamples=20, cka=False))
