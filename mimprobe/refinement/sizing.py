@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import RefineConfig
-from ..head_widths import (HEAD_WIDTH_MULTIPLE, OFFICIAL_HEAD_DIMS, OFFICIAL_HEAD_SOURCE,  # noqa: F401
+from ..head_widths import (HEAD_WIDTH_MULTIPLE, OFFICIAL_HEAD_DIMS, OFFICIAL_HEAD_SOURCE,
                           OFFICIAL_HEAD_WIDTH_OF, OFFICIAL_IMG_SIZE, proportional_head_dims)
 
 OFFICIAL_LOCAL_SIZE = 96                  # train_byolaug_localviews.yaml:5 local_resolution
